@@ -1,0 +1,591 @@
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+
+use crate::command::CreateGroup;
+use crate::retry::parse_retry_after;
+use crate::traceparent::Traceparent;
+
+use super::model::{Envelope, GroupPage, GroupSummary, names_match};
+use super::{ApiError, Auth};
+
+/// Page size used when listing children for reconciliation.
+pub const LIST_PAGE_SIZE: u32 = 100;
+/// A listing longer than this many pages is treated as a broken API rather than looped on.
+const MAX_LIST_PAGES: u32 = 1_000;
+/// Error messages from bodies are cut here: HTML error pages are not log lines.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// A successful Create Group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub org_unit_id: i64,
+    pub request_id: Option<String>,
+    pub http_status: u16,
+}
+
+/// One observed HTTP exchange, for metrics.
+pub type Observer = std::sync::Arc<dyn Fn(&'static str, Option<u16>, Duration) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct ConvirzaClient {
+    http: reqwest::Client,
+    base_url: String,
+    auth: Auth,
+    observer: Option<Observer>,
+}
+
+impl std::fmt::Debug for ConvirzaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConvirzaClient")
+            .field("base_url", &self.base_url)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Create,
+    List,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create_group",
+            Op::List => "list_child_groups",
+        }
+    }
+}
+
+impl ConvirzaClient {
+    /// `base_url` is the `/v3` root, e.g. `https://platform-api.convirza.com/v3`.
+    pub fn new(base_url: &str, auth: Auth, timeout: Duration) -> Result<ConvirzaClient, ApiError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("group-provisioner/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ApiError::Auth {
+                message: format!("cannot build HTTP client: {e}"),
+                transient: false,
+            })?;
+        Ok(ConvirzaClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            auth,
+            observer: None,
+        })
+    }
+
+    /// Report every exchange (operation, HTTP status or `None`, duration) to `observer`.
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `POST /v3/groups`. One try (plus one after a token refresh); retrying is the
+    /// caller's policy.
+    pub async fn create_group(
+        &self,
+        command: &CreateGroup,
+        trace: Option<&Traceparent>,
+    ) -> Result<Created, ApiError> {
+        let body = serde_json::to_vec(&command.api_body()).map_err(|e| ApiError::Rejected {
+            status: 0,
+            message: format!("cannot encode request body: {e}"),
+            request_id: None,
+        })?;
+        let url = format!("{}/groups", self.base_url);
+        let (status, envelope) = self
+            .send(Op::Create, Method::POST, &url, Some(body), trace)
+            .await?;
+        match envelope.created_id() {
+            Some(org_unit_id) => Ok(Created {
+                org_unit_id,
+                request_id: envelope.request_id(),
+                http_status: status.as_u16(),
+            }),
+            // The API says it succeeded but we cannot tell which group: the group exists,
+            // its id must be recovered by listing.
+            None => Err(ApiError::UnknownOutcome {
+                message: format!(
+                    "HTTP {} without data.orgUnitId / data.org_unit_id",
+                    status.as_u16()
+                ),
+            }),
+        }
+    }
+
+    /// `GET /v3/groups/list`: one page of direct children of `parent` (the caller's own org
+    /// unit when `None`), optionally filtered by a case-insensitive partial name.
+    pub async fn list_child_groups(
+        &self,
+        parent: Option<i64>,
+        name: Option<&str>,
+        limit: u32,
+        offset: u32,
+        trace: Option<&Traceparent>,
+    ) -> Result<GroupPage, ApiError> {
+        let mut url =
+            reqwest::Url::parse(&format!("{}/groups/list", self.base_url)).map_err(|e| {
+                ApiError::EndpointNotFound {
+                    path: format!("{}/groups/list ({e})", self.base_url),
+                }
+            })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(p) = parent {
+                q.append_pair("org_unit_id", &p.to_string());
+            }
+            if let Some(n) = name {
+                q.append_pair("group_name", n);
+            }
+            q.append_pair("limit", &limit.to_string());
+            q.append_pair("offset", &offset.to_string());
+        }
+        let (_, envelope) = self
+            .send(Op::List, Method::GET, url.as_str(), None, trace)
+            .await?;
+        envelope.page().ok_or_else(|| ApiError::Transient {
+            status: None,
+            message: "list response without data.groups".into(),
+            retry_after: None,
+            request_id: envelope.request_id(),
+        })
+    }
+
+    /// Every direct child of `parent` whose name equals `name` ignoring case and
+    /// surrounding spaces, paging through all results (SPEC §5.4).
+    pub async fn find_children_named(
+        &self,
+        parent: i64,
+        name: &str,
+        trace: Option<&Traceparent>,
+    ) -> Result<Vec<GroupSummary>, ApiError> {
+        let mut found = Vec::new();
+        let mut offset = 0u32;
+        for _ in 0..MAX_LIST_PAGES {
+            let page = self
+                .list_child_groups(
+                    Some(parent),
+                    Some(name.trim()),
+                    LIST_PAGE_SIZE,
+                    offset,
+                    trace,
+                )
+                .await?;
+            let n = page.groups.len() as u32;
+            found.extend(
+                page.groups
+                    .into_iter()
+                    .filter(|g| names_match(&g.org_unit_name, name)),
+            );
+            offset += n;
+            let done = n == 0
+                || page.total.is_some_and(|t| u64::from(offset) >= t)
+                || (page.total.is_none() && n < LIST_PAGE_SIZE);
+            if done {
+                return Ok(found);
+            }
+        }
+        Err(ApiError::Transient {
+            status: None,
+            message: format!(
+                "listing children of {parent} did not end after {MAX_LIST_PAGES} pages"
+            ),
+            retry_after: None,
+            request_id: None,
+        })
+    }
+
+    async fn send(
+        &self,
+        op: Op,
+        method: Method,
+        url: &str,
+        body: Option<Vec<u8>>,
+        trace: Option<&Traceparent>,
+    ) -> Result<(StatusCode, Envelope), ApiError> {
+        let mut token = self.auth.bearer().await?;
+        let mut refreshed = false;
+        loop {
+            let mut req = self
+                .http
+                .request(method.clone(), url)
+                .bearer_auth(token.expose())
+                .header(reqwest::header::ACCEPT, "application/json");
+            if let Some(tp) = trace {
+                req = req.header("traceparent", tp.to_string());
+            }
+            if let Some(b) = &body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(b.clone());
+            }
+            let started = Instant::now();
+            let result = self.exchange(op, req).await;
+            let elapsed = started.elapsed();
+            let status = result.as_ref().map(|(s, _, _)| s.as_u16()).ok();
+            if let Some(observe) = &self.observer {
+                observe(op.name(), status, elapsed);
+            }
+            tracing::debug!(
+                op = op.name(),
+                http_status = status,
+                duration_ms = elapsed.as_millis() as u64,
+                "convirza call"
+            );
+            let (status, headers, bytes) = result?;
+            match classify(op, status, &headers, &bytes, SystemTime::now()) {
+                Err(ApiError::Unauthorized { .. })
+                    if !refreshed && self.auth.after_unauthorized(&token).await? =>
+                {
+                    refreshed = true;
+                    token = self.auth.bearer().await?;
+                }
+                other => return other.map(|env| (status, env)),
+            }
+        }
+    }
+
+    async fn exchange(
+        &self,
+        op: Op,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), ApiError> {
+        let response = req.send().await.map_err(|e| transport_error(op, &e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        match response.bytes().await {
+            Ok(bytes) => Ok((status, headers, bytes)),
+            // Status arrived but the body did not: for a success the group exists and we
+            // do not know its id; for an error the status alone still classifies it.
+            Err(e) if status.is_success() => Err(match op {
+                Op::Create => ApiError::UnknownOutcome {
+                    message: format!(
+                        "HTTP {} but the body was lost: {}",
+                        status.as_u16(),
+                        error_chain(&e)
+                    ),
+                },
+                Op::List => transient(None, format!("list body lost: {}", error_chain(&e))),
+            }),
+            Err(_) => Ok((status, headers, bytes::Bytes::new())),
+        }
+    }
+}
+
+fn transient(status: Option<u16>, message: String) -> ApiError {
+    ApiError::Transient {
+        status,
+        message,
+        retry_after: None,
+        request_id: None,
+    }
+}
+
+/// A transport failure: before the request could be sent it is a clean transient error;
+/// once it may have been sent, a create is an unknown outcome. (A list is read-only, so
+/// its failures are always just transient.)
+fn transport_error(op: Op, e: &reqwest::Error) -> ApiError {
+    let message = error_chain(e);
+    if e.is_connect() || op == Op::List {
+        return transient(None, message);
+    }
+    ApiError::UnknownOutcome {
+        message: if e.is_timeout() {
+            format!("timed out waiting for the API: {message}")
+        } else {
+            message
+        },
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Turn one HTTP answer into success or a classified error. Pure, so every branch is
+/// unit-tested.
+fn classify(
+    op: Op,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<Envelope, ApiError> {
+    let envelope: Option<Envelope> = serde_json::from_slice(body).ok();
+    let request_id = envelope
+        .as_ref()
+        .and_then(Envelope::request_id)
+        .or_else(|| {
+            headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+    let message = envelope
+        .as_ref()
+        .and_then(Envelope::message)
+        .unwrap_or_else(|| body_snippet(status, body));
+    let retry_after = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, now));
+    let code = status.as_u16();
+    match code {
+        200..=299 => match envelope {
+            Some(env) => Ok(env),
+            None if op == Op::Create => Err(ApiError::UnknownOutcome {
+                message: format!(
+                    "HTTP {code} with a body that is not JSON: {}",
+                    body_snippet(status, body)
+                ),
+            }),
+            None => Err(transient(
+                Some(code),
+                format!("HTTP {code} with a body that is not JSON"),
+            )),
+        },
+        401 | 403 => Err(ApiError::Unauthorized {
+            status: code,
+            message,
+        }),
+        404 => Err(ApiError::EndpointNotFound {
+            path: match op {
+                Op::Create => "POST /groups".into(),
+                Op::List => "GET /groups/list".into(),
+            },
+        }),
+        429 => Err(ApiError::RateLimited { retry_after }),
+        408 | 500..=599 => Err(ApiError::Transient {
+            status: Some(code),
+            message,
+            retry_after,
+            request_id,
+        }),
+        400 if is_duplicate_name(&message) => Err(ApiError::DuplicateName {
+            message,
+            request_id,
+        }),
+        _ => Err(ApiError::Rejected {
+            status: code,
+            message,
+            request_id,
+        }),
+    }
+}
+
+/// The API's 400 messages are prose; these are the phrasings a name clash uses.
+fn is_duplicate_name(message: &str) -> bool {
+    let m = message.to_lowercase();
+    m.contains("name")
+        && [
+            "already exist",
+            "already in use",
+            "already taken",
+            "duplicate",
+            "not unique",
+        ]
+        .iter()
+        .any(|p| m.contains(p))
+}
+
+fn body_snippet(status: StatusCode, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let flat: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(MAX_MESSAGE_CHARS)
+        .collect();
+    if flat.is_empty() {
+        status
+            .canonical_reason()
+            .map(|r| format!("{} {r}", status.as_u16()))
+            .unwrap_or_else(|| status.as_u16().to_string())
+    } else {
+        flat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn now() -> SystemTime {
+        httpdate::parse_http_date("Thu, 26 Nov 2026 12:00:00 GMT").expect("date")
+    }
+
+    fn run(
+        op: Op,
+        code: u16,
+        headers: &[(&'static str, &str)],
+        body: &str,
+    ) -> Result<Envelope, ApiError> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(*k, HeaderValue::from_str(v).expect("header"));
+        }
+        classify(
+            op,
+            StatusCode::from_u16(code).expect("status"),
+            &h,
+            body.as_bytes(),
+            now(),
+        )
+    }
+
+    #[test]
+    fn success_envelope() {
+        let env = run(
+            Op::Create,
+            201,
+            &[],
+            r#"{"code":201,"data":{"orgUnitId":9},"request_id":"r1"}"#,
+        )
+        .expect("ok");
+        assert_eq!(env.created_id(), Some(9));
+        assert_eq!(env.request_id().as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn success_with_garbage_body_is_unknown_for_create() {
+        assert!(matches!(
+            run(Op::Create, 201, &[], "<html>"),
+            Err(ApiError::UnknownOutcome { .. })
+        ));
+        assert!(matches!(
+            run(Op::List, 200, &[], "<html>"),
+            Err(ApiError::Transient { .. })
+        ));
+    }
+
+    #[test]
+    fn client_errors() {
+        let e = run(
+            Op::Create,
+            400,
+            &[],
+            r#"{"code":400,"message":"Parent org unit not found","request_id":"r2"}"#,
+        )
+        .expect_err("400");
+        assert_eq!(
+            e,
+            ApiError::Rejected {
+                status: 400,
+                message: "Parent org unit not found".into(),
+                request_id: Some("r2".into())
+            }
+        );
+        let e = run(
+            Op::Create,
+            400,
+            &[],
+            r#"{"message":"A group with the name 'X' already exists"}"#,
+        )
+        .expect_err("dup");
+        assert!(matches!(e, ApiError::DuplicateName { .. }), "{e:?}");
+        assert_eq!(e.http_status(), Some(400));
+        let e = run(Op::Create, 422, &[], r#"{"message":"bad"}"#).expect_err("422");
+        assert!(matches!(e, ApiError::Rejected { status: 422, .. }));
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn auth_and_missing_endpoint() {
+        assert!(matches!(
+            run(Op::Create, 401, &[], "{}"),
+            Err(ApiError::Unauthorized { status: 401, .. })
+        ));
+        assert!(matches!(
+            run(Op::Create, 403, &[], ""),
+            Err(ApiError::Unauthorized { status: 403, .. })
+        ));
+        assert!(matches!(
+            run(Op::Create, 404, &[], ""),
+            Err(ApiError::EndpointNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn rate_limit_both_retry_after_forms() {
+        let e = run(Op::Create, 429, &[("retry-after", "7")], "").expect_err("429");
+        assert_eq!(
+            e,
+            ApiError::RateLimited {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        let e = run(
+            Op::Create,
+            429,
+            &[("retry-after", "Thu, 26 Nov 2026 12:00:20 GMT")],
+            "",
+        )
+        .expect_err("429");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(20)));
+        let e = run(Op::Create, 429, &[], "").expect_err("429");
+        assert_eq!(e.retry_after(), None);
+        assert!(e.is_transient() && !e.may_have_created());
+    }
+
+    #[test]
+    fn server_errors_with_html() {
+        let e = run(
+            Op::Create,
+            502,
+            &[("x-request-id", "edge-1")],
+            "<html>\n<body>Bad   Gateway</body></html>",
+        )
+        .expect_err("502");
+        match &e {
+            ApiError::Transient {
+                status,
+                message,
+                request_id,
+                ..
+            } => {
+                assert_eq!(*status, Some(502));
+                assert_eq!(message, "<html> <body>Bad Gateway</body></html>");
+                assert_eq!(request_id.as_deref(), Some("edge-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(e.is_transient() && e.may_have_created());
+        let e = run(Op::Create, 500, &[], "").expect_err("500");
+        assert_eq!(e.message(), "500 Internal Server Error");
+        let long = "x".repeat(5000);
+        let e = run(Op::Create, 503, &[], &long).expect_err("503");
+        assert_eq!(e.message().len(), MAX_MESSAGE_CHARS);
+    }
+
+    #[test]
+    fn duplicate_name_phrasings() {
+        assert!(is_duplicate_name(
+            "Group name already exists under this parent"
+        ));
+        assert!(is_duplicate_name("org_unit_name must be unique: duplicate"));
+        assert!(!is_duplicate_name("Parent org unit does not exist"));
+        assert!(!is_duplicate_name("org_unit_name is required"));
+    }
+}

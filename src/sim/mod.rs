@@ -1,0 +1,265 @@
+//! `convirza-sim`: a local stand-in for the Convirza Platform API v3 (SPEC §7).
+//!
+//! It enforces the rules the worker must cope with (bearer token, parent must exist,
+//! sibling names unique ignoring case and surrounding spaces) and can be told to misbehave
+//! (latency, failing the next N calls with any status and `Retry-After`, committing a
+//! group and then dropping the connection or stalling past the client's timeout).
+//!
+//! Invariants:
+//! - groups are only ever created by a valid `POST /v3/groups` or an explicit seed, and the
+//!   inspection endpoint counts them per ext id, so tests can assert "exactly one group";
+//! - "commit-then-drop" and "commit-then-stall" create the group *before* misbehaving, as
+//!   a real API that timed out after committing would.
+
+mod faults;
+mod server;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+pub use faults::{FailNext, Faults, IdKey};
+pub use server::{SimHandle, spawn};
+
+/// The org unit that owns the simulated account; seed parents are its children.
+pub const ROOT_ORG_UNIT_ID: i64 = 1;
+/// Request log entries kept (oldest dropped first).
+const REQUEST_LOG_LIMIT: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub listen: SocketAddr,
+    /// Bearer token accepted for static-token auth.
+    pub token: String,
+    /// Active groups that exist at start, as children of the account root.
+    pub parents: Vec<i64>,
+    /// First id handed out to a created group.
+    pub first_id: i64,
+    /// Largest page `GET /v3/groups/list` returns, whatever `limit` asks for.
+    pub max_page: u32,
+    pub faults: Faults,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: "sim-token".into(),
+            parents: vec![1000, 1001],
+            first_id: 5001,
+            max_page: 100,
+            faults: Faults::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimGroup {
+    pub org_unit_id: i64,
+    pub org_unit_ext_id: Option<String>,
+    pub org_unit_name: String,
+    pub org_unit_parent_id: Option<i64>,
+    pub org_unit_status: String,
+    /// The full request body that created it (seeded groups: `null`).
+    #[serde(default)]
+    pub body: serde_json::Value,
+}
+
+/// One request the simulator answered (or dropped), for the inspection endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub seq: u64,
+    pub method: String,
+    pub path: String,
+    /// Status sent, or `null` when the connection was dropped.
+    pub status: Option<u16>,
+    pub ext_id: Option<String>,
+    pub traceparent: Option<String>,
+    pub fault: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStats {
+    /// Groups created through `POST /v3/groups` (seeds excluded).
+    pub groups_created: u64,
+    pub create_requests: u64,
+    pub list_requests: u64,
+    /// Groups per ext id, over created and seeded groups.
+    pub per_ext_id: BTreeMap<String, u64>,
+    /// Ext ids with more than one group: must always be empty for the worker.
+    pub duplicated_ext_ids: Vec<String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub config: SimConfig,
+    pub groups: Vec<SimGroup>,
+    pub next_id: i64,
+    pub token: Option<String>,
+    pub faults: Faults,
+    pub log: VecDeque<RequestRecord>,
+    pub seq: u64,
+    pub created: u64,
+    pub create_requests: u64,
+    pub list_requests: u64,
+}
+
+impl State {
+    fn new(config: SimConfig) -> State {
+        let mut groups = vec![SimGroup {
+            org_unit_id: ROOT_ORG_UNIT_ID,
+            org_unit_ext_id: None,
+            org_unit_name: "Simulated Account".into(),
+            org_unit_parent_id: None,
+            org_unit_status: "active".into(),
+            body: serde_json::Value::Null,
+        }];
+        for p in &config.parents {
+            groups.push(SimGroup {
+                org_unit_id: *p,
+                org_unit_ext_id: None,
+                org_unit_name: format!("Parent {p}"),
+                org_unit_parent_id: Some(ROOT_ORG_UNIT_ID),
+                org_unit_status: "active".into(),
+                body: serde_json::Value::Null,
+            });
+        }
+        let highest = groups.iter().map(|g| g.org_unit_id).max().unwrap_or(0);
+        State {
+            next_id: config.first_id.max(highest + 1),
+            token: Some(config.token.clone()),
+            faults: config.faults.clone(),
+            groups,
+            config,
+            log: VecDeque::new(),
+            seq: 0,
+            created: 0,
+            create_requests: 0,
+            list_requests: 0,
+        }
+    }
+
+    pub fn record(&mut self, mut r: RequestRecord) {
+        self.seq += 1;
+        r.seq = self.seq;
+        if self.log.len() >= REQUEST_LOG_LIMIT {
+            self.log.pop_front();
+        }
+        self.log.push_back(r);
+    }
+
+    pub fn insert_group(
+        &mut self,
+        parent: i64,
+        name: &str,
+        ext_id: Option<&str>,
+        body: serde_json::Value,
+    ) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.groups.push(SimGroup {
+            org_unit_id: id,
+            org_unit_ext_id: ext_id.map(str::to_owned),
+            org_unit_name: name.to_owned(),
+            org_unit_parent_id: Some(parent),
+            org_unit_status: "active".into(),
+            body,
+        });
+        id
+    }
+
+    fn stats(&self) -> SimStats {
+        let mut per_ext_id = BTreeMap::new();
+        for g in &self.groups {
+            if let Some(e) = &g.org_unit_ext_id {
+                *per_ext_id.entry(e.clone()).or_insert(0u64) += 1;
+            }
+        }
+        let duplicated_ext_ids = per_ext_id
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(e, _)| e.clone())
+            .collect();
+        SimStats {
+            groups_created: self.created,
+            create_requests: self.create_requests,
+            list_requests: self.list_requests,
+            per_ext_id,
+            duplicated_ext_ids,
+        }
+    }
+}
+
+/// Shared handle on the simulator's state: what tests and the admin endpoints use.
+#[derive(Clone, Debug)]
+pub struct Sim {
+    state: Arc<Mutex<State>>,
+}
+
+impl Sim {
+    pub fn new(config: SimConfig) -> Sim {
+        Sim {
+            state: Arc::new(Mutex::new(State::new(config))),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-written in a way that
+        // matters for a simulator; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    pub fn update_faults(&self, f: impl FnOnce(&mut Faults)) {
+        f(&mut self.lock().faults);
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.lock().faults.clone()
+    }
+
+    /// Accept `token` from now on (`None`: accept nothing, i.e. every token is revoked).
+    pub fn set_token(&self, token: Option<&str>) {
+        self.lock().token = token.map(str::to_owned);
+    }
+
+    pub fn stats(&self) -> SimStats {
+        self.lock().stats()
+    }
+
+    /// Groups carrying `ext_id`.
+    pub fn groups_for(&self, ext_id: &str) -> Vec<SimGroup> {
+        self.lock()
+            .groups
+            .iter()
+            .filter(|g| g.org_unit_ext_id.as_deref() == Some(ext_id))
+            .cloned()
+            .collect()
+    }
+
+    pub fn groups(&self) -> Vec<SimGroup> {
+        self.lock().groups.clone()
+    }
+
+    /// Create a group directly, as if another system had made it.
+    pub fn seed_group(&self, parent: i64, name: &str, ext_id: Option<&str>) -> i64 {
+        self.lock()
+            .insert_group(parent, name, ext_id, serde_json::Value::Null)
+    }
+
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.lock().log.iter().cloned().collect()
+    }
+
+    /// Forget every created group, fault and logged request.
+    pub fn reset(&self) {
+        let mut s = self.lock();
+        let config = s.config.clone();
+        *s = State::new(config);
+    }
+}
