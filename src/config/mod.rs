@@ -947,3 +947,29 @@ mod tests {
         .expect("every documented key is known");
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// The README table and `config/example.toml` must cover every key, so a new key
+    /// cannot ship undocumented.
+    #[test]
+    fn every_key_is_documented() {
+        let readme = include_str!("../../README.md");
+        let example = include_str!("../../config/example.toml");
+        for (key, _) in KEYS {
+            assert!(
+                readme.contains(&format!("| `{key}` |")),
+                "README lacks {key}"
+            );
+            let leaf = key.rsplit_once('.').map(|(_, l)| l).unwrap_or(key);
+            assert!(
+                example.contains(&format!("{leaf} =")),
+                "example.toml lacks {key}"
+            );
+        }
+        let with_token = format!("{example}\n").replace("# token = \"...\"", "token = \"t\"");
+        Settings::from_toml(&with_token).expect("example.toml loads");
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: one binary, shared helpers. Real RabbitMQ and Redis on loopback,
+//! convirza-sim in process on port 0. Every test isolates itself (own vhost or prefixed
+//! names, own Redis key prefix) so the suite runs in parallel and twice in a row.
+
+mod cli;
+mod client;
+mod helpers;
