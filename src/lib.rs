@@ -5,11 +5,14 @@
 //! Layout: one module per outside system (`config`, `convirza`, and later `amqp`, `dedup`),
 //! the pure policies (`command`, `retry`), and `sim`, the API simulator.
 
+pub mod amqp;
 pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;
 pub mod convirza;
+pub mod dedup;
+pub mod pipeline;
 pub mod retry;
 pub mod secret;
 pub mod shutdown;

@@ -1,10 +1,23 @@
 //! Logging set-up (SPEC §8): JSON lines on stdout by default, `pretty` for humans.
 //!
-//! Invariant: initialised once per process, before anything logs; the filter comes from
-//! `log.level` (already validated by the config layer).
+//! Invariants:
+//! - in JSON, the fields of every enclosing span (`ext_id`, `message_id`,
+//!   `correlation_id` of the delivery) are flattened into each line next to the event's
+//!   own fields, so `jq 'select(.ext_id == "X")'` finds everything about one ext id;
+//! - initialised once per process, before anything logs; the filter comes from
+//!   `log.level` (validated by the config layer).
 
+use std::fmt;
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{LogFormat, LogSettings};
 
@@ -12,16 +25,162 @@ pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .with_span_events(FmtSpan::NONE);
+        .with_writer(std::io::stdout);
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = match settings.format {
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+}
+
+/// One JSON object per line: `timestamp`, `level`, `target`, `message`, span fields, event
+/// fields (event fields win on a name clash).
+pub struct FlatJson;
+
+impl<S, N> FormatEvent<S, N> for FlatJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = Map::new();
+        let now = OffsetDateTime::now_utc();
+        line.insert(
+            "timestamp".into(),
+            Value::String(
+                now.format(&Rfc3339)
+                    .unwrap_or_else(|_| now.unix_timestamp().to_string()),
+            ),
+        );
+        line.insert(
+            "level".into(),
+            Value::String(event.metadata().level().as_str().to_owned()),
+        );
+        line.insert(
+            "target".into(),
+            Value::String(event.metadata().target().to_owned()),
+        );
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<N>>()
+                    && let Ok(Value::Object(map)) = serde_json::from_str::<Value>(fields.as_str())
+                {
+                    line.extend(map);
+                }
+            }
+        }
+        event.record(&mut JsonVisitor(&mut line));
+        let text = serde_json::to_string(&Value::Object(line)).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0
+            .insert(field.name().to_owned(), Value::String(value.to_owned()));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), Value::Bool(value));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0
+            .insert(field.name().to_owned(), Value::String(value.to_string()));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::fmt::MakeWriter;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'a self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn span_fields_are_flattened_and_recorded_late_fields_appear() {
+        let buffer = Buffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(buffer.clone())
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "delivery",
+                ext_id = tracing::field::Empty,
+                message_id = "m-1"
+            );
+            let _guard = span.enter();
+            tracing::info!(attempts = 2u32, "before");
+            span.record("ext_id", "ORG-1");
+            tracing::info!(outcome = "created", org_unit_id = 5i64, "outcome");
+        });
+        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf8");
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["message_id"], "m-1");
+        assert_eq!(lines[0]["attempts"], 2);
+        assert!(lines[0].get("ext_id").is_none());
+        assert_eq!(lines[1]["ext_id"], "ORG-1");
+        assert_eq!(lines[1]["outcome"], "created");
+        assert_eq!(lines[1]["org_unit_id"], 5);
+        assert_eq!(lines[1]["message"], "outcome");
+        assert_eq!(lines[1]["level"], "INFO");
+    }
 }

@@ -1,15 +1,33 @@
-//! Test scaffolding: a simulator on port 0, clients pointed at it, waiting on conditions.
+//! Test scaffolding: a simulator on port 0, a RabbitMQ vhost and a Redis key prefix per
+//! test, a worker in process, a command publisher and an event tap.
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
+use group_provisioner::amqp::headers::{header_string, header_u32};
+use group_provisioner::amqp::topology::Topology;
+use group_provisioner::config::{DelayTier, Settings, Sources};
 use group_provisioner::convirza::{Auth, ConvirzaClient};
 use group_provisioner::secret::Secret;
 use group_provisioner::sim::{self, SimConfig, SimHandle};
+use group_provisioner::worker::{self, WorkerHandle};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use serde_json::Value;
 
 pub const SIM_TOKEN: &str = "sim-token";
+pub const AMQP_HOST: &str = "127.0.0.1:5672";
+pub const MANAGEMENT: &str = "http://127.0.0.1:15672";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+const VHOST_PREFIX: &str = "gp-test-";
 
 /// A simulator on a free loopback port with default rules.
 pub async fn spawn_sim() -> SimHandle {
@@ -57,4 +75,441 @@ where
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// Create a vhost with full permissions for guest (management HTTP API).
+pub async fn create_vhost(name: &str) {
+    let c = http();
+    let r = c
+        .put(format!("{MANAGEMENT}/api/vhosts/{name}"))
+        .basic_auth("guest", Some("guest"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .expect("management API reachable (rabbitmq_management enabled? see scripts/services.sh)");
+    assert!(
+        r.status().is_success(),
+        "create vhost {name}: {}",
+        r.status()
+    );
+    let r = c
+        .put(format!("{MANAGEMENT}/api/permissions/{name}/guest"))
+        .basic_auth("guest", Some("guest"))
+        .header("content-type", "application/json")
+        .body(r#"{"configure":".*","write":".*","read":".*"}"#)
+        .send()
+        .await
+        .expect("set permissions");
+    assert!(
+        r.status().is_success(),
+        "permissions on {name}: {}",
+        r.status()
+    );
+}
+
+pub async fn delete_vhost(name: &str) {
+    let _ = http()
+        .delete(format!("{MANAGEMENT}/api/vhosts/{name}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await;
+}
+
+/// Remove test vhosts older than an hour (left behind by interrupted runs).
+async fn reap_old_vhosts() {
+    let Ok(r) = http()
+        .get(format!("{MANAGEMENT}/api/vhosts"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+    else {
+        return;
+    };
+    let Ok(list) = r.json::<Vec<Value>>().await else {
+        return;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for v in list {
+        let Some(name) = v["name"].as_str() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(VHOST_PREFIX) else {
+            continue;
+        };
+        let born: u64 = rest
+            .split('-')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(now);
+        if now.saturating_sub(born) > 3600 {
+            delete_vhost(name).await;
+        }
+    }
+}
+
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis reachable")
+}
+
+pub async fn delete_redis_prefix(prefix: &str) {
+    let mut conn = redis_conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+    }
+}
+
+/// One isolated world: a vhost, a Redis prefix, a simulator, settings pointing at them,
+/// and a confirm-mode channel for the test's own publishing and reading.
+pub struct TestEnv {
+    pub vhost: String,
+    pub prefix: String,
+    pub sim: SimHandle,
+    pub settings: Settings,
+    pub conn: Connection,
+    pub channel: Channel,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        TestEnv::with_sim(SimConfig::default()).await
+    }
+
+    pub async fn with_sim(config: SimConfig) -> TestEnv {
+        reap_old_vhosts().await;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let vhost = format!(
+            "{VHOST_PREFIX}{now}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        create_vhost(&vhost).await;
+        let prefix = unique("gp-test");
+        let sim = spawn_sim_with(config).await;
+        let settings = test_settings(&vhost, &prefix, &sim.base_url());
+        let conn = Connection::connect(settings.amqp.url.expose(), ConnectionProperties::default())
+            .await
+            .expect("test connection to the broker");
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        TestEnv {
+            vhost,
+            prefix,
+            sim,
+            settings,
+            conn,
+            channel,
+        }
+    }
+
+    /// Start a worker in process and wait until it consumes.
+    pub async fn spawn_worker(&self) -> WorkerHandle {
+        self.spawn_worker_with(self.settings.clone()).await
+    }
+
+    pub async fn spawn_worker_with(&self, settings: Settings) -> WorkerHandle {
+        let handle = worker::start(settings).expect("worker starts");
+        assert!(
+            handle.wait_consuming(Duration::from_secs(30)).await,
+            "worker did not start consuming"
+        );
+        handle
+    }
+
+    /// Declare the topology exactly as the worker does (idempotent).
+    pub async fn declare_topology(&self) {
+        Topology::new(&self.settings.topology, &self.settings.retry.delays)
+            .declare(&self.channel)
+            .await
+            .expect("topology");
+    }
+
+    /// A queue bound to every event, declared before commands are sent.
+    pub async fn event_tap(&self) -> EventTap {
+        self.declare_topology().await;
+        let channel = self.conn.create_channel().await.expect("channel");
+        let queue = unique("events");
+        channel
+            .queue_declare(
+                ShortString::from(queue.as_str()),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("event queue");
+        channel
+            .queue_bind(
+                ShortString::from(queue.as_str()),
+                ShortString::from(self.settings.topology.event_exchange.as_str()),
+                ShortString::from("#"),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind event queue");
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(queue.as_str()),
+                ShortString::from(""),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume events");
+        EventTap {
+            _channel: channel,
+            consumer,
+        }
+    }
+
+    /// Publish a command body with default properties (JSON, a message id) and confirm.
+    pub async fn send(&self, body: &Value) -> String {
+        let message_id = uuid::Uuid::new_v4().to_string();
+        let props = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(message_id.as_str()));
+        self.send_raw(body.to_string().as_bytes(), props).await;
+        message_id
+    }
+
+    pub async fn send_raw(&self, body: &[u8], props: BasicProperties) {
+        let t = &self.settings.topology;
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(t.command_exchange.as_str()),
+                ShortString::from(t.command_routing_key.as_str()),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert_eq!(
+            confirm,
+            Confirmation::Ack(None),
+            "command routed to the work queue"
+        );
+    }
+
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = ch.close(200, ShortString::from("ok")).await;
+        q.message_count()
+    }
+
+    /// Take every message currently in the DLQ.
+    pub async fn drain_dlq(&self) -> Vec<DeadLetter> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(
+                ShortString::from(self.settings.topology.dead_letter_queue.as_str()),
+                BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic_get")
+        {
+            let d = &m.delivery;
+            let headers = d.properties.headers().as_ref();
+            out.push(DeadLetter {
+                body: d.data.clone(),
+                kind: header_string(headers, "x-error-kind"),
+                message: header_string(headers, "x-error-message"),
+                http_status: header_string(headers, "x-http-status"),
+                attempts: header_u32(headers, "x-attempts"),
+                first_failed_at: header_string(headers, "x-first-failed-at"),
+                worker_version: header_string(headers, "x-worker-version"),
+                message_id: d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str().to_owned()),
+            });
+            d.ack(BasicAckOptions::default())
+                .await
+                .expect("ack dead letter");
+        }
+        out
+    }
+
+    /// Wait until the dead-letter queue holds `n` messages, then take them.
+    pub async fn wait_dlq(&self, n: u32, deadline: Duration) -> Vec<DeadLetter> {
+        let dlq = self.settings.topology.dead_letter_queue.clone();
+        wait_for(&format!("{n} dead letters"), deadline, || async {
+            (self.queue_depth(&dlq).await >= n).then_some(())
+        })
+        .await;
+        self.drain_dlq().await
+    }
+
+    pub async fn cleanup(self) {
+        let _ = self.conn.close(200, ShortString::from("test done")).await;
+        delete_vhost(&self.vhost).await;
+        delete_redis_prefix(&self.prefix).await;
+    }
+}
+
+/// Settings for one test: its vhost and prefix, the simulator, fast retries.
+pub fn test_settings(vhost: &str, prefix: &str, api_base: &str) -> Settings {
+    let mut s = Settings::from_sources(Sources {
+        toml: Some(format!(
+            r#"
+[amqp]
+url = "amqp://guest:guest@{AMQP_HOST}/{vhost}"
+prefetch = 32
+[redis]
+url = "{REDIS_URL}"
+key_prefix = "{prefix}"
+[api]
+base_url = "{api_base}"
+token = "{SIM_TOKEN}"
+timeout = "2s"
+[retry]
+initial = "10ms"
+max_interval = "50ms"
+max_tries = 4
+delays = ["1s", "2s"]
+[dedup]
+lease = "10s"
+[shutdown]
+drain_timeout = "10s"
+[metrics]
+listen = "127.0.0.1:0"
+"#
+        )),
+        env: Some(HashMap::new()),
+        ..Sources::default()
+    })
+    .expect("test settings");
+    s.retry.max_retry_after = Duration::from_secs(5);
+    s
+}
+
+pub fn tiers(labels: &[&str]) -> Vec<DelayTier> {
+    labels
+        .iter()
+        .map(|l| DelayTier {
+            label: (*l).to_owned(),
+            delay: group_provisioner::config::parse_duration(l).expect("duration"),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub kind: Option<String>,
+    pub message: Option<String>,
+    pub http_status: Option<String>,
+    pub attempts: u32,
+    pub first_failed_at: Option<String>,
+    pub worker_version: Option<String>,
+    pub message_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub routing_key: String,
+    pub body: Value,
+    pub properties: BasicProperties,
+}
+
+impl Event {
+    pub fn header(&self, name: &str) -> Option<String> {
+        header_string(self.properties.headers().as_ref(), name)
+    }
+}
+
+pub struct EventTap {
+    _channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl EventTap {
+    pub async fn next(&mut self, deadline: Duration) -> Event {
+        let delivery = tokio::time::timeout(deadline, self.consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("no event within {deadline:?}"))
+            .expect("event stream open")
+            .expect("event delivery");
+        Event {
+            routing_key: delivery.routing_key.as_str().to_owned(),
+            body: serde_json::from_slice(&delivery.data).expect("event is JSON"),
+            properties: delivery.properties,
+        }
+    }
+
+    pub async fn take(&mut self, n: usize, deadline: Duration) -> Vec<Event> {
+        let started = tokio::time::Instant::now();
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline
+                .checked_sub(started.elapsed())
+                .unwrap_or_else(|| panic!("only {} of {n} events within {deadline:?}", out.len()));
+            out.push(self.next(left).await);
+        }
+        out
+    }
+
+    /// Assert that no further event arrives within `quiet`.
+    pub async fn assert_quiet(&mut self, quiet: Duration) {
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(quiet, self.consumer.next()).await {
+            panic!(
+                "unexpected extra event: {}",
+                String::from_utf8_lossy(&d.data)
+            );
+        }
+    }
+}
+
+pub fn header_value(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text))
 }

@@ -1,0 +1,46 @@
+//! The RabbitMQ boundary (lapin 4 on tokio): topology, reading deliveries into the core's
+//! [`Inbound`](crate::pipeline::Inbound), and confirmed publishing.
+//!
+//! Invariants:
+//! - every publish the worker makes is confirmed by the broker before the delivery it
+//!   belongs to is acked; an unroutable (returned) or nacked publish is a failure;
+//! - values from outside that must fit an AMQP short string are cut to 255 bytes at a
+//!   character boundary instead of panicking.
+
+pub mod headers;
+pub mod publisher;
+pub mod topology;
+
+use lapin::types::ShortString;
+use lapin::{Connection, ConnectionProperties};
+
+pub use publisher::{PublishError, Publisher};
+
+/// Open a connection named after the worker (visible in the management UI).
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
+    Connection::connect(url, props).await
+}
+
+/// A short string from any text: at most 255 bytes, cut at a character boundary.
+pub fn short(text: &str) -> ShortString {
+    let mut end = text.len().min(255);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::from(&text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_strings_never_panic() {
+        assert_eq!(short("abc").as_str(), "abc");
+        let long = "é".repeat(200);
+        let s = short(&long);
+        assert_eq!(s.as_str().len(), 254);
+        assert!(long.starts_with(s.as_str()));
+    }
+}

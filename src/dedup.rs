@@ -1,0 +1,297 @@
+//! The dedup store in Redis (SPEC §5.2–5.4), through the redis connection manager.
+//!
+//! Keys (prefix `redis.key_prefix`):
+//! - `<prefix>:group:<ext_id>` — JSON, either `{"state":"claimed","owner":…}` with the
+//!   lease as its expiry, or `{"state":"created","org_unit_id":…}` kept `dedup.ttl`;
+//! - `<prefix>:attempt:<ext_id>` — count of POSTs ever about to be sent, kept `dedup.ttl`.
+//!
+//! Invariants:
+//! - every transition is one Lua script, so it is atomic: claim-or-read, renew-if-owner,
+//!   claimed(owner)→created, release-if-owner;
+//! - a record is only written by the owner of the current claim (fencing by owner token),
+//!   or when no claim exists at all; a created record is never overwritten.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+
+use crate::command::ExtId;
+use crate::pipeline::{Claim, CreatedRecord, DedupStore, RecordResult, StoreError};
+
+/// What a `group` key holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum StoredRecord {
+    Claimed { owner: String, claimed_at: String },
+    Created(CreatedRecord),
+}
+
+/// What `status` reports about one ext id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExtIdStatus {
+    pub record: Option<StoredRecord>,
+    /// Remaining time to live of the record (the lease for a claim).
+    pub ttl_ms: Option<i64>,
+    /// POSTs ever about to be sent for this ext id.
+    pub attempt_markers: u64,
+}
+
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+";
+
+const RENEW: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, d = pcall(cjson.decode, v)
+if ok and d.state == 'claimed' and d.owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+const RECORD_CREATED: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local ok, d = pcall(cjson.decode, v)
+  if ok and d.state == 'created' then return v end
+  if not (ok and d.state == 'claimed' and d.owner == ARGV[1]) then return 'fenced' end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 'ok'
+";
+
+const RELEASE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local ok, d = pcall(cjson.decode, v)
+  if ok and d.state == 'claimed' and d.owner == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    return 1
+  end
+end
+return 0
+";
+
+const MARK_ATTEMPT: &str = r"
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
+";
+
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    claim: Script,
+    renew: Script,
+    record_created: Script,
+    release: Script,
+    mark_attempt: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: redis::RedisError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisStore {
+    /// Build the store without waiting for Redis: the connection manager connects (and
+    /// reconnects) in the background, and calls fail fast while Redis is away.
+    pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(url).map_err(store_err)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_err)?;
+        Ok(RedisStore {
+            conn,
+            prefix: prefix.to_owned(),
+            claim: Script::new(CLAIM),
+            renew: Script::new(RENEW),
+            record_created: Script::new(RECORD_CREATED),
+            release: Script::new(RELEASE),
+            mark_attempt: Script::new(MARK_ATTEMPT),
+        })
+    }
+
+    pub fn group_key(&self, ext_id: &ExtId) -> String {
+        format!("{}:group:{}", self.prefix, ext_id)
+    }
+
+    pub fn attempt_key(&self, ext_id: &ExtId) -> String {
+        format!("{}:attempt:{}", self.prefix, ext_id)
+    }
+
+    /// `PING`: used by readiness checks and the circuit's probe.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    /// Everything known about one ext id (read-only).
+    pub async fn status(&self, ext_id: &ExtId) -> Result<ExtIdStatus, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.group_key(ext_id);
+        let (raw, ttl, attempts): (Option<String>, i64, Option<u64>) = redis::pipe()
+            .get(&key)
+            .pttl(&key)
+            .get(self.attempt_key(ext_id))
+            .query_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        let record = match raw {
+            None => None,
+            Some(text) => Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| StoreError(format!("unreadable record at {key}: {e}")))?,
+            ),
+        };
+        Ok(ExtIdStatus {
+            ttl_ms: record.as_ref().and(Some(ttl)).filter(|t| *t >= 0),
+            record,
+            attempt_markers: attempts.unwrap_or(0),
+        })
+    }
+
+    fn parse(&self, ext_id: &ExtId, text: &str) -> Result<StoredRecord, StoreError> {
+        serde_json::from_str(text).map_err(|e| {
+            StoreError(format!(
+                "unreadable record at {}: {e}",
+                self.group_key(ext_id)
+            ))
+        })
+    }
+}
+
+impl DedupStore for RedisStore {
+    async fn claim(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let mut conn = self.conn.clone();
+        let value = serde_json::to_string(&StoredRecord::Claimed {
+            owner: owner.to_owned(),
+            claimed_at: crate::clock::now_rfc3339(),
+        })
+        .map_err(|e| StoreError(e.to_string()))?;
+        let existing: Option<String> = self
+            .claim
+            .key(self.group_key(ext_id))
+            .arg(value)
+            .arg(millis(lease))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        match existing {
+            None => Ok(Claim::Acquired),
+            Some(text) => match self.parse(ext_id, &text)? {
+                StoredRecord::Created(record) => Ok(Claim::Created(record)),
+                StoredRecord::Claimed { owner, .. } => Ok(Claim::HeldByOther { owner }),
+            },
+        }
+    }
+
+    async fn renew(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let renewed: i64 = self
+            .renew
+            .key(self.group_key(ext_id))
+            .arg(owner)
+            .arg(millis(lease))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        Ok(renewed == 1)
+    }
+
+    async fn record_created(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        record: &CreatedRecord,
+        ttl: Duration,
+    ) -> Result<RecordResult, StoreError> {
+        let mut conn = self.conn.clone();
+        let value = serde_json::to_string(&StoredRecord::Created(record.clone()))
+            .map_err(|e| StoreError(e.to_string()))?;
+        let answer: String = self
+            .record_created
+            .key(self.group_key(ext_id))
+            .arg(owner)
+            .arg(value)
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        match answer.as_str() {
+            "ok" => Ok(RecordResult::Written),
+            "fenced" => Ok(RecordResult::Fenced(None)),
+            text => match self.parse(ext_id, text)? {
+                StoredRecord::Created(existing) => Ok(RecordResult::Fenced(Some(existing))),
+                StoredRecord::Claimed { .. } => Ok(RecordResult::Fenced(None)),
+            },
+        }
+    }
+
+    async fn release(&self, ext_id: &ExtId, owner: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .release
+            .key(self.group_key(ext_id))
+            .arg(owner)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn mark_attempt(&self, ext_id: &ExtId, ttl: Duration) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .mark_attempt
+            .key(self.attempt_key(ext_id))
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn has_attempt(&self, ext_id: &ExtId) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        conn.exists(self.attempt_key(ext_id))
+            .await
+            .map_err(store_err)
+    }
+}

@@ -1,0 +1,176 @@
+use std::fmt;
+
+use super::events::{CreatedEvent, FailedEvent};
+
+/// `error.kind` of a failure event and `x-error-kind` of a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    InvalidCommand,
+    Rejected,
+    NameConflict,
+    RetriesExhausted,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 4] = [
+        FailureKind::InvalidCommand,
+        FailureKind::Rejected,
+        FailureKind::NameConflict,
+        FailureKind::RetriesExhausted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::InvalidCommand => "invalid_command",
+            FailureKind::Rejected => "rejected",
+            FailureKind::NameConflict => "name_conflict",
+            FailureKind::RetriesExhausted => "retries_exhausted",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a command failed for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+    pub http_status: Option<u16>,
+    pub api_request_id: Option<String>,
+}
+
+/// A fault of the system, not of the message: the message is parked and retried later
+/// without spending its attempts (SPEC §5.7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SystemFault {
+    /// 401/403 after a token refresh.
+    Unauthorized(String),
+    /// 404 on `POST /v3/groups` itself.
+    EndpointNotFound(String),
+    /// Redis unreachable or failing.
+    Store(String),
+    /// The lease on the ext id was lost while working (stalled past `dedup.lease`).
+    LeaseLost,
+    /// Publishing the outcome failed (unroutable event, broker refusal).
+    Publish(String),
+    /// Too many consecutive transient API failures: the API is down, not the message.
+    ApiDown(String),
+}
+
+impl SystemFault {
+    /// A short stable label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SystemFault::Unauthorized(_) => "unauthorized",
+            SystemFault::EndpointNotFound(_) => "endpoint_not_found",
+            SystemFault::Store(_) => "redis",
+            SystemFault::LeaseLost => "lease_lost",
+            SystemFault::Publish(_) => "publish",
+            SystemFault::ApiDown(_) => "api_down",
+        }
+    }
+}
+
+impl fmt::Display for SystemFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SystemFault::Unauthorized(m) => write!(f, "API credentials refused: {m}"),
+            SystemFault::EndpointNotFound(m) => write!(f, "API endpoint not found: {m}"),
+            SystemFault::Store(m) => write!(f, "dedup store unavailable: {m}"),
+            SystemFault::LeaseLost => f.write_str("lease on the ext id lost while working"),
+            SystemFault::Publish(m) => write!(f, "publishing failed: {m}"),
+            SystemFault::ApiDown(m) => write!(f, "API failing repeatedly: {m}"),
+        }
+    }
+}
+
+/// Why a message goes to a delay queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DelayReason {
+    /// Transient failures outlasted the in-process tries: next tier, `x-retries` + 1.
+    Retry {
+        last_error: String,
+        http_status: Option<u16>,
+    },
+    /// Another live worker holds the claim: first tier, `x-deferrals` + 1.
+    Claimed,
+    /// A system fault: first tier, `x-deferrals` + 1.
+    Parked(SystemFault),
+}
+
+/// What the AMQP side must do with the delivery. Every variant ends with an ack that comes
+/// only after its publishes are confirmed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Publish `group.created` (and to `reply_to`), then ack.
+    Created { event: CreatedEvent },
+    /// Publish a copy to the DLQ with reason headers, then `group.create.failed`, then ack.
+    DeadLetter {
+        failure: Failure,
+        event: FailedEvent,
+        attempts: u32,
+    },
+    /// Publish a copy to delay tier `tier` with the new counters, then ack.
+    Delay {
+        tier: usize,
+        attempts: u32,
+        retries: u32,
+        deferrals: u32,
+        reason: DelayReason,
+    },
+}
+
+impl Decision {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Decision::Created { event } if event.duplicate => Outcome::Duplicate,
+            Decision::Created { .. } => Outcome::Created,
+            Decision::DeadLetter { .. } => Outcome::DeadLettered,
+            Decision::Delay { .. } => Outcome::Deferred,
+        }
+    }
+}
+
+/// The `outcome` field of the one log line per delivery (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// This delivery created the group (or its own lost POST was recovered by List).
+    Created,
+    /// The group existed before this delivery posted anything.
+    Duplicate,
+    /// Moved to a delay queue (transient retry, claim held elsewhere, or parked).
+    Deferred,
+    /// Dead-lettered by the worker, with a failure event.
+    DeadLettered,
+    /// Returned to the work queue (publishing failed, or shutdown).
+    Requeued,
+    /// Could not be settled at all (channel lost); the broker redelivers it.
+    Failed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Created,
+        Outcome::Duplicate,
+        Outcome::Deferred,
+        Outcome::DeadLettered,
+        Outcome::Requeued,
+        Outcome::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Deferred => "deferred",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Requeued => "requeued",
+            Outcome::Failed => "failed",
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Carrying out a [`Decision`] on the broker: confirmed publishes, then the ack.
+//! Also the one `outcome` log line per delivery (SPEC §8).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::amqp::headers::{self, HeaderUpdate};
+use crate::amqp::{PublishError, Publisher, short};
+use crate::pipeline::{Decision, DelayReason, Failure, Inbound, Outcome, SystemFault, Verdict};
+
+use super::Shared;
+
+/// Process one delivery end to end.
+pub(crate) async fn handle(shared: Arc<Shared>, publisher: Publisher, delivery: Delivery) {
+    let started = Instant::now();
+    let inbound = headers::inbound(&delivery.data, &delivery.properties, delivery.redelivered);
+    let span = tracing::info_span!(
+        "delivery",
+        ext_id = Empty,
+        message_id = inbound.message_id.as_deref(),
+        correlation_id = Empty,
+    );
+    async move {
+        let verdict = shared.processor.process(&inbound).await;
+        if let Some(c) = &verdict.correlation_id {
+            tracing::Span::current().record("correlation_id", c.as_str());
+        }
+        let outcome = Executor {
+            shared: &shared,
+            publisher: &publisher,
+            delivery: &delivery,
+            inbound: &inbound,
+            verdict: &verdict,
+        }
+        .run()
+        .await;
+        log_outcome(&verdict, outcome, started);
+    }
+    .instrument(span)
+    .await
+}
+
+fn log_outcome(verdict: &Verdict, outcome: Outcome, started: Instant) {
+    let (attempts, org_unit_id, error_kind, delay_tier) = match &verdict.decision {
+        Decision::Created { event } => (event.attempts, Some(event.org_unit_id), None, None),
+        Decision::DeadLetter {
+            failure, attempts, ..
+        } => (*attempts, None, Some(failure.kind.as_str()), None),
+        Decision::Delay { tier, attempts, .. } => (*attempts, None, None, Some(*tier)),
+    };
+    let reason = match &verdict.decision {
+        Decision::Delay {
+            reason: DelayReason::Parked(f),
+            ..
+        } => Some(f.label()),
+        Decision::Delay {
+            reason: DelayReason::Claimed,
+            ..
+        } => Some("claimed_elsewhere"),
+        Decision::Delay {
+            reason: DelayReason::Retry { .. },
+            ..
+        } => Some("transient"),
+        _ => None,
+    };
+    tracing::info!(
+        outcome = outcome.as_str(),
+        attempts,
+        http_status = verdict.http_status,
+        org_unit_id,
+        error_kind,
+        delay_tier,
+        reason,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "outcome"
+    );
+}
+
+struct Executor<'a> {
+    shared: &'a Shared,
+    publisher: &'a Publisher,
+    delivery: &'a Delivery,
+    inbound: &'a Inbound,
+    verdict: &'a Verdict,
+}
+
+impl Executor<'_> {
+    async fn run(&self) -> Outcome {
+        let published = match &self.verdict.decision {
+            Decision::Created { event } => {
+                self.publish_event(&self.shared.settings.topology.created_routing_key, event)
+                    .await
+            }
+            Decision::DeadLetter {
+                failure,
+                event,
+                attempts,
+            } => match self.dead_letter_copy(failure, *attempts).await {
+                Ok(()) => {
+                    self.publish_event(&self.shared.settings.topology.failed_routing_key, event)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+            Decision::Delay {
+                tier,
+                attempts,
+                retries,
+                deferrals,
+                reason,
+            } => {
+                self.delay_copy(*tier, *attempts, *retries, *deferrals, reason)
+                    .await
+            }
+        };
+        match published {
+            Ok(()) => self.ack(self.verdict.decision.outcome()).await,
+            Err(e) => self.recover(e).await,
+        }
+    }
+
+    /// A publish failed: the message must not be lost nor charged for it. Park it in the
+    /// first delay tier if the broker still takes publishes, else return it to the queue.
+    async fn recover(&self, error: PublishError) -> Outcome {
+        tracing::error!(error = %error, "publishing the outcome failed");
+        let is_delay = matches!(self.verdict.decision, Decision::Delay { .. });
+        if !is_delay {
+            let fault = DelayReason::Parked(SystemFault::Publish(error.to_string()));
+            let parked = self
+                .delay_copy(
+                    0,
+                    self.inbound.attempts,
+                    self.inbound.retries,
+                    self.inbound.deferrals.saturating_add(1),
+                    &fault,
+                )
+                .await;
+            match parked {
+                Ok(()) => return self.ack(Outcome::Deferred).await,
+                Err(e) => tracing::error!(error = %e, "parking failed too"),
+            }
+        }
+        match self
+            .delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+        {
+            Ok(_) => Outcome::Requeued,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot nack; the broker will redeliver when the channel closes");
+                Outcome::Failed
+            }
+        }
+    }
+
+    async fn ack(&self, outcome: Outcome) -> Outcome {
+        match self.delivery.ack(BasicAckOptions::default()).await {
+            Ok(_) => outcome,
+            Err(e) => {
+                tracing::error!(error = %e, "ack failed after the outcome was published; the broker will redeliver");
+                Outcome::Failed
+            }
+        }
+    }
+
+    async fn publish_event<E: serde::Serialize>(
+        &self,
+        routing_key: &str,
+        event: &E,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(event)
+            .map_err(|e| PublishError::Channel(format!("cannot encode event: {e}")))?;
+        let event_name = routing_key_event_name(&self.verdict.decision);
+        let properties = self.event_properties(event_name);
+        let topology = &self.shared.settings.topology;
+        self.publisher
+            .publish(
+                &topology.event_exchange,
+                routing_key,
+                &body,
+                properties.clone(),
+                true,
+            )
+            .await?;
+        if let Some(reply_to) = &self.inbound.reply_to {
+            // Best effort: a requester's reply queue may be gone; the event itself is out.
+            if let Err(e) = self
+                .publisher
+                .publish("", reply_to, &body, properties, false)
+                .await
+            {
+                tracing::warn!(error = %e, reply_to = %reply_to, "could not send the event to reply_to");
+            }
+        }
+        Ok(())
+    }
+
+    fn event_properties(&self, event_name: &str) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(ext) = &self.verdict.ext_id {
+            headers.insert(
+                ShortString::from(headers::EXT_ID),
+                AMQPValue::LongString(LongString::from(ext.as_str())),
+            );
+        }
+        headers.insert(
+            ShortString::from(headers::TRACEPARENT),
+            AMQPValue::LongString(LongString::from(self.verdict.traceparent.to_string())),
+        );
+        let mut properties = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_delivery_mode(2)
+            .with_type(ShortString::from(event_name))
+            .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
+            .with_app_id(ShortString::from("group-provisioner"))
+            .with_timestamp(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            )
+            .with_headers(headers);
+        if let Some(c) = &self.verdict.correlation_id {
+            properties = properties.with_correlation_id(short(c));
+        }
+        properties
+    }
+
+    async fn dead_letter_copy(&self, failure: &Failure, attempts: u32) -> Result<(), PublishError> {
+        let now = crate::clock::now_rfc3339();
+        let mut update = HeaderUpdate::default()
+            .text(headers::X_ERROR_KIND, failure.kind.as_str())
+            .text(
+                headers::X_ERROR_MESSAGE,
+                &crate::pipeline::truncate(&failure.message, headers::MAX_ERROR_MESSAGE_BYTES),
+            )
+            .int(headers::X_ATTEMPTS, attempts)
+            .text(
+                headers::X_FIRST_FAILED_AT,
+                self.inbound.first_failed_at.as_deref().unwrap_or(&now),
+            )
+            .text(headers::X_LAST_FAILED_AT, &now)
+            .text(headers::X_WORKER_VERSION, crate::VERSION);
+        if let Some(status) = failure.http_status {
+            update = update.int(headers::X_HTTP_STATUS, u32::from(status));
+        }
+        let properties = update.apply(&self.delivery.properties);
+        let topology = &self.shared.settings.topology;
+        self.publisher
+            .publish(
+                &topology.dead_letter_exchange,
+                &topology.dead_letter_queue,
+                &self.delivery.data,
+                properties,
+                true,
+            )
+            .await
+    }
+
+    async fn delay_copy(
+        &self,
+        tier: usize,
+        attempts: u32,
+        retries: u32,
+        deferrals: u32,
+        reason: &DelayReason,
+    ) -> Result<(), PublishError> {
+        let settings = &self.shared.settings;
+        let Some(delay) = settings.retry.delays.get(tier) else {
+            return Err(PublishError::Channel(format!("no delay tier {tier}")));
+        };
+        let mut update = HeaderUpdate::default()
+            .int(headers::X_ATTEMPTS, attempts)
+            .int(headers::X_RETRIES, retries)
+            .int(headers::X_DEFERRALS, deferrals);
+        if let DelayReason::Retry { .. } = reason {
+            let now = crate::clock::now_rfc3339();
+            update = update
+                .text(
+                    headers::X_FIRST_FAILED_AT,
+                    self.inbound.first_failed_at.as_deref().unwrap_or(&now),
+                )
+                .text(headers::X_LAST_FAILED_AT, &now);
+        }
+        let properties = update.apply(&self.delivery.properties);
+        let queue = settings.topology.delay_queue(delay);
+        self.publisher
+            .publish("", &queue, &self.delivery.data, properties, true)
+            .await
+    }
+}
+
+fn routing_key_event_name(decision: &Decision) -> &'static str {
+    match decision {
+        Decision::DeadLetter { .. } => crate::pipeline::FAILED_EVENT,
+        _ => crate::pipeline::CREATED_EVENT,
+    }
+}

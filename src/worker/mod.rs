@@ -1,0 +1,168 @@
+//! `group-provisioner run`: wires configuration, the dedup store, the API client and
+//! RabbitMQ around the core, and keeps a consuming session alive.
+//!
+//! Invariants:
+//! - deliveries are processed concurrently, at most `amqp.prefetch` at a time (the
+//!   broker's QoS bounds what is in flight);
+//! - a delivery is acked only after every publish its decision needs is confirmed;
+//! - a lost connection is re-established with backoff and the topology re-declared; the
+//!   deliveries of the lost session are redelivered by the broker.
+
+mod execute;
+mod session;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AuthMode, Settings};
+use crate::convirza::{Auth, ConvirzaClient};
+use crate::dedup::RedisStore;
+use crate::pipeline::{Processor, ProcessorConfig};
+use crate::retry::RetryPolicy;
+
+pub use session::SessionError;
+
+pub type LiveProcessor = Processor<RedisStore, ConvirzaClient>;
+
+/// Everything a delivery task needs, shared by all of them.
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub processor: LiveProcessor,
+    pub worker_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("config error: {0}")]
+    Config(String),
+    #[error("cannot build the API client: {0}")]
+    Client(String),
+    #[error("cannot set up the dedup store: {0}")]
+    Store(String),
+}
+
+/// A running worker. Dropping the handle does not stop it; call [`WorkerHandle::shutdown`].
+pub struct WorkerHandle {
+    shutdown: CancellationToken,
+    consuming: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    /// Ask the worker to drain and stop (what SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Wait until a session is consuming, or `timeout` passes. Returns whether it is.
+    pub async fn wait_consuming(&self, timeout: Duration) -> bool {
+        let mut rx = self.consuming.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether a session is consuming right now.
+    pub fn is_consuming(&self) -> bool {
+        *self.consuming.borrow()
+    }
+
+    /// Wait for the worker to finish after [`shutdown`](Self::shutdown).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+pub fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{host}:{}", std::process::id())
+}
+
+pub fn build_client(settings: &Settings) -> Result<ConvirzaClient, StartError> {
+    let auth = match (settings.api.auth, &settings.api.token) {
+        (AuthMode::Token, Some(token)) => Auth::Static(token.clone()),
+        (AuthMode::Token, None) => {
+            return Err(StartError::Config(
+                "api.token: is required when api.auth = \"token\"".into(),
+            ));
+        }
+        (AuthMode::Login, _) => {
+            return Err(StartError::Config(
+                "api.auth: login mode is not available in this version".into(),
+            ));
+        }
+    };
+    ConvirzaClient::new(&settings.api.base_url, auth, settings.api.timeout)
+        .map_err(|e| StartError::Client(e.to_string()))
+}
+
+/// Start the worker in the background: it connects (retrying until it can), declares the
+/// topology and consumes until [`WorkerHandle::shutdown`].
+pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
+    let client = build_client(&settings)?;
+    let store = RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
+        .map_err(|e| StartError::Store(e.0))?;
+    let worker_id = worker_id();
+    let processor = Processor::new(
+        store,
+        client,
+        ProcessorConfig {
+            policy: RetryPolicy::from(&settings.retry),
+            tiers: settings.retry.delays.len(),
+            lease: settings.dedup.lease,
+            ttl: settings.dedup.ttl,
+            worker_id: worker_id.clone(),
+        },
+    );
+    let shared = Arc::new(Shared {
+        settings,
+        processor,
+        worker_id,
+    });
+    let shutdown = CancellationToken::new();
+    let (consuming_tx, consuming) = watch::channel(false);
+    let task = tokio::spawn(session::supervise(shared, shutdown.clone(), consuming_tx));
+    Ok(WorkerHandle {
+        shutdown,
+        consuming,
+        task,
+    })
+}
+
+/// The `run` subcommand: start, wait for SIGTERM/SIGINT, drain, exit 0.
+pub async fn run(settings: Settings) -> ExitCode {
+    tracing::info!(
+        version = crate::VERSION,
+        api = %settings.api.base_url,
+        amqp = %settings.amqp.url,
+        redis = %settings.redis.url,
+        prefetch = settings.amqp.prefetch,
+        "worker starting"
+    );
+    let handle = match start(settings) {
+        Ok(h) => h,
+        Err(StartError::Config(msg)) => {
+            eprintln!("config error: {msg}");
+            return ExitCode::from(crate::cli::EXIT_CONFIG);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "worker cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::shutdown::signal().await;
+    tracing::info!("shutdown requested; draining");
+    handle.shutdown();
+    handle.join().await;
+    tracing::info!("worker stopped");
+    ExitCode::SUCCESS
+}
