@@ -7,6 +7,10 @@ source scripts/services.sh
 ensure_services
 
 cargo build --locked --bins
+# The simulator starts empty, so the sandbox's dedup records must start empty too.
+if command -v redis-cli >/dev/null; then
+  redis-cli --scan --pattern 'sandbox:*' | xargs -r redis-cli del >/dev/null
+fi
 sim_pid=""
 if port_open 8080; then
   echo "run-local: something already listens on 127.0.0.1:8080; using it as the API" >&2

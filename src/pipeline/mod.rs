@@ -26,5 +26,5 @@ pub use events::{
 };
 pub use inbound::Inbound;
 pub use ports::{Claim, CreatedRecord, DedupStore, GroupApi, RecordResult, StoreError};
-pub use processor::{Processor, ProcessorConfig, Verdict, truncate};
+pub use processor::{Processor, ProcessorConfig, Verdict, differing_fields, truncate};
 pub use reconcile::{Reconciled, reconcile};

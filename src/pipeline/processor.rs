@@ -580,19 +580,23 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
+/// The fields of `command` that differ from the command that created `record`.
+pub fn differing_fields(command: &CreateGroup, record: &CreatedRecord) -> Vec<String> {
+    let ours = fingerprint(command);
+    ours.keys()
+        .chain(record.fingerprint.keys())
+        .filter(|k| ours.get(*k) != record.fingerprint.get(*k))
+        .cloned()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 fn warn_if_different(command: &CreateGroup, record: &CreatedRecord) {
     if record.fingerprint.is_empty() {
         return;
     }
-    let ours = fingerprint(command);
-    let differing: Vec<&str> = ours
-        .keys()
-        .chain(record.fingerprint.keys())
-        .filter(|k| ours.get(*k) != record.fingerprint.get(*k))
-        .map(String::as_str)
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let differing = differing_fields(command, record);
     if !differing.is_empty() {
         tracing::warn!(
             differing_fields = ?differing,

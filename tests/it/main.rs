@@ -4,5 +4,7 @@
 
 mod cli;
 mod client;
+mod core;
 mod helpers;
 mod pipeline;
+mod process;

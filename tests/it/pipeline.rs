@@ -527,3 +527,42 @@ async fn persistent_503_walks_the_delay_tiers_then_dead_letters() {
     worker.join().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_published_is_parked_not_lost() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    // Take the DLQ away: the worker's dead-letter publish becomes unroutable.
+    env.channel
+        .queue_delete(
+            ShortString::from(env.settings.topology.dead_letter_queue.as_str()),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete dlq");
+    env.send(
+        &json!({"org_unit_ext_id": "PARK-1", "org_unit_name": " ", "org_unit_parent_id": 1000}),
+    )
+    .await;
+    // It cycles through the first delay tier while the DLQ is missing…
+    let tier = env
+        .settings
+        .topology
+        .delay_queue(&env.settings.retry.delays[0]);
+    wait_for("the message parked in the delay tier", T, || async {
+        (env.queue_depth(&tier).await > 0).then_some(())
+    })
+    .await;
+    events.assert_quiet(Duration::from_millis(200)).await;
+    // …and lands in the DLQ, with its failure event, once the DLQ is back.
+    env.declare_topology().await;
+    let e = events.next(T).await;
+    assert_eq!(e.body["error"]["kind"], "invalid_command");
+    let dead = env.wait_dlq(1, T).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].kind.as_deref(), Some("invalid_command"));
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
