@@ -60,6 +60,8 @@ pub enum SystemFault {
     Publish(String),
     /// Too many consecutive transient API failures: the API is down, not the message.
     ApiDown(String),
+    /// The circuit is open (for one of the faults above): park without trying.
+    CircuitOpen,
 }
 
 impl SystemFault {
@@ -72,7 +74,14 @@ impl SystemFault {
             SystemFault::LeaseLost => "lease_lost",
             SystemFault::Publish(_) => "publish",
             SystemFault::ApiDown(_) => "api_down",
+            SystemFault::CircuitOpen => "circuit_open",
         }
+    }
+
+    /// Whether this fault opens the circuit (it is about the system, and will hit every
+    /// other delivery too).
+    pub fn opens_circuit(&self) -> bool {
+        !matches!(self, SystemFault::LeaseLost | SystemFault::CircuitOpen)
     }
 }
 
@@ -85,6 +94,7 @@ impl fmt::Display for SystemFault {
             SystemFault::LeaseLost => f.write_str("lease on the ext id lost while working"),
             SystemFault::Publish(m) => write!(f, "publishing failed: {m}"),
             SystemFault::ApiDown(m) => write!(f, "API failing repeatedly: {m}"),
+            SystemFault::CircuitOpen => f.write_str("circuit open"),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - faults of the system (credentials, endpoint, Redis) are never charged to the
 //!   message: they become [`Decision::Delay`] with a deferral, never a dead letter.
 
+mod circuit;
 mod decision;
 mod disposition;
 mod events;
@@ -19,6 +20,7 @@ mod ports;
 mod processor;
 mod reconcile;
 
+pub use circuit::{Circuit, CircuitState};
 pub use decision::{Decision, DelayReason, Failure, FailureKind, Outcome, SystemFault};
 pub use disposition::{Disposition, disposition};
 pub use events::{

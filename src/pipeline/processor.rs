@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use crate::convirza::{ApiError, GroupSummary};
 use crate::retry::RetryPolicy;
 use crate::traceparent::Traceparent;
 
+use super::circuit::Circuit;
 use super::decision::{Decision, DelayReason, Failure, FailureKind, SystemFault};
 use super::disposition::{Disposition, disposition};
 use super::events::{CREATED, CreatedEvent, ErrorInfo, FAILED, FailedEvent, SCHEMA_VERSION};
@@ -24,6 +26,8 @@ pub struct ProcessorConfig {
     pub ttl: Duration,
     /// Prefix of claim owner tokens, e.g. `host:pid`.
     pub worker_id: String,
+    /// Consecutive transient API failures that open the circuit.
+    pub failure_threshold: u32,
 }
 
 /// The result of processing one delivery: the decision plus what the outcome log line
@@ -43,6 +47,7 @@ pub struct Processor<S, A> {
     store: S,
     api: A,
     config: ProcessorConfig,
+    circuit: Arc<Circuit>,
 }
 
 /// Per-delivery bookkeeping shared by the tries of one retry loop.
@@ -91,7 +96,17 @@ struct Provisioned {
 
 impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     pub fn new(store: S, api: A, config: ProcessorConfig) -> Self {
-        Processor { store, api, config }
+        let circuit = Arc::new(Circuit::new(config.failure_threshold));
+        Processor {
+            store,
+            api,
+            config,
+            circuit,
+        }
+    }
+
+    pub fn circuit(&self) -> &Arc<Circuit> {
+        &self.circuit
     }
 
     pub fn store(&self) -> &S {
@@ -251,6 +266,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         trace: &Traceparent,
         tries: &Tries,
     ) -> Result<Provisioned, Disposition> {
+        self.gate().await?;
         if tries.may_have_reached.load(Ordering::SeqCst) {
             let children = self.list_children(command, trace, tries).await?;
             match reconcile(command, children) {
@@ -274,6 +290,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         if tries.lease_lost.load(Ordering::SeqCst) {
             return Err(Disposition::Pause(SystemFault::LeaseLost));
         }
+        self.gate().await?;
         self.store
             .mark_attempt(&command.ext_id, self.config.ttl)
             .await
@@ -283,6 +300,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         let result = self.api.create_group(command, Some(trace)).await;
         match result {
             Ok(created) => {
+                self.circuit.record_success();
                 tries.note_status(Some(created.http_status));
                 tries.maybe_committed.fetch_add(1, Ordering::SeqCst);
                 Ok(Provisioned {
@@ -298,9 +316,10 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 }
                 match e {
                     ApiError::Rejected { .. } | ApiError::DuplicateName { .. } => {
+                        self.circuit.record_success();
                         self.reconcile_rejection(command, trace, tries, e).await
                     }
-                    other => Err(disposition(other)),
+                    other => Err(self.api_failure(other)),
                 }
             }
         }
@@ -356,12 +375,46 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             .find_children_named(command.parent_id, &command.name, Some(trace))
             .await
         {
-            Ok(children) => Ok(children),
-            Err(ApiError::Rejected { .. } | ApiError::DuplicateName { .. }) => Ok(Vec::new()),
+            Ok(children) => {
+                self.circuit.record_success();
+                Ok(children)
+            }
+            Err(ApiError::Rejected { .. } | ApiError::DuplicateName { .. }) => {
+                self.circuit.record_success();
+                Ok(Vec::new())
+            }
             Err(e) => {
                 tries.note_status(e.http_status());
-                Err(disposition(e))
+                Err(self.api_failure(e))
             }
+        }
+    }
+
+    /// Before any API call: wait out an account-wide rate-limit pause; stop if the circuit
+    /// opened meanwhile.
+    async fn gate(&self) -> Result<(), Disposition> {
+        self.circuit.wait_until_allowed().await;
+        if self.circuit.is_open() {
+            return Err(Disposition::Pause(SystemFault::CircuitOpen));
+        }
+        Ok(())
+    }
+
+    /// An API failure, through the disposition, with its effect on the whole worker: a 429
+    /// pauses every call, and a run of transient failures opens the circuit.
+    fn api_failure(&self, error: ApiError) -> Disposition {
+        if let ApiError::RateLimited {
+            retry_after: Some(wait),
+        } = &error
+        {
+            self.circuit
+                .pause_for((*wait).min(self.config.policy.max_retry_after));
+        }
+        match disposition(error) {
+            Disposition::Retry(e) if self.circuit.record_transient(&e.to_string()) => {
+                Disposition::Pause(SystemFault::ApiDown(e.to_string()))
+            }
+            other => other,
         }
     }
 
@@ -457,7 +510,10 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     }
 
     fn park(&self, msg: &Inbound, posts: u32, fault: SystemFault) -> Decision {
-        tracing::warn!(fault = fault.label(), error = %fault, "system fault; parking the message");
+        if fault.opens_circuit() {
+            self.circuit.trip(fault.clone());
+        }
+        tracing::info!(fault = fault.label(), error = %fault, "system fault; parking the message");
         Decision::Delay {
             tier: 0,
             attempts: msg.attempts.saturating_add(posts),

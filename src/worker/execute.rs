@@ -8,6 +8,7 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -17,8 +18,15 @@ use crate::pipeline::{Decision, DelayReason, Failure, Inbound, Outcome, SystemFa
 
 use super::Shared;
 
-/// Process one delivery end to end.
-pub(crate) async fn handle(shared: Arc<Shared>, publisher: Publisher, delivery: Delivery) {
+/// Process one delivery end to end. `abort` (drain timeout) returns it to the queue
+/// unfinished; `broken` is how a task reports that the publish channel is gone.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    publisher: Publisher,
+    delivery: Delivery,
+    abort: CancellationToken,
+    broken: CancellationToken,
+) {
     let started = Instant::now();
     let inbound = headers::inbound(&delivery.data, &delivery.properties, delivery.redelivered);
     let span = tracing::info_span!(
@@ -27,7 +35,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, publisher: Publisher, delivery: 
         message_id = inbound.message_id.as_deref(),
         correlation_id = Empty,
     );
-    async move {
+    let work = async {
         let verdict = shared.processor.process(&inbound).await;
         if let Some(c) = &verdict.correlation_id {
             tracing::Span::current().record("correlation_id", c.as_str());
@@ -38,10 +46,39 @@ pub(crate) async fn handle(shared: Arc<Shared>, publisher: Publisher, delivery: 
             delivery: &delivery,
             inbound: &inbound,
             verdict: &verdict,
+            broken: &broken,
         }
         .run()
         .await;
         log_outcome(&verdict, outcome, started);
+    };
+    let aborted = async {
+        abort.cancelled().await;
+        // Unfinished at the drain deadline: back to the queue. If a POST was in flight, the
+        // attempt marker makes the next delivery list before posting again.
+        let outcome = match delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+        {
+            Ok(_) => Outcome::Requeued,
+            Err(_) => Outcome::Failed,
+        };
+        tracing::info!(
+            outcome = outcome.as_str(),
+            attempts = inbound.attempts,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "outcome"
+        );
+    };
+    async {
+        tokio::select! {
+            biased;
+            () = work => {}
+            () = aborted => {}
+        }
     }
     .instrument(span)
     .await
@@ -89,6 +126,7 @@ struct Executor<'a> {
     delivery: &'a Delivery,
     inbound: &'a Inbound,
     verdict: &'a Verdict,
+    broken: &'a CancellationToken,
 }
 
 impl Executor<'_> {
@@ -130,6 +168,21 @@ impl Executor<'_> {
     /// first delay tier if the broker still takes publishes, else return it to the queue.
     async fn recover(&self, error: PublishError) -> Outcome {
         tracing::error!(error = %error, "publishing the outcome failed");
+        match &error {
+            // The channel is gone: nothing more can be settled here; the session restarts.
+            PublishError::Channel(_) => {
+                self.broken.cancel();
+                return Outcome::Failed;
+            }
+            // The broker refuses or cannot route what we publish: a fault of the system that
+            // every delivery will hit.
+            PublishError::Unroutable { .. } | PublishError::Nacked { .. } => {
+                self.shared
+                    .processor
+                    .circuit()
+                    .trip(SystemFault::Publish(error.to_string()));
+            }
+        }
         let is_delay = matches!(self.verdict.decision, Decision::Delay { .. });
         if !is_delay {
             let fault = DelayReason::Parked(SystemFault::Publish(error.to_string()));

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AuthMode, Settings};
 use crate::convirza::{Auth, ConvirzaClient};
 use crate::dedup::RedisStore;
-use crate::pipeline::{Processor, ProcessorConfig};
+use crate::pipeline::{Circuit, CircuitState, Processor, ProcessorConfig};
 use crate::retry::RetryPolicy;
 
 pub use session::SessionError;
@@ -49,6 +49,7 @@ pub enum StartError {
 pub struct WorkerHandle {
     shutdown: CancellationToken,
     consuming: watch::Receiver<bool>,
+    circuit: Arc<Circuit>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -69,6 +70,11 @@ impl WorkerHandle {
     /// Whether a session is consuming right now.
     pub fn is_consuming(&self) -> bool {
         *self.consuming.borrow()
+    }
+
+    /// The circuit's state right now.
+    pub fn circuit(&self) -> CircuitState {
+        self.circuit.state()
     }
 
     /// Wait for the worker to finish after [`shutdown`](Self::shutdown).
@@ -121,8 +127,10 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
             lease: settings.dedup.lease,
             ttl: settings.dedup.ttl,
             worker_id: worker_id.clone(),
+            failure_threshold: settings.circuit.failure_threshold,
         },
     );
+    let circuit = processor.circuit().clone();
     let shared = Arc::new(Shared {
         settings,
         processor,
@@ -134,6 +142,7 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
     Ok(WorkerHandle {
         shutdown,
         consuming,
+        circuit,
         task,
     })
 }

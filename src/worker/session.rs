@@ -1,5 +1,15 @@
-//! One consuming session per broker connection, and the supervisor that replaces a lost
-//! session (SPEC §5.11).
+//! One consuming session per broker connection, the supervisor that replaces a lost
+//! session (SPEC §5.11), and the circuit's effect on consumption (SPEC §5.7).
+//!
+//! Invariants:
+//! - while the circuit is open the worker holds no consumer: it cancels it, lets the
+//!   deliveries it still holds park themselves, probes after `circuit.cooldown`, and only
+//!   consumes again once the probe succeeds;
+//! - a session whose connection or publish channel is lost is abandoned and rebuilt
+//!   (connection, channels, topology, consumer) with jittered backoff; the broker
+//!   redelivers whatever it had not been acked;
+//! - on shutdown the consumer is cancelled first, in-flight deliveries get
+//!   `shutdown.drain_timeout` to finish, and the rest are nacked back to the queue.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,11 +19,13 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Consumer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, Publisher, topology::Topology};
+use crate::pipeline::CircuitState;
 use crate::retry::RetryPolicy;
 
 use super::{Shared, execute};
@@ -30,6 +42,8 @@ pub enum SessionError {
     Consume(String),
     #[error("the broker cancelled our consumer (work queue deleted?)")]
     Cancelled,
+    #[error("the publish channel is gone")]
+    PublishChannel,
 }
 
 /// Reconnect schedule: quick first retry, capped so a long outage costs little, jittered
@@ -41,6 +55,11 @@ const RECONNECT: RetryPolicy = RetryPolicy {
     max_tries: u32::MAX,
     max_retry_after: Duration::ZERO,
 };
+
+/// Connecting or declaring longer than this is treated as a hung broker.
+const BROKER_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the drain timeout, how long the nacks of the unfinished deliveries may take.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
 
 fn reconnect_delay(failures: u32) -> Duration {
     RECONNECT
@@ -72,6 +91,18 @@ pub(crate) async fn supervise(
     consuming.send_replace(false);
 }
 
+async fn step<T>(
+    what: &str,
+    f: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(BROKER_STEP_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "{what} did not complete within {BROKER_STEP_TIMEOUT:?}"
+        )),
+    }
+}
+
 async fn session(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
@@ -79,79 +110,210 @@ async fn session(
     failures: &mut u32,
 ) -> Result<(), SessionError> {
     let settings = &shared.settings;
-    let conn = amqp::connect(
-        settings.amqp.url.expose(),
-        &format!("group-provisioner {}", shared.worker_id),
+    let conn = step(
+        "connect",
+        amqp::connect(
+            settings.amqp.url.expose(),
+            &format!("group-provisioner {}", shared.worker_id),
+        ),
     )
     .await
-    .map_err(|e| SessionError::Connect(e.to_string()))?;
-    let channel_err = |e: lapin::Error| SessionError::Channel(e.to_string());
-    let publish_channel = conn.create_channel().await.map_err(channel_err)?;
-    publish_channel
-        .confirm_select(ConfirmSelectOptions::default())
+    .map_err(SessionError::Connect)?;
+    let publish_channel = step("open channel", conn.create_channel())
         .await
-        .map_err(channel_err)?;
-    Topology::new(&settings.topology, &settings.retry.delays)
-        .declare(&publish_channel)
+        .map_err(SessionError::Channel)?;
+    step(
+        "confirm.select",
+        publish_channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await
+    .map_err(SessionError::Channel)?;
+    let topology = Topology::new(&settings.topology, &settings.retry.delays);
+    step("declare topology", topology.declare(&publish_channel))
         .await
-        .map_err(|e| SessionError::Topology(e.to_string()))?;
-    let consume_channel = conn.create_channel().await.map_err(channel_err)?;
-    consume_channel
-        .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
+        .map_err(SessionError::Topology)?;
+    let consume_channel = step("open channel", conn.create_channel())
         .await
-        .map_err(channel_err)?;
-    let tag = format!(
-        "group-provisioner/{}/{}",
-        shared.worker_id,
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut consumer = consume_channel
-        .basic_consume(
-            ShortString::from(settings.topology.work_queue.as_str()),
-            amqp::short(&tag),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| SessionError::Consume(e.to_string()))?;
-    *failures = 0;
-    consuming.send_replace(true);
-    tracing::info!(queue = %settings.topology.work_queue, consumer_tag = %tag, "consuming");
+        .map_err(SessionError::Channel)?;
+    step(
+        "basic.qos",
+        consume_channel.basic_qos(settings.amqp.prefetch, BasicQosOptions::default()),
+    )
+    .await
+    .map_err(SessionError::Channel)?;
+    tracing::info!(amqp = %settings.amqp.url, "connected to the broker; topology declared");
 
     let publisher = Publisher::new(publish_channel);
     let tracker = TaskTracker::new();
-    let result = loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    tracker.spawn(execute::handle(shared.clone(), publisher.clone(), delivery));
+    let abort = CancellationToken::new();
+    let broken = CancellationToken::new();
+    let circuit = shared.processor.circuit().clone();
+    let mut circuit_rx = circuit.subscribe();
+
+    let result: Result<(), SessionError> = 'session: loop {
+        if circuit.is_open() {
+            match wait_for_close(shared, shutdown, &broken).await {
+                Wait::Closed => {}
+                Wait::Shutdown => break 'session Ok(()),
+                Wait::Broken => break 'session Err(SessionError::PublishChannel),
+            }
+        }
+        let (mut consumer, tag) = match consume(shared, &consume_channel).await {
+            Ok(c) => c,
+            Err(e) => break 'session Err(e),
+        };
+        *failures = 0;
+        consuming.send_replace(true);
+        tracing::info!(queue = %settings.topology.work_queue, consumer_tag = %tag, "consuming");
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    consuming.send_replace(false);
+                    cancel_consumer(&consume_channel, &tag).await;
+                    break 'session Ok(());
                 }
-                Some(Err(e)) => break Err(SessionError::Consume(e.to_string())),
-                None => break Err(SessionError::Cancelled),
-            },
+                () = broken.cancelled() => break 'session Err(SessionError::PublishChannel),
+                _opened = async { circuit_rx.wait_for(|s| matches!(s, CircuitState::Open { .. })).await.is_ok() } => {
+                    consuming.send_replace(false);
+                    cancel_consumer(&consume_channel, &tag).await;
+                    // Deliveries already sent to us: each finds the circuit open and parks.
+                    let held = drain_held(&mut consumer, |d| {
+                        tracker.spawn(execute::handle(shared.clone(), publisher.clone(), d, abort.clone(), broken.clone()));
+                    })
+                    .await;
+                    tracing::info!(held, "consumer cancelled while the circuit is open");
+                    continue 'session;
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        tracker.spawn(execute::handle(shared.clone(), publisher.clone(), delivery, abort.clone(), broken.clone()));
+                    }
+                    Some(Err(e)) => break 'session Err(SessionError::Consume(e.to_string())),
+                    None => break 'session Err(SessionError::Cancelled),
+                },
+            }
         }
     };
     consuming.send_replace(false);
     tracker.close();
     if result.is_ok() {
-        // Stop the flow first, then let what is in flight finish (SPEC §5.10).
-        if let Err(e) = consume_channel
-            .basic_cancel(amqp::short(&tag), BasicCancelOptions::default())
-            .await
-        {
-            tracing::warn!(error = %e, "could not cancel the consumer");
-        }
         let drain = settings.shutdown.drain_timeout;
         if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
             tracing::warn!(
                 drain_timeout_ms = drain.as_millis() as u64,
-                "drain timeout: unfinished deliveries return to the queue"
+                in_flight = tracker.len(),
+                "drain timeout: returning unfinished deliveries to the queue"
             );
+            abort.cancel();
+            let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
         }
         let _ = conn.close(200, ShortString::from("worker shutdown")).await;
     }
     // On a lost session the in-flight tasks cannot settle on the dead channel; the broker
     // redelivers their messages, so they are left to finish on their own.
     result
+}
+
+async fn consume(shared: &Shared, channel: &Channel) -> Result<(Consumer, String), SessionError> {
+    let tag = format!(
+        "group-provisioner/{}/{}",
+        shared.worker_id,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let consumer = step(
+        "basic.consume",
+        channel.basic_consume(
+            ShortString::from(shared.settings.topology.work_queue.as_str()),
+            amqp::short(&tag),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .map_err(SessionError::Consume)?;
+    Ok((consumer, tag))
+}
+
+async fn cancel_consumer(channel: &Channel, tag: &str) {
+    if let Err(e) = step(
+        "basic.cancel",
+        channel.basic_cancel(amqp::short(tag), BasicCancelOptions::default()),
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "could not cancel the consumer");
+    }
+}
+
+/// Hand every delivery still buffered for a cancelled consumer to `spawn`; returns how
+/// many there were.
+async fn drain_held(
+    consumer: &mut Consumer,
+    mut spawn: impl FnMut(lapin::message::Delivery),
+) -> usize {
+    let mut held = 0;
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_secs(5), consumer.next()).await
+    {
+        held += 1;
+        spawn(delivery);
+    }
+    held
+}
+
+enum Wait {
+    Closed,
+    Shutdown,
+    Broken,
+}
+
+/// Probe after each cool-down until the probe succeeds and the circuit closes.
+async fn wait_for_close(
+    shared: &Shared,
+    shutdown: &CancellationToken,
+    broken: &CancellationToken,
+) -> Wait {
+    let circuit = shared.processor.circuit();
+    let cooldown = shared.settings.circuit.cooldown;
+    let mut probes = 0u32;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(cooldown) => {}
+            () = shutdown.cancelled() => return Wait::Shutdown,
+            () = broken.cancelled() => return Wait::Broken,
+        }
+        if !circuit.is_open() {
+            return Wait::Closed;
+        }
+        probes += 1;
+        match probe(shared).await {
+            Ok(()) => {
+                circuit.close();
+                return Wait::Closed;
+            }
+            // The state change was logged when the circuit opened; repeat only now and then.
+            Err(e) if probes % 10 == 1 => {
+                tracing::warn!(probes, error = %e, "circuit still open: probe failed")
+            }
+            Err(e) => tracing::debug!(probes, error = %e, "probe failed"),
+        }
+    }
+}
+
+/// The circuit's probe: Redis answers and the API accepts our credentials (a read-only
+/// call that creates nothing).
+async fn probe(shared: &Shared) -> Result<(), String> {
+    shared
+        .processor
+        .store()
+        .ping()
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    shared
+        .processor
+        .api()
+        .list_child_groups(None, None, 1, 0, None)
+        .await
+        .map_err(|e| format!("api: {e}"))?;
+    Ok(())
 }

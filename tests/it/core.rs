@@ -44,6 +44,7 @@ impl Core {
                 lease,
                 ttl: Duration::from_secs(600),
                 worker_id: "test:1".into(),
+                failure_threshold: 100,
             },
         );
         Core {

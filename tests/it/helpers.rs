@@ -419,6 +419,8 @@ max_tries = 4
 delays = ["1s", "2s"]
 [dedup]
 lease = "10s"
+[circuit]
+cooldown = "500ms"
 [shutdown]
 drain_timeout = "10s"
 [metrics]
