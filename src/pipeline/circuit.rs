@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn trip_keeps_the_first_fault() {
         let c = Circuit::new(10);
-        let mut rx = c.subscribe();
+        let rx = c.subscribe();
         c.trip(SystemFault::Store("down".into()));
         c.trip(SystemFault::Unauthorized("401".into()));
         assert_eq!(
