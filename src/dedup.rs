@@ -18,7 +18,9 @@ use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
 use crate::command::ExtId;
+use crate::convirza::{TokenPair, TokenStore};
 use crate::pipeline::{Claim, CreatedRecord, DedupStore, RecordResult, StoreError};
+use futures_util::future::BoxFuture;
 
 /// What a `group` key holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +81,13 @@ end
 return 0
 ";
 
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 const MARK_ATTEMPT: &str = r"
 local n = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -94,6 +103,7 @@ pub struct RedisStore {
     record_created: Script,
     release: Script,
     mark_attempt: Script,
+    unlock: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -131,6 +141,7 @@ impl RedisStore {
             record_created: Script::new(RECORD_CREATED),
             release: Script::new(RELEASE),
             mark_attempt: Script::new(MARK_ATTEMPT),
+            unlock: Script::new(UNLOCK),
         })
     }
 
@@ -293,5 +304,71 @@ impl DedupStore for RedisStore {
         conn.exists(self.attempt_key(ext_id))
             .await
             .map_err(store_err)
+    }
+}
+
+/// The login session shared by replicas (SPEC §6): `<prefix>:auth:<account>` holds the
+/// token pair, `<prefix>:auth-lock:<account>` serialises refreshes.
+impl TokenStore for RedisStore {
+    fn load<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Option<TokenPair>, String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let raw: Option<String> = conn
+                .get(format!("{}:auth:{account}", self.prefix))
+                .await
+                .map_err(|e| e.to_string())?;
+            // An unreadable pair is as good as none: a fresh login replaces it.
+            Ok(raw.and_then(|text| serde_json::from_str(&text).ok()))
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        account: &'a str,
+        pair: &'a TokenPair,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let text = serde_json::to_string(pair).map_err(|e| e.to_string())?;
+            conn.pset_ex::<_, _, ()>(format!("{}:auth:{account}", self.prefix), text, millis(ttl))
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn try_lock<'a>(
+        &'a self,
+        account: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let set: Option<String> = redis::cmd("SET")
+                .arg(format!("{}:auth-lock:{account}", self.prefix))
+                .arg(owner)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(ttl))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(set.is_some())
+        })
+    }
+
+    fn unlock<'a>(&'a self, account: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let _: i64 = self
+                .unlock
+                .key(format!("{}:auth-lock:{account}", self.prefix))
+                .arg(owner)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
     }
 }

@@ -16,6 +16,11 @@ API (as the real one):
 Rules: org_unit_parent_id must be an active group (seed parents, or any created group);
        sibling names are unique ignoring case and surrounding spaces (else 400).
 
+Login (api.auth = \"login\"):
+  POST /oauth/token               {\"email\",\"password\"} -> access/refresh pair, expiries as RFC 3339
+  POST /oauth/refresh-token       {\"refresh_token\"} -> a new pair; refresh tokens are single-use
+                                  (a reused one answers 401 and counts as refresh_reuse in stats)
+
 Admin (no auth):
   GET  /_sim/stats                groups created, requests, groups per ext id, duplicates
   GET  /_sim/groups[?ext_id=X]    groups, with the body that created them
@@ -29,7 +34,8 @@ Admin (no auth):
         {\"stall_after_commit\": 1, \"stall_ms\": 30000}
         {\"id_key\": \"org_unit_id\"}   answer with data.org_unit_id instead of orgUnitId
         {}                              clear all faults
-  PUT  /_sim/token                {\"token\": \"new\"} or {\"token\": null} to revoke
+  PUT  /_sim/token                {\"token\": \"new\"} or {\"token\": null} to revoke the static token
+  POST /_sim/revoke               invalidate every issued access token (refresh tokens stay valid)
   GET  /_sim/requests             the request log (status null = connection dropped)
   POST /_sim/reset                forget groups, faults and the log
 
@@ -58,6 +64,18 @@ struct Args {
     /// Key of the new id in a 201: orgUnitId or org_unit_id.
     #[arg(long, default_value = "orgUnitId", value_parser = ["orgUnitId", "org_unit_id"])]
     id_key: String,
+    /// Login email accepted by POST /oauth/token.
+    #[arg(long, default_value = "admin@example.com")]
+    email: String,
+    /// Login password accepted by POST /oauth/token.
+    #[arg(long, default_value = "sim-password")]
+    password: String,
+    /// Lifetime of issued access tokens, in seconds (the real API: 7 days).
+    #[arg(long, default_value_t = 7 * 86_400)]
+    access_ttl_secs: u64,
+    /// Answer logins wrapped in the API envelope instead of flat.
+    #[arg(long)]
+    enveloped_login: bool,
     /// Log format: pretty or json.
     #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
     log_format: String,
@@ -88,6 +106,13 @@ async fn main() -> std::io::Result<()> {
                 IdKey::CamelCase
             },
             ..Faults::default()
+        },
+        auth: sim::SimAuth {
+            email: args.email,
+            password: args.password,
+            access_ttl: std::time::Duration::from_secs(args.access_ttl_secs),
+            enveloped: args.enveloped_login,
+            ..sim::SimAuth::default()
         },
         ..SimConfig::default()
     };

@@ -12,7 +12,7 @@ mod client;
 mod error;
 mod model;
 
-pub use auth::{Auth, AuthError};
+pub use auth::{Auth, AuthError, LoginSession, TokenPair, TokenStore, parse_token_response};
 pub use client::{ConvirzaClient, Created, LIST_PAGE_SIZE};
 pub use error::ApiError;
 pub use model::{GroupPage, GroupSummary, names_match};

@@ -14,13 +14,15 @@
 mod faults;
 mod server;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 pub use faults::{FailNext, Faults, IdKey};
+
 pub use server::{SimHandle, spawn};
 
 /// The org unit that owns the simulated account; seed parents are its children.
@@ -40,6 +42,33 @@ pub struct SimConfig {
     /// Largest page `GET /v3/groups/list` returns, whatever `limit` asks for.
     pub max_page: u32,
     pub faults: Faults,
+    pub auth: SimAuth,
+}
+
+/// The login side of the API (`POST /oauth/token`, `POST /oauth/refresh-token`).
+#[derive(Debug, Clone)]
+pub struct SimAuth {
+    pub email: String,
+    pub password: String,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    /// Logins allowed per minute (the real limit is 10 per IP); more answer 429.
+    pub logins_per_minute: u32,
+    /// Wrap token responses in the API envelope (the docs show both shapes).
+    pub enveloped: bool,
+}
+
+impl Default for SimAuth {
+    fn default() -> Self {
+        SimAuth {
+            email: "admin@example.com".into(),
+            password: "sim-password".into(),
+            access_ttl: Duration::from_secs(7 * 86_400),
+            refresh_ttl: Duration::from_secs(180 * 86_400),
+            logins_per_minute: 10,
+            enveloped: false,
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -51,6 +80,7 @@ impl Default for SimConfig {
             first_id: 5001,
             max_page: 100,
             faults: Faults::default(),
+            auth: SimAuth::default(),
         }
     }
 }
@@ -88,6 +118,10 @@ pub struct SimStats {
     pub list_requests: u64,
     /// Groups per ext id, over created and seeded groups.
     pub per_ext_id: BTreeMap<String, u64>,
+    pub logins: u64,
+    pub refreshes: u64,
+    /// Refresh tokens presented a second time: must always be 0 for the worker.
+    pub refresh_reuse: u64,
     /// Ext ids with more than one group: must always be empty for the worker.
     pub duplicated_ext_ids: Vec<String>,
 }
@@ -104,6 +138,14 @@ pub(crate) struct State {
     pub created: u64,
     pub create_requests: u64,
     pub list_requests: u64,
+    /// Issued access tokens and when they expire.
+    pub access_tokens: HashMap<String, SystemTime>,
+    /// Issued refresh tokens: expiry, and whether already used (they are single-use).
+    pub refresh_tokens: HashMap<String, (SystemTime, bool)>,
+    pub login_times: VecDeque<SystemTime>,
+    pub logins: u64,
+    pub refreshes: u64,
+    pub refresh_reuse: u64,
 }
 
 impl State {
@@ -138,7 +180,36 @@ impl State {
             created: 0,
             create_requests: 0,
             list_requests: 0,
+            access_tokens: HashMap::new(),
+            refresh_tokens: HashMap::new(),
+            login_times: VecDeque::new(),
+            logins: 0,
+            refreshes: 0,
+            refresh_reuse: 0,
         }
+    }
+
+    /// Whether `token` is the static token or a live issued access token.
+    pub fn token_ok(&self, token: &str) -> bool {
+        self.token.as_deref() == Some(token)
+            || self
+                .access_tokens
+                .get(token)
+                .is_some_and(|exp| *exp > SystemTime::now())
+    }
+
+    /// Issue a new pair.
+    pub fn issue(&mut self) -> (String, String, SystemTime, SystemTime) {
+        let now = SystemTime::now();
+        let access = format!("at-{}", uuid::Uuid::new_v4().simple());
+        let refresh = format!("rt-{}", uuid::Uuid::new_v4().simple());
+        let (a_exp, r_exp) = (
+            now + self.config.auth.access_ttl,
+            now + self.config.auth.refresh_ttl,
+        );
+        self.access_tokens.insert(access.clone(), a_exp);
+        self.refresh_tokens.insert(refresh.clone(), (r_exp, false));
+        (access, refresh, a_exp, r_exp)
     }
 
     pub fn record(&mut self, mut r: RequestRecord) {
@@ -183,6 +254,9 @@ impl State {
             .map(|(e, _)| e.clone())
             .collect();
         SimStats {
+            logins: self.logins,
+            refreshes: self.refreshes,
+            refresh_reuse: self.refresh_reuse,
             groups_created: self.created,
             create_requests: self.create_requests,
             list_requests: self.list_requests,
@@ -226,6 +300,12 @@ impl Sim {
     /// Accept `token` from now on (`None`: accept nothing, i.e. every token is revoked).
     pub fn set_token(&self, token: Option<&str>) {
         self.lock().token = token.map(str::to_owned);
+    }
+
+    /// Invalidate every issued access token (refresh tokens stay valid), as a password
+    /// change or a security event would.
+    pub fn revoke_access_tokens(&self) {
+        self.lock().access_tokens.clear();
     }
 
     pub fn stats(&self) -> SimStats {

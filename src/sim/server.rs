@@ -87,6 +87,9 @@ pub(crate) fn router(sim: Sim) -> Router {
     Router::new()
         .route("/v3/groups", post(create_group))
         .route("/v3/groups/list", get(list_groups))
+        .route("/oauth/token", post(login))
+        .route("/oauth/refresh-token", post(refresh))
+        .route("/_sim/revoke", post(revoke))
         .route("/_sim/stats", get(stats))
         .route("/_sim/groups", get(all_groups).post(seed_group))
         .route("/_sim/faults", get(get_faults).put(put_faults))
@@ -133,8 +136,7 @@ fn bearer_ok(sim: &Sim, headers: &HeaderMap) -> bool {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let accepted = sim.lock().token.clone();
-    matches!((presented, accepted), (Some(p), Some(a)) if p == a)
+    presented.is_some_and(|p| sim.lock().token_ok(p))
 }
 
 fn traceparent(headers: &HeaderMap) -> Option<String> {
@@ -461,5 +463,116 @@ async fn requests(AxumState(sim): AxumState<Sim>) -> Response {
 
 async fn reset(AxumState(sim): AxumState<Sim>) -> Response {
     sim.reset();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+fn token_response(state: &mut super::State) -> Response {
+    let (access, refresh, a_exp, r_exp) = state.issue();
+    let body = json!({
+        "access_token": access,
+        "refresh_token": refresh,
+        "token_type": "Bearer",
+        "expires_in": crate::clock::rfc3339(a_exp),
+        "refresh_expires_in": crate::clock::rfc3339(r_exp),
+        "user": {"id": 1, "email": state.config.auth.email, "role": "admin"},
+    });
+    if state.config.auth.enveloped {
+        envelope(StatusCode::OK, "Success", body)
+    } else {
+        (StatusCode::OK, Json(body)).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginBody {
+    email: Option<String>,
+    password: Option<String>,
+}
+
+async fn login(AxumState(sim): AxumState<Sim>, body: Option<Json<LoginBody>>) -> Response {
+    let mut s = sim.lock();
+    let now = std::time::SystemTime::now();
+    while s
+        .login_times
+        .front()
+        .is_some_and(|t| now.duration_since(*t).unwrap_or_default() > Duration::from_secs(60))
+    {
+        s.login_times.pop_front();
+    }
+    if s.login_times.len() >= s.config.auth.logins_per_minute as usize {
+        let mut r = envelope(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many login attempts",
+            Value::Null,
+        );
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("60"));
+        return r;
+    }
+    s.login_times.push_back(now);
+    let Some(Json(body)) = body else {
+        return envelope(
+            StatusCode::BAD_REQUEST,
+            "email and password are required",
+            Value::Null,
+        );
+    };
+    if body.email.as_deref() != Some(s.config.auth.email.as_str())
+        || body.password.as_deref() != Some(s.config.auth.password.as_str())
+    {
+        return envelope(
+            StatusCode::UNAUTHORIZED,
+            "Invalid email or password",
+            Value::Null,
+        );
+    }
+    s.logins += 1;
+    tracing::info!(logins = s.logins, "login");
+    token_response(&mut s)
+}
+
+#[derive(Debug, Deserialize)]
+struct RefreshBody {
+    refresh_token: Option<String>,
+}
+
+async fn refresh(AxumState(sim): AxumState<Sim>, body: Option<Json<RefreshBody>>) -> Response {
+    let mut s = sim.lock();
+    let token = body.and_then(|Json(b)| b.refresh_token).unwrap_or_default();
+    match s.refresh_tokens.get(&token).copied() {
+        None => envelope(
+            StatusCode::UNAUTHORIZED,
+            "Invalid refresh token",
+            Value::Null,
+        ),
+        Some((_, true)) => {
+            s.refresh_reuse += 1;
+            tracing::warn!(
+                refresh_reuse = s.refresh_reuse,
+                "refresh token presented twice"
+            );
+            envelope(
+                StatusCode::UNAUTHORIZED,
+                "Refresh token already used",
+                Value::Null,
+            )
+        }
+        Some((expiry, false)) if expiry <= std::time::SystemTime::now() => envelope(
+            StatusCode::UNAUTHORIZED,
+            "Refresh token expired",
+            Value::Null,
+        ),
+        Some((expiry, false)) => {
+            s.refresh_tokens.insert(token, (expiry, true));
+            s.refreshes += 1;
+            tracing::info!(refreshes = s.refreshes, "token refreshed");
+            token_response(&mut s)
+        }
+    }
+}
+
+async fn revoke(AxumState(sim): AxumState<Sim>) -> Response {
+    sim.revoke_access_tokens();
+    tracing::info!("all access tokens revoked");
     StatusCode::NO_CONTENT.into_response()
 }

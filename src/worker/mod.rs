@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthMode, Settings};
-use crate::convirza::{Auth, ConvirzaClient};
+use crate::convirza::{Auth, ConvirzaClient, LoginSession};
 use crate::dedup::RedisStore;
 use crate::pipeline::{Circuit, CircuitState, Processor, ProcessorConfig};
 use crate::retry::RetryPolicy;
@@ -93,31 +93,47 @@ pub fn worker_id() -> String {
     format!("{host}:{}", std::process::id())
 }
 
-pub fn build_client(settings: &Settings) -> Result<ConvirzaClient, StartError> {
-    let auth = match (settings.api.auth, &settings.api.token) {
-        (AuthMode::Token, Some(token)) => Auth::Static(token.clone()),
-        (AuthMode::Token, None) => {
-            return Err(StartError::Config(
-                "api.token: is required when api.auth = \"token\"".into(),
-            ));
-        }
-        (AuthMode::Login, _) => {
-            return Err(StartError::Config(
-                "api.auth: login mode is not available in this version".into(),
-            ));
+/// The API client for `settings`, sharing the login session through `store` in login mode.
+pub fn build_client(
+    settings: &Settings,
+    store: &RedisStore,
+    worker_id: &str,
+) -> Result<ConvirzaClient, StartError> {
+    let api = &settings.api;
+    let auth = match api.auth {
+        AuthMode::Token => Auth::Static(api.token.clone().ok_or_else(|| {
+            StartError::Config("api.token: is required when api.auth = \"token\"".into())
+        })?),
+        AuthMode::Login => {
+            let email = api.email.as_deref().ok_or_else(|| {
+                StartError::Config("api.email: is required when api.auth = \"login\"".into())
+            })?;
+            let password = api.password.clone().ok_or_else(|| {
+                StartError::Config("api.password: is required when api.auth = \"login\"".into())
+            })?;
+            let session = LoginSession::new(
+                &api.auth_url,
+                email,
+                password,
+                api.timeout,
+                Arc::new(store.clone()),
+                worker_id,
+            )
+            .map_err(|e| StartError::Client(e.to_string()))?;
+            Auth::Login(Arc::new(session))
         }
     };
-    ConvirzaClient::new(&settings.api.base_url, auth, settings.api.timeout)
+    ConvirzaClient::new(&api.base_url, auth, api.timeout)
         .map_err(|e| StartError::Client(e.to_string()))
 }
 
 /// Start the worker in the background: it connects (retrying until it can), declares the
 /// topology and consumes until [`WorkerHandle::shutdown`].
 pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
-    let client = build_client(&settings)?;
     let store = RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
         .map_err(|e| StartError::Store(e.0))?;
     let worker_id = worker_id();
+    let client = build_client(&settings, &store, &worker_id)?;
     let processor = Processor::new(
         store,
         client,

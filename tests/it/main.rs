@@ -2,6 +2,7 @@
 //! convirza-sim in process on port 0. Every test isolates itself (own vhost or prefixed
 //! names, own Redis key prefix) so the suite runs in parallel and twice in a row.
 
+mod auth;
 mod cli;
 mod client;
 mod core;
