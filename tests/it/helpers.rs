@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -328,6 +328,109 @@ impl TestEnv {
         );
     }
 
+    /// Publish many commands with pipelined confirms (fast pre-loading).
+    pub async fn send_many(&self, bodies: &[Value]) {
+        let t = &self.settings.topology;
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        ShortString::from(t.command_exchange.as_str()),
+                        ShortString::from(t.command_routing_key.as_str()),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        body.to_string().as_bytes(),
+                        BasicProperties::default()
+                            .with_content_type(ShortString::from("application/json"))
+                            .with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for c in confirms {
+            assert_eq!(c.await.expect("confirm"), Confirmation::Ack(None));
+        }
+    }
+
+    /// Wait until the work queue, every delay queue and the DLQ hold nothing but what
+    /// `dlq` says.
+    pub async fn wait_drained(&self, dlq: u32, deadline: Duration) {
+        let t = &self.settings.topology;
+        let mut queues = vec![t.work_queue.clone()];
+        queues.extend(self.settings.retry.delays.iter().map(|d| t.delay_queue(d)));
+        wait_for("queues drained", deadline, || {
+            let queues = queues.clone();
+            async move {
+                for q in &queues {
+                    if self.queue_depth(q).await > 0 {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+        assert_eq!(
+            self.queue_depth(&t.dead_letter_queue).await,
+            dlq,
+            "dead letters"
+        );
+    }
+
+    /// Close every connection the worker(s) hold in this vhost (the test's own excluded),
+    /// as `rabbitmqctl close_connection` would. The management API lists a connection only
+    /// after its next stats emission, so this first waits for one to show up.
+    pub async fn close_worker_connections(&self) -> usize {
+        let c = http();
+        let names = wait_for(
+            "the worker's connection in the management API",
+            Duration::from_secs(20),
+            || {
+                let c = c.clone();
+                async move {
+                    let list: Vec<Value> = c
+                        .get(format!(
+                            "{MANAGEMENT}/api/vhosts/{}/connections",
+                            self.vhost
+                        ))
+                        .basic_auth("guest", Some("guest"))
+                        .send()
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
+                    let names: Vec<String> = list
+                        .iter()
+                        .filter(|conn| {
+                            conn["client_properties"]["connection_name"]
+                                .as_str()
+                                .is_some_and(|n| n.starts_with("group-provisioner"))
+                        })
+                        .filter_map(|conn| conn["name"].as_str().map(str::to_owned))
+                        .collect();
+                    (!names.is_empty()).then_some(names)
+                }
+            },
+        )
+        .await;
+        for name in &names {
+            let r = c
+                .delete(format!("{MANAGEMENT}/api/connections/{}", urlencode(name)))
+                .basic_auth("guest", Some("guest"))
+                .header("X-Reason", "fault test")
+                .send()
+                .await
+                .expect("close connection");
+            assert!(r.status().is_success(), "close {name}: {}", r.status());
+        }
+        names.len()
+    }
+
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.expect("channel");
         let q = ch
@@ -510,6 +613,113 @@ impl EventTap {
             );
         }
     }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A private redis-server on its own port (for tests that stop Redis).
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start(port: u16) -> RedisServer {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (installed by scripts/services.sh)");
+        wait_for(
+            "redis-server to accept",
+            Duration::from_secs(10),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        RedisServer {
+            port,
+            child: Some(child),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Collect events until every ext id in `expected` has a `group.created`; returns them
+/// all. Fails on any `group.create.failed`.
+pub async fn collect_created(
+    tap: &mut EventTap,
+    expected: &HashSet<String>,
+    deadline: Duration,
+) -> Vec<Event> {
+    let started = tokio::time::Instant::now();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut all = Vec::new();
+    while !expected.is_subset(&seen) {
+        let left = deadline.checked_sub(started.elapsed()).unwrap_or_else(|| {
+            panic!(
+                "{} of {} ext ids created within {deadline:?}",
+                seen.len(),
+                expected.len()
+            )
+        });
+        let e = tap.next(left).await;
+        assert_eq!(
+            e.routing_key, "group.created",
+            "unexpected failure: {}",
+            e.body
+        );
+        seen.insert(e.body["ext_id"].as_str().expect("ext id").to_owned());
+        all.push(e);
+    }
+    all
 }
 
 pub fn header_value(text: &str) -> AMQPValue {

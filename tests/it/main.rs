@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod client;
 mod core;
+mod faults;
 mod helpers;
 mod pipeline;
 mod process;

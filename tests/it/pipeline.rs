@@ -566,3 +566,50 @@ async fn a_dead_letter_that_cannot_be_published_is_parked_not_lost() {
     worker.join().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_pauses_every_api_call_not_just_its_message() {
+    let env = TestEnv::new().await;
+    env.sim
+        .sim
+        .update_faults(|f| f.fail_next = Some(FailNext::new(1, 429).retry_after("3")));
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    env.send(&cmd("PAUSE-1", "First", 1000)).await;
+    wait_for("the 429", T, || async {
+        env.sim
+            .sim
+            .requests()
+            .iter()
+            .any(|r| r.status == Some(429))
+            .then_some(())
+    })
+    .await;
+    let limited_at = std::time::Instant::now();
+    // A second, unrelated command must also wait for the account-wide pause.
+    env.send(&cmd("PAUSE-2", "Second", 1000)).await;
+    let mut second_after = None;
+    for _ in 0..2 {
+        let e = events.next(T).await;
+        assert_eq!(e.routing_key, "group.created");
+        if e.body["ext_id"] == "PAUSE-2" {
+            second_after = Some(limited_at.elapsed());
+        }
+    }
+    let waited = second_after.expect("PAUSE-2 created");
+    assert!(
+        waited >= Duration::from_millis(2_800),
+        "the second command went ahead after {waited:?}"
+    );
+    let posts = env
+        .sim
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(posts, 3, "429, then one POST each");
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}

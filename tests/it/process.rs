@@ -46,9 +46,14 @@ impl WorkerProcess {
         let stdout = child.stdout.take().expect("stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
+        // GP_TEST_ECHO=1 echoes the worker's log lines to stderr, for debugging a test.
+        let echo = std::env::var_os("GP_TEST_ECHO").is_some();
         tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
+                if echo {
+                    eprintln!("[worker] {line}");
+                }
                 let value = serde_json::from_str::<Value>(&line)
                     .unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
                 sink.lock().expect("lines").push(value);

@@ -1,0 +1,433 @@
+//! Faults survived (issue: resilience): every command processed exactly once, nothing in
+//! the DLQ that does not belong there, the worker still up (or cleanly exited on SIGTERM).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use group_provisioner::config::AuthMode;
+use group_provisioner::pipeline::CircuitState;
+use group_provisioner::secret::Secret;
+use group_provisioner::sim::{FailNext, SimConfig};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::process::WorkerProcess;
+
+fn commands(prefix: &str, n: usize) -> (Vec<Value>, HashSet<String>) {
+    let bodies: Vec<Value> = (0..n)
+        .map(|i| json!({"org_unit_ext_id": format!("{prefix}-{i}"), "org_unit_name": format!("{prefix} team {i}"), "org_unit_parent_id": 1000}))
+        .collect();
+    let exts = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    (bodies, exts)
+}
+
+/// Each ext id has exactly one group in the API.
+fn assert_exactly_once(env: &TestEnv, exts: &HashSet<String>) {
+    let stats = env.sim.sim.stats();
+    assert!(
+        stats.duplicated_ext_ids.is_empty(),
+        "ext ids with two groups: {:?}",
+        stats.duplicated_ext_ids
+    );
+    for e in exts {
+        assert_eq!(
+            stats.per_ext_id.get(e).copied(),
+            Some(1),
+            "{e} has {:?} groups",
+            stats.per_ext_id.get(e)
+        );
+    }
+}
+
+fn worker_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![
+        ("PROVISIONER__DEDUP__LEASE", "2s"),
+        ("PROVISIONER__CIRCUIT__COOLDOWN", "500ms"),
+        ("PROVISIONER__SHUTDOWN__DRAIN_TIMEOUT", "5s"),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Wait for `n` events and return the ext ids still to be created afterwards.
+async fn wait_events(tap: &mut EventTap, n: usize, exts: &HashSet<String>) -> HashSet<String> {
+    let seen: HashSet<String> = tap
+        .take(n, Duration::from_secs(60))
+        .await
+        .iter()
+        .filter(|e| e.routing_key == "group.created")
+        .filter_map(|e| e.body["ext_id"].as_str().map(str::to_owned))
+        .collect();
+    exts.difference(&seen).cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_load_then_restart_is_exactly_once() {
+    let env = TestEnv::new().await;
+    env.sim.sim.update_faults(|f| f.latency_ms = 50);
+    let mut tap = env.event_tap().await;
+    let (bodies, exts) = commands("K9", 200);
+    env.send_many(&bodies).await;
+
+    let mut first = WorkerProcess::spawn(&env, &worker_env(&[]));
+    let rest = wait_events(&mut tap, 40, &exts).await;
+    first.signal("-KILL");
+    first.wait_exit(Duration::from_secs(10)).await;
+    let created_before = env.sim.sim.stats().groups_created;
+    assert!(
+        created_before < 200,
+        "killed mid-load ({created_before} created)"
+    );
+
+    let mut second = WorkerProcess::spawn(&env, &worker_env(&[]));
+    collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    second.signal("-TERM");
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(0)
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_the_same_ext_id_fifty_times_make_one_group() {
+    let env = TestEnv::new().await;
+    env.sim.sim.update_faults(|f| f.latency_ms = 30);
+    let mut tap = env.event_tap().await;
+    let mut a = WorkerProcess::spawn(&env, &worker_env(&[]));
+    let mut b = WorkerProcess::spawn(&env, &worker_env(&[]));
+    for w in [&a, &b] {
+        w.wait_line("consuming", Duration::from_secs(30), |l| {
+            l["message"] == "consuming"
+        })
+        .await;
+    }
+    let body =
+        json!({"org_unit_ext_id": "TWO-1", "org_unit_name": "Shared", "org_unit_parent_id": 1000});
+    env.send_many(&vec![body; 50]).await;
+    let events = tap.take(50, Duration::from_secs(90)).await;
+    let ids: HashSet<_> = events
+        .iter()
+        .map(|e| e.body["org_unit_id"].as_i64().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(env.sim.sim.groups_for("TWO-1").len(), 1);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.body["duplicate"] == false)
+            .count(),
+        1
+    );
+    let served: Vec<usize> = [&a, &b]
+        .iter()
+        .map(|w| {
+            w.lines()
+                .iter()
+                .filter(|l| l["message"] == "outcome")
+                .count()
+        })
+        .collect();
+    assert!(
+        served.iter().all(|n| *n > 0),
+        "both workers took deliveries: {served:?}"
+    );
+    for w in [&mut a, &mut b] {
+        w.signal("-TERM");
+        assert_eq!(w.wait_exit(Duration::from_secs(15)).await.code(), Some(0));
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_for_ten_seconds_under_load() {
+    let env = TestEnv::new().await;
+    env.sim.sim.update_faults(|f| f.latency_ms = 20);
+    let port = free_port();
+    let mut redis = RedisServer::start(port).await;
+    let url = redis.url();
+    let url: &'static str = Box::leak(url.into_boxed_str());
+    let mut tap = env.event_tap().await;
+    let (bodies, exts) = commands("RD", 150);
+    let mut worker = WorkerProcess::spawn(&env, &worker_env(&[("PROVISIONER__REDIS__URL", url)]));
+    worker
+        .wait_line("consuming", Duration::from_secs(30), |l| {
+            l["message"] == "consuming"
+        })
+        .await;
+    env.send_many(&bodies).await;
+    let rest = wait_events(&mut tap, 30, &exts).await;
+
+    redis.stop();
+    let down_at = Instant::now();
+    // Give in-flight calls that had already passed Redis a moment to land.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let posts_while_down = env.sim.sim.stats().create_requests;
+    worker
+        .wait_line(
+            "the circuit to open on Redis",
+            Duration::from_secs(10),
+            |l| l["circuit"] == "open" && l["fault"] == "redis",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
+    assert_eq!(
+        env.sim.sim.stats().create_requests,
+        posts_while_down,
+        "no API POST while Redis is down"
+    );
+    assert!(
+        worker.child.try_wait().expect("status").is_none(),
+        "the worker is still running"
+    );
+
+    let _redis = RedisServer::start(port).await; // empty: everything it knew is gone
+    collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    assert!(worker.lines().iter().any(|l| l["circuit"] == "closed"));
+    assert!(
+        worker.child.try_wait().expect("status").is_none(),
+        "the worker never exited"
+    );
+    worker.signal("-TERM");
+    assert_eq!(
+        worker.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(0)
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_closing_the_connections_mid_load() {
+    let env = TestEnv::new().await;
+    env.sim.sim.update_faults(|f| f.latency_ms = 20);
+    let mut tap = env.event_tap().await;
+    let (bodies, exts) = commands("BC", 200);
+    env.send_many(&bodies).await;
+    let mut settings = env.settings.clone();
+    settings.dedup.lease = Duration::from_secs(2);
+    let worker = env.spawn_worker_with(settings).await;
+    let rest = wait_events(&mut tap, 40, &exts).await;
+    let closed = env.close_worker_connections().await;
+    assert!(closed >= 1);
+    let closed_at = Instant::now();
+    wait_for(
+        "the worker to reconnect",
+        Duration::from_secs(60),
+        || async {
+            (worker.is_consuming() && closed_at.elapsed() > Duration::from_millis(100))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        closed_at.elapsed() < Duration::from_secs(60),
+        "resumed within 60 s"
+    );
+    collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_load_exits_0_within_the_drain_timeout() {
+    let env = TestEnv::new().await;
+    env.sim.sim.update_faults(|f| f.latency_ms = 50);
+    let mut tap = env.event_tap().await;
+    let (bodies, exts) = commands("ST", 200);
+    env.send_many(&bodies).await;
+    let mut first = WorkerProcess::spawn(&env, &worker_env(&[]));
+    let rest = wait_events(&mut tap, 40, &exts).await;
+    let asked = Instant::now();
+    first.signal("-TERM");
+    let status = first.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        asked.elapsed() < Duration::from_secs(5 + 3),
+        "within the 5 s drain timeout (+ close)"
+    );
+    let lines = first.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "shutdown requested; draining")
+    );
+    assert!(env.sim.sim.stats().groups_created < 200, "stopped mid-load");
+
+    let mut second = WorkerProcess::spawn(&env, &worker_env(&[]));
+    collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    second.signal("-INT");
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(0),
+        "SIGINT too"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_static_token_parks_everything_until_it_is_valid_again() {
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    let (bodies, exts) = commands("TK", 30);
+    env.sim.sim.set_token(None);
+    env.send_many(&bodies).await;
+    wait_for("the circuit to open", Duration::from_secs(20), || async {
+        matches!(worker.circuit(), CircuitState::Open { .. }).then_some(())
+    })
+    .await;
+    // Stays open while the token is refused, with nothing failed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(matches!(worker.circuit(), CircuitState::Open { .. }));
+    assert!(
+        !worker.is_consuming(),
+        "no consumer while the circuit is open"
+    );
+    tap.assert_quiet(Duration::from_millis(100)).await;
+    assert_eq!(
+        env.queue_depth(&env.settings.topology.dead_letter_queue)
+            .await,
+        0
+    );
+
+    env.sim.sim.set_token(Some(SIM_TOKEN));
+    collect_created(&mut tap, &exts, Duration::from_secs(60)).await;
+    assert_eq!(worker.circuit(), CircuitState::Closed);
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_mode_two_replicas_tokens_revoked_mid_run() {
+    let env = TestEnv::with_sim(SimConfig {
+        token: "no-static-token".into(),
+        ..SimConfig::default()
+    })
+    .await;
+    env.sim.sim.update_faults(|f| f.latency_ms = 20);
+    let mut settings = env.settings.clone();
+    settings.api.auth = AuthMode::Login;
+    settings.api.token = None;
+    settings.api.email = Some("admin@example.com".into());
+    settings.api.password = Some(Secret::new("sim-password"));
+    settings.api.auth_url = format!("http://{}", env.sim.addr);
+    let mut tap = env.event_tap().await;
+    let a = env.spawn_worker_with(settings.clone()).await;
+    let b = env.spawn_worker_with(settings).await;
+    let (bodies, exts) = commands("LG", 120);
+    env.send_many(&bodies).await;
+    let rest = wait_events(&mut tap, 30, &exts).await;
+    env.sim.sim.revoke_access_tokens();
+    collect_created(&mut tap, &rest, Duration::from_secs(90)).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    let stats = env.sim.sim.stats();
+    assert_eq!(
+        stats.refresh_reuse, 0,
+        "a single-use refresh token was reused"
+    );
+    assert_eq!(stats.logins, 1, "one session shared by both replicas");
+    assert!(stats.refreshes >= 1, "the revoked token was refreshed");
+    for w in [a, b] {
+        w.shutdown();
+        w.join().await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_consecutive_503s_open_the_circuit_which_closes_after_recovery() {
+    let env = TestEnv::new().await;
+    env.sim
+        .sim
+        .update_faults(|f| f.fail_next = Some(FailNext::new(20, 503)));
+    let mut tap = env.event_tap().await;
+    let mut worker =
+        WorkerProcess::spawn(&env, &worker_env(&[("PROVISIONER__RETRY__MAX_TRIES", "3")]));
+    let (bodies, exts) = commands("CB", 20);
+    env.send_many(&bodies).await;
+    let opened = worker
+        .wait_line("circuit opened", Duration::from_secs(30), |l| {
+            l["circuit"] == "open"
+        })
+        .await;
+    assert_eq!(opened["fault"], "api_down");
+    collect_created(&mut tap, &exts, Duration::from_secs(60)).await;
+    worker
+        .wait_line("circuit closed", Duration::from_secs(10), |l| {
+            l["circuit"] == "closed"
+        })
+        .await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    let lines = worker.lines();
+    let opens = lines.iter().filter(|l| l["circuit"] == "open").count();
+    assert!(opens >= 1);
+    let outcomes: Vec<_> = lines.iter().filter(|l| l["message"] == "outcome").collect();
+    assert!(
+        outcomes.iter().all(|l| l["outcome"] != "dead_lettered"),
+        "nothing dead-lettered"
+    );
+    worker.signal("-TERM");
+    assert_eq!(
+        worker.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(0)
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_unfinished_at_the_drain_timeout_go_back_to_the_queue() {
+    let env = TestEnv::new().await;
+    env.sim.sim.update_faults(|f| f.latency_ms = 30_000);
+    let mut tap = env.event_tap().await;
+    let mut settings = env.settings.clone();
+    settings.shutdown.drain_timeout = Duration::from_millis(500);
+    settings.api.timeout = Duration::from_secs(60);
+    settings.dedup.lease = Duration::from_secs(1);
+    let worker = env.spawn_worker_with(settings.clone()).await;
+    let (bodies, exts) = commands("DR", 3);
+    env.send_many(&bodies).await;
+    wait_for(
+        "the calls to be in flight",
+        Duration::from_secs(10),
+        || async { (env.queue_depth(&env.settings.topology.work_queue).await == 0).then_some(()) },
+    )
+    .await;
+    let asked = Instant::now();
+    worker.shutdown();
+    worker.join().await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "stopped at the drain timeout, not after the API"
+    );
+    wait_for(
+        "the unfinished deliveries back in the queue",
+        Duration::from_secs(10),
+        || async { (env.queue_depth(&env.settings.topology.work_queue).await == 3).then_some(()) },
+    )
+    .await;
+
+    // The API calls that were cut off may still land: the next worker lists before posting.
+    env.sim.sim.update_faults(|f| f.latency_ms = 0);
+    settings.shutdown.drain_timeout = Duration::from_secs(10);
+    let again = env.spawn_worker_with(settings).await;
+    collect_created(&mut tap, &exts, Duration::from_secs(60)).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    again.shutdown();
+    again.join().await;
+    env.cleanup().await;
+}
