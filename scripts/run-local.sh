@@ -20,4 +20,13 @@ else
   trap '[ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null || true' EXIT
   wait_port 8080 10 convirza-sim
 fi
+# Declare the topology, then a queue that receives every event: events are published
+# "mandatory", so with nobody bound to provisioning.events the worker would park commands
+# rather than lose their outcome. Watch it with:
+#   rabbitmqadmin get queue=sandbox.events count=10 ackmode=ack_requeue_false
+target/debug/group-provisioner check --config config/local.toml
+if command -v rabbitmqadmin >/dev/null; then
+  rabbitmqadmin declare queue name=sandbox.events durable=true >/dev/null
+  rabbitmqadmin declare binding source=provisioning.events destination=sandbox.events routing_key='#' >/dev/null
+fi
 target/debug/group-provisioner run --config config/local.toml

@@ -36,6 +36,14 @@ pub fn init(settings: &LogSettings) {
     };
 }
 
+/// Operator commands: warnings and errors only, to stderr, so stdout stays their output.
+pub fn init_for_cli() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// One JSON object per line: `timestamp`, `level`, `target`, `message`, span fields, event
 /// fields (event fields win on a name clash).
 pub struct FlatJson;

@@ -3,18 +3,21 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use group_provisioner::cli::{Cli, Command, load_settings};
+use group_provisioner::cli::{self, Cli, Command};
 use group_provisioner::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match load_settings(&cli) {
+    let settings = match cli::load_settings(&cli) {
         Ok(s) => s,
         Err(code) => return code,
     };
-    telemetry::init(&settings.log);
-    match cli.command {
-        Command::Run => group_provisioner::worker::run(settings).await,
+    // Operator commands print for humans; only the worker logs JSON lines to stdout.
+    if matches!(cli.command, Command::Run) {
+        telemetry::init(&settings.log);
+    } else {
+        telemetry::init_for_cli();
     }
+    cli::dispatch(cli, settings).await
 }

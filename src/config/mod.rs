@@ -228,6 +228,9 @@ pub struct Sources {
     pub toml: Option<String>,
     /// `None` reads the process environment.
     pub env: Option<HashMap<String, String>>,
+    /// Operator commands that never call the API (`dlq`, `send`, `status`) do not need
+    /// `api.token` / `api.email` / `api.password`.
+    pub credentials_optional: bool,
 }
 
 impl Settings {
@@ -236,6 +239,16 @@ impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
         Settings::from_sources(Sources {
             file: file.map(Path::to_path_buf),
+            ..Sources::default()
+        })
+    }
+
+    /// As [`Settings::load`], without requiring API credentials (for commands that never
+    /// call the API).
+    pub fn load_without_credentials(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Settings::from_sources(Sources {
+            file: file.map(Path::to_path_buf),
+            credentials_optional: true,
             ..Sources::default()
         })
     }
@@ -277,7 +290,10 @@ impl Settings {
 
         let mut flat = BTreeMap::new();
         flatten("", cfg.cache, &mut flat)?;
-        let mut r = Reader { values: flat };
+        let mut r = Reader {
+            values: flat,
+            credentials_optional: sources.credentials_optional,
+        };
         let settings = r.settings()?;
         if let Some(unknown) = r.values.keys().next() {
             let hint = closest_key(unknown)
@@ -343,6 +359,7 @@ fn flatten(
 /// Takes keys out of the flattened configuration; whatever is left at the end is unknown.
 struct Reader {
     values: BTreeMap<String, Value>,
+    credentials_optional: bool,
 }
 
 fn default_of(key: &str) -> Option<&'static str> {
@@ -615,6 +632,7 @@ impl Reader {
             .to_owned();
         let timeout = self.duration("api.timeout", Duration::from_millis(1))?;
         match auth {
+            _ if self.credentials_optional => {}
             AuthMode::Token if token.is_none() => {
                 return Err(ConfigError::new(
                     "api.token",

@@ -6,6 +6,7 @@ use backon::Retryable;
 
 use crate::command::{CreateGroup, ExtId};
 use crate::convirza::{ApiError, GroupSummary};
+use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::traceparent::Traceparent;
 
@@ -48,6 +49,7 @@ pub struct Processor<S, A> {
     api: A,
     config: ProcessorConfig,
     circuit: Arc<Circuit>,
+    metrics: Arc<Metrics>,
 }
 
 /// Per-delivery bookkeeping shared by the tries of one retry loop.
@@ -102,7 +104,18 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             api,
             config,
             circuit,
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Count into `metrics` (shared with the API client and the HTTP endpoint).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn circuit(&self) -> &Arc<Circuit> {
@@ -181,6 +194,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         {
             Err(e) => self.park(msg, 0, SystemFault::Store(e.0)),
             Ok(Claim::Created(record)) => {
+                self.metrics.dedup_hit();
                 warn_if_different(command, &record);
                 Decision::Created {
                     event: created_event(msg, command, &record, true, msg.attempts),
@@ -250,6 +264,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 policy.clamp_retry_after(d.retry_after(), scheduled)
             })
             .notify(|d: &Disposition, wait: Duration| {
+                self.metrics.retry();
                 tracing::warn!(
                     error = %d,
                     http_status = d.http_status(),

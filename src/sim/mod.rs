@@ -326,6 +326,21 @@ impl Sim {
         self.lock().groups.clone()
     }
 
+    /// Make `id` an active group (a parent commands may use), as the account's child.
+    pub fn add_parent(&self, id: i64) {
+        let mut s = self.lock();
+        if !s.groups.iter().any(|g| g.org_unit_id == id) {
+            s.groups.push(SimGroup {
+                org_unit_id: id,
+                org_unit_ext_id: None,
+                org_unit_name: format!("Parent {id}"),
+                org_unit_parent_id: Some(ROOT_ORG_UNIT_ID),
+                org_unit_status: "active".into(),
+                body: serde_json::Value::Null,
+            });
+        }
+    }
+
     /// Create a group directly, as if another system had made it.
     pub fn seed_group(&self, parent: i64, name: &str, ext_id: Option<&str>) -> i64 {
         self.lock()

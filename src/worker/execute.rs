@@ -14,6 +14,7 @@ use tracing::field::Empty;
 
 use crate::amqp::headers::{self, HeaderUpdate};
 use crate::amqp::{PublishError, Publisher, short};
+use crate::metrics::DeferReason;
 use crate::pipeline::{Decision, DelayReason, Failure, Inbound, Outcome, SystemFault, Verdict};
 
 use super::Shared;
@@ -28,6 +29,7 @@ pub(crate) async fn handle(
     broken: CancellationToken,
 ) {
     let started = Instant::now();
+    let _in_flight = shared.processor.metrics().in_flight();
     let inbound = headers::inbound(&delivery.data, &delivery.properties, delivery.redelivered);
     let span = tracing::info_span!(
         "delivery",
@@ -51,6 +53,7 @@ pub(crate) async fn handle(
         .run()
         .await;
         log_outcome(&verdict, outcome, started);
+        count(&shared, &verdict, outcome);
     };
     let aborted = async {
         abort.cancelled().await;
@@ -66,6 +69,7 @@ pub(crate) async fn handle(
             Ok(_) => Outcome::Requeued,
             Err(_) => Outcome::Failed,
         };
+        shared.processor.metrics().command(outcome);
         tracing::info!(
             outcome = outcome.as_str(),
             attempts = inbound.attempts,
@@ -82,6 +86,25 @@ pub(crate) async fn handle(
     }
     .instrument(span)
     .await
+}
+
+/// Metrics for one settled delivery: its outcome, and what was published for it.
+fn count(shared: &Shared, verdict: &Verdict, outcome: Outcome) {
+    let metrics = shared.processor.metrics();
+    metrics.command(outcome);
+    match (&verdict.decision, outcome) {
+        (Decision::DeadLetter { failure, .. }, Outcome::DeadLettered) => {
+            metrics.dead_letter(failure.kind)
+        }
+        (Decision::Delay { reason, .. }, Outcome::Deferred) => metrics.deferral(match reason {
+            DelayReason::Retry { .. } => DeferReason::Transient,
+            DelayReason::Claimed => DeferReason::Claimed,
+            DelayReason::Parked(_) => DeferReason::Parked,
+        }),
+        // Could not publish the outcome and parked instead.
+        (_, Outcome::Deferred) => metrics.deferral(DeferReason::Parked),
+        _ => {}
+    }
 }
 
 fn log_outcome(verdict: &Verdict, outcome: Outcome, started: Instant) {

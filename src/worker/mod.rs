@@ -11,8 +11,10 @@
 mod execute;
 mod session;
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -21,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AuthMode, Settings};
 use crate::convirza::{Auth, ConvirzaClient, LoginSession};
 use crate::dedup::RedisStore;
+use crate::http::{self, Health};
+use crate::metrics::Metrics;
 use crate::pipeline::{Circuit, CircuitState, Processor, ProcessorConfig};
 use crate::retry::RetryPolicy;
 
@@ -33,6 +37,8 @@ pub(crate) struct Shared {
     pub settings: Settings,
     pub processor: LiveProcessor,
     pub worker_id: String,
+    /// A broker session is established (readiness).
+    pub connected: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,11 @@ pub enum StartError {
     Client(String),
     #[error("cannot set up the dedup store: {0}")]
     Store(String),
+    #[error("cannot listen on metrics.listen {addr}: {error}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        error: String,
+    },
 }
 
 /// A running worker. Dropping the handle does not stop it; call [`WorkerHandle::shutdown`].
@@ -50,6 +61,8 @@ pub struct WorkerHandle {
     shutdown: CancellationToken,
     consuming: watch::Receiver<bool>,
     circuit: Arc<Circuit>,
+    metrics: Arc<Metrics>,
+    metrics_addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,6 +88,15 @@ impl WorkerHandle {
     /// The circuit's state right now.
     pub fn circuit(&self) -> CircuitState {
         self.circuit.state()
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Wait for the worker to finish after [`shutdown`](Self::shutdown).
@@ -127,15 +149,25 @@ pub fn build_client(
         .map_err(|e| StartError::Client(e.to_string()))
 }
 
-/// Start the worker in the background: it connects (retrying until it can), declares the
-/// topology and consumes until [`WorkerHandle::shutdown`].
+/// Start the worker in the background: it serves `metrics.listen` at once, connects
+/// (retrying until it can), declares the topology and consumes until
+/// [`WorkerHandle::shutdown`].
 pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
     let store = RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
         .map_err(|e| StartError::Store(e.0))?;
     let worker_id = worker_id();
-    let client = build_client(&settings, &store, &worker_id)?;
+    let metrics = Arc::new(Metrics::default());
+    let observed = metrics.clone();
+    let client = build_client(&settings, &store, &worker_id)?.with_observer(Arc::new(
+        move |op, status, elapsed| observed.api_request(op, status, elapsed),
+    ));
+    let listener = bind(settings.metrics.listen)?;
+    let metrics_addr = listener.local_addr().map_err(|e| StartError::Metrics {
+        addr: settings.metrics.listen,
+        error: e.to_string(),
+    })?;
     let processor = Processor::new(
-        store,
+        store.clone(),
         client,
         ProcessorConfig {
             policy: RetryPolicy::from(&settings.retry),
@@ -145,22 +177,53 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
             worker_id: worker_id.clone(),
             failure_threshold: settings.circuit.failure_threshold,
         },
-    );
+    )
+    .with_metrics(metrics.clone());
     let circuit = processor.circuit().clone();
+    let connected = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
         settings,
         processor,
         worker_id,
+        connected: connected.clone(),
     });
     let shutdown = CancellationToken::new();
     let (consuming_tx, consuming) = watch::channel(false);
-    let task = tokio::spawn(session::supervise(shared, shutdown.clone(), consuming_tx));
+    let health = Health {
+        metrics: metrics.clone(),
+        circuit: circuit.clone(),
+        connected,
+        consuming: consuming.clone(),
+        store,
+    };
+    tracing::info!(listen = %metrics_addr, "serving /healthz, /readyz and /metrics");
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(http::serve(listener, health, http_stop.clone()));
+    let worker = session::supervise(shared, shutdown.clone(), consuming_tx);
+    let task = tokio::spawn(async move {
+        worker.await;
+        // The endpoint outlives the drain, so probes see "not ready" until the end.
+        http_stop.cancel();
+        let _ = http.await;
+    });
     Ok(WorkerHandle {
         shutdown,
         consuming,
         circuit,
+        metrics,
+        metrics_addr,
         task,
     })
+}
+
+fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    let err = |e: std::io::Error| StartError::Metrics {
+        addr,
+        error: e.to_string(),
+    };
+    let std_listener = std::net::TcpListener::bind(addr).map_err(err)?;
+    std_listener.set_nonblocking(true).map_err(err)?;
+    tokio::net::TcpListener::from_std(std_listener).map_err(err)
 }
 
 /// The `run` subcommand: start, wait for SIGTERM/SIGINT, drain, exit 0.

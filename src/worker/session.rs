@@ -12,6 +12,7 @@
 //!   `shutdown.drain_timeout` to finish, and the rest are nacked back to the queue.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -142,6 +143,7 @@ async fn session(
     .await
     .map_err(SessionError::Channel)?;
     tracing::info!(amqp = %settings.amqp.url, "connected to the broker; topology declared");
+    shared.connected.store(true, Ordering::SeqCst);
 
     let publisher = Publisher::new(publish_channel);
     let tracker = TaskTracker::new();
@@ -195,6 +197,7 @@ async fn session(
         }
     };
     consuming.send_replace(false);
+    shared.connected.store(false, Ordering::SeqCst);
     tracker.close();
     if result.is_ok() {
         let drain = settings.shutdown.drain_timeout;

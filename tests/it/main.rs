@@ -8,5 +8,6 @@ mod client;
 mod core;
 mod faults;
 mod helpers;
+mod ops;
 mod pipeline;
 mod process;

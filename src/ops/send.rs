@@ -1,0 +1,191 @@
+//! `send [FILE|-]`: publish one command or a JSON-lines stream of them, with confirms.
+
+use std::io::{IsTerminal, Read};
+use std::path::Path;
+use std::process::ExitCode;
+
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Confirmation, ExchangeKind};
+
+use crate::command::CreateGroup;
+use crate::config::Settings;
+
+use super::connect;
+
+/// Publishes in flight before waiting for their confirms.
+const WINDOW: usize = 256;
+
+/// One command to send and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub line: usize,
+    pub body: Vec<u8>,
+}
+
+/// Split the input: a single JSON object (possibly pretty-printed over several lines) is
+/// one command; anything else is JSON lines, blank lines ignored.
+pub fn items(input: &str) -> Vec<Item> {
+    let trimmed = input.trim();
+    if trimmed.starts_with('{')
+        && trimmed.contains('\n')
+        && serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(trimmed).is_ok()
+    {
+        return vec![Item {
+            line: 1,
+            body: trimmed.as_bytes().to_vec(),
+        }];
+    }
+    input
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| Item {
+            line: i + 1,
+            body: l.trim().as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+pub async fn run(settings: &Settings, file: Option<&Path>, validate: bool) -> ExitCode {
+    let mut input = String::new();
+    let read = match file {
+        None => std::io::stdin().read_to_string(&mut input),
+        Some(p) if p == Path::new("-") => std::io::stdin().read_to_string(&mut input),
+        Some(p) => std::fs::File::open(p).and_then(|mut f| f.read_to_string(&mut input)),
+    };
+    let source = file.map_or_else(|| "-".to_owned(), |p| p.display().to_string());
+    if let Err(e) = read {
+        eprintln!("send: cannot read {source}: {e}");
+        return ExitCode::from(2);
+    }
+    let all = items(&input);
+    let mut invalid = 0usize;
+    let mut to_send = Vec::with_capacity(all.len());
+    for item in all {
+        if validate && let Err(e) = CreateGroup::parse(&item.body) {
+            eprintln!("{source}:{}: invalid command, not sent: {e}", item.line);
+            invalid += 1;
+            continue;
+        }
+        to_send.push(item);
+    }
+    let (sent, failed) = match publish(settings, &to_send).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("send: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("sent {sent}, invalid {invalid}, failed {failed}");
+    if invalid == 0 && failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), String> {
+    if items.is_empty() {
+        return Ok((0, 0));
+    }
+    let (conn, channel) = connect(settings, "send").await?;
+    let t = &settings.topology;
+    channel
+        .exchange_declare(
+            ShortString::from(t.command_exchange.as_str()),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "command exchange {:?}: {e} (has the worker or `check` declared the topology?)",
+                t.command_exchange
+            )
+        })?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(items.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} commands {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let (mut sent, mut failed) = (0usize, 0usize);
+    for window in items.chunks(WINDOW) {
+        let mut pending = Vec::with_capacity(window.len());
+        for item in window {
+            let props = BasicProperties::default()
+                .with_content_type(ShortString::from("application/json"))
+                .with_delivery_mode(2)
+                .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
+                .with_app_id(ShortString::from("group-provisioner send"));
+            let confirm = channel
+                .basic_publish(
+                    ShortString::from(t.command_exchange.as_str()),
+                    ShortString::from(t.command_routing_key.as_str()),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &item.body,
+                    props,
+                )
+                .await
+                .map_err(|e| format!("line {}: {e}", item.line))?;
+            pending.push((item.line, confirm));
+        }
+        for (line, confirm) in pending {
+            match confirm.await {
+                Ok(Confirmation::Ack(None)) => sent += 1,
+                Ok(Confirmation::Ack(Some(_))) => {
+                    failed += 1;
+                    eprintln!(
+                        "line {line}: unroutable (no queue bound to {}/{})",
+                        t.command_exchange, t.command_routing_key
+                    );
+                }
+                Ok(other) => {
+                    failed += 1;
+                    eprintln!("line {line}: broker refused the message ({other:?})");
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("line {line}: {e}");
+                }
+            }
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let _ = conn.close(200, ShortString::from("send done")).await;
+    Ok((sent, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_object_or_json_lines() {
+        let pretty = "{\n  \"org_unit_ext_id\": \"A\",\n  \"org_unit_name\": \"x\",\n  \"org_unit_parent_id\": 1\n}\n";
+        assert_eq!(items(pretty).len(), 1);
+        let lines = "{\"a\":1}\n\n{\"b\":2}\nnot json\n";
+        let got = items(lines);
+        assert_eq!(got.iter().map(|i| i.line).collect::<Vec<_>>(), [1, 3, 4]);
+        assert_eq!(got[2].body, b"not json");
+        assert_eq!(items("{\"a\":1}").len(), 1);
+    }
+}

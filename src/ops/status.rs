@@ -1,0 +1,107 @@
+//! `status <ext_id>`: what the dedup store knows of one ext id.
+
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use crate::command::ExtId;
+use crate::config::Settings;
+use crate::dedup::{RedisStore, StoredRecord};
+
+pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> ExitCode {
+    let ext_id = match ExtId::parse(ext_id) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("status: not a valid ext id: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("status: redis: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let status = match store.status(&ext_id).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("status: redis ({}): {e}", settings.redis.url);
+            return ExitCode::from(3);
+        }
+    };
+    let known = status.record.is_some() || status.attempt_markers > 0;
+    if as_json {
+        let state = match &status.record {
+            Some(StoredRecord::Created(_)) => "created",
+            Some(StoredRecord::Claimed { .. }) => "claimed",
+            None if known => "attempted",
+            None => "unknown",
+        };
+        let out = json!({
+            "ext_id": ext_id.as_str(),
+            "state": state,
+            "record": status.record,
+            "ttl_ms": status.ttl_ms,
+            "post_attempts": status.attempt_markers,
+        });
+        println!("{out}");
+    } else {
+        println!("ext_id:        {ext_id}");
+        match &status.record {
+            Some(StoredRecord::Created(r)) => {
+                println!("state:         created");
+                println!("org_unit_id:   {}", r.org_unit_id);
+                println!("name:          {}", r.org_unit_name);
+                println!("parent:        {}", r.org_unit_parent_id);
+                println!("created_at:    {}", r.created_at);
+                println!(
+                    "api_request:   {}",
+                    r.api_request_id.as_deref().unwrap_or("-")
+                );
+                if let Some(ms) = status.ttl_ms {
+                    println!("forgotten in:  {}", human(ms));
+                }
+            }
+            Some(StoredRecord::Claimed { owner, claimed_at }) => {
+                println!("state:         claimed (a worker is creating it now)");
+                println!("owner:         {owner}");
+                println!("claimed_at:    {claimed_at}");
+                if let Some(ms) = status.ttl_ms {
+                    println!("lease left:    {}", human(ms));
+                }
+            }
+            None if known => println!(
+                "state:         attempted (no claim or record now: it failed or is waiting for a retry)"
+            ),
+            None => println!("state:         unknown (never seen, or forgotten after dedup.ttl)"),
+        }
+        println!("post_attempts: {}", status.attempt_markers);
+    }
+    if known {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn human(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{}.{:03}s", s, ms % 1000),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_durations() {
+        assert_eq!(super::human(1_500), "1.500s");
+        assert_eq!(super::human(61_000), "1m1s");
+        assert_eq!(super::human(7_260_000), "2h1m");
+        assert_eq!(super::human(30 * 86_400_000), "30d0h");
+    }
+}

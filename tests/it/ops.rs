@@ -1,0 +1,499 @@
+//! Operator commands and the HTTP endpoint, as operators use them: the binary against real
+//! RabbitMQ and Redis, the worker in process, convirza-sim on port 0.
+
+use std::collections::HashSet;
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_group-provisioner");
+const T: Duration = Duration::from_secs(20);
+
+/// Run the binary with the test's settings in the environment.
+async fn cli(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> Output {
+    cli_with_stdin(env, args, extra, None).await
+}
+
+async fn cli_with_stdin(
+    env: &TestEnv,
+    args: &[&str],
+    extra: &[(&str, &str)],
+    stdin: Option<&str>,
+) -> Output {
+    let s = &env.settings;
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args)
+        .current_dir(std::env::temp_dir())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PROVISIONER__AMQP__URL", s.amqp.url.expose())
+        .env("PROVISIONER__REDIS__KEY_PREFIX", &s.redis.key_prefix)
+        .env("PROVISIONER__API__BASE_URL", &s.api.base_url)
+        .env("PROVISIONER__API__TOKEN", SIM_TOKEN)
+        .env("PROVISIONER__RETRY__DELAYS", "1s,2s")
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("binary runs");
+    if let Some(input) = stdin {
+        use tokio::io::AsyncWriteExt;
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(input.as_bytes()).await.expect("write stdin");
+        drop(pipe);
+    }
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("command finished within 60 s")
+        .expect("output")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json_lines(o: &Output) -> Vec<Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_and_fails_with_the_right_exit_codes() {
+    let env = TestEnv::new().await;
+    // A fresh vhost: --no-declare finds nothing, and says what is missing.
+    let o = cli(&env, &["check", "--no-declare"], &[]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("FAIL  topology")
+                && l.contains("queue provisioning.group.create"))
+    );
+
+    let o = cli(&env, &["check"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    for item in ["config", "rabbitmq", "topology", "redis", "api"] {
+        assert!(
+            out.lines().any(|l| l.starts_with("ok") && l.contains(item)),
+            "{item} not ok:\n{out}"
+        );
+    }
+    assert!(
+        !out.contains("guest:guest") && !out.contains(SIM_TOKEN),
+        "secrets in the output:\n{out}"
+    );
+    // Now it exists: --no-declare passes too.
+    assert_eq!(
+        cli(&env, &["check", "--no-declare"], &[])
+            .await
+            .status
+            .code(),
+        Some(0)
+    );
+
+    let o = cli(
+        &env,
+        &["check"],
+        &[("PROVISIONER__API__TOKEN", "wrong-token")],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("FAIL  api") && l.contains("401")),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("wrong-token"));
+
+    let bad_port = format!("amqp://guest:guest@127.0.0.1:{}/{}", free_port(), env.vhost);
+    let o = cli(&env, &["check"], &[("PROVISIONER__AMQP__URL", &bad_port)]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).lines().any(|l| l.starts_with("FAIL  rabbitmq")),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stdout(&o).lines().any(|l| l.starts_with("ok    redis")),
+        "other items still checked"
+    );
+
+    let o = cli(&env, &["check"], &[("PROVISIONER__API__TIMEOUT", "soon")]).await;
+    assert_eq!(o.status.code(), Some(2), "config error");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_stats_peek_export_and_replay() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    let exts: Vec<String> = (0..5).map(|i| format!("DLQ-{i}")).collect();
+    for e in &exts {
+        env.send(&json!({"org_unit_ext_id": e, "org_unit_name": format!("Team {e}"), "org_unit_parent_id": 4242})).await;
+    }
+    let failed = events.take(5, T).await;
+    assert!(failed.iter().all(|e| e.body["error"]["kind"] == "rejected"));
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    wait_for("5 dead letters", T, || async {
+        (env.queue_depth(&dlq).await == 5).then_some(())
+    })
+    .await;
+
+    let o = cli(&env, &["dlq", "stats", "--json"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let stats = &json_lines(&o)[0];
+    assert_eq!(stats["count"], 5);
+    assert_eq!(stats["by_kind"], json!({"rejected": 5}));
+    let human = stdout(&cli(&env, &["dlq", "stats"], &[]).await);
+    assert!(
+        human.contains("5 dead letters") && human.contains("rejected"),
+        "{human}"
+    );
+
+    let peek = |limit: &'static str| {
+        let env = &env;
+        async move { json_lines(&cli(env, &["dlq", "peek", "--limit", limit, "--json"], &[]).await) }
+    };
+    let first = peek("3").await;
+    assert_eq!(first.len(), 3);
+    assert_eq!(first[0]["kind"], "rejected");
+    assert_eq!(first[0]["http_status"], 400);
+    assert!(
+        first[0]["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("4242"))
+    );
+    assert!(
+        first[0]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("org_unit_ext_id"))
+    );
+    assert_eq!(env.queue_depth(&dlq).await, 5, "peek removes nothing");
+    let all = peek("10").await;
+    let order: Vec<_> = all.iter().map(|l| l["ext_id"].clone()).collect();
+    assert_eq!(
+        order[..3],
+        first
+            .iter()
+            .map(|l| l["ext_id"].clone())
+            .collect::<Vec<_>>()[..],
+        "same order again"
+    );
+    let peek_text = stdout(&cli(&env, &["dlq", "peek", "--limit", "2"], &[]).await);
+    assert!(
+        peek_text.contains("kind=rejected") && peek_text.contains("nothing was removed"),
+        "{peek_text}"
+    );
+
+    let o = cli(
+        &env,
+        &["dlq", "replay", "--kind", "rejected", "--dry-run"],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        stdout(&o).contains("would move 5, skipped 0 (replay limit), kept 0"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(env.queue_depth(&dlq).await, 5, "dry run moves nothing");
+
+    let o = cli(&env, &["dlq", "replay", "--kind", "name_conflict"], &[]).await;
+    assert!(
+        stdout(&o).contains("moved 0, skipped 0 (replay limit), kept 5"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        env.queue_depth(&dlq).await,
+        5,
+        "non-matching filter keeps them"
+    );
+
+    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("dlq-export")));
+    let o = cli(
+        &env,
+        &["dlq", "export", "--out", file.to_str().expect("path")],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let exported: Vec<Value> = std::fs::read_to_string(&file)
+        .expect("export file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("parseable JSON line"))
+        .collect();
+    assert_eq!(exported.len(), 5);
+    assert_eq!(
+        exported
+            .iter()
+            .map(|l| l["ext_id"].clone())
+            .collect::<Vec<_>>(),
+        order
+    );
+    assert!(exported[0]["headers"]["x-error-kind"] == "rejected");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(env.queue_depth(&dlq).await, 5, "export removes nothing");
+
+    // Fix the cause, replay two by ext id and limit, then the rest by kind.
+    env.sim.sim.add_parent(4242);
+    let second = order[1].as_str().expect("ext id").to_owned();
+    let o = cli(&env, &["dlq", "replay", "--ext-id", &second], &[]).await;
+    assert!(
+        stdout(&o).contains("moved 1, skipped 0 (replay limit), kept 4"),
+        "{}",
+        stdout(&o)
+    );
+    let o = cli(
+        &env,
+        &[
+            "dlq", "replay", "--kind", "rejected", "--limit", "1", "--rate", "50/s",
+        ],
+        &[],
+    )
+    .await;
+    assert!(
+        stdout(&o).contains("moved 1, skipped 0 (replay limit), kept 3"),
+        "{}",
+        stdout(&o)
+    );
+    let left: Vec<_> = peek("10")
+        .await
+        .iter()
+        .map(|l| l["ext_id"].clone())
+        .collect();
+    let expected: Vec<_> = order
+        .iter()
+        .filter(|e| **e != order[0] && **e != order[1])
+        .cloned()
+        .collect();
+    assert_eq!(left, expected, "what stays keeps its order");
+    let o = cli(&env, &["dlq", "replay", "--kind", "rejected"], &[]).await;
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        stdout(&o).contains("moved 3, skipped 0 (replay limit), kept 0"),
+        "{}",
+        stdout(&o)
+    );
+
+    let created = events.take(5, T).await;
+    assert!(
+        created.iter().all(|e| e.routing_key == "group.created"),
+        "all five created after the fix"
+    );
+    let got: HashSet<_> = created
+        .iter()
+        .map(|e| e.body["ext_id"].as_str().expect("ext").to_owned())
+        .collect();
+    assert_eq!(got, exts.iter().cloned().collect());
+    assert_eq!(env.sim.sim.stats().groups_created, 5);
+    assert!(
+        created.iter().all(|e| e.body["attempts"] == 1),
+        "x-attempts reset by the replay: one new POST each"
+    );
+    env.wait_drained(0, T).await;
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_loop_guard_skips_messages_replayed_too_often() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    env.send(
+        &json!({"org_unit_ext_id": "LOOP-1", "org_unit_name": "x", "org_unit_parent_id": 4242}),
+    )
+    .await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    for round in 1..=2 {
+        events.next(T).await;
+        wait_for("the dead letter", T, || async {
+            (env.queue_depth(&dlq).await == 1).then_some(())
+        })
+        .await;
+        if round == 2 {
+            break;
+        }
+        let o = cli(&env, &["dlq", "replay", "--max-replays", "1"], &[]).await;
+        assert!(stdout(&o).contains("moved 1"), "{}", stdout(&o));
+    }
+    let peeked = json_lines(&cli(&env, &["dlq", "peek", "--json"], &[]).await);
+    assert_eq!(peeked[0]["replay_count"], 1);
+    let o = cli(&env, &["dlq", "replay", "--max-replays", "1"], &[]).await;
+    assert!(
+        stdout(&o).contains("moved 0, skipped 1 (replay limit), kept 0"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stderr(&o).contains("replayed 1 times already"));
+    assert_eq!(env.queue_depth(&dlq).await, 1);
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_status() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+
+    let o = cli(&env, &["status", "SEND-2", "--json"], &[]).await;
+    assert_eq!(o.status.code(), Some(1), "unknown before");
+    assert_eq!(json_lines(&o)[0]["state"], "unknown");
+
+    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("send")));
+    std::fs::write(
+        &file,
+        "{\"org_unit_ext_id\":\"SEND-1\",\"org_unit_name\":\"One\",\"org_unit_parent_id\":1000}\n\
+         {\"org_unit_ext_id\":\"SEND-2\",\"org_unit_name\":\"Two\",\"org_unit_parent_id\":1000}\n\
+         {\"org_unit_ext_id\":\"SEND-X\",\"org_unit_name\":\"\",\"org_unit_parent_id\":1000}\n\
+         \n\
+         {\"org_unit_ext_id\":\"SEND-3\",\"org_unit_name\":\"Three\",\"org_unit_parent_id\":1001}\n",
+    )
+    .expect("write");
+    let path = file.to_str().expect("path").to_owned();
+    let o = cli(&env, &["send", &path], &[]).await;
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "an invalid line makes the exit code non-zero"
+    );
+    assert!(
+        stdout(&o).contains("sent 3, invalid 1, failed 0"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stderr(&o).contains(&format!(
+            "{path}:3: invalid command, not sent: org_unit_name: must not be blank"
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_file(&file);
+
+    let worker = env.spawn_worker().await;
+    let got = events.take(3, T).await;
+    assert!(got.iter().all(|e| e.routing_key == "group.created"));
+    assert_eq!(env.sim.sim.stats().groups_created, 3);
+    assert!(env.sim.sim.groups_for("SEND-X").is_empty());
+
+    let o = cli(&env, &["status", "SEND-2", "--json"], &[]).await;
+    assert_eq!(o.status.code(), Some(0));
+    let st = &json_lines(&o)[0];
+    assert_eq!(st["state"], "created");
+    assert_eq!(
+        st["record"]["org_unit_id"],
+        env.sim.sim.groups_for("SEND-2")[0].org_unit_id
+    );
+    assert_eq!(st["post_attempts"], 1);
+    let text = stdout(&cli(&env, &["status", "SEND-2"], &[]).await);
+    assert!(
+        text.contains("state:         created") && text.contains("org_unit_id:"),
+        "{text}"
+    );
+
+    // One command from stdin, pretty-printed.
+    let o = cli_with_stdin(&env, &["send", "-"], &[], Some("{\n \"org_unit_ext_id\": \"SEND-4\",\n \"org_unit_name\": \"Four\",\n \"org_unit_parent_id\": 1000\n}\n")).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(events.next(T).await.body["ext_id"], "SEND-4");
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.expect("http");
+    (r.status().as_u16(), r.text().await.expect("body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_redis_and_metrics_count_what_happened() {
+    let mut env = TestEnv::new().await;
+    let port = free_port();
+    let mut redis = RedisServer::start(port).await;
+    env.settings.redis.url = group_provisioner::secret::SecretUrl::new(redis.url());
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    let base = format!("http://{}", worker.metrics_addr());
+    wait_for("ready", T, || async {
+        (get(&format!("{base}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+
+    for e in ["M-1", "M-2", "M-3", "M-1"] {
+        env.send(&json!({"org_unit_ext_id": e, "org_unit_name": e, "org_unit_parent_id": 1000}))
+            .await;
+        events.next(T).await;
+    }
+    env.send_raw(b"nope", lapin::BasicProperties::default())
+        .await;
+    events.next(T).await;
+    let metrics = wait_for("metrics to count 5 outcomes", T, || async {
+        let (_, text) = get(&format!("{base}/metrics")).await;
+        text.contains("provisioner_commands_total{outcome=\"dead_lettered\"} 1")
+            .then_some(text)
+    })
+    .await;
+    for line in [
+        "provisioner_commands_total{outcome=\"created\"} 3",
+        "provisioner_commands_total{outcome=\"duplicate\"} 1",
+        "provisioner_commands_total{outcome=\"dead_lettered\"} 1",
+        "provisioner_dead_letters_total{kind=\"invalid_command\"} 1",
+        "provisioner_api_requests_total{operation=\"create_group\",status=\"201\"} 3",
+        "provisioner_api_request_duration_seconds_count{operation=\"create_group\"} 3",
+        "provisioner_dedup_hits_total 1",
+        "provisioner_circuit_open 0",
+        "provisioner_in_flight 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?}:\n{metrics}"
+        );
+    }
+
+    redis.stop();
+    let (status, body) = wait_for("readyz 503", T, || async {
+        let r = get(&format!("{base}/readyz")).await;
+        (r.0 == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert!(body.contains("redis"), "{body}");
+    assert_eq!(
+        get(&format!("{base}/healthz")).await.0,
+        200,
+        "alive all the same"
+    );
+
+    let _redis = RedisServer::start(port).await;
+    wait_for("ready again", T, || async {
+        (get(&format!("{base}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
