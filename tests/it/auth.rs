@@ -124,7 +124,7 @@ async fn revoked_tokens_are_refreshed_once_for_all_replicas_and_never_reused() {
 #[tokio::test]
 async fn refreshes_shortly_before_expiry_without_a_401() {
     let sim = sim_with(SimAuth {
-        access_ttl: Duration::from_secs(3),
+        access_ttl: Duration::from_secs(10),
         ..SimAuth::default()
     })
     .await;
@@ -134,8 +134,9 @@ async fn refreshes_shortly_before_expiry_without_a_401() {
         .create_group(&command("E-1"), None)
         .await
         .expect("created");
-    // A 3 s token is refreshed in its last tenth: wait until it is past that margin.
-    tokio::time::sleep(Duration::from_millis(2_800)).await;
+    // A 10 s token is refreshed in its last tenth (1 s; expiries have second precision):
+    // at 9.2 s it is due for refresh while the API would still accept it.
+    tokio::time::sleep(Duration::from_millis(9_200)).await;
     client
         .create_group(&command("E-2"), None)
         .await
