@@ -148,6 +148,51 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// The topology as a RabbitMQ definitions document (management plugin format), for
+    /// `deploy/rabbitmq/definitions.json`.
+    pub fn to_definitions(&self, vhost: &str) -> serde_json::Value {
+        use serde_json::{Map, Value, json};
+        let exchanges: Vec<Value> = self
+            .exchanges
+            .iter()
+            .map(|e| {
+                json!({"name": e.name, "vhost": vhost, "type": e.kind, "durable": true,
+                       "auto_delete": false, "internal": false, "arguments": {}})
+            })
+            .collect();
+        let queues: Vec<Value> = self
+            .queues
+            .iter()
+            .map(|q| {
+                let args: Map<String, Value> = q
+                    .arguments
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            ArgValue::Str(s) => Value::from(s.as_str()),
+                            ArgValue::Int(n) => Value::from(*n),
+                        };
+                        ((*k).to_owned(), v)
+                    })
+                    .collect();
+                json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": false, "arguments": args})
+            })
+            .collect();
+        let bindings: Vec<Value> = self
+            .queues
+            .iter()
+            .flat_map(|q| {
+                q.bindings.iter().map(move |(exchange, key)| {
+                    json!({"source": exchange, "vhost": vhost, "destination": q.name,
+                           "destination_type": "queue", "routing_key": key, "arguments": {}})
+                })
+            })
+            .collect();
+        json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
+    }
+}
+
 impl QueueSpec {
     pub fn field_table(&self) -> FieldTable {
         let mut table = FieldTable::default();
@@ -166,6 +211,27 @@ impl QueueSpec {
 mod tests {
     use super::*;
     use crate::config::Settings;
+
+    /// `deploy/rabbitmq/definitions.json` must be exactly what the code declares, so the
+    /// two never drift. On a mismatch the expected document is printed: replace the file
+    /// with it.
+    #[test]
+    fn definitions_file_matches_the_code() {
+        let settings = Settings::from_toml("[api]\ntoken = \"t\"\n").expect("defaults");
+        let expected =
+            Topology::new(&settings.topology, &settings.retry.delays).to_definitions("/");
+        let file: serde_json::Value =
+            serde_json::from_str(include_str!("../../deploy/rabbitmq/definitions.json"))
+                .expect("definitions.json is JSON");
+        for section in ["exchanges", "queues", "bindings"] {
+            assert_eq!(
+                file[section],
+                expected[section],
+                "deploy/rabbitmq/definitions.json {section} drifted from the code; expected:\n{}",
+                serde_json::to_string_pretty(&expected).unwrap_or_default()
+            );
+        }
+    }
 
     #[test]
     fn default_topology_names() {

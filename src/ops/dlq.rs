@@ -151,6 +151,7 @@ fn table_to_json(t: &FieldTable) -> Value {
 pub struct Snapshot {
     pub letters: Vec<DeadLetter>,
     pub total_in_queue: u32,
+    queue: String,
     conn: Connection,
     channel: Channel,
 }
@@ -204,17 +205,44 @@ impl Snapshot {
         Ok(Snapshot {
             letters,
             total_in_queue: total,
+            queue: queue.to_owned(),
             conn,
             channel,
         })
     }
 
-    /// Return every unacked message to the queue, in order.
-    pub async fn release(self) {
+    /// Return every unacked message to the queue, in order, and wait (up to a few seconds)
+    /// until the broker shows them again, so a command run right after sees the whole DLQ.
+    /// `removed` is how many of the snapshot were acked (moved).
+    pub async fn release(self, removed: usize) {
         let _ = self
             .channel
             .close(200, ShortString::from("dlq snapshot done"))
             .await;
+        let expected = (self.total_in_queue as usize).saturating_sub(removed);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(ch) = self.conn.create_channel().await {
+            let count = ch
+                .queue_declare(
+                    self.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| q.message_count() as usize);
+            let _ = ch.close(200, ShortString::from("ok")).await;
+            // Quorum queues return held messages asynchronously after the channel closes.
+            if count.is_err()
+                || count.is_ok_and(|c| c >= expected)
+                || tokio::time::Instant::now() > deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = self.conn.close(200, ShortString::from("done")).await;
     }
 }
@@ -250,7 +278,7 @@ pub async fn stats(settings: &Settings, as_json: bool) -> ExitCode {
             println!("  oldest first failure     {o}");
         }
     }
-    snap.release().await;
+    snap.release(0).await;
     ExitCode::SUCCESS
 }
 
@@ -290,7 +318,7 @@ pub async fn peek(settings: &Settings, limit: usize, as_json: bool) -> ExitCode 
             snap.total_in_queue
         );
     }
-    snap.release().await;
+    snap.release(0).await;
     ExitCode::SUCCESS
 }
 
@@ -311,7 +339,7 @@ pub async fn export(settings: &Settings, out: &Path) -> ExitCode {
         std::fs::rename(&tmp, out)?;
         Ok(snap.letters.len())
     })();
-    snap.release().await;
+    snap.release(0).await;
     match written {
         Ok(n) => {
             eprintln!(
@@ -434,7 +462,8 @@ pub async fn replay(
     }
     summary.interrupted = stop.is_cancelled();
     // What was not moved goes back, in order.
-    snap.release().await;
+    let removed = if filter.dry_run { 0 } else { summary.moved };
+    snap.release(removed).await;
     result.map(|()| summary)
 }
 
