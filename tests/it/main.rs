@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod client;
 mod core;
+mod deploy;
 mod faults;
 mod helpers;
 mod ops;
