@@ -97,35 +97,7 @@ pub enum DlqCommand {
     #[command(
         after_help = "Messages that do not match stay in the DLQ, in order. Each replay adds 1 to\nx-replay-count and resets x-attempts; a message replayed --max-replays times is\nskipped (kept). Ctrl-C stops after the current message and returns the rest.\nReplays are safe: the worker never creates a group twice for one ext id.\n\nExamples:\n  group-provisioner dlq replay --kind rejected --dry-run\n  group-provisioner dlq replay --kind retries_exhausted --rate 20\n  group-provisioner dlq replay --ext-id ORG-2001"
     )]
-    Replay {
-        /// Only this ext id.
-        #[arg(long)]
-        ext_id: Option<String>,
-        /// Only this x-error-kind (invalid_command, rejected, name_conflict, retries_exhausted,
-        /// or broker:<reason> for messages the broker dead-lettered, e.g. broker:delivery_limit).
-        #[arg(long)]
-        kind: Option<String>,
-        /// Move at most N messages.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// At most R messages per second (e.g. 20 or 20/s).
-        #[arg(long, value_parser = parse_rate)]
-        rate: Option<f64>,
-        /// Show what would move; move nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Skip messages already replayed this many times.
-        #[arg(long, default_value_t = 5)]
-        max_replays: u32,
-    },
-}
-
-fn parse_rate(text: &str) -> Result<f64, String> {
-    let number = text.trim().trim_end_matches("/s");
-    match number.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
-        _ => Err(format!("{text:?} is not a positive rate (e.g. 20 or 20/s)")),
-    }
+    Replay(ops::dlq::ReplayFilter),
 }
 
 /// Exit code for configuration errors (SPEC §9).
@@ -165,22 +137,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> ExitCode {
             ops::dlq::peek(&settings, limit, json).await
         }
         Command::Dlq(DlqCommand::Export { out }) => ops::dlq::export(&settings, &out).await,
-        Command::Dlq(DlqCommand::Replay {
-            ext_id,
-            kind,
-            limit,
-            rate,
-            dry_run,
-            max_replays,
-        }) => {
-            let filter = ops::dlq::ReplayFilter {
-                ext_id,
-                kind,
-                limit,
-                rate,
-                dry_run,
-                max_replays,
-            };
+        Command::Dlq(DlqCommand::Replay(filter)) => {
             ops::dlq::replay_command(&settings, &filter).await
         }
         Command::Send { file, no_validate } => {
@@ -193,14 +150,6 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rates() {
-        assert_eq!(parse_rate("20"), Ok(20.0));
-        assert_eq!(parse_rate("2.5/s"), Ok(2.5));
-        assert!(parse_rate("0").is_err());
-        assert!(parse_rate("fast").is_err());
-    }
 
     #[test]
     fn config_is_global() {

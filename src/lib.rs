@@ -12,6 +12,7 @@ pub mod command;
 pub mod config;
 pub mod convirza;
 pub mod dedup;
+pub mod hash;
 pub mod http;
 pub mod metrics;
 pub mod ops;

@@ -22,6 +22,22 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     Connection::connect(url, props).await
 }
 
+/// Messages ready in `queue`, by a passive declare (an error if the queue does not exist,
+/// which also closes `channel`, as AMQP does).
+pub async fn ready_count(channel: &lapin::Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            ShortString::from(queue),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
+}
+
 /// A short string from any text: at most 255 bytes, cut at a character boundary.
 pub fn short(text: &str) -> ShortString {
     let mut end = text.len().min(255);

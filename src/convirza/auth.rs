@@ -160,7 +160,7 @@ impl LoginSession {
             .build()
             .map_err(|e| auth_err(format!("cannot build HTTP client: {e}"), false))?;
         let auth_url = auth_url.trim_end_matches('/').to_owned();
-        let account = format!("{:016x}", fnv1a(format!("{auth_url}\n{email}").as_bytes()));
+        let account = crate::hash::short_hash(format!("{auth_url}\n{email}").as_bytes());
         Ok(LoginSession {
             http,
             auth_url,
@@ -379,15 +379,6 @@ pub fn parse_token_response(text: &str, now: u64) -> Result<TokenPair, String> {
         refresh_expires_at: expiry("refresh_expires_in", 180 * 86_400),
         obtained_at: now,
     })
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use lapin::ExchangeKind;
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 
 use crate::amqp::topology::Topology;
@@ -133,19 +133,7 @@ async fn verify(conn: &lapin::Connection, topology: &Topology) -> Result<String,
     }
     for q in &topology.queues {
         let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        if ch
-            .queue_declare(
-                ShortString::from(q.name.as_str()),
-                passive,
-                FieldTable::default(),
-            )
-            .await
-            .is_err()
-        {
+        if crate::amqp::ready_count(&ch, &q.name).await.is_err() {
             missing.push(format!("queue {}", q.name));
         }
     }

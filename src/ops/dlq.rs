@@ -14,7 +14,7 @@ use std::time::Duration;
 use base64::Engine;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Map, Value, json};
@@ -56,6 +56,16 @@ impl DeadLetter {
             kind,
             delivery,
         }
+    }
+
+    /// `#3 kind=rejected ext_id=ORG-1`: how replay reports a message.
+    fn describe(&self) -> String {
+        format!(
+            "#{} kind={} ext_id={}",
+            self.position,
+            self.kind,
+            self.ext_id.as_deref().unwrap_or("-")
+        )
     }
 
     fn header(&self, name: &str) -> Option<String> {
@@ -161,18 +171,9 @@ impl Snapshot {
     pub async fn take(settings: &Settings, max: Option<usize>) -> Result<Snapshot, String> {
         let (conn, channel) = connect(settings, "dlq").await?;
         let queue = settings.topology.dead_letter_queue.as_str();
-        let declared = channel
-            .queue_declare(
-                ShortString::from(queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let total = crate::amqp::ready_count(&channel, queue)
             .await
             .map_err(|e| format!("dead-letter queue {queue:?}: {e}"))?;
-        let total = declared.message_count();
         let wanted = max.map_or(total as usize, |m| m.min(total as usize));
         let mut letters = Vec::with_capacity(wanted);
         if wanted > 0 {
@@ -222,17 +223,9 @@ impl Snapshot {
         let expected = (self.total_in_queue as usize).saturating_sub(removed);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while let Ok(ch) = self.conn.create_channel().await {
-            let count = ch
-                .queue_declare(
-                    self.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+            let count = crate::amqp::ready_count(&ch, &self.queue)
                 .await
-                .map(|q| q.message_count() as usize);
+                .map(|c| c as usize);
             let _ = ch.close(200, ShortString::from("ok")).await;
             // Quorum queues return held messages asynchronously after the channel closes.
             if count.is_err()
@@ -352,15 +345,36 @@ pub async fn export(settings: &Settings, out: &Path) -> ExitCode {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// What `dlq replay` moves (its command-line options).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ReplayFilter {
+    /// Only this ext id.
+    #[arg(long)]
     pub ext_id: Option<String>,
+    /// Only this x-error-kind (invalid_command, rejected, name_conflict, retries_exhausted,
+    /// or broker:<reason> for messages the broker dead-lettered, e.g. broker:delivery_limit).
+    #[arg(long)]
     pub kind: Option<String>,
+    /// Move at most N messages.
+    #[arg(long)]
     pub limit: Option<usize>,
-    /// Messages per second.
+    /// At most R messages per second (e.g. 20 or 20/s).
+    #[arg(long, value_parser = parse_rate)]
     pub rate: Option<f64>,
+    /// Show what would move; move nothing.
+    #[arg(long)]
     pub dry_run: bool,
+    /// Skip messages already replayed this many times.
+    #[arg(long, default_value_t = 5)]
     pub max_replays: u32,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.trim().trim_end_matches("/s");
+    match number.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("{text:?} is not a positive rate (e.g. 20 or 20/s)")),
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -412,12 +426,7 @@ pub async fn replay(
         }
         if filter.dry_run {
             summary.moved += 1;
-            println!(
-                "would replay #{} kind={} ext_id={}",
-                letter.position,
-                letter.kind,
-                letter.ext_id.as_deref().unwrap_or("-")
-            );
+            println!("would replay {}", letter.describe());
             continue;
         }
         if let Some(i) = interval {
@@ -453,12 +462,7 @@ pub async fn replay(
             break;
         }
         summary.moved += 1;
-        println!(
-            "replayed #{} kind={} ext_id={}",
-            letter.position,
-            letter.kind,
-            letter.ext_id.as_deref().unwrap_or("-")
-        );
+        println!("replayed {}", letter.describe());
     }
     summary.interrupted = stop.is_cancelled();
     // What was not moved goes back, in order.
@@ -589,6 +593,14 @@ mod tests {
         );
         assert_eq!(header_string(h, "custom").as_deref(), Some("kept"));
         assert_eq!(p.message_id().as_ref().map(|m| m.as_str()), Some("m"));
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("20"), Ok(20.0));
+        assert_eq!(parse_rate("2.5/s"), Ok(2.5));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl Circuit {
         }
     }
 
-    /// The API answered (anything but a transient failure).
+    /// A create POST was answered (anything but a transient failure).
     pub fn record_success(&self) {
         self.consecutive_failures.store(0, Ordering::SeqCst);
     }

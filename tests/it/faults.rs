@@ -83,11 +83,7 @@ async fn kill_9_mid_load_then_restart_is_exactly_once() {
     collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
     env.wait_drained(0, Duration::from_secs(30)).await;
     assert_exactly_once(&env, &exts);
-    second.signal("-TERM");
-    assert_eq!(
-        second.wait_exit(Duration::from_secs(15)).await.code(),
-        Some(0)
-    );
+    second.stop().await;
     env.cleanup().await;
 }
 
@@ -135,8 +131,7 @@ async fn two_worker_processes_the_same_ext_id_fifty_times_make_one_group() {
         "both workers took deliveries: {served:?}"
     );
     for w in [&mut a, &mut b] {
-        w.signal("-TERM");
-        assert_eq!(w.wait_exit(Duration::from_secs(15)).await.code(), Some(0));
+        w.stop().await;
     }
     env.cleanup().await;
 }
@@ -192,11 +187,7 @@ async fn redis_stopped_for_ten_seconds_under_load() {
         worker.child.try_wait().expect("status").is_none(),
         "the worker never exited"
     );
-    worker.signal("-TERM");
-    assert_eq!(
-        worker.wait_exit(Duration::from_secs(15)).await.code(),
-        Some(0)
-    );
+    worker.stop().await;
     env.cleanup().await;
 }
 
@@ -380,11 +371,7 @@ async fn twenty_consecutive_503s_open_the_circuit_which_closes_after_recovery() 
         outcomes.iter().all(|l| l["outcome"] != "dead_lettered"),
         "nothing dead-lettered"
     );
-    worker.signal("-TERM");
-    assert_eq!(
-        worker.wait_exit(Duration::from_secs(15)).await.code(),
-        Some(0)
-    );
+    worker.stop().await;
     env.cleanup().await;
 }
 

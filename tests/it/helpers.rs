@@ -433,19 +433,11 @@ impl TestEnv {
 
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                ShortString::from(queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let n = group_provisioner::amqp::ready_count(&ch, queue)
             .await
             .expect("queue exists");
         let _ = ch.close(200, ShortString::from("ok")).await;
-        q.message_count()
+        n
     }
 
     /// Take every message currently in the DLQ.
@@ -491,6 +483,28 @@ impl TestEnv {
         })
         .await;
         self.drain_dlq().await
+    }
+
+    /// A command for one of our binaries, configured for this world through the
+    /// environment only (as operators run it), outside the repository so no
+    /// config/default.toml is picked up.
+    pub fn command(&self, bin: &str) -> tokio::process::Command {
+        let s = &self.settings;
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.current_dir(std::env::temp_dir())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PROVISIONER__AMQP__URL", s.amqp.url.expose())
+            .env("PROVISIONER__REDIS__URL", s.redis.url.expose())
+            .env("PROVISIONER__REDIS__KEY_PREFIX", &s.redis.key_prefix)
+            .env("PROVISIONER__API__BASE_URL", &s.api.base_url)
+            .env("PROVISIONER__API__TOKEN", SIM_TOKEN)
+            .env("PROVISIONER__API__TIMEOUT", "2s")
+            .env("PROVISIONER__RETRY__INITIAL", "10ms")
+            .env("PROVISIONER__RETRY__MAX_INTERVAL", "50ms")
+            .env("PROVISIONER__RETRY__DELAYS", "1s,2s")
+            .env("PROVISIONER__METRICS__LISTEN", "127.0.0.1:0");
+        cmd
     }
 
     pub async fn cleanup(self) {

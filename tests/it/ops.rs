@@ -23,17 +23,8 @@ async fn cli_with_stdin(
     extra: &[(&str, &str)],
     stdin: Option<&str>,
 ) -> Output {
-    let s = &env.settings;
-    let mut cmd = tokio::process::Command::new(BIN);
+    let mut cmd = env.command(BIN);
     cmd.args(args)
-        .current_dir(std::env::temp_dir())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PROVISIONER__AMQP__URL", s.amqp.url.expose())
-        .env("PROVISIONER__REDIS__KEY_PREFIX", &s.redis.key_prefix)
-        .env("PROVISIONER__API__BASE_URL", &s.api.base_url)
-        .env("PROVISIONER__API__TOKEN", SIM_TOKEN)
-        .env("PROVISIONER__RETRY__DELAYS", "1s,2s")
         .stdin(if stdin.is_some() {
             std::process::Stdio::piped()
         } else {

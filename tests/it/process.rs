@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::helpers::*;
 
@@ -20,21 +20,8 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn spawn(env: &TestEnv, extra_env: &[(&str, &str)]) -> WorkerProcess {
-        let s = &env.settings;
-        let mut cmd = Command::new(BIN);
+        let mut cmd = env.command(BIN);
         cmd.arg("run")
-            .current_dir(std::env::temp_dir())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PROVISIONER__AMQP__URL", s.amqp.url.expose())
-            .env("PROVISIONER__REDIS__KEY_PREFIX", &s.redis.key_prefix)
-            .env("PROVISIONER__API__BASE_URL", &s.api.base_url)
-            .env("PROVISIONER__API__TOKEN", SIM_TOKEN)
-            .env("PROVISIONER__API__TIMEOUT", "2s")
-            .env("PROVISIONER__RETRY__INITIAL", "10ms")
-            .env("PROVISIONER__RETRY__MAX_INTERVAL", "50ms")
-            .env("PROVISIONER__RETRY__DELAYS", "1s,2s")
-            .env("PROVISIONER__METRICS__LISTEN", "127.0.0.1:0")
             .env("PROVISIONER__LOG__LEVEL", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -85,6 +72,16 @@ impl WorkerProcess {
             .status()
             .expect("kill runs");
         assert!(status.success());
+    }
+
+    /// SIGTERM, and expect exit code 0 within 15 s.
+    pub async fn stop(&mut self) {
+        self.signal("-TERM");
+        assert_eq!(
+            self.wait_exit(Duration::from_secs(15)).await.code(),
+            Some(0),
+            "SIGTERM exits 0"
+        );
     }
 
     pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
@@ -158,9 +155,7 @@ async fn one_outcome_line_per_delivery_with_the_contract_fields_and_no_pii() {
         assert!(!all.contains(secret), "{secret} leaked into the logs");
     }
 
-    worker.signal("-TERM");
-    let status = worker.wait_exit(Duration::from_secs(15)).await;
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    worker.stop().await;
     assert!(
         worker
             .lines()
