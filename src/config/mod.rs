@@ -506,11 +506,35 @@ impl Reader {
 
     fn settings(&mut self) -> Result<Settings, ConfigError> {
         let amqp = AmqpSettings {
-            url: SecretUrl::new(self.url("amqp.url", &["amqp", "amqps"])?),
+            url: SecretUrl::new(self.url("amqp.url", &["amqp", "amqps"]).and_then(|u| {
+                u.parse::<lapin::uri::AMQPUri>()
+                    .map(|_| u.clone())
+                    .map_err(|e| {
+                        ConfigError::new(
+                            "amqp.url",
+                            format!("{:?} is not an AMQP URI: {e}", SecretUrl::new(u).redacted()),
+                        )
+                    })
+            })?),
             prefetch: self.integer("amqp.prefetch", 1, i64::from(u16::MAX))?,
         };
         let redis = RedisSettings {
-            url: SecretUrl::new(self.url("redis.url", &["redis", "rediss", "unix", "redis+unix"])?),
+            url: SecretUrl::new(
+                self.url("redis.url", &["redis", "rediss", "unix", "redis+unix"])
+                    .and_then(|u| {
+                        redis::Client::open(u.as_str())
+                            .map(|_| u.clone())
+                            .map_err(|e| {
+                                ConfigError::new(
+                                    "redis.url",
+                                    format!(
+                                        "{:?} is not a Redis URL: {e}",
+                                        SecretUrl::new(u).redacted()
+                                    ),
+                                )
+                            })
+                    })?,
+            ),
             key_prefix: {
                 let p = self.required_text("redis.key_prefix")?;
                 if p.is_empty() || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -591,6 +615,17 @@ impl Reader {
             failed_routing_key: self.name("topology.failed_routing_key")?,
             delivery_limit: self.integer("topology.delivery_limit", 1, 1_000_000)?,
         };
+        for tier in &retry.delays {
+            let name = topology.delay_queue(tier);
+            if name.len() > 255 {
+                return Err(ConfigError::new(
+                    "topology.work_queue",
+                    format!(
+                        "delay queue name {name:?} would exceed 255 bytes; shorten the work queue name"
+                    ),
+                ));
+            }
+        }
         Ok(Settings {
             amqp,
             redis,
@@ -830,6 +865,16 @@ mod tests {
                 "scheme amqp or amqps",
             ),
             ("[redis]\nurl = \"nope\"\n", "redis.url", "not a URL"),
+            (
+                "[redis]\nurl = \"redis://h:6379/db\"\n",
+                "redis.url",
+                "not a Redis URL",
+            ),
+            (
+                "[amqp]\nurl = \"amqp://h:notaport/x\"\n",
+                "amqp.url",
+                "not a",
+            ),
             (
                 "[retry]\ndelays = [\"5s\", \"soon\"]\n",
                 "retry.delays",

@@ -213,7 +213,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             Ok(Claim::Acquired) => {
                 let result = tokio::select! {
                     r = self.provision(msg, command, trace, tries) => r,
-                    () = self.keep_lease(&command.ext_id, &owner, tries) => unreachable!("keep_lease never returns"),
+                    never = self.keep_lease(&command.ext_id, &owner, tries) => match never {},
                 };
                 self.settle(msg, command, &owner, tries, result).await
             }
@@ -222,7 +222,12 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
 
     /// Renew the lease every third of its length while the work runs. Never returns; on
     /// loss it flags `lease_lost` so no further POST is sent.
-    async fn keep_lease(&self, ext_id: &ExtId, owner: &str, tries: &Tries) {
+    async fn keep_lease(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        tries: &Tries,
+    ) -> std::convert::Infallible {
         let every = self.config.lease / 3;
         loop {
             tokio::time::sleep(every).await;
