@@ -71,6 +71,37 @@ impl Core {
     }
 }
 
+/// Once our claim appears in Redis, replace it with `new_owner`'s, as if our lease had
+/// expired and another worker had claimed the ext id.
+async fn take_over_claim(key: &str, new_owner: &str) {
+    let mut conn = redis_conn().await;
+    wait_for("the claim", Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .ok()
+                .flatten()
+        }
+    })
+    .await;
+    let newer = serde_json::to_string(&StoredRecord::Claimed {
+        owner: new_owner.into(),
+        claimed_at: "now".into(),
+    })
+    .expect("json");
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(newer)
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+}
+
 fn body(ext: &str) -> Value {
     json!({"org_unit_ext_id": ext, "org_unit_name": format!("Group {ext}"), "org_unit_parent_id": 1000})
 }
@@ -375,37 +406,7 @@ async fn a_stalled_worker_that_lost_its_lease_does_not_overwrite_the_new_owner()
     let store = core.processor.store();
     let key = store.group_key(&ext("L-1"));
     let work = core.run(body("L-1"));
-    let steal = async {
-        // Wait for our claim, then replace it as if the lease had expired and another
-        // worker had claimed (its renewals then fail: the owner differs).
-        let mut conn = redis_conn().await;
-        wait_for("the claim", Duration::from_secs(5), || {
-            let mut conn = conn.clone();
-            let key = key.clone();
-            async move {
-                let v: Option<String> = redis::cmd("GET")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
-                v
-            }
-        })
-        .await;
-        let newer = serde_json::to_string(&StoredRecord::Claimed {
-            owner: "newer/1".into(),
-            claimed_at: "now".into(),
-        })
-        .expect("json");
-        let _: () = redis::cmd("SET")
-            .arg(&key)
-            .arg(newer)
-            .arg("PX")
-            .arg(30_000)
-            .query_async(&mut conn)
-            .await
-            .expect("set");
-    };
+    let steal = take_over_claim(&key, "newer/1");
     let (v, ()) = tokio::join!(work, steal);
     // The POST that was in flight still created the group; its event says so, but the
     // newer owner's claim was not overwritten.
@@ -431,35 +432,7 @@ async fn a_lost_lease_stops_further_posts() {
     let store = core.processor.store();
     let key = store.group_key(&ext("L-2"));
     let work = core.run(body("L-2"));
-    let steal = async {
-        let mut conn = redis_conn().await;
-        wait_for("the claim", Duration::from_secs(5), || {
-            let mut conn = conn.clone();
-            let key = key.clone();
-            async move {
-                redis::cmd("GET")
-                    .arg(&key)
-                    .query_async::<Option<String>>(&mut conn)
-                    .await
-                    .ok()
-                    .flatten()
-            }
-        })
-        .await;
-        let newer = serde_json::to_string(&StoredRecord::Claimed {
-            owner: "newer/2".into(),
-            claimed_at: "now".into(),
-        })
-        .expect("json");
-        let _: () = redis::cmd("SET")
-            .arg(&key)
-            .arg(newer)
-            .arg("PX")
-            .arg(30_000)
-            .query_async(&mut conn)
-            .await
-            .expect("set");
-    };
+    let steal = take_over_claim(&key, "newer/2");
     let (v, ()) = tokio::join!(work, steal);
     assert!(
         matches!(

@@ -39,6 +39,20 @@ fn assert_exactly_once(env: &TestEnv, exts: &HashSet<String>) {
     }
 }
 
+/// The remaining ext ids all get a `group.created`, the queues drain with nothing
+/// dead-lettered, and every ext id has exactly one group.
+async fn all_done_exactly_once(
+    env: &TestEnv,
+    tap: &mut EventTap,
+    remaining: &HashSet<String>,
+    exts: &HashSet<String>,
+    deadline: Duration,
+) {
+    collect_created(tap, remaining, deadline).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(env, exts);
+}
+
 fn worker_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     let mut v = vec![
         ("PROVISIONER__DEDUP__LEASE", "2s"),
@@ -80,9 +94,7 @@ async fn kill_9_mid_load_then_restart_is_exactly_once() {
     );
 
     let mut second = WorkerProcess::spawn(&env, &worker_env(&[]));
-    collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
-    env.wait_drained(0, Duration::from_secs(30)).await;
-    assert_exactly_once(&env, &exts);
+    all_done_exactly_once(&env, &mut tap, &rest, &exts, Duration::from_secs(120)).await;
     second.stop().await;
     env.cleanup().await;
 }
@@ -179,9 +191,7 @@ async fn redis_stopped_for_ten_seconds_under_load() {
     );
 
     let _redis = RedisServer::start(port).await; // empty: everything it knew is gone
-    collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
-    env.wait_drained(0, Duration::from_secs(30)).await;
-    assert_exactly_once(&env, &exts);
+    all_done_exactly_once(&env, &mut tap, &rest, &exts, Duration::from_secs(120)).await;
     assert!(worker.lines().iter().any(|l| l["circuit"] == "closed"));
     assert!(
         worker.child.try_wait().expect("status").is_none(),
@@ -218,9 +228,7 @@ async fn broker_closing_the_connections_mid_load() {
         closed_at.elapsed() < Duration::from_secs(60),
         "resumed within 60 s"
     );
-    collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
-    env.wait_drained(0, Duration::from_secs(30)).await;
-    assert_exactly_once(&env, &exts);
+    all_done_exactly_once(&env, &mut tap, &rest, &exts, Duration::from_secs(120)).await;
     worker.shutdown();
     worker.join().await;
     env.cleanup().await;
@@ -252,9 +260,7 @@ async fn sigterm_mid_load_exits_0_within_the_drain_timeout() {
     assert!(env.sim.sim.stats().groups_created < 200, "stopped mid-load");
 
     let mut second = WorkerProcess::spawn(&env, &worker_env(&[]));
-    collect_created(&mut tap, &rest, Duration::from_secs(120)).await;
-    env.wait_drained(0, Duration::from_secs(30)).await;
-    assert_exactly_once(&env, &exts);
+    all_done_exactly_once(&env, &mut tap, &rest, &exts, Duration::from_secs(120)).await;
     second.signal("-INT");
     assert_eq!(
         second.wait_exit(Duration::from_secs(15)).await.code(),
@@ -321,9 +327,7 @@ async fn login_mode_two_replicas_tokens_revoked_mid_run() {
     env.send_many(&bodies).await;
     let rest = wait_events(&mut tap, 30, &exts).await;
     env.sim.sim.revoke_access_tokens();
-    collect_created(&mut tap, &rest, Duration::from_secs(90)).await;
-    env.wait_drained(0, Duration::from_secs(30)).await;
-    assert_exactly_once(&env, &exts);
+    all_done_exactly_once(&env, &mut tap, &rest, &exts, Duration::from_secs(90)).await;
     let stats = env.sim.sim.stats();
     assert_eq!(
         stats.refresh_reuse, 0,
@@ -411,9 +415,7 @@ async fn deliveries_unfinished_at_the_drain_timeout_go_back_to_the_queue() {
     env.sim.sim.update_faults(|f| f.latency_ms = 0);
     settings.shutdown.drain_timeout = Duration::from_secs(10);
     let again = env.spawn_worker_with(settings).await;
-    collect_created(&mut tap, &exts, Duration::from_secs(60)).await;
-    env.wait_drained(0, Duration::from_secs(30)).await;
-    assert_exactly_once(&env, &exts);
+    all_done_exactly_once(&env, &mut tap, &exts, &exts, Duration::from_secs(60)).await;
     again.shutdown();
     again.join().await;
     env.cleanup().await;
