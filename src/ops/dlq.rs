@@ -20,8 +20,8 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::Publisher;
 use crate::amqp::headers::{self, HeaderUpdate, header_string, header_u32};
-use crate::amqp::{Publisher, short};
 use crate::config::Settings;
 
 use super::{BROKER_TIMEOUT, connect};
@@ -156,69 +156,100 @@ fn table_to_json(t: &FieldTable) -> Value {
     Value::Object(m)
 }
 
-/// The DLQ held unacked: dropping the snapshot (closing its channel) puts back everything
-/// that was not acked, in order.
-pub struct Snapshot {
-    pub letters: Vec<DeadLetter>,
+/// One pass over the DLQ. Messages are consumed (unlimited prefetch) and never acked
+/// unless moved, so the broker keeps them; closing the reader puts back everything not
+/// acked, in its original order. (`basic.get` would avoid the prefetch, but quorum queues
+/// return messages taken that way behind the ones never taken: the order would change.)
+/// Each message is dropped, still unacked, once handled, so only what the broker has sent
+/// ahead is buffered. The pass stops at the number of messages the queue held when it
+/// started, so newer arrivals are not read.
+pub struct DlqReader {
     pub total_in_queue: u32,
+    wanted: usize,
+    read: usize,
     queue: String,
+    consumer: Option<lapin::Consumer>,
     conn: Connection,
     channel: Channel,
 }
 
-impl Snapshot {
-    /// Take up to `max` messages (all when `None`) without removing them.
-    pub async fn take(settings: &Settings, max: Option<usize>) -> Result<Snapshot, String> {
+impl DlqReader {
+    /// Open a pass over at most `max` messages (all when `None`).
+    pub async fn open(settings: &Settings, max: Option<usize>) -> Result<DlqReader, String> {
         let (conn, channel) = connect(settings, "dlq").await?;
-        let queue = settings.topology.dead_letter_queue.as_str();
-        let total = crate::amqp::ready_count(&channel, queue)
+        let queue = settings.topology.dead_letter_queue.clone();
+        let total = crate::amqp::ready_count(&channel, &queue)
             .await
             .map_err(|e| format!("dead-letter queue {queue:?}: {e}"))?;
         let wanted = max.map_or(total as usize, |m| m.min(total as usize));
-        let mut letters = Vec::with_capacity(wanted);
-        if wanted > 0 {
-            // Unlimited prefetch: we hold what we read until we decide.
+        let consumer = if wanted == 0 {
+            None
+        } else {
+            // Unlimited prefetch: every message of the pass stays unacked until we close.
             channel
                 .basic_qos(0, BasicQosOptions::default())
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut consumer = channel
-                .basic_consume(
-                    ShortString::from(queue),
-                    short(&format!(
-                        "group-provisioner-dlq-{}",
-                        uuid::Uuid::new_v4().simple()
-                    )),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            while letters.len() < wanted {
-                match tokio::time::timeout(BROKER_TIMEOUT, consumer.next()).await {
-                    Ok(Some(Ok(d))) => letters.push(DeadLetter::new(letters.len() + 1, d)),
-                    Ok(Some(Err(e))) => return Err(e.to_string()),
-                    // Someone else consumed meanwhile: the snapshot is what we got.
-                    Ok(None) | Err(_) => break,
-                }
-            }
-        }
-        Ok(Snapshot {
-            letters,
+            let tag = format!("group-provisioner-dlq-{}", uuid::Uuid::new_v4().simple());
+            Some(
+                channel
+                    .basic_consume(
+                        ShortString::from(queue.as_str()),
+                        ShortString::from(tag),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        Ok(DlqReader {
             total_in_queue: total,
-            queue: queue.to_owned(),
+            wanted,
+            read: 0,
+            queue,
+            consumer,
             conn,
             channel,
         })
     }
 
+    /// The confirm-mode channel the messages were read on (their acks go through it).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Messages of the pass not read yet.
+    pub fn remaining(&self) -> usize {
+        self.wanted.saturating_sub(self.read)
+    }
+
+    /// The next dead letter of the pass, or `None` at its end.
+    pub async fn next(&mut self) -> Result<Option<DeadLetter>, String> {
+        if self.read >= self.wanted {
+            return Ok(None);
+        }
+        let Some(consumer) = self.consumer.as_mut() else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(BROKER_TIMEOUT, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                self.read += 1;
+                Ok(Some(DeadLetter::new(self.read, delivery)))
+            }
+            Ok(Some(Err(e))) => Err(e.to_string()),
+            // Someone else consumed meanwhile: the pass is what we got.
+            Ok(None) | Err(_) => Ok(None),
+        }
+    }
+
     /// Return every unacked message to the queue, in order, and wait (up to a few seconds)
     /// until the broker shows them again, so a command run right after sees the whole DLQ.
-    /// `removed` is how many of the snapshot were acked (moved).
-    pub async fn release(self, removed: usize) {
+    /// `removed` is how many of the pass were acked (moved).
+    pub async fn close(self, removed: usize) {
         let _ = self
             .channel
-            .close(200, ShortString::from("dlq snapshot done"))
+            .close(200, ShortString::from("dlq pass done"))
             .await;
         let expected = (self.total_in_queue as usize).saturating_sub(removed);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -241,28 +272,40 @@ impl Snapshot {
 }
 
 pub async fn stats(settings: &Settings, as_json: bool) -> ExitCode {
-    let snap = match Snapshot::take(settings, None).await {
-        Ok(s) => s,
+    let mut reader = match DlqReader::open(settings, None).await {
+        Ok(r) => r,
         Err(e) => return fail("dlq stats", &e),
     };
-    let mut by_kind: BTreeMap<&str, u64> = BTreeMap::new();
-    for l in &snap.letters {
-        *by_kind.entry(l.kind.as_str()).or_insert(0) += 1;
+    let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
+    let mut oldest: Option<String> = None;
+    let result = loop {
+        match reader.next().await {
+            Ok(Some(l)) => {
+                *by_kind.entry(l.kind.clone()).or_insert(0) += 1;
+                if let Some(t) = l.header(headers::X_FIRST_FAILED_AT)
+                    && oldest.as_ref().is_none_or(|o| t < *o)
+                {
+                    oldest = Some(t);
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let total = reader.total_in_queue;
+    reader.close(0).await;
+    if let Err(e) = result {
+        return fail("dlq stats", &e);
     }
-    let oldest = snap
-        .letters
-        .iter()
-        .filter_map(|l| l.header(headers::X_FIRST_FAILED_AT))
-        .min();
     if as_json {
         println!(
             "{}",
-            json!({"queue": settings.topology.dead_letter_queue, "count": snap.total_in_queue, "by_kind": by_kind, "oldest_first_failed_at": oldest})
+            json!({"queue": settings.topology.dead_letter_queue, "count": total, "by_kind": by_kind, "oldest_first_failed_at": oldest})
         );
     } else {
         println!(
-            "{}: {} dead letters",
-            settings.topology.dead_letter_queue, snap.total_in_queue
+            "{}: {total} dead letters",
+            settings.topology.dead_letter_queue
         );
         for (kind, n) in &by_kind {
             println!("  {kind:<24} {n}");
@@ -271,69 +314,79 @@ pub async fn stats(settings: &Settings, as_json: bool) -> ExitCode {
             println!("  oldest first failure     {o}");
         }
     }
-    snap.release(0).await;
     ExitCode::SUCCESS
 }
 
 pub async fn peek(settings: &Settings, limit: usize, as_json: bool) -> ExitCode {
-    let snap = match Snapshot::take(settings, Some(limit)).await {
-        Ok(s) => s,
+    let mut reader = match DlqReader::open(settings, Some(limit)).await {
+        Ok(r) => r,
         Err(e) => return fail("dlq peek", &e),
     };
-    for l in &snap.letters {
+    let mut shown = 0;
+    let result = loop {
+        let l = match reader.next().await {
+            Ok(Some(l)) => l,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        shown += 1;
+        let j = l.to_json();
         if as_json {
-            println!("{}", l.to_json());
-        } else {
-            let j = l.to_json();
-            println!(
-                "#{} kind={} http={} attempts={} replays={} ext_id={} first_failed={}",
-                l.position,
-                l.kind,
-                j["http_status"],
-                j["attempts"],
-                j["replay_count"],
-                l.ext_id.as_deref().unwrap_or("-"),
-                j["first_failed_at"].as_str().unwrap_or("-"),
-            );
-            if let Some(m) = j["error_message"].as_str() {
-                println!("   reason: {m}");
-            }
-            let body = j["body"]
-                .as_str()
-                .map_or_else(|| "(binary, see --json)".to_owned(), |b| cut(b, 300));
-            println!("   body:   {body}");
+            println!("{j}");
+            continue;
         }
+        println!(
+            "#{} kind={} http={} attempts={} replays={} ext_id={} first_failed={}",
+            l.position,
+            l.kind,
+            j["http_status"],
+            j["attempts"],
+            j["replay_count"],
+            l.ext_id.as_deref().unwrap_or("-"),
+            j["first_failed_at"].as_str().unwrap_or("-"),
+        );
+        if let Some(m) = j["error_message"].as_str() {
+            println!("   reason: {m}");
+        }
+        let body = j["body"]
+            .as_str()
+            .map_or_else(|| "(binary, see --json)".to_owned(), |b| cut(b, 300));
+        println!("   body:   {body}");
+    };
+    let total = reader.total_in_queue;
+    reader.close(0).await;
+    if let Err(e) = result {
+        return fail("dlq peek", &e);
     }
     if !as_json {
-        println!(
-            "({} shown of {}; nothing was removed)",
-            snap.letters.len(),
-            snap.total_in_queue
-        );
+        println!("({shown} shown of {total}; nothing was removed)");
     }
-    snap.release(0).await;
     ExitCode::SUCCESS
 }
 
 pub async fn export(settings: &Settings, out: &Path) -> ExitCode {
-    let snap = match Snapshot::take(settings, None).await {
-        Ok(s) => s,
+    let mut reader = match DlqReader::open(settings, None).await {
+        Ok(r) => r,
         Err(e) => return fail("dlq export", &e),
     };
-    let written = (|| -> std::io::Result<usize> {
-        // Write next to the target, then rename: a half-written audit file never appears.
-        let tmp = out.with_extension("jsonl.tmp");
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        for l in &snap.letters {
-            writeln!(file, "{}", l.to_json())?;
+    // Write next to the target, then rename: a half-written audit file never appears.
+    let tmp = out.with_extension("jsonl.tmp");
+    let result: Result<usize, String> = async {
+        let io = |e: std::io::Error| format!("{}: {e}", tmp.display());
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        let mut n = 0;
+        while let Some(l) = reader.next().await? {
+            writeln!(file, "{}", l.to_json()).map_err(io)?;
+            n += 1;
         }
-        file.flush()?;
+        file.flush().map_err(io)?;
         drop(file);
-        std::fs::rename(&tmp, out)?;
-        Ok(snap.letters.len())
-    })();
-    snap.release(0).await;
-    match written {
+        std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))?;
+        Ok(n)
+    }
+    .await;
+    reader.close(0).await;
+    match result {
         Ok(n) => {
             eprintln!(
                 "exported {n} dead letters to {} (nothing was removed)",
@@ -341,7 +394,10 @@ pub async fn export(settings: &Settings, out: &Path) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail("dlq export", &format!("{}: {e}", out.display())),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            fail("dlq export", &e)
+        }
     }
 }
 
@@ -393,8 +449,8 @@ pub async fn replay(
     filter: &ReplayFilter,
     stop: CancellationToken,
 ) -> Result<ReplaySummary, String> {
-    let snap = Snapshot::take(settings, None).await?;
-    let publisher = Publisher::new(snap.channel.clone());
+    let mut reader = DlqReader::open(settings, None).await?;
+    let publisher = Publisher::new(reader.channel().clone());
     let topology = &settings.topology;
     let mut summary = ReplaySummary::default();
     let interval = filter
@@ -403,22 +459,34 @@ pub async fn replay(
         .map(|r| Duration::from_secs_f64(1.0 / r));
     let mut next_at = tokio::time::Instant::now();
     let mut result = Ok(());
-    for letter in &snap.letters {
+    loop {
+        let letter = match reader.next().await {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
         let matches = filter
             .ext_id
             .as_deref()
             .is_none_or(|x| letter.ext_id.as_deref() == Some(x))
             && filter.kind.as_deref().is_none_or(|k| letter.kind == k);
-        if !matches || filter.limit.is_some_and(|l| summary.moved >= l) || stop.is_cancelled() {
+        if filter.limit.is_some_and(|l| summary.moved >= l) || stop.is_cancelled() {
+            // Done: this one and the rest of the pass stay where they are.
+            summary.kept += 1 + reader.remaining();
+            break;
+        }
+        if !matches {
             summary.kept += 1;
             continue;
         }
         if letter.replay_count() >= filter.max_replays {
             summary.skipped += 1;
             eprintln!(
-                "skip #{} ext_id={}: replayed {} times already (--max-replays {})",
-                letter.position,
-                letter.ext_id.as_deref().unwrap_or("-"),
+                "skip {}: replayed {} times already (--max-replays {})",
+                letter.describe(),
                 letter.replay_count(),
                 filter.max_replays
             );
@@ -445,29 +513,29 @@ pub async fn replay(
             .await
         {
             result = Err(format!(
-                "publishing #{} back failed ({e}); it stays in the DLQ",
-                letter.position
+                "publishing {} back failed ({e}); it stays in the DLQ",
+                letter.describe()
             ));
             summary.kept += 1;
             break;
         }
+        summary.moved += 1;
         if let Err(e) = letter.delivery.ack(BasicAckOptions::default()).await {
             // Published but not acked: the dead letter returns to the DLQ as well. Replaying
             // it again is harmless (deduplication), so report and stop.
             result = Err(format!(
-                "#{} was replayed but its dead letter could not be removed: {e}",
-                letter.position
+                "{} was replayed but its dead letter could not be removed: {e}",
+                letter.describe()
             ));
-            summary.moved += 1;
             break;
         }
-        summary.moved += 1;
         println!("replayed {}", letter.describe());
     }
     summary.interrupted = stop.is_cancelled();
     // What was not moved goes back, in order.
-    let removed = if filter.dry_run { 0 } else { summary.moved };
-    snap.release(removed).await;
+    reader
+        .close(if filter.dry_run { 0 } else { summary.moved })
+        .await;
     result.map(|()| summary)
 }
 

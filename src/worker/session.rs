@@ -111,37 +111,11 @@ async fn session(
     failures: &mut u32,
 ) -> Result<(), SessionError> {
     let settings = &shared.settings;
-    let conn = step(
-        "connect",
-        amqp::connect(
-            settings.amqp.url.expose(),
-            &format!("group-provisioner {}", shared.worker_id),
-        ),
-    )
-    .await
-    .map_err(SessionError::Connect)?;
-    let publish_channel = step("open channel", conn.create_channel())
-        .await
-        .map_err(SessionError::Channel)?;
-    step(
-        "confirm.select",
-        publish_channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await
-    .map_err(SessionError::Channel)?;
-    let topology = Topology::new(&settings.topology, &settings.retry.delays);
-    step("declare topology", topology.declare(&publish_channel))
-        .await
-        .map_err(SessionError::Topology)?;
-    let consume_channel = step("open channel", conn.create_channel())
-        .await
-        .map_err(SessionError::Channel)?;
-    step(
-        "basic.qos",
-        consume_channel.basic_qos(settings.amqp.prefetch, BasicQosOptions::default()),
-    )
-    .await
-    .map_err(SessionError::Channel)?;
+    // SIGTERM while the broker is unreachable must not wait out the connect timeout.
+    let (conn, publish_channel, consume_channel) = tokio::select! {
+        ready = open(shared) => ready?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(amqp = %settings.amqp.url, "connected to the broker; topology declared");
     shared.connected.store(true, Ordering::SeqCst);
 
@@ -215,6 +189,44 @@ async fn session(
     // On a lost session the in-flight tasks cannot settle on the dead channel; the broker
     // redelivers their messages, so they are left to finish on their own.
     result
+}
+
+/// Connection, a confirm-mode publish channel with the topology declared, and a consume
+/// channel with the QoS set.
+async fn open(shared: &Shared) -> Result<(lapin::Connection, Channel, Channel), SessionError> {
+    let settings = &shared.settings;
+    let conn = step(
+        "connect",
+        amqp::connect(
+            settings.amqp.url.expose(),
+            &format!("group-provisioner {}", shared.worker_id),
+        ),
+    )
+    .await
+    .map_err(SessionError::Connect)?;
+    let publish_channel = step("open channel", conn.create_channel())
+        .await
+        .map_err(SessionError::Channel)?;
+    step(
+        "confirm.select",
+        publish_channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await
+    .map_err(SessionError::Channel)?;
+    let topology = Topology::new(&settings.topology, &settings.retry.delays);
+    step("declare topology", topology.declare(&publish_channel))
+        .await
+        .map_err(SessionError::Topology)?;
+    let consume_channel = step("open channel", conn.create_channel())
+        .await
+        .map_err(SessionError::Channel)?;
+    step(
+        "basic.qos",
+        consume_channel.basic_qos(settings.amqp.prefetch, BasicQosOptions::default()),
+    )
+    .await
+    .map_err(SessionError::Channel)?;
+    Ok((conn, publish_channel, consume_channel))
 }
 
 async fn consume(shared: &Shared, channel: &Channel) -> Result<(Consumer, String), SessionError> {

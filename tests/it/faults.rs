@@ -420,3 +420,43 @@ async fn deliveries_unfinished_at_the_drain_timeout_go_back_to_the_queue() {
     again.join().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_prompt_while_the_broker_does_not_answer() {
+    // A "broker" that accepts TCP connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let (connected_tx, mut connected) = tokio::sync::mpsc::unbounded_channel();
+    let accept = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+            let _ = connected_tx.send(());
+        }
+    });
+    let sim = spawn_sim().await;
+    let prefix = unique("gp-hung");
+    let mut settings = test_settings("unused", &prefix, &sim.base_url());
+    settings.amqp.url =
+        group_provisioner::secret::SecretUrl::new(format!("amqp://guest:guest@{addr}/%2f"));
+    let worker = group_provisioner::worker::start(settings).expect("starts");
+    // Wait until it is stuck in the AMQP handshake with the silent peer.
+    tokio::time::timeout(Duration::from_secs(10), connected.recv())
+        .await
+        .expect("the worker connects")
+        .expect("accepted");
+    assert!(!worker.is_consuming());
+    let asked = Instant::now();
+    worker.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), worker.join())
+        .await
+        .expect("stopped without waiting out the 30 s connect timeout");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    accept.abort();
+}
