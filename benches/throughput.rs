@@ -18,26 +18,10 @@ async fn scenario(n: usize, latency_ms: u64, prefetch: u16) {
     env.sim.sim.update_faults(|f| f.latency_ms = latency_ms);
     let mut events = env.event_tap().await;
     // Pre-load the work queue so the figure is the worker's, not the test publisher's.
-    let t = &env.settings.topology;
-    let mut confirms = Vec::with_capacity(n);
-    for i in 0..n {
-        let body = json!({"org_unit_ext_id": format!("B-{i}"), "org_unit_name": format!("Bench {i}"), "org_unit_parent_id": 1000});
-        confirms.push(
-            env.channel
-                .basic_publish(
-                    t.command_exchange.as_str().into(),
-                    t.command_routing_key.as_str().into(),
-                    lapin::options::BasicPublishOptions::default(),
-                    body.to_string().as_bytes(),
-                    lapin::BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .expect("publish"),
-        );
-    }
-    for c in confirms {
-        assert!(c.await.expect("confirm").is_ack());
-    }
+    let bodies: Vec<_> = (0..n)
+        .map(|i| json!({"org_unit_ext_id": format!("B-{i}"), "org_unit_name": format!("Bench {i}"), "org_unit_parent_id": 1000}))
+        .collect();
+    env.send_many(&bodies).await;
     let started = Instant::now();
     let worker = env.spawn_worker().await;
     events.take(n, Duration::from_secs(600)).await;

@@ -22,6 +22,28 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     Connection::connect(url, props).await
 }
 
+/// Publish one command to the command exchange: mandatory (it must reach the work queue)
+/// and persistent. The returned future resolves to the broker's confirm.
+pub async fn publish_command(
+    channel: &lapin::Channel,
+    topology: &crate::config::TopologySettings,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> Result<lapin::PublisherConfirm, lapin::Error> {
+    channel
+        .basic_publish(
+            ShortString::from(topology.command_exchange.as_str()),
+            ShortString::from(topology.command_routing_key.as_str()),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..lapin::options::BasicPublishOptions::default()
+            },
+            body,
+            properties.with_delivery_mode(2),
+        )
+        .await
+}
+
 /// Messages ready in `queue`, by a passive declare (an error if the queue does not exist,
 /// which also closes `channel`, as AMQP does).
 pub async fn ready_count(channel: &lapin::Channel, queue: &str) -> Result<u32, lapin::Error> {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Confirmation, ExchangeKind};
 
@@ -125,20 +125,9 @@ async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), 
         for item in window {
             let props = BasicProperties::default()
                 .with_content_type(ShortString::from("application/json"))
-                .with_delivery_mode(2)
                 .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
                 .with_app_id(ShortString::from("group-provisioner send"));
-            let confirm = channel
-                .basic_publish(
-                    ShortString::from(t.command_exchange.as_str()),
-                    ShortString::from(t.command_routing_key.as_str()),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &item.body,
-                    props,
-                )
+            let confirm = crate::amqp::publish_command(&channel, t, &item.body, props)
                 .await
                 .map_err(|e| format!("line {}: {e}", item.line))?;
             pending.push((item.line, confirm));

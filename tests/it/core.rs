@@ -367,9 +367,8 @@ async fn transient_failures_go_to_the_next_tier_then_exhaust() {
     assert_eq!(failure.http_status, Some(503));
     assert_eq!(*attempts, 9);
     // After the first POST every re-POST was preceded by a List (a 5xx may have committed).
-    let log = core.sim.sim.requests();
-    let posts = log.iter().filter(|r| r.method == "POST").count();
-    let lists = log.iter().filter(|r| r.method == "GET").count();
+    let stats = core.sim.sim.stats();
+    let (posts, lists) = (stats.create_requests, stats.list_requests);
     assert_eq!(posts, 9);
     assert_eq!(
         lists, 8,
@@ -444,13 +443,7 @@ async fn a_lost_lease_stops_further_posts() {
         ),
         "{v:?}"
     );
-    let posts = core
-        .sim
-        .sim
-        .requests()
-        .iter()
-        .filter(|r| r.method == "POST")
-        .count();
+    let posts = core.sim.sim.stats().create_requests;
     assert!(
         posts < 3,
         "stopped posting once the lease was lost ({posts} POSTs)"

@@ -16,8 +16,8 @@ use group_provisioner::secret::Secret;
 use group_provisioner::sim::{self, SimConfig, SimHandle};
 use group_provisioner::worker::{self, WorkerHandle};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -87,32 +87,26 @@ fn http() -> reqwest::Client {
 /// Create a vhost with full permissions for guest (management HTTP API).
 pub async fn create_vhost(name: &str) {
     let c = http();
+    management_put(&c, &format!("vhosts/{name}"), "{}").await;
+    management_put(
+        &c,
+        &format!("permissions/{name}/guest"),
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )
+    .await;
+}
+
+/// PUT a JSON body to the management API, failing the test on anything but success.
+async fn management_put(c: &reqwest::Client, path: &str, body: &'static str) {
     let r = c
-        .put(format!("{MANAGEMENT}/api/vhosts/{name}"))
+        .put(format!("{MANAGEMENT}/api/{path}"))
         .basic_auth("guest", Some("guest"))
         .header("content-type", "application/json")
-        .body("{}")
+        .body(body)
         .send()
         .await
         .expect("management API reachable (rabbitmq_management enabled? see scripts/services.sh)");
-    assert!(
-        r.status().is_success(),
-        "create vhost {name}: {}",
-        r.status()
-    );
-    let r = c
-        .put(format!("{MANAGEMENT}/api/permissions/{name}/guest"))
-        .basic_auth("guest", Some("guest"))
-        .header("content-type", "application/json")
-        .body(r#"{"configure":".*","write":".*","read":".*"}"#)
-        .send()
-        .await
-        .expect("set permissions");
-    assert!(
-        r.status().is_success(),
-        "permissions on {name}: {}",
-        r.status()
-    );
+    assert!(r.status().is_success(), "PUT {path}: {}", r.status());
 }
 
 pub async fn delete_vhost(name: &str) {
@@ -304,23 +298,16 @@ impl TestEnv {
     }
 
     pub async fn send_raw(&self, body: &[u8], props: BasicProperties) {
-        let t = &self.settings.topology;
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(t.command_exchange.as_str()),
-                ShortString::from(t.command_routing_key.as_str()),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                props.with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        let confirm = group_provisioner::amqp::publish_command(
+            &self.channel,
+            &self.settings.topology,
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
         assert_eq!(
             confirm,
             Confirmation::Ack(None),
@@ -333,22 +320,17 @@ impl TestEnv {
         let t = &self.settings.topology;
         let mut confirms = Vec::with_capacity(bodies.len());
         for body in bodies {
+            let props =
+                BasicProperties::default().with_content_type(ShortString::from("application/json"));
             confirms.push(
-                self.channel
-                    .basic_publish(
-                        ShortString::from(t.command_exchange.as_str()),
-                        ShortString::from(t.command_routing_key.as_str()),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        body.to_string().as_bytes(),
-                        BasicProperties::default()
-                            .with_content_type(ShortString::from("application/json"))
-                            .with_delivery_mode(2),
-                    )
-                    .await
-                    .expect("publish"),
+                group_provisioner::amqp::publish_command(
+                    &self.channel,
+                    t,
+                    body.to_string().as_bytes(),
+                    props,
+                )
+                .await
+                .expect("publish"),
             );
         }
         for c in confirms {

@@ -513,8 +513,7 @@ async fn persistent_503_walks_the_delay_tiers_then_dead_letters() {
     assert_eq!(dead[0].attempts, 6);
     assert!(dead[0].first_failed_at.is_some());
     // Both delay queues were used and are empty again.
-    let log = env.sim.sim.requests();
-    assert_eq!(log.iter().filter(|r| r.method == "POST").count(), 6);
+    assert_eq!(env.sim.sim.stats().create_requests, 6);
     for tier in &env.settings.retry.delays {
         assert_eq!(
             env.queue_depth(&env.settings.topology.delay_queue(tier))
@@ -601,13 +600,7 @@ async fn a_429_pauses_every_api_call_not_just_its_message() {
         waited >= Duration::from_millis(2_800),
         "the second command went ahead after {waited:?}"
     );
-    let posts = env
-        .sim
-        .sim
-        .requests()
-        .iter()
-        .filter(|r| r.method == "POST")
-        .count();
+    let posts = env.sim.sim.stats().create_requests;
     assert_eq!(posts, 3, "429, then one POST each");
     worker.shutdown();
     worker.join().await;
