@@ -1,15 +1,19 @@
-//! Command-line interface of the `group-provisioner` binary (SPEC §7).
+//! Command-line interface of the `group-provisioner` binary: the one way in. It parses the
+//! arguments, loads the settings, runs the subcommand, and maps every result to an
+//! [`Exit`] code in one place.
 //!
-//! Invariant: `--config` is global (accepted before or after the subcommand); a config
-//! error exits 2 with one line `config error: <key>: <reason>` on stderr.
+//! Invariants: `--config` is global (accepted before or after the subcommand); a config
+//! error exits 2 with one line `config error: <key>: <reason>` on stderr; an operator
+//! command's error is one line `<command>: <error>` on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Settings;
-use crate::ops;
+use crate::config::{ConfigError, Settings};
+use crate::ops::{self, OpsError};
+use crate::worker::StartError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -100,28 +104,92 @@ pub enum DlqCommand {
     Replay(ops::dlq::ReplayFilter),
 }
 
-/// Exit code for configuration errors (SPEC §9).
-pub const EXIT_CONFIG: u8 = 2;
-
-fn config_error(e: crate::config::ConfigError) -> ExitCode {
-    eprintln!("{e}");
-    ExitCode::from(EXIT_CONFIG)
+/// How the process ends. The codes are part of the operator interface (scripts and
+/// Kubernetes read them), so they are chosen here and nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: done; for `check`, every item passed; for `status`, the ext id is known.
+    Success,
+    /// 1: the command ran and something failed (a check item, a send, the broker).
+    Failure,
+    /// 1: `status`: nothing is known of the ext id.
+    Unknown,
+    /// 2: the invocation is wrong: a configuration error, a bad argument, an unreadable
+    /// input file.
+    Usage,
+    /// 3: `status`: the dedup store cannot be reached, so nothing can be said.
+    Unavailable,
+    /// 130: stopped by a signal before the end (`dlq replay`).
+    Interrupted,
 }
 
-pub fn load_settings(cli: &Cli) -> Result<Settings, ExitCode> {
+impl Exit {
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failure | Exit::Unknown => 1,
+            Exit::Usage => 2,
+            Exit::Unavailable => 3,
+            Exit::Interrupted => 130,
+        }
+    }
+
+    fn for_ops_error(e: &OpsError) -> Exit {
+        match e {
+            OpsError::BadArgument(_) | OpsError::Input { .. } => Exit::Usage,
+            OpsError::Store { .. } => Exit::Unavailable,
+            _ => Exit::Failure,
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit.code())
+    }
+}
+
+fn config_error(e: &ConfigError) -> Exit {
+    eprintln!("{e}");
+    Exit::Usage
+}
+
+fn success_if(ok: bool) -> Exit {
+    if ok { Exit::Success } else { Exit::Failure }
+}
+
+/// Print an operator command's error as one line and choose its exit code.
+fn ops_result<T>(command: &str, result: Result<T, OpsError>, exit: impl FnOnce(T) -> Exit) -> Exit {
+    match result {
+        Ok(value) => exit(value),
+        Err(e) => {
+            eprintln!("{command}: {e}");
+            Exit::for_ops_error(&e)
+        }
+    }
+}
+
+pub fn load_settings(cli: &Cli) -> Result<Settings, Exit> {
     let needs_api = matches!(cli.command, Command::Run | Command::Check { .. });
     let loaded = if needs_api {
         Settings::load(cli.config.as_deref())
     } else {
         Settings::load_without_credentials(cli.config.as_deref())
     };
-    loaded.map_err(config_error)
+    loaded.map_err(|e| config_error(&e))
 }
 
-/// Run an operator subcommand (everything but `run`).
-pub async fn dispatch(cli: Cli, settings: Settings) -> ExitCode {
+/// Run the subcommand to its end.
+pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
     match cli.command {
-        Command::Run => crate::worker::run(settings).await,
+        Command::Run => match crate::worker::run(settings).await {
+            Ok(()) => Exit::Success,
+            Err(StartError::App(crate::app::AppError::Config(e))) => config_error(&e),
+            Err(e) => {
+                tracing::error!(error = %e, "worker cannot start");
+                Exit::Failure
+            }
+        },
         Command::Check { no_declare } => {
             let source = match &cli.config {
                 Some(p) => p.display().to_string(),
@@ -130,26 +198,71 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> ExitCode {
                 }
                 None => "defaults and environment".to_owned(),
             };
-            ops::check::run(&settings, &source, !no_declare).await
+            let report = ops::check::run(&settings, &source, !no_declare).await;
+            success_if(report.failed == 0)
         }
-        Command::Dlq(DlqCommand::Stats { json }) => ops::dlq::stats(&settings, json).await,
-        Command::Dlq(DlqCommand::Peek { limit, json }) => {
-            ops::dlq::peek(&settings, limit, json).await
+        Command::Dlq(DlqCommand::Stats { json }) => {
+            ops_result("dlq stats", ops::dlq::stats(&settings, json).await, |()| {
+                Exit::Success
+            })
         }
-        Command::Dlq(DlqCommand::Export { out }) => ops::dlq::export(&settings, &out).await,
-        Command::Dlq(DlqCommand::Replay(filter)) => {
-            ops::dlq::replay_command(&settings, &filter).await
-        }
-        Command::Send { file, no_validate } => {
-            ops::send::run(&settings, file.as_deref(), !no_validate).await
-        }
-        Command::Status { ext_id, json } => ops::status::run(&settings, &ext_id, json).await,
+        Command::Dlq(DlqCommand::Peek { limit, json }) => ops_result(
+            "dlq peek",
+            ops::dlq::peek(&settings, limit, json).await,
+            |()| Exit::Success,
+        ),
+        Command::Dlq(DlqCommand::Export { out }) => ops_result(
+            "dlq export",
+            ops::dlq::export(&settings, &out).await,
+            |()| Exit::Success,
+        ),
+        Command::Dlq(DlqCommand::Replay(filter)) => ops_result(
+            "dlq replay",
+            ops::dlq::replay_command(&settings, &filter).await,
+            |summary| {
+                if summary.interrupted {
+                    Exit::Interrupted
+                } else {
+                    Exit::Success
+                }
+            },
+        ),
+        Command::Send { file, no_validate } => ops_result(
+            "send",
+            ops::send::run(&settings, file.as_deref(), !no_validate).await,
+            |summary| success_if(summary.all_sent()),
+        ),
+        Command::Status { ext_id, json } => ops_result(
+            "status",
+            ops::status::run(&settings, &ext_id, json).await,
+            |known| if known { Exit::Success } else { Exit::Unknown },
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_codes_are_the_documented_ones() {
+        let codes: Vec<u8> = [
+            Exit::Success,
+            Exit::Failure,
+            Exit::Unknown,
+            Exit::Usage,
+            Exit::Unavailable,
+            Exit::Interrupted,
+        ]
+        .iter()
+        .map(|e| e.code())
+        .collect();
+        assert_eq!(codes, [0, 1, 1, 2, 3, 130]);
+        assert_eq!(
+            Exit::for_ops_error(&OpsError::BadArgument("x".into())),
+            Exit::Usage
+        );
+    }
 
     #[test]
     fn config_is_global() {

@@ -1,9 +1,45 @@
-//! Wall-clock timestamps as the contract writes them (RFC 3339, UTC, second precision).
+//! Wall-clock time: timestamps as the contract writes them (RFC 3339, UTC, second
+//! precision), and a [`Clock`] that code judging expiries takes, so tests move time
+//! forward instead of sleeping.
 
-use std::time::SystemTime;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+/// The current wall-clock time.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// The system clock plus an offset that only grows: a test "waits" by advancing it.
+#[derive(Debug, Default)]
+pub struct OffsetClock {
+    offset: Mutex<Duration>,
+}
+
+impl OffsetClock {
+    pub fn advance(&self, by: Duration) {
+        *self.offset.lock().unwrap_or_else(|p| p.into_inner()) += by;
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + *self.offset.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 pub fn rfc3339(at: SystemTime) -> String {
     let t = OffsetDateTime::from(at);
@@ -26,7 +62,6 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn formats_utc_seconds() {
@@ -37,5 +72,16 @@ mod tests {
             Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000))
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn an_offset_clock_runs_ahead() {
+        let clock = OffsetClock::default();
+        clock.advance(Duration::from_secs(3600));
+        let ahead = clock
+            .now()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        assert!(ahead > Duration::from_secs(3590), "{ahead:?}");
     }
 }

@@ -1,4 +1,5 @@
-//! The dedup store in Redis (SPEC §5.2–5.4), through the redis connection manager.
+//! The dedup store in Redis, through the redis connection manager: the core's
+//! [`DedupStore`] port, and the shared login session's [`TokenStore`].
 //!
 //! Keys (prefix `redis.key_prefix`):
 //! - `<prefix>:group:<ext_id>` — JSON, either `{"state":"claimed","owner":…}` with the
@@ -17,10 +18,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
+use futures_util::future::BoxFuture;
+
 use crate::command::ExtId;
 use crate::convirza::{TokenPair, TokenStore};
 use crate::pipeline::{Claim, CreatedRecord, DedupStore, RecordResult, StoreError};
-use futures_util::future::BoxFuture;
 
 /// What a `group` key holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,7 +117,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 fn store_err(e: redis::RedisError) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::unavailable(e)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -153,16 +155,6 @@ impl RedisStore {
         format!("{}:attempt:{}", self.prefix, ext_id)
     }
 
-    /// `PING`: used by readiness checks and the circuit's probe.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map_err(store_err)?;
-        Ok(())
-    }
-
     /// Everything known about one ext id (read-only).
     pub async fn status(&self, ext_id: &ExtId) -> Result<ExtIdStatus, StoreError> {
         let mut conn = self.conn.clone();
@@ -178,7 +170,7 @@ impl RedisStore {
             None => None,
             Some(text) => Some(
                 serde_json::from_str(&text)
-                    .map_err(|e| StoreError(format!("unreadable record at {key}: {e}")))?,
+                    .map_err(|source| StoreError::Corrupt { key, source })?,
             ),
         };
         Ok(ExtIdStatus {
@@ -189,11 +181,9 @@ impl RedisStore {
     }
 
     fn parse(&self, ext_id: &ExtId, text: &str) -> Result<StoredRecord, StoreError> {
-        serde_json::from_str(text).map_err(|e| {
-            StoreError(format!(
-                "unreadable record at {}: {e}",
-                self.group_key(ext_id)
-            ))
+        serde_json::from_str(text).map_err(|source| StoreError::Corrupt {
+            key: self.group_key(ext_id),
+            source,
         })
     }
 }
@@ -206,11 +196,10 @@ impl DedupStore for RedisStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let mut conn = self.conn.clone();
-        let value = serde_json::to_string(&StoredRecord::Claimed {
+        let value = record_json(&StoredRecord::Claimed {
             owner: owner.to_owned(),
             claimed_at: crate::clock::now_rfc3339(),
-        })
-        .map_err(|e| StoreError(e.to_string()))?;
+        });
         let existing: Option<String> = self
             .claim
             .key(self.group_key(ext_id))
@@ -254,8 +243,7 @@ impl DedupStore for RedisStore {
         ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
         let mut conn = self.conn.clone();
-        let value = serde_json::to_string(&StoredRecord::Created(record.clone()))
-            .map_err(|e| StoreError(e.to_string()))?;
+        let value = record_json(&StoredRecord::Created(record.clone()));
         let answer: String = self
             .record_created
             .key(self.group_key(ext_id))
@@ -305,18 +293,37 @@ impl DedupStore for RedisStore {
             .await
             .map_err(store_err)
     }
+
+    /// `PING`: readiness checks and the circuit's probe.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(store_err)?;
+        Ok(())
+    }
 }
 
-/// The login session shared by replicas (SPEC §6): `<prefix>:auth:<account>` holds the
+/// A record as stored. Serializing these plain structs cannot fail (string keys, no
+/// maps with non-string keys), so an empty object stands in for the impossible case.
+fn record_json(record: &StoredRecord) -> String {
+    serde_json::to_string(record).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The login session shared by replicas: `<prefix>:auth:<account>` holds the
 /// token pair, `<prefix>:auth-lock:<account>` serialises refreshes.
 impl TokenStore for RedisStore {
-    fn load<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Option<TokenPair>, String>> {
+    fn load<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TokenPair>, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
             let raw: Option<String> = conn
                 .get(format!("{}:auth:{account}", self.prefix))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(store_err)?;
             // An unreadable pair is as good as none: a fresh login replaces it.
             Ok(raw.and_then(|text| serde_json::from_str(&text).ok()))
         })
@@ -327,13 +334,16 @@ impl TokenStore for RedisStore {
         account: &'a str,
         pair: &'a TokenPair,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let text = serde_json::to_string(pair).map_err(|e| e.to_string())?;
+            let text = serde_json::to_string(pair).map_err(|source| StoreError::Corrupt {
+                key: format!("{}:auth:{account}", self.prefix),
+                source,
+            })?;
             conn.pset_ex::<_, _, ()>(format!("{}:auth:{account}", self.prefix), text, millis(ttl))
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(store_err)
         })
     }
 
@@ -342,7 +352,7 @@ impl TokenStore for RedisStore {
         account: &'a str,
         owner: &'a str,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, String>> {
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
             let set: Option<String> = redis::cmd("SET")
@@ -353,12 +363,16 @@ impl TokenStore for RedisStore {
                 .arg(millis(ttl))
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(store_err)?;
             Ok(set.is_some())
         })
     }
 
-    fn unlock<'a>(&'a self, account: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), String>> {
+    fn unlock<'a>(
+        &'a self,
+        account: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
             let _: i64 = self
@@ -367,7 +381,7 @@ impl TokenStore for RedisStore {
                 .arg(owner)
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(store_err)?;
             Ok(())
         })
     }

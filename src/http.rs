@@ -1,5 +1,4 @@
-//! The worker's HTTP endpoint on `metrics.listen` (SPEC §8): `/healthz`, `/readyz`,
-//! `/metrics`.
+//! The worker's HTTP endpoint on `metrics.listen`: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Invariants: `/healthz` answers while the process runs; `/readyz` is 200 only when the
 //! broker session is up, a consumer is running, Redis answers and the circuit is closed —
@@ -18,8 +17,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::dedup::RedisStore;
-use crate::metrics::Metrics;
-use crate::pipeline::{Circuit, CircuitState};
+use crate::metrics::{self, Metrics};
+use crate::pipeline::{Circuit, CircuitState, DedupStore};
 
 #[derive(Clone)]
 pub struct Health {
@@ -75,14 +74,7 @@ async fn readyz(State(h): State<Health>) -> Response {
 
 async fn metrics(State(h): State<Health>) -> Response {
     let body = h.metrics.render(h.circuit.is_open());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// Serve until `shutdown`.

@@ -1,11 +1,23 @@
 //! group-provisioner: takes "create group" commands from RabbitMQ, deduplicates them by
 //! external id in Redis, creates the group through the Convirza Platform API v3 and
-//! publishes the outcome as an event. The contract is SPEC.md; the README maps it to code.
+//! publishes the outcome as an event. `docs/` holds the contract; the README maps it to
+//! the code.
 //!
-//! Layout: one module per outside system (`config`, `convirza`, and later `amqp`, `dedup`),
-//! the pure policies (`command`, `retry`), and `sim`, the API simulator.
+//! Layout (dependencies point downwards only):
+//! - `cli` — the one way in: arguments, settings, exit codes;
+//! - `worker`, `ops` — the long-running worker and the operator commands;
+//! - `app` — wiring: settings → the clients both of them use;
+//! - adapters, one per outside system: `amqp` (RabbitMQ), `dedup` (Redis), `convirza`
+//!   (the HTTP API), `metrics` + `http` (Prometheus, probes), `telemetry` (logs),
+//!   `config` (TOML and environment);
+//! - `pipeline` — the core, which decides what to do with one delivery and sees the
+//!   outside only through its ports;
+//! - pure building blocks: `command` (parsing), `retry` (the retry policy), `traceparent`,
+//!   `clock`, `hash`, `secret`;
+//! - `sim` — `convirza-sim`, the API stand-in (feature `sim`, on by default).
 
 pub mod amqp;
+pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod command;
@@ -20,6 +32,7 @@ pub mod pipeline;
 pub mod retry;
 pub mod secret;
 pub mod shutdown;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod telemetry;
 pub mod traceparent;

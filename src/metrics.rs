@@ -1,300 +1,267 @@
-//! Prometheus metrics (SPEC §8), kept in atomics and rendered as text on `/metrics`.
+//! Prometheus metrics through `prometheus-client` (OpenMetrics text on `/metrics`).
 //!
-//! Invariants: names follow Prometheus conventions (`_total` counters, `_seconds`
-//! histograms); label values come from closed sets (outcomes, failure kinds, HTTP status
-//! codes, operation names), so no escaping is needed and cardinality stays bounded.
+//! Invariants:
+//! - names and labels are the contract monitoring relies on: `provisioner_commands_total
+//!   {outcome}`, `provisioner_api_requests_total{operation,status}`,
+//!   `provisioner_api_request_duration_seconds{operation}`, `provisioner_retries_total`,
+//!   `provisioner_deferrals_total{reason}`, `provisioner_in_flight`,
+//!   `provisioner_circuit_open`, `provisioner_dedup_hits_total`,
+//!   `provisioner_dead_letters_total{kind}`, `provisioner_build_info{version}`;
+//! - label values come from closed, typed sets (outcomes, failure kinds, deferral
+//!   reasons, operations, HTTP status codes), so cardinality stays bounded, and every
+//!   value of a closed set is exported from the start (at 0), so alerts see the series
+//!   before the first event;
+//! - the core records through the [`Recorder`] trait and never sees this registry.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
-use crate::pipeline::{FailureKind, Outcome};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::convirza::Operation;
+use crate::pipeline::{DeferReason, FailureKind, Outcome, Recorder};
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 const BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+/// The HTTP status of an API call, or `error` when no answer came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Code(u16),
+    NoAnswer,
 }
 
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if seconds <= *le {
-                self.counts[i] += 1;
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+                encoder.write_str(self.as_str())
             }
         }
-        self.count += 1;
-        self.sum += seconds;
-    }
+    )*};
 }
 
-/// Why a message went to a delay queue (the `reason` label of deferrals).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeferReason {
-    Transient,
-    Claimed,
-    Parked,
-}
+label_value!(Outcome, FailureKind, DeferReason, Operation);
 
-impl DeferReason {
-    const ALL: [DeferReason; 3] = [
-        DeferReason::Transient,
-        DeferReason::Claimed,
-        DeferReason::Parked,
-    ];
-
-    fn as_str(self) -> &'static str {
+impl EncodeLabelValue for Status {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
         match self {
-            DeferReason::Transient => "transient",
-            DeferReason::Claimed => "claimed",
-            DeferReason::Parked => "parked",
+            Status::Code(code) => write!(encoder, "{code}"),
+            Status::NoAnswer => encoder.write_str("error"),
         }
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Metrics {
-    commands: [AtomicU64; Outcome::ALL.len()],
-    dead_letters: [AtomicU64; FailureKind::ALL.len()],
-    deferrals: [AtomicU64; DeferReason::ALL.len()],
-    retries: AtomicU64,
-    dedup_hits: AtomicU64,
-    in_flight: AtomicI64,
-    /// (operation, status) → count; status is the HTTP code or `error` (no answer).
-    api_requests: Mutex<BTreeMap<(&'static str, String), u64>>,
-    api_durations: Mutex<BTreeMap<&'static str, Histogram>>,
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: Outcome,
 }
 
-fn index_of<T: PartialEq>(all: &[T], item: &T) -> usize {
-    all.iter().position(|x| x == item).unwrap_or(0)
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: FailureKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: DeferReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    operation: Operation,
+    status: Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OperationLabels {
+    operation: Operation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    commands: Family<OutcomeLabels, Counter>,
+    dead_letters: Family<KindLabels, Counter>,
+    deferrals: Family<ReasonLabels, Counter>,
+    retries: Counter,
+    dedup_hits: Counter,
+    in_flight: Gauge<i64, AtomicI64>,
+    circuit_open: Gauge<i64, AtomicI64>,
+    api_requests: Family<RequestLabels, Counter>,
+    api_durations: Family<OperationLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    pub fn command(&self, outcome: Outcome) {
-        self.commands[index_of(&Outcome::ALL, &outcome)].fetch_add(1, Ordering::Relaxed);
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("provisioner");
+        let m = Metrics {
+            commands: Family::default(),
+            dead_letters: Family::default(),
+            deferrals: Family::default(),
+            retries: Counter::default(),
+            dedup_hits: Counter::default(),
+            in_flight: Gauge::default(),
+            circuit_open: Gauge::default(),
+            api_requests: Family::default(),
+            api_durations: Family::new_with_constructor(duration_histogram),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "build",
+            "Worker version",
+            Info::new(VersionLabels {
+                version: crate::VERSION,
+            }),
+        );
+        registry.register(
+            "commands",
+            "Deliveries by final outcome",
+            m.commands.clone(),
+        );
+        registry.register(
+            "api_requests",
+            "Convirza API requests by operation and HTTP status (error: no answer)",
+            m.api_requests.clone(),
+        );
+        registry.register_with_unit(
+            "api_request_duration",
+            "Convirza API request latency",
+            prometheus_client::registry::Unit::Seconds,
+            m.api_durations.clone(),
+        );
+        registry.register(
+            "retries",
+            "In-process retries of API calls after transient failures",
+            m.retries.clone(),
+        );
+        registry.register(
+            "deferrals",
+            "Messages moved to a delay queue, by reason",
+            m.deferrals.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Deliveries being processed now",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "circuit_open",
+            "1 while the circuit is open (consumption paused)",
+            m.circuit_open.clone(),
+        );
+        registry.register(
+            "dedup_hits",
+            "Commands answered from the Redis created record, without an API call",
+            m.dedup_hits.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Messages dead-lettered by the worker, by failure kind",
+            m.dead_letters.clone(),
+        );
+        // Create every series of the closed sets now, so they are exported at 0.
+        for outcome in Outcome::ALL {
+            drop(m.commands.get_or_create(&OutcomeLabels { outcome }));
+        }
+        for kind in FailureKind::ALL {
+            drop(m.dead_letters.get_or_create(&KindLabels { kind }));
+        }
+        for reason in DeferReason::ALL {
+            drop(m.deferrals.get_or_create(&ReasonLabels { reason }));
+        }
+        Metrics { registry, ..m }
     }
 
-    pub fn dead_letter(&self, kind: FailureKind) {
-        self.dead_letters[index_of(&FailureKind::ALL, &kind)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn deferral(&self, reason: DeferReason) {
-        self.deferrals[index_of(&DeferReason::ALL, &reason)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn retry(&self) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn dedup_hit(&self) {
-        self.dedup_hits.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Count a delivery in flight until the guard drops.
-    pub fn in_flight(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
-    }
-
-    pub fn api_request(&self, operation: &'static str, status: Option<u16>, elapsed: Duration) {
-        let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
-        let mut requests = self.api_requests.lock().unwrap_or_else(|p| p.into_inner());
-        *requests.entry((operation, status)).or_insert(0) += 1;
-        drop(requests);
-        let mut durations = self.api_durations.lock().unwrap_or_else(|p| p.into_inner());
-        durations
-            .entry(operation)
-            .or_default()
+    /// One observed API exchange.
+    pub fn api_request(&self, operation: Operation, status: Option<u16>, elapsed: Duration) {
+        let status = status.map_or(Status::NoAnswer, Status::Code);
+        self.api_requests
+            .get_or_create(&RequestLabels { operation, status })
+            .inc();
+        self.api_durations
+            .get_or_create(&OperationLabels { operation })
             .observe(elapsed.as_secs_f64());
     }
 
     pub fn commands_total(&self, outcome: Outcome) -> u64 {
-        self.commands[index_of(&Outcome::ALL, &outcome)].load(Ordering::Relaxed)
+        self.commands
+            .get_or_create(&OutcomeLabels { outcome })
+            .get()
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
+    /// The OpenMetrics text exposition, with the circuit's state as of now.
     pub fn render(&self, circuit_open: bool) -> String {
+        self.circuit_open.set(i64::from(circuit_open));
         let mut out = String::with_capacity(4096);
-        let _ = writeln!(out, "# HELP provisioner_build_info Worker version.");
-        let _ = writeln!(out, "# TYPE provisioner_build_info gauge");
-        let _ = writeln!(
-            out,
-            "provisioner_build_info{{version=\"{}\"}} 1",
-            crate::VERSION
-        );
-
-        header(
-            &mut out,
-            "provisioner_commands_total",
-            "counter",
-            "Deliveries by final outcome.",
-        );
-        for (i, o) in Outcome::ALL.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "provisioner_commands_total{{outcome=\"{}\"}} {}",
-                o.as_str(),
-                self.commands[i].load(Ordering::Relaxed)
-            );
-        }
-
-        header(
-            &mut out,
-            "provisioner_api_requests_total",
-            "counter",
-            "Convirza API requests by operation and HTTP status (error: no answer).",
-        );
-        let requests = self
-            .api_requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for ((op, status), n) in &requests {
-            let _ = writeln!(
-                out,
-                "provisioner_api_requests_total{{operation=\"{op}\",status=\"{status}\"}} {n}"
-            );
-        }
-
-        header(
-            &mut out,
-            "provisioner_api_request_duration_seconds",
-            "histogram",
-            "Convirza API request latency.",
-        );
-        let durations = self
-            .api_durations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for (op, h) in &durations {
-            for (le, n) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(
-                    out,
-                    "provisioner_api_request_duration_seconds_bucket{{operation=\"{op}\",le=\"{le}\"}} {n}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "provisioner_api_request_duration_seconds_bucket{{operation=\"{op}\",le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "provisioner_api_request_duration_seconds_sum{{operation=\"{op}\"}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "provisioner_api_request_duration_seconds_count{{operation=\"{op}\"}} {}",
-                h.count
-            );
-        }
-
-        header(
-            &mut out,
-            "provisioner_retries_total",
-            "counter",
-            "In-process retries of API calls after transient failures.",
-        );
-        let _ = writeln!(
-            out,
-            "provisioner_retries_total {}",
-            self.retries.load(Ordering::Relaxed)
-        );
-
-        header(
-            &mut out,
-            "provisioner_deferrals_total",
-            "counter",
-            "Messages moved to a delay queue, by reason.",
-        );
-        for (i, r) in DeferReason::ALL.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "provisioner_deferrals_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.deferrals[i].load(Ordering::Relaxed)
-            );
-        }
-
-        header(
-            &mut out,
-            "provisioner_in_flight",
-            "gauge",
-            "Deliveries being processed now.",
-        );
-        let _ = writeln!(
-            out,
-            "provisioner_in_flight {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-
-        header(
-            &mut out,
-            "provisioner_circuit_open",
-            "gauge",
-            "1 while the circuit is open (consumption paused).",
-        );
-        let _ = writeln!(out, "provisioner_circuit_open {}", u8::from(circuit_open));
-
-        header(
-            &mut out,
-            "provisioner_dedup_hits_total",
-            "counter",
-            "Commands answered from the Redis created record, without an API call.",
-        );
-        let _ = writeln!(
-            out,
-            "provisioner_dedup_hits_total {}",
-            self.dedup_hits.load(Ordering::Relaxed)
-        );
-
-        header(
-            &mut out,
-            "provisioner_dead_letters_total",
-            "counter",
-            "Messages dead-lettered by the worker, by failure kind.",
-        );
-        for (i, k) in FailureKind::ALL.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "provisioner_dead_letters_total{{kind=\"{}\"}} {}",
-                k.as_str(),
-                self.dead_letters[i].load(Ordering::Relaxed)
-            );
-        }
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
+impl Recorder for Metrics {
+    fn command(&self, outcome: Outcome) {
+        self.commands
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
 
-pub struct InFlight<'a>(&'a Metrics);
+    fn dead_letter(&self, kind: FailureKind) {
+        self.dead_letters.get_or_create(&KindLabels { kind }).inc();
+    }
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    fn deferral(&self, reason: DeferReason) {
+        self.deferrals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    fn retry(&self) {
+        self.retries.inc();
+    }
+
+    fn dedup_hit(&self) {
+        self.dedup_hits.inc();
+    }
+
+    fn in_flight(&self, delta: i64) {
+        self.in_flight.inc_by(delta);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::InFlight;
 
     #[test]
-    fn renders_every_metric_in_text_format() {
-        let m = Metrics::default();
+    fn renders_every_metric_with_the_contract_names() {
+        let m = Metrics::new();
         m.command(Outcome::Created);
         m.command(Outcome::Created);
         m.command(Outcome::DeadLettered);
@@ -302,34 +269,67 @@ mod tests {
         m.deferral(DeferReason::Claimed);
         m.retry();
         m.dedup_hit();
-        m.api_request("create_group", Some(201), Duration::from_millis(30));
-        m.api_request("create_group", None, Duration::from_secs(3));
-        let guard = m.in_flight();
+        m.api_request(Operation::CreateGroup, Some(201), Duration::from_millis(30));
+        m.api_request(Operation::CreateGroup, None, Duration::from_secs(3));
+        let guard = InFlight::start(&m);
         let text = m.render(true);
         drop(guard);
         for line in [
+            "provisioner_build_info{version=\"0.1.0\"} 1",
             "provisioner_commands_total{outcome=\"created\"} 2",
             "provisioner_commands_total{outcome=\"dead_lettered\"} 1",
             "provisioner_commands_total{outcome=\"failed\"} 0",
             "provisioner_api_requests_total{operation=\"create_group\",status=\"201\"} 1",
             "provisioner_api_requests_total{operation=\"create_group\",status=\"error\"} 1",
-            "provisioner_api_request_duration_seconds_bucket{operation=\"create_group\",le=\"0.05\"} 1",
-            "provisioner_api_request_duration_seconds_bucket{operation=\"create_group\",le=\"5\"} 2",
-            "provisioner_api_request_duration_seconds_bucket{operation=\"create_group\",le=\"+Inf\"} 2",
+            "provisioner_api_request_duration_seconds_bucket{le=\"0.05\",operation=\"create_group\"} 1",
+            "provisioner_api_request_duration_seconds_bucket{le=\"5.0\",operation=\"create_group\"} 2",
+            "provisioner_api_request_duration_seconds_bucket{le=\"+Inf\",operation=\"create_group\"} 2",
             "provisioner_api_request_duration_seconds_count{operation=\"create_group\"} 2",
             "provisioner_retries_total 1",
             "provisioner_deferrals_total{reason=\"claimed\"} 1",
+            "provisioner_deferrals_total{reason=\"parked\"} 0",
             "provisioner_in_flight 1",
             "provisioner_circuit_open 1",
             "provisioner_dedup_hits_total 1",
             "provisioner_dead_letters_total{kind=\"rejected\"} 1",
+            "provisioner_dead_letters_total{kind=\"name_conflict\"} 0",
             "# TYPE provisioner_api_request_duration_seconds histogram",
+            "# EOF",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
         }
-        assert!(m.render(false).contains("provisioner_in_flight 0"));
+        let after = m.render(false);
+        assert!(
+            after.lines().any(|l| l == "provisioner_in_flight 0"),
+            "{after}"
+        );
+        assert!(
+            after.lines().any(|l| l == "provisioner_circuit_open 0"),
+            "{after}"
+        );
+    }
+
+    #[test]
+    fn every_label_value_of_a_closed_set_is_its_own_series() {
+        // The hand-written registry this replaced filed an unknown variant under the first
+        // label; typed label sets make each value its own series.
+        let m = Metrics::new();
+        for kind in FailureKind::ALL {
+            m.dead_letter(kind);
+        }
+        let text = m.render(false);
+        for kind in FailureKind::ALL {
+            let line = format!(
+                "provisioner_dead_letters_total{{kind=\"{}\"}} 1",
+                kind.as_str()
+            );
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 }

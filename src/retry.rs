@@ -1,4 +1,4 @@
-//! The retry policy: backoff schedule, full jitter and `Retry-After` (SPEC §5.5).
+//! The retry policy: backoff schedule, full jitter and `Retry-After`.
 //!
 //! Everything here is a pure function of its inputs (the random draw and the clock are
 //! parameters), so the schedule is unit-tested exactly. [`Backoff`] plugs the schedule into
@@ -13,7 +13,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
+use rand::RngExt;
 
 use crate::config::RetrySettings;
 
@@ -34,18 +34,6 @@ impl From<&RetrySettings> for RetryPolicy {
             max_interval: s.max_interval,
             max_tries: s.max_tries,
             max_retry_after: s.max_retry_after,
-        }
-    }
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            initial: Duration::from_millis(250),
-            multiplier: 2.0,
-            max_interval: Duration::from_secs(10),
-            max_tries: 4,
-            max_retry_after: Duration::from_secs(120),
         }
     }
 }
@@ -165,9 +153,16 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// The shipped defaults (`retry.*` in `config/example.toml`).
+    fn default_policy() -> RetryPolicy {
+        let settings =
+            crate::config::Settings::from_toml("[api]\ntoken = \"t\"\n").expect("defaults load");
+        RetryPolicy::from(&settings.retry)
+    }
+
     #[test]
     fn ceiling_doubles_then_caps() {
-        let p = RetryPolicy::default();
+        let p = default_policy();
         let got: Vec<_> = (0..8).map(|r| p.ceiling(r)).collect();
         assert_eq!(
             got,
@@ -191,7 +186,7 @@ mod tests {
 
     #[test]
     fn full_jitter_spans_zero_to_ceiling() {
-        let p = RetryPolicy::default();
+        let p = default_policy();
         assert_eq!(p.jittered(2, 0.0), Duration::ZERO);
         assert_eq!(p.jittered(2, 0.5), ms(500));
         assert_eq!(p.jittered(2, 0.999_999).as_millis(), 999);
@@ -204,7 +199,7 @@ mod tests {
 
     #[test]
     fn tries_are_bounded() {
-        let p = RetryPolicy::default();
+        let p = default_policy();
         assert!(p.next_delay(1, None, 1.0).is_some());
         assert!(p.next_delay(3, None, 1.0).is_some());
         assert_eq!(p.next_delay(4, None, 1.0), None, "4 tries = 3 sleeps");
@@ -217,7 +212,7 @@ mod tests {
 
     #[test]
     fn retry_after_replaces_jitter_and_is_capped() {
-        let p = RetryPolicy::default();
+        let p = default_policy();
         assert_eq!(
             p.next_delay(1, Some(Duration::from_secs(7)), 0.0),
             Some(Duration::from_secs(7))
@@ -273,7 +268,7 @@ mod tests {
     async fn backon_drives_the_schedule_in_virtual_time() {
         let p = RetryPolicy {
             initial: ms(100),
-            ..RetryPolicy::default()
+            ..default_policy()
         };
         let calls = Arc::new(AtomicU32::new(0));
         let started = tokio::time::Instant::now();
@@ -300,7 +295,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn backon_honours_retry_after() {
-        let p = RetryPolicy::default();
+        let p = default_policy();
         let calls = Arc::new(AtomicU32::new(0));
         let started = tokio::time::Instant::now();
         let c = calls.clone();

@@ -1,77 +1,65 @@
 //! Values that must never reach a log line, an error message or an event.
 //!
-//! Invariant: `Debug` and `Display` of a [`Secret`] print `[redacted]`; the only way to the
-//! plaintext is [`Secret::expose`], so every use of a secret is greppable.
+//! Invariants:
+//! - tokens and passwords are [`SecretString`]s (the `secrecy` crate): `Debug` prints
+//!   `[REDACTED]`, there is no `Display`, and the only way to the plaintext is
+//!   `expose_secret()`, so every use of a secret is greppable;
+//! - a connection URL is a [`SecretUrl`]: printed with its password replaced by `***`, so
+//!   operators still see which host and vhost a worker talks to.
 
 use std::fmt;
 
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub use secrecy::{ExposeSecret, SecretString};
 
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-/// A connection URL whose password (if any) is masked when printed, so operators still see
-/// which host and vhost a worker talks to.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(String);
+#[derive(Clone)]
+pub struct SecretUrl(SecretString);
 
 impl SecretUrl {
     pub fn new(value: impl Into<String>) -> Self {
-        SecretUrl(value.into())
+        SecretUrl(SecretString::from(value.into()))
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 
     /// The URL with the userinfo password replaced by `***`.
     pub fn redacted(&self) -> String {
-        let s = &self.0;
-        let Some(scheme_end) = s.find("://") else {
-            return "[redacted]".to_owned();
-        };
-        let rest = &s[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                let user = userinfo.split(':').next().unwrap_or("");
-                let masked = if userinfo.contains(':') {
-                    format!("{user}:***")
-                } else {
-                    user.to_owned()
-                };
-                format!("{}{}@{}", &s[..scheme_end + 3], masked, &rest[at + 1..])
-            }
-            None => s.clone(),
-        }
+        redact_url(self.expose())
     }
 }
+
+/// `s` with the password of its userinfo (if any) replaced by `***`; text that is not a
+/// URL at all is replaced entirely.
+pub fn redact_url(s: &str) -> String {
+    let Some(scheme_end) = s.find("://") else {
+        return "[redacted]".to_owned();
+    };
+    let rest = &s[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
+            format!("{}{}@{}", &s[..scheme_end + 3], masked, &rest[at + 1..])
+        }
+        None => s.to_owned(),
+    }
+}
+
+impl PartialEq for SecretUrl {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for SecretUrl {}
 
 impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -91,10 +79,9 @@ mod tests {
 
     #[test]
     fn secret_never_prints() {
-        let s = Secret::new("hunter2");
-        assert_eq!(format!("{s}"), "[redacted]");
-        assert_eq!(format!("{s:?}"), "[redacted]");
-        assert_eq!(s.expose(), "hunter2");
+        let s = SecretString::from("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.expose_secret(), "hunter2");
     }
 
     #[test]
@@ -106,5 +93,6 @@ mod tests {
         assert_eq!(plain.redacted(), "redis://127.0.0.1:6379/0");
         let user_only = SecretUrl::new("redis://default@host/0");
         assert_eq!(user_only.redacted(), "redis://default@host/0");
+        assert_eq!(redact_url("not a url"), "[redacted]");
     }
 }

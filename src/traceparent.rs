@@ -1,4 +1,4 @@
-//! W3C trace context (`traceparent`) as the worker propagates it (SPEC §3).
+//! W3C trace context (`traceparent`) as the worker propagates it.
 //!
 //! Invariant: the trace id of an incoming command is kept end to end (API call, event);
 //! the worker substitutes its own span id in the parent-id part, so the API and event
@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use rand::Rng;
+use rand::RngExt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Traceparent {

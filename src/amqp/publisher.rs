@@ -5,10 +5,14 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
+    /// The channel or connection is gone: nothing more can be published or settled on it.
     #[error("broker connection/channel error: {0}")]
-    Channel(String),
+    Channel(#[source] lapin::Error),
+    /// The channel is not in confirm mode (a wiring bug, not a broker fault).
+    #[error("publisher confirms are not enabled on this channel")]
+    NoConfirms,
     #[error("broker refused the message (nack) for {exchange:?}/{routing_key:?}")]
     Nacked {
         exchange: String,
@@ -60,11 +64,8 @@ impl Publisher {
                 properties,
             )
             .await
-            .map_err(|e| PublishError::Channel(e.to_string()))?;
-        match confirm
-            .await
-            .map_err(|e| PublishError::Channel(e.to_string()))?
-        {
+            .map_err(PublishError::Channel)?;
+        match confirm.await.map_err(PublishError::Channel)? {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable {
                 exchange: exchange.to_owned(),
@@ -75,9 +76,7 @@ impl Publisher {
                 exchange: exchange.to_owned(),
                 routing_key: routing_key.to_owned(),
             }),
-            Confirmation::NotRequested => Err(PublishError::Channel(
-                "publisher confirms are not enabled on this channel".into(),
-            )),
+            Confirmation::NotRequested => Err(PublishError::NoConfirms),
         }
     }
 }

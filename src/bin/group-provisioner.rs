@@ -11,7 +11,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match cli::load_settings(&cli) {
         Ok(s) => s,
-        Err(code) => return code,
+        Err(exit) => return exit.into(),
     };
     // Operator commands print for humans; only the worker logs JSON lines to stdout.
     if matches!(cli.command, Command::Run) {
@@ -19,5 +19,5 @@ async fn main() -> ExitCode {
     } else {
         telemetry::init_for_cli();
     }
-    cli::dispatch(cli, settings).await
+    cli::dispatch(cli, settings).await.into()
 }

@@ -1,4 +1,4 @@
-//! How the client gets a bearer token (SPEC §6).
+//! How the client gets a bearer token: a static one, or a login session.
 //!
 //! Invariants:
 //! - a token is only ever read through [`Auth::bearer`]; after a 401/403 the client asks
@@ -9,33 +9,29 @@
 //! - tokens, the password and the auth server's bodies never reach logs or errors.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::RwLock;
 
-use crate::secret::Secret;
+use crate::clock::{Clock, SystemClock};
+use crate::pipeline::{ApiError, StoreError};
+use crate::secret::{ExposeSecret, SecretString};
 
-use super::ApiError;
+use super::client::{BuildError, http_client};
 
 #[derive(Clone)]
 pub enum Auth {
     /// `api.auth = "token"`.
-    Static(Secret),
+    Static(SecretString),
     /// `api.auth = "login"`.
     Login(Arc<LoginSession>),
 }
 
-/// Failures of the login flow, kept apart from API call failures so a bad password is
-/// never mistaken for a bad command.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct AuthError(pub String);
-
 impl Auth {
-    pub async fn bearer(&self) -> Result<Secret, ApiError> {
+    pub async fn bearer(&self) -> Result<SecretString, ApiError> {
         match self {
             Auth::Static(token) => Ok(token.clone()),
             Auth::Login(session) => session.bearer().await,
@@ -44,9 +40,9 @@ impl Auth {
 
     /// The API refused `refused`. Returns true when another token is now available and one
     /// more try is worthwhile.
-    pub async fn after_unauthorized(&self, refused: &Secret) -> Result<bool, ApiError> {
+    pub async fn after_unauthorized(&self, refused: &SecretString) -> Result<bool, ApiError> {
         match self {
-            Auth::Static(token) => Ok(token != refused),
+            Auth::Static(token) => Ok(token.expose_secret() != refused.expose_secret()),
             Auth::Login(session) => session.after_unauthorized(refused).await,
         }
     }
@@ -96,21 +92,26 @@ impl TokenPair {
 
 /// Where replicas share their token pair and the lock that serialises refreshes.
 pub trait TokenStore: Send + Sync {
-    fn load<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Option<TokenPair>, String>>;
+    fn load<'a>(&'a self, account: &'a str)
+    -> BoxFuture<'a, Result<Option<TokenPair>, StoreError>>;
     fn save<'a>(
         &'a self,
         account: &'a str,
         pair: &'a TokenPair,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Take the refresh lock for `ttl`; false when someone else holds it.
     fn try_lock<'a>(
         &'a self,
         account: &'a str,
         owner: &'a str,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, String>>;
-    fn unlock<'a>(&'a self, account: &'a str, owner: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn unlock<'a>(
+        &'a self,
+        account: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// How long one replica may hold the refresh lock (a login or refresh call plus margin).
@@ -122,19 +123,14 @@ pub struct LoginSession {
     http: reqwest::Client,
     auth_url: String,
     email: String,
-    password: Secret,
+    password: SecretString,
     /// Identifies the account in the shared store (not secret: a hash).
     account: String,
     owner: String,
     store: Arc<dyn TokenStore>,
     cached: RwLock<Option<TokenPair>>,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    /// Expiries are judged by this clock (tests move it forward instead of sleeping).
+    clock: Arc<dyn Clock>,
 }
 
 fn auth_err(message: impl Into<String>, transient: bool) -> ApiError {
@@ -148,17 +144,12 @@ impl LoginSession {
     pub fn new(
         auth_url: &str,
         email: &str,
-        password: Secret,
+        password: SecretString,
         timeout: Duration,
         store: Arc<dyn TokenStore>,
         owner: &str,
-    ) -> Result<LoginSession, ApiError> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("group-provisioner/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| auth_err(format!("cannot build HTTP client: {e}"), false))?;
+    ) -> Result<LoginSession, BuildError> {
+        let http = http_client(timeout)?;
         let auth_url = auth_url.trim_end_matches('/').to_owned();
         let account = crate::hash::short_hash(format!("{auth_url}\n{email}").as_bytes());
         Ok(LoginSession {
@@ -170,31 +161,53 @@ impl LoginSession {
             owner: format!("{owner}/{}", uuid::Uuid::new_v4().simple()),
             store,
             cached: RwLock::new(None),
+            clock: Arc::new(SystemClock),
         })
+    }
+
+    /// Judge token expiries by `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now_secs(&self) -> u64 {
+        self.clock
+            .now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     }
 
     pub fn account(&self) -> &str {
         &self.account
     }
 
-    pub async fn bearer(&self) -> Result<Secret, ApiError> {
+    pub async fn bearer(&self) -> Result<SecretString, ApiError> {
         if let Some(pair) = self.cached.read().await.as_ref()
-            && pair.access_fresh(now_secs())
+            && pair.access_fresh(self.now_secs())
         {
-            return Ok(Secret::new(pair.access_token.clone()));
+            return Ok(SecretString::from(pair.access_token.clone()));
         }
-        self.obtain(None).await.map(|p| Secret::new(p.access_token))
+        self.obtain(None)
+            .await
+            .map(|p| SecretString::from(p.access_token))
     }
 
-    pub async fn after_unauthorized(&self, refused: &Secret) -> Result<bool, ApiError> {
-        let pair = self.obtain(Some(refused.expose())).await?;
-        Ok(pair.access_token != refused.expose())
+    pub async fn after_unauthorized(&self, refused: &SecretString) -> Result<bool, ApiError> {
+        let pair = self.obtain(Some(refused.expose_secret())).await?;
+        Ok(pair.access_token != refused.expose_secret())
+    }
+
+    /// Fresh by this session's clock, and not the token the API just refused.
+    fn usable(&self, pair: &TokenPair, refused: Option<&str>) -> bool {
+        pair.access_fresh(self.now_secs()) && Some(pair.access_token.as_str()) != refused
     }
 
     /// A usable pair: the shared one if it is fresh and not the refused token, else a new
     /// one obtained under the lock.
     async fn obtain(&self, refused: Option<&str>) -> Result<TokenPair, ApiError> {
-        let usable = |p: &TokenPair| usable(p, refused);
+        let usable = |p: &TokenPair| self.usable(p, refused);
         let started = tokio::time::Instant::now();
         loop {
             let shared = self
@@ -239,10 +252,10 @@ impl LoginSession {
             .load(&self.account)
             .await
             .map_err(|e| auth_err(format!("token store: {e}"), true))?;
-        if let Some(pair) = current.as_ref().filter(|p| usable(p, refused)) {
+        if let Some(pair) = current.as_ref().filter(|p| self.usable(p, refused)) {
             return Ok(pair.clone());
         }
-        let now = now_secs();
+        let now = self.now_secs();
         let renewed = match current.filter(|p| p.refresh_usable(now)) {
             Some(pair) => match self.refresh(&pair.refresh_token).await {
                 Ok(p) => {
@@ -260,7 +273,7 @@ impl LoginSession {
         let ttl = Duration::from_secs(
             renewed
                 .refresh_expires_at
-                .saturating_sub(now_secs())
+                .saturating_sub(self.now_secs())
                 .max(60),
         );
         self.store
@@ -272,7 +285,8 @@ impl LoginSession {
 
     async fn login(&self) -> Result<TokenPair, ApiError> {
         let url = format!("{}/oauth/token", self.auth_url);
-        let body = serde_json::json!({"email": self.email, "password": self.password.expose()});
+        let body =
+            serde_json::json!({"email": self.email, "password": self.password.expose_secret()});
         let response =
             self.http.post(&url).json(&body).send().await.map_err(|e| {
                 auth_err(format!("login request failed: {}", without_url(&e)), true)
@@ -281,7 +295,7 @@ impl LoginSession {
         let text = response.text().await.unwrap_or_default();
         match status {
             200..=299 => {
-                let pair = parse_token_response(&text, now_secs())
+                let pair = parse_token_response(&text, self.now_secs())
                     .map_err(|e| auth_err(format!("login response: {e}"), true))?;
                 tracing::info!(account = %self.account, "logged in to the API");
                 Ok(pair)
@@ -310,7 +324,7 @@ impl LoginSession {
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         match status {
-            200..=299 => parse_token_response(&text, now_secs())
+            200..=299 => parse_token_response(&text, self.now_secs())
                 .map_err(|e| RefreshError::Refused(format!("refresh response: {e}"))),
             400 | 401 | 403 => Err(RefreshError::Refused(format!("HTTP {status}"))),
             _ => Err(RefreshError::Api(auth_err(
@@ -319,11 +333,6 @@ impl LoginSession {
             ))),
         }
     }
-}
-
-/// Fresh, and not the token the API just refused.
-fn usable(pair: &TokenPair, refused: Option<&str>) -> bool {
-    pair.access_fresh(now_secs()) && Some(pair.access_token.as_str()) != refused
 }
 
 enum RefreshError {
@@ -340,10 +349,22 @@ fn without_url(e: &reqwest::Error) -> String {
     text
 }
 
+/// Why a login or refresh answer could not be used. The body itself is never included:
+/// it holds tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenResponseError {
+    #[error("not JSON")]
+    NotJson(#[source] serde_json::Error),
+    #[error("no access_token")]
+    NoAccessToken,
+    #[error("token_type {0:?} is not Bearer")]
+    NotBearer(String),
+}
+
 /// Parse a login/refresh answer, flat or inside the API envelope (`data`). Expiries are
 /// ISO-8601 timestamps per the docs; plain seconds are accepted too.
-pub fn parse_token_response(text: &str, now: u64) -> Result<TokenPair, String> {
-    let value: Value = serde_json::from_str(text).map_err(|_| "not JSON".to_owned())?;
+pub fn parse_token_response(text: &str, now: u64) -> Result<TokenPair, TokenResponseError> {
+    let value: Value = serde_json::from_str(text).map_err(TokenResponseError::NotJson)?;
     let body = match value.get("data") {
         Some(data) if data.get("access_token").is_some() => data,
         _ => &value,
@@ -354,12 +375,12 @@ pub fn parse_token_response(text: &str, now: u64) -> Result<TokenPair, String> {
             .map(str::to_owned)
             .filter(|s| !s.is_empty())
     };
-    let access_token = field("access_token").ok_or("no access_token")?;
+    let access_token = field("access_token").ok_or(TokenResponseError::NoAccessToken)?;
     let refresh_token = field("refresh_token").unwrap_or_default();
     if let Some(kind) = field("token_type")
         && !kind.eq_ignore_ascii_case("bearer")
     {
-        return Err(format!("token_type {kind:?} is not Bearer"));
+        return Err(TokenResponseError::NotBearer(kind));
     }
     let expiry = |name: &str, default: u64| -> u64 {
         match body.get(name) {

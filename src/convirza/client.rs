@@ -1,14 +1,19 @@
+//! The HTTP client: one try per call (plus one after a token refresh), every answer
+//! classified into the port's [`ApiError`] by the pure [`classify`].
+
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 
 use crate::command::CreateGroup;
+use crate::pipeline::{ApiError, Created, GroupSummary, names_match};
 use crate::retry::parse_retry_after;
 use crate::traceparent::Traceparent;
 
-use super::model::{Envelope, GroupPage, GroupSummary, names_match};
-use super::{ApiError, Auth};
+use super::Auth;
+use super::model::{Envelope, GroupPage};
+use crate::secret::ExposeSecret;
 
 /// Page size used when listing children for reconciliation.
 pub const LIST_PAGE_SIZE: u32 = 100;
@@ -17,16 +22,23 @@ const MAX_LIST_PAGES: u32 = 1_000;
 /// Error messages from bodies are cut here: HTML error pages are not log lines.
 const MAX_MESSAGE_CHARS: usize = 300;
 
-/// A successful Create Group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Created {
-    pub org_unit_id: i64,
-    pub request_id: Option<String>,
-    pub http_status: u16,
+/// The HTTP client could not be built (TLS back-end, system configuration).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct BuildError(#[source] pub reqwest::Error);
+
+/// The HTTP client every API call goes through, with the worker's timeouts.
+pub(super) fn http_client(timeout: Duration) -> Result<reqwest::Client, BuildError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .user_agent(concat!("group-provisioner/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(BuildError)
 }
 
-/// One observed HTTP exchange, for metrics.
-pub type Observer = std::sync::Arc<dyn Fn(&'static str, Option<u16>, Duration) + Send + Sync>;
+/// One observed HTTP exchange (operation, HTTP status or `None`, duration), for metrics.
+pub type Observer = std::sync::Arc<dyn Fn(Operation, Option<u16>, Duration) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct ConvirzaClient {
@@ -45,35 +57,31 @@ impl std::fmt::Debug for ConvirzaClient {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Create,
-    List,
+/// The API calls the client makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    CreateGroup,
+    ListChildGroups,
 }
 
-impl Op {
-    fn name(self) -> &'static str {
+impl Operation {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Op::Create => "create_group",
-            Op::List => "list_child_groups",
+            Operation::CreateGroup => "create_group",
+            Operation::ListChildGroups => "list_child_groups",
         }
     }
 }
 
 impl ConvirzaClient {
     /// `base_url` is the `/v3` root, e.g. `https://platform-api.convirza.com/v3`.
-    pub fn new(base_url: &str, auth: Auth, timeout: Duration) -> Result<ConvirzaClient, ApiError> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("group-provisioner/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ApiError::Auth {
-                message: format!("cannot build HTTP client: {e}"),
-                transient: false,
-            })?;
+    pub fn new(
+        base_url: &str,
+        auth: Auth,
+        timeout: Duration,
+    ) -> Result<ConvirzaClient, BuildError> {
         Ok(ConvirzaClient {
-            http,
+            http: http_client(timeout)?,
             base_url: base_url.trim_end_matches('/').to_owned(),
             auth,
             observer: None,
@@ -104,7 +112,13 @@ impl ConvirzaClient {
         })?;
         let url = format!("{}/groups", self.base_url);
         let (status, envelope) = self
-            .send(Op::Create, Method::POST, &url, Some(body), trace)
+            .send(
+                Operation::CreateGroup,
+                Method::POST,
+                &url,
+                Some(body),
+                trace,
+            )
             .await?;
         match envelope.created_id() {
             Some(org_unit_id) => Ok(Created {
@@ -151,7 +165,13 @@ impl ConvirzaClient {
             q.append_pair("offset", &offset.to_string());
         }
         let (_, envelope) = self
-            .send(Op::List, Method::GET, url.as_str(), None, trace)
+            .send(
+                Operation::ListChildGroups,
+                Method::GET,
+                url.as_str(),
+                None,
+                trace,
+            )
             .await?;
         envelope.page().ok_or_else(|| ApiError::Transient {
             status: None,
@@ -162,7 +182,7 @@ impl ConvirzaClient {
     }
 
     /// Every direct child of `parent` whose name equals `name` ignoring case and
-    /// surrounding spaces, paging through all results (SPEC §5.4).
+    /// surrounding spaces, paging through all results.
     pub async fn find_children_named(
         &self,
         parent: i64,
@@ -207,7 +227,7 @@ impl ConvirzaClient {
 
     async fn send(
         &self,
-        op: Op,
+        op: Operation,
         method: Method,
         url: &str,
         body: Option<Vec<u8>>,
@@ -219,7 +239,7 @@ impl ConvirzaClient {
             let mut req = self
                 .http
                 .request(method.clone(), url)
-                .bearer_auth(token.expose())
+                .bearer_auth(token.expose_secret())
                 .header(reqwest::header::ACCEPT, "application/json");
             if let Some(tp) = trace {
                 req = req.header("traceparent", tp.to_string());
@@ -234,10 +254,10 @@ impl ConvirzaClient {
             let elapsed = started.elapsed();
             let status = result.as_ref().map(|(s, _, _)| s.as_u16()).ok();
             if let Some(observe) = &self.observer {
-                observe(op.name(), status, elapsed);
+                observe(op, status, elapsed);
             }
             tracing::debug!(
-                op = op.name(),
+                op = op.as_str(),
                 http_status = status,
                 duration_ms = elapsed.as_millis() as u64,
                 "convirza call"
@@ -257,7 +277,7 @@ impl ConvirzaClient {
 
     async fn exchange(
         &self,
-        op: Op,
+        op: Operation,
         req: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), ApiError> {
         let response = req.send().await.map_err(|e| transport_error(op, &e))?;
@@ -268,14 +288,16 @@ impl ConvirzaClient {
             // Status arrived but the body did not: for a success the group exists and we
             // do not know its id; for an error the status alone still classifies it.
             Err(e) if status.is_success() => Err(match op {
-                Op::Create => ApiError::UnknownOutcome {
+                Operation::CreateGroup => ApiError::UnknownOutcome {
                     message: format!(
                         "HTTP {} but the body was lost: {}",
                         status.as_u16(),
                         error_chain(&e)
                     ),
                 },
-                Op::List => transient(None, format!("list body lost: {}", error_chain(&e))),
+                Operation::ListChildGroups => {
+                    transient(None, format!("list body lost: {}", error_chain(&e)))
+                }
             }),
             Err(_) => Ok((status, headers, bytes::Bytes::new())),
         }
@@ -294,9 +316,9 @@ fn transient(status: Option<u16>, message: String) -> ApiError {
 /// A transport failure: before the request could be sent it is a clean transient error;
 /// once it may have been sent, a create is an unknown outcome. (A list is read-only, so
 /// its failures are always just transient.)
-fn transport_error(op: Op, e: &reqwest::Error) -> ApiError {
+fn transport_error(op: Operation, e: &reqwest::Error) -> ApiError {
     let message = error_chain(e);
-    if e.is_connect() || op == Op::List {
+    if e.is_connect() || op == Operation::ListChildGroups {
         return transient(None, message);
     }
     ApiError::UnknownOutcome {
@@ -325,7 +347,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Turn one HTTP answer into success or a classified error. Pure, so every branch is
 /// unit-tested.
 fn classify(
-    op: Op,
+    op: Operation,
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
@@ -353,7 +375,7 @@ fn classify(
     match code {
         200..=299 => match envelope {
             Some(env) => Ok(env),
-            None if op == Op::Create => Err(ApiError::UnknownOutcome {
+            None if op == Operation::CreateGroup => Err(ApiError::UnknownOutcome {
                 message: format!(
                     "HTTP {code} with a body that is not JSON: {}",
                     body_snippet(status, body)
@@ -370,8 +392,8 @@ fn classify(
         }),
         404 => Err(ApiError::EndpointNotFound {
             path: match op {
-                Op::Create => "POST /groups".into(),
-                Op::List => "GET /groups/list".into(),
+                Operation::CreateGroup => "POST /groups".into(),
+                Operation::ListChildGroups => "GET /groups/list".into(),
             },
         }),
         429 => Err(ApiError::RateLimited { retry_after }),
@@ -437,7 +459,7 @@ mod tests {
     }
 
     fn run(
-        op: Op,
+        op: Operation,
         code: u16,
         headers: &[(&'static str, &str)],
         body: &str,
@@ -458,7 +480,7 @@ mod tests {
     #[test]
     fn success_envelope() {
         let env = run(
-            Op::Create,
+            Operation::CreateGroup,
             201,
             &[],
             r#"{"code":201,"data":{"orgUnitId":9},"request_id":"r1"}"#,
@@ -471,11 +493,11 @@ mod tests {
     #[test]
     fn success_with_garbage_body_is_unknown_for_create() {
         assert!(matches!(
-            run(Op::Create, 201, &[], "<html>"),
+            run(Operation::CreateGroup, 201, &[], "<html>"),
             Err(ApiError::UnknownOutcome { .. })
         ));
         assert!(matches!(
-            run(Op::List, 200, &[], "<html>"),
+            run(Operation::ListChildGroups, 200, &[], "<html>"),
             Err(ApiError::Transient { .. })
         ));
     }
@@ -483,7 +505,7 @@ mod tests {
     #[test]
     fn client_errors() {
         let e = run(
-            Op::Create,
+            Operation::CreateGroup,
             400,
             &[],
             r#"{"code":400,"message":"Parent org unit not found","request_id":"r2"}"#,
@@ -498,7 +520,7 @@ mod tests {
             }
         );
         let e = run(
-            Op::Create,
+            Operation::CreateGroup,
             400,
             &[],
             r#"{"message":"A group with the name 'X' already exists"}"#,
@@ -506,7 +528,7 @@ mod tests {
         .expect_err("dup");
         assert!(matches!(e, ApiError::DuplicateName { .. }), "{e:?}");
         assert_eq!(e.http_status(), Some(400));
-        let e = run(Op::Create, 422, &[], r#"{"message":"bad"}"#).expect_err("422");
+        let e = run(Operation::CreateGroup, 422, &[], r#"{"message":"bad"}"#).expect_err("422");
         assert!(matches!(e, ApiError::Rejected { status: 422, .. }));
         assert!(!e.is_transient());
     }
@@ -514,22 +536,22 @@ mod tests {
     #[test]
     fn auth_and_missing_endpoint() {
         assert!(matches!(
-            run(Op::Create, 401, &[], "{}"),
+            run(Operation::CreateGroup, 401, &[], "{}"),
             Err(ApiError::Unauthorized { status: 401, .. })
         ));
         assert!(matches!(
-            run(Op::Create, 403, &[], ""),
+            run(Operation::CreateGroup, 403, &[], ""),
             Err(ApiError::Unauthorized { status: 403, .. })
         ));
         assert!(matches!(
-            run(Op::Create, 404, &[], ""),
+            run(Operation::CreateGroup, 404, &[], ""),
             Err(ApiError::EndpointNotFound { .. })
         ));
     }
 
     #[test]
     fn rate_limit_both_retry_after_forms() {
-        let e = run(Op::Create, 429, &[("retry-after", "7")], "").expect_err("429");
+        let e = run(Operation::CreateGroup, 429, &[("retry-after", "7")], "").expect_err("429");
         assert_eq!(
             e,
             ApiError::RateLimited {
@@ -537,14 +559,14 @@ mod tests {
             }
         );
         let e = run(
-            Op::Create,
+            Operation::CreateGroup,
             429,
             &[("retry-after", "Thu, 26 Nov 2026 12:00:20 GMT")],
             "",
         )
         .expect_err("429");
         assert_eq!(e.retry_after(), Some(Duration::from_secs(20)));
-        let e = run(Op::Create, 429, &[], "").expect_err("429");
+        let e = run(Operation::CreateGroup, 429, &[], "").expect_err("429");
         assert_eq!(e.retry_after(), None);
         assert!(e.is_transient() && !e.may_have_created());
     }
@@ -552,7 +574,7 @@ mod tests {
     #[test]
     fn server_errors_with_html() {
         let e = run(
-            Op::Create,
+            Operation::CreateGroup,
             502,
             &[("x-request-id", "edge-1")],
             "<html>\n<body>Bad   Gateway</body></html>",
@@ -572,10 +594,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(e.is_transient() && e.may_have_created());
-        let e = run(Op::Create, 500, &[], "").expect_err("500");
+        let e = run(Operation::CreateGroup, 500, &[], "").expect_err("500");
         assert_eq!(e.message(), "500 Internal Server Error");
         let long = "x".repeat(5000);
-        let e = run(Op::Create, 503, &[], &long).expect_err("503");
+        let e = run(Operation::CreateGroup, 503, &[], &long).expect_err("503");
         assert_eq!(e.message().len(), MAX_MESSAGE_CHARS);
     }
 

@@ -5,9 +5,12 @@
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-/// A child group as List Child Groups returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-pub struct GroupSummary {
+use crate::pipeline::GroupSummary;
+
+/// A child group as List Child Groups sends it; read leniently, then handed to the core as
+/// its own [`GroupSummary`].
+#[derive(Deserialize)]
+struct WireGroup {
     #[serde(deserialize_with = "lenient_i64")]
     pub org_unit_id: i64,
     #[serde(default, deserialize_with = "lenient_opt_string")]
@@ -20,6 +23,19 @@ pub struct GroupSummary {
     pub org_unit_status: Option<String>,
 }
 
+impl From<WireGroup> for GroupSummary {
+    fn from(w: WireGroup) -> GroupSummary {
+        GroupSummary {
+            org_unit_id: w.org_unit_id,
+            org_unit_ext_id: w.org_unit_ext_id,
+            org_unit_name: w.org_unit_name,
+            org_unit_parent_id: w.org_unit_parent_id,
+            org_unit_status: w.org_unit_status,
+        }
+    }
+}
+
+/// One page of List Child Groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupPage {
     pub groups: Vec<GroupSummary>,
@@ -60,7 +76,8 @@ impl Envelope {
         let groups = data.get("groups")?.as_array()?;
         let groups = groups
             .iter()
-            .filter_map(|g| GroupSummary::deserialize(g).ok())
+            .filter_map(|g| WireGroup::deserialize(g).ok())
+            .map(GroupSummary::from)
             .collect();
         Some(GroupPage {
             groups,
@@ -102,12 +119,6 @@ fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>,
     Ok(value_to_string(&Value::deserialize(d)?).filter(|s| !s.is_empty()))
 }
 
-/// The name rule of reconciliation (SPEC §5.4): equal ignoring case and surrounding spaces.
-pub fn names_match(a: &str, b: &str) -> bool {
-    let (a, b) = (a.trim(), b.trim());
-    a == b || a.to_lowercase() == b.to_lowercase()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,12 +151,5 @@ mod tests {
         assert_eq!(page.groups.len(), 2, "unparseable items are skipped");
         assert_eq!(page.groups[0].org_unit_id, 10);
         assert_eq!(page.groups[1].org_unit_ext_id, None);
-    }
-
-    #[test]
-    fn name_matching() {
-        assert!(names_match("Sales", " sales "));
-        assert!(names_match("ÜBER", "über"));
-        assert!(!names_match("Sales", "Sales 2"));
     }
 }

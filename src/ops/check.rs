@@ -1,7 +1,7 @@
 //! `check`: can this configuration run? Config, RabbitMQ (+ topology), Redis, the API
-//! (authenticated, read-only). One line per item; exit 0 only when all pass.
+//! (authenticated, read-only). One line per item; the caller exits 0 only when all pass.
 
-use std::process::ExitCode;
+use std::fmt::Display;
 use std::time::Duration;
 
 use lapin::ExchangeKind;
@@ -9,17 +9,20 @@ use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 
 use crate::amqp::topology::Topology;
+use crate::app;
 use crate::config::Settings;
-use crate::dedup::RedisStore;
+use crate::pipeline::DedupStore;
 
 use super::connect;
 
-struct Report {
-    failed: usize,
+/// How many items failed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CheckReport {
+    pub failed: usize,
 }
 
-impl Report {
-    fn line(&mut self, item: &str, result: Result<String, String>) {
+impl CheckReport {
+    fn line(&mut self, item: &str, result: Result<String, impl Display>) {
         match result {
             Ok(detail) => println!("ok    {item:<10} {detail}"),
             Err(reason) => {
@@ -30,39 +33,44 @@ impl Report {
     }
 }
 
-pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> ExitCode {
-    let mut report = Report { failed: 0 };
-    report.line("config", Ok(config_source.to_owned()));
+#[derive(Debug, thiserror::Error)]
+enum VerifyError {
+    /// Queues or exchanges `--no-declare` did not find.
+    #[error("missing: {}", .0.join(", "))]
+    Missing(Vec<String>),
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+}
+
+pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> CheckReport {
+    let mut report = CheckReport::default();
+    report.line("config", Ok::<_, String>(config_source.to_owned()));
 
     match connect(settings, "check").await {
         Err(e) => {
             report.line("rabbitmq", Err(e));
-            report.line("topology", Err("skipped: no broker connection".into()));
+            report.line("topology", Err("skipped: no broker connection"));
         }
         Ok((conn, channel)) => {
-            report.line("rabbitmq", Ok(settings.amqp.url.to_string()));
+            report.line("rabbitmq", Ok::<_, String>(settings.amqp.url.to_string()));
             let topology = Topology::new(&settings.topology, &settings.retry.delays);
-            let result = if declare {
-                topology
-                    .declare(&channel)
-                    .await
-                    .map(|()| {
-                        format!(
-                            "declared {} exchanges, {} queues",
-                            topology.exchanges.len(),
-                            topology.queues.len()
-                        )
-                    })
-                    .map_err(|e| e.to_string())
+            if declare {
+                let declared = topology.declare(&channel).await.map(|()| {
+                    format!(
+                        "declared {} exchanges, {} queues",
+                        topology.exchanges.len(),
+                        topology.queues.len()
+                    )
+                });
+                report.line("topology", declared);
             } else {
-                verify(&conn, &topology).await
-            };
-            report.line("topology", result);
+                report.line("topology", verify(&conn, &topology).await);
+            }
             let _ = conn.close(200, ShortString::from("check done")).await;
         }
     }
 
-    let store = RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix);
+    let store = app::dedup_store(settings);
     let redis = match &store {
         Ok(s) => match tokio::time::timeout(Duration::from_secs(5), s.ping()).await {
             Ok(Ok(())) => Ok(settings.redis.url.to_string()),
@@ -74,11 +82,7 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Exi
     report.line("redis", redis);
 
     let api = match &store {
-        Ok(s) => match crate::worker::build_client(
-            settings,
-            s,
-            &format!("{}/check", crate::worker::worker_id()),
-        ) {
+        Ok(s) => match app::api_client(settings, s, &format!("{}/check", app::worker_id())) {
             Ok(client) => client
                 .list_child_groups(None, None, 1, 0, None)
                 .await
@@ -95,20 +99,15 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Exi
         Err(_) => Err("skipped: the login session needs Redis".into()),
     };
     report.line("api", api);
-
-    if report.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    report
 }
 
 /// `--no-declare`: every exchange and queue must already exist (passive declares, one
 /// channel each, since a missing one closes the channel).
-async fn verify(conn: &lapin::Connection, topology: &Topology) -> Result<String, String> {
+async fn verify(conn: &lapin::Connection, topology: &Topology) -> Result<String, VerifyError> {
     let mut missing = Vec::new();
     for e in &topology.exchanges {
-        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+        let ch = conn.create_channel().await?;
         let kind = if e.kind == "topic" {
             ExchangeKind::Topic
         } else {
@@ -132,7 +131,7 @@ async fn verify(conn: &lapin::Connection, topology: &Topology) -> Result<String,
         }
     }
     for q in &topology.queues {
-        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+        let ch = conn.create_channel().await?;
         if crate::amqp::ready_count(&ch, &q.name).await.is_err() {
             missing.push(format!("queue {}", q.name));
         }
@@ -144,6 +143,6 @@ async fn verify(conn: &lapin::Connection, topology: &Topology) -> Result<String,
             topology.queues.len()
         ))
     } else {
-        Err(format!("missing: {}", missing.join(", ")))
+        Err(VerifyError::Missing(missing))
     }
 }

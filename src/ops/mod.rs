@@ -1,4 +1,5 @@
-//! Operator commands (SPEC §7): `check`, `dlq …`, `send`, `status`.
+//! Operator commands: `check`, `dlq …`, `send`, `status`. Each returns a `Result`; the CLI
+//! prints the error and chooses the exit code.
 //!
 //! Invariants: nothing here loses or reorders a message. Reading the DLQ holds messages
 //! unacked and lets the broker return them in order; moving one is a confirmed publish
@@ -10,30 +11,105 @@ pub mod dlq;
 pub mod send;
 pub mod status;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 
+use crate::amqp::PublishError;
 use crate::config::Settings;
+use crate::pipeline::StoreError;
 
 /// How long an operator command waits on the broker before giving up with a message.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why an operator command could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The invocation is wrong (an argument the command cannot use).
+    #[error("{0}")]
+    BadArgument(String),
+    /// An input file cannot be read.
+    #[error("cannot read {path}: {source}", path = .path.display())]
+    Input {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An output file cannot be written.
+    #[error("{path}: {source}", path = .path.display())]
+    Output {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker did not answer in time (`url` has its password masked).
+    #[error("{url}: no answer within {after:?}")]
+    BrokerTimeout { url: String, after: Duration },
+    #[error("{url}: {source}")]
+    BrokerConnect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    /// A queue or exchange the command needs is missing or refused.
+    #[error("{what}: {source}{hint}")]
+    Topology {
+        what: String,
+        #[source]
+        source: lapin::Error,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The dedup store cannot be reached (`url` has its password masked).
+    #[error("redis ({url}): {source}")]
+    Store {
+        url: String,
+        #[source]
+        source: StoreError,
+    },
+    /// A dead letter was published back but could not be removed from the DLQ.
+    #[error("{letter} was replayed but its dead letter could not be removed: {source}")]
+    ReplayAck {
+        letter: String,
+        #[source]
+        source: lapin::Error,
+    },
+    /// A dead letter could not be published back; it stays in the DLQ.
+    #[error("publishing {letter} back failed ({source}); it stays in the DLQ")]
+    ReplayPublish {
+        letter: String,
+        #[source]
+        source: PublishError,
+    },
+}
+
 /// A short-lived broker connection for one operator command.
-pub async fn connect(settings: &Settings, purpose: &str) -> Result<(Connection, Channel), String> {
+pub async fn connect(
+    settings: &Settings,
+    purpose: &str,
+) -> Result<(Connection, Channel), OpsError> {
     let url = settings.amqp.url.expose();
     let conn = tokio::time::timeout(
         BROKER_TIMEOUT,
         crate::amqp::connect(url, &format!("group-provisioner {purpose}")),
     )
     .await
-    .map_err(|_| format!("{}: no answer within {BROKER_TIMEOUT:?}", settings.amqp.url))?
-    .map_err(|e| format!("{}: {e}", settings.amqp.url))?;
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    .map_err(|_| OpsError::BrokerTimeout {
+        url: settings.amqp.url.to_string(),
+        after: BROKER_TIMEOUT,
+    })?
+    .map_err(|source| OpsError::BrokerConnect {
+        url: settings.amqp.url.to_string(),
+        source,
+    })?;
+    let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok((conn, channel))
 }

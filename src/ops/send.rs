@@ -2,7 +2,6 @@
 
 use std::io::{IsTerminal, Read};
 use std::path::Path;
-use std::process::ExitCode;
 
 use lapin::BasicProperties;
 use lapin::options::ExchangeDeclareOptions;
@@ -12,7 +11,7 @@ use lapin::{Confirmation, ExchangeKind};
 use crate::command::CreateGroup;
 use crate::config::Settings;
 
-use super::connect;
+use super::{OpsError, connect};
 
 /// Publishes in flight before waiting for their confirms.
 const WINDOW: usize = 256;
@@ -48,7 +47,26 @@ pub fn items(input: &str) -> Vec<Item> {
         .collect()
 }
 
-pub async fn run(settings: &Settings, file: Option<&Path>, validate: bool) -> ExitCode {
+/// What `send` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SendSummary {
+    pub sent: usize,
+    pub invalid: usize,
+    pub failed: usize,
+}
+
+impl SendSummary {
+    /// Every command was sent.
+    pub fn all_sent(&self) -> bool {
+        self.invalid == 0 && self.failed == 0
+    }
+}
+
+pub async fn run(
+    settings: &Settings,
+    file: Option<&Path>,
+    validate: bool,
+) -> Result<SendSummary, OpsError> {
     let mut input = String::new();
     let read = match file {
         None => std::io::stdin().read_to_string(&mut input),
@@ -56,10 +74,10 @@ pub async fn run(settings: &Settings, file: Option<&Path>, validate: bool) -> Ex
         Some(p) => std::fs::File::open(p).and_then(|mut f| f.read_to_string(&mut input)),
     };
     let source = file.map_or_else(|| "-".to_owned(), |p| p.display().to_string());
-    if let Err(e) = read {
-        eprintln!("send: cannot read {source}: {e}");
-        return ExitCode::from(2);
-    }
+    read.map_err(|e| OpsError::Input {
+        path: source.clone().into(),
+        source: e,
+    })?;
     let all = items(&input);
     let mut invalid = 0usize;
     let mut to_send = Vec::with_capacity(all.len());
@@ -71,22 +89,16 @@ pub async fn run(settings: &Settings, file: Option<&Path>, validate: bool) -> Ex
         }
         to_send.push(item);
     }
-    let (sent, failed) = match publish(settings, &to_send).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("send: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let (sent, failed) = publish(settings, &to_send).await?;
     println!("sent {sent}, invalid {invalid}, failed {failed}");
-    if invalid == 0 && failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    Ok(SendSummary {
+        sent,
+        invalid,
+        failed,
+    })
 }
 
-async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), String> {
+async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), OpsError> {
     if items.is_empty() {
         return Ok((0, 0));
     }
@@ -103,11 +115,10 @@ async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), 
             FieldTable::default(),
         )
         .await
-        .map_err(|e| {
-            format!(
-                "command exchange {:?}: {e} (has the worker or `check` declared the topology?)",
-                t.command_exchange
-            )
+        .map_err(|source| OpsError::Topology {
+            what: format!("command exchange {:?}", t.command_exchange),
+            source,
+            hint: " (has the worker or `check` declared the topology?)",
         })?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(items.len() as u64);
@@ -127,9 +138,7 @@ async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), 
                 .with_content_type(ShortString::from("application/json"))
                 .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
                 .with_app_id(ShortString::from("group-provisioner send"));
-            let confirm = crate::amqp::publish_command(&channel, t, &item.body, props)
-                .await
-                .map_err(|e| format!("line {}: {e}", item.line))?;
+            let confirm = crate::amqp::publish_command(&channel, t, &item.body, props).await?;
             pending.push((item.line, confirm));
         }
         for (line, confirm) in pending {

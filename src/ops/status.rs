@@ -1,35 +1,24 @@
 //! `status <ext_id>`: what the dedup store knows of one ext id.
 
-use std::process::ExitCode;
-
 use serde_json::json;
 
 use crate::command::ExtId;
 use crate::config::Settings;
 use crate::dedup::{RedisStore, StoredRecord};
 
-pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> ExitCode {
-    let ext_id = match ExtId::parse(ext_id) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("status: not a valid ext id: {e}");
-            return ExitCode::from(2);
-        }
+use super::OpsError;
+
+/// Prints what is known of `ext_id`; returns whether anything is.
+pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> Result<bool, OpsError> {
+    let ext_id = ExtId::parse(ext_id)
+        .map_err(|e| OpsError::BadArgument(format!("not a valid ext id: {e}")))?;
+    let store_error = |source| OpsError::Store {
+        url: settings.redis.url.to_string(),
+        source,
     };
-    let store = match RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("status: redis: {e}");
-            return ExitCode::from(3);
-        }
-    };
-    let status = match store.status(&ext_id).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("status: redis ({}): {e}", settings.redis.url);
-            return ExitCode::from(3);
-        }
-    };
+    let store = RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
+        .map_err(store_error)?;
+    let status = store.status(&ext_id).await.map_err(store_error)?;
     let known = status.record.is_some() || status.attempt_markers > 0;
     if as_json {
         let state = match &status.record {
@@ -78,11 +67,7 @@ pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> ExitCode {
         }
         println!("post_attempts: {}", status.attempt_markers);
     }
-    if known {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    Ok(known)
 }
 
 fn human(ms: i64) -> String {

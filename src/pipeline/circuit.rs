@@ -1,4 +1,4 @@
-//! The circuit (SPEC §5.7) and the account-wide rate-limit pause.
+//! The circuit and the account-wide rate-limit pause.
 //!
 //! Invariants:
 //! - the circuit opens on a fault of the system (credentials, endpoint, Redis, the API

@@ -1,3 +1,8 @@
+//! The vocabulary of the core's answer: what happens to a delivery ([`Decision`]), why a
+//! command failed ([`Failure`]), which faults are the system's ([`SystemFault`]), and the
+//! closed label sets that logs and metrics use ([`Outcome`], [`FailureKind`],
+//! [`DeferReason`]).
+
 use std::fmt;
 
 use super::events::{CreatedEvent, FailedEvent};
@@ -181,6 +186,50 @@ impl Outcome {
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Requeued => "requeued",
             Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Why a message went to a delay queue (the `reason` label of deferrals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeferReason {
+    Transient,
+    Claimed,
+    Parked,
+}
+
+impl DeferReason {
+    pub const ALL: [DeferReason; 3] = [
+        DeferReason::Transient,
+        DeferReason::Claimed,
+        DeferReason::Parked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferReason::Transient => "transient",
+            DeferReason::Claimed => "claimed",
+            DeferReason::Parked => "parked",
+        }
+    }
+}
+
+impl DelayReason {
+    /// The metrics label of this reason.
+    pub fn defer_reason(&self) -> DeferReason {
+        match self {
+            DelayReason::Retry { .. } => DeferReason::Transient,
+            DelayReason::Claimed => DeferReason::Claimed,
+            DelayReason::Parked(_) => DeferReason::Parked,
+        }
+    }
+
+    /// The `reason` field of the outcome log line.
+    pub fn log_label(&self) -> &'static str {
+        match self {
+            DelayReason::Retry { .. } => "transient",
+            DelayReason::Claimed => "claimed_elsewhere",
+            DelayReason::Parked(fault) => fault.label(),
         }
     }
 }

@@ -1,9 +1,10 @@
-//! The one place that turns an API error into what happens to the message.
+//! The one place that turns an API error into what happens to the message: retry, dead-letter
+//! or pause.
 
 use std::fmt;
 use std::time::Duration;
 
-use crate::convirza::ApiError;
+use super::api::ApiError;
 
 use super::decision::{Failure, FailureKind, SystemFault};
 
@@ -45,7 +46,7 @@ impl fmt::Display for Disposition {
     }
 }
 
-/// SPEC §5.5–5.7: transient errors retry; 401/403 (after the client's one refresh) and a
+/// Transient errors retry; 401/403 (after the client's one refresh) and a
 /// 404 on the endpoint are the system's fault; any other 4xx is the message's.
 pub fn disposition(error: ApiError) -> Disposition {
     match error {

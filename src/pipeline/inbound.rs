@@ -1,3 +1,6 @@
+//! A delivery as the core sees it: body, the AMQP properties the contract honours, and the
+//! worker's own bookkeeping headers, already read from the broker's types by `amqp/`.
+
 /// A delivery as the core sees it: body, the AMQP properties the contract honours, and
 /// the worker's own bookkeeping headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,12 +26,12 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    /// Whether an earlier delivery may already have sent a POST (SPEC §5.4).
+    /// Whether an earlier delivery may already have sent a POST .
     pub fn may_have_been_attempted(&self) -> bool {
         self.redelivered || self.attempts > 0 || self.replay_count > 0
     }
 
-    /// SPEC §3: `correlation_id`, else `message_id`, else the ext id.
+    /// `correlation_id`, else `message_id`, else the ext id.
     pub fn correlation_id_or(&self, ext_id: Option<&str>) -> Option<String> {
         self.correlation_id
             .clone()

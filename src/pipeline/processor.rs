@@ -1,30 +1,39 @@
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Duration;
+//! [`Processor::process`]: one delivery in, one [`Verdict`] out. Parse, claim, provision
+//! (in `provision.rs`, with the lease kept by `lease.rs`), then settle: record the created
+//! group, or release the claim and choose the delay tier, the dead letter or the parking.
+//!
+//! Invariants:
+//! - no POST without a claim on the ext id, and no POST while another owner holds it;
+//! - a claim is released whenever this delivery ends without a created record, so the next
+//!   delivery can go ahead at once;
+//! - a created record never overwrites a newer owner's claim or record (fencing);
+//! - faults of the system become [`Decision::Delay`] with a deferral (and may open the
+//!   circuit), never a dead letter, and never cost the message an attempt.
 
-use backon::Retryable;
+use std::sync::Arc;
 
 use crate::command::{CreateGroup, ExtId};
-use crate::convirza::{ApiError, GroupSummary};
-use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::traceparent::Traceparent;
 
+use super::api::{ApiError, GroupApi};
 use super::circuit::Circuit;
 use super::decision::{Decision, DelayReason, Failure, FailureKind, SystemFault};
-use super::disposition::{Disposition, disposition};
-use super::events::{CREATED, CreatedEvent, ErrorInfo, FAILED, FailedEvent, SCHEMA_VERSION};
+use super::disposition::Disposition;
+use super::events::{CreatedEvent, FailedEvent};
+use super::fingerprint::{fingerprint, warn_if_different};
 use super::inbound::Inbound;
-use super::ports::{Claim, CreatedRecord, DedupStore, GroupApi, RecordResult};
-use super::reconcile::{Reconciled, reconcile};
+use super::provision::{Provisioned, Tries};
+use super::recorder::{NoRecorder, Recorder};
+use super::store::{Claim, CreatedRecord, DedupStore, RecordResult};
 
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
     pub policy: RetryPolicy,
     /// Number of delay tiers (`retry.delays`).
     pub tiers: usize,
-    pub lease: Duration,
-    pub ttl: Duration,
+    pub lease: std::time::Duration,
+    pub ttl: std::time::Duration,
     /// Prefix of claim owner tokens, e.g. `host:pid`.
     pub worker_id: String,
     /// Consecutive transient API failures that open the circuit.
@@ -45,55 +54,11 @@ pub struct Verdict {
 }
 
 pub struct Processor<S, A> {
-    store: S,
-    api: A,
-    config: ProcessorConfig,
-    circuit: Arc<Circuit>,
-    metrics: Arc<Metrics>,
-}
-
-/// Per-delivery bookkeeping shared by the tries of one retry loop.
-#[derive(Default)]
-struct Tries {
-    /// POSTs sent by this delivery.
-    posts: AtomicU32,
-    /// POSTs of this delivery that may have created the group (success, 5xx, lost answer).
-    maybe_committed: AtomicU32,
-    /// Whether some earlier POST (any delivery) may have reached the API.
-    may_have_reached: AtomicBool,
-    lease_lost: AtomicBool,
-    last_status: AtomicU32,
-}
-
-impl Tries {
-    fn posts(&self) -> u32 {
-        self.posts.load(Ordering::SeqCst)
-    }
-
-    fn note_status(&self, status: Option<u16>) {
-        if let Some(s) = status {
-            self.last_status.store(u32::from(s), Ordering::SeqCst);
-        }
-    }
-
-    fn last_status(&self) -> Option<u16> {
-        u16::try_from(self.last_status.load(Ordering::SeqCst))
-            .ok()
-            .filter(|s| *s != 0)
-    }
-
-    /// A group found by List counts as pre-existing unless a POST of this delivery may
-    /// have created it (SPEC §4, `duplicate`).
-    fn found_is_duplicate(&self) -> bool {
-        self.maybe_committed.load(Ordering::SeqCst) == 0
-    }
-}
-
-/// A group known to exist after the retry loop.
-struct Provisioned {
-    org_unit_id: i64,
-    api_request_id: Option<String>,
-    duplicate: bool,
+    pub(super) store: S,
+    pub(super) api: A,
+    pub(super) config: ProcessorConfig,
+    pub(super) circuit: Arc<Circuit>,
+    pub(super) recorder: Arc<dyn Recorder>,
 }
 
 impl<S: DedupStore, A: GroupApi> Processor<S, A> {
@@ -104,18 +69,18 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             api,
             config,
             circuit,
-            metrics: Arc::new(Metrics::default()),
+            recorder: Arc::new(NoRecorder),
         }
     }
 
-    /// Count into `metrics` (shared with the API client and the HTTP endpoint).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
+    /// Report to `recorder` (the worker's metrics).
+    pub fn with_recorder(mut self, recorder: Arc<dyn Recorder>) -> Self {
+        self.recorder = recorder;
         self
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+    pub fn recorder(&self) -> &dyn Recorder {
+        self.recorder.as_ref()
     }
 
     pub fn circuit(&self) -> &Arc<Circuit> {
@@ -192,12 +157,12 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             .claim(&command.ext_id, &owner, self.config.lease)
             .await
         {
-            Err(e) => self.park(msg, 0, SystemFault::Store(e.0)),
+            Err(e) => self.park(msg, 0, SystemFault::Store(e.to_string())),
             Ok(Claim::Created(record)) => {
-                self.metrics.dedup_hit();
+                self.recorder.dedup_hit();
                 warn_if_different(command, &record);
                 Decision::Created {
-                    event: created_event(msg, command, &record, true, msg.attempts),
+                    event: CreatedEvent::new(msg, command, &record, true, msg.attempts),
                 }
             }
             Ok(Claim::HeldByOther { owner }) => {
@@ -217,220 +182,6 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 };
                 self.settle(msg, command, &owner, tries, result).await
             }
-        }
-    }
-
-    /// Renew the lease every third of its length while the work runs. Never returns; on
-    /// loss it flags `lease_lost` so no further POST is sent.
-    async fn keep_lease(
-        &self,
-        ext_id: &ExtId,
-        owner: &str,
-        tries: &Tries,
-    ) -> std::convert::Infallible {
-        let every = self.config.lease / 3;
-        loop {
-            tokio::time::sleep(every).await;
-            match self.store.renew(ext_id, owner, self.config.lease).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!("lease lost while working; no further POST for this delivery");
-                    tries.lease_lost.store(true, Ordering::SeqCst);
-                    std::future::pending::<()>().await;
-                }
-                // Redis trouble: keep trying; the lease itself still runs until it expires.
-                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
-            }
-        }
-    }
-
-    /// The in-process retry loop (SPEC §5.5) around one "try": optional List, marker,
-    /// POST, and reconciliation of a rejection.
-    async fn provision(
-        &self,
-        msg: &Inbound,
-        command: &CreateGroup,
-        trace: &Traceparent,
-        tries: &Tries,
-    ) -> Result<Provisioned, Disposition> {
-        let earlier = msg.may_have_been_attempted()
-            || self
-                .store
-                .has_attempt(&command.ext_id)
-                .await
-                .map_err(|e| Disposition::Pause(SystemFault::Store(e.0)))?;
-        tries.may_have_reached.store(earlier, Ordering::SeqCst);
-        let policy = self.config.policy;
-        (|| self.try_once(command, trace, tries))
-            .retry(policy)
-            .sleep(tokio::time::sleep)
-            .when(|d: &Disposition| matches!(d, Disposition::Retry(_)))
-            .adjust(move |d: &Disposition, scheduled| {
-                policy.clamp_retry_after(d.retry_after(), scheduled)
-            })
-            .notify(|d: &Disposition, wait: Duration| {
-                self.metrics.retry();
-                tracing::warn!(
-                    error = %d,
-                    http_status = d.http_status(),
-                    retry_in_ms = wait.as_millis() as u64,
-                    "transient failure; retrying"
-                );
-            })
-            .await
-    }
-
-    async fn try_once(
-        &self,
-        command: &CreateGroup,
-        trace: &Traceparent,
-        tries: &Tries,
-    ) -> Result<Provisioned, Disposition> {
-        self.gate().await?;
-        if tries.may_have_reached.load(Ordering::SeqCst) {
-            let children = self.list_children(command, trace, tries).await?;
-            match reconcile(command, children) {
-                Reconciled::Found(group) => {
-                    tracing::info!(
-                        org_unit_id = group.org_unit_id,
-                        "group found by List; no POST needed"
-                    );
-                    return Ok(Provisioned {
-                        org_unit_id: group.org_unit_id,
-                        api_request_id: None,
-                        duplicate: tries.found_is_duplicate(),
-                    });
-                }
-                Reconciled::NameTaken(other) => {
-                    return Err(name_conflict(command, &other, None, None));
-                }
-                Reconciled::NotFound => {}
-            }
-        }
-        if tries.lease_lost.load(Ordering::SeqCst) {
-            return Err(Disposition::Pause(SystemFault::LeaseLost));
-        }
-        self.gate().await?;
-        self.store
-            .mark_attempt(&command.ext_id, self.config.ttl)
-            .await
-            .map_err(|e| Disposition::Pause(SystemFault::Store(e.0)))?;
-        tries.may_have_reached.store(true, Ordering::SeqCst);
-        tries.posts.fetch_add(1, Ordering::SeqCst);
-        let result = self.api.create_group(command, Some(trace)).await;
-        match result {
-            Ok(created) => {
-                self.circuit.record_success();
-                tries.note_status(Some(created.http_status));
-                tries.maybe_committed.fetch_add(1, Ordering::SeqCst);
-                Ok(Provisioned {
-                    org_unit_id: created.org_unit_id,
-                    api_request_id: created.request_id,
-                    duplicate: false,
-                })
-            }
-            Err(e) => {
-                tries.note_status(e.http_status());
-                if e.may_have_created() {
-                    tries.maybe_committed.fetch_add(1, Ordering::SeqCst);
-                }
-                match e {
-                    ApiError::Rejected { .. } | ApiError::DuplicateName { .. } => {
-                        self.circuit.record_success();
-                        self.reconcile_rejection(command, trace, tries, e).await
-                    }
-                    other => Err(self.api_failure(other)),
-                }
-            }
-        }
-    }
-
-    /// Every 4xx rejection is checked against the API's own listing: the messages are
-    /// prose, the listing is data.
-    async fn reconcile_rejection(
-        &self,
-        command: &CreateGroup,
-        trace: &Traceparent,
-        tries: &Tries,
-        rejection: ApiError,
-    ) -> Result<Provisioned, Disposition> {
-        let children = self.list_children(command, trace, tries).await?;
-        match reconcile(command, children) {
-            Reconciled::Found(group) => {
-                tracing::info!(
-                    org_unit_id = group.org_unit_id,
-                    "rejected POST, but the group exists with our ext id"
-                );
-                Ok(Provisioned {
-                    org_unit_id: group.org_unit_id,
-                    api_request_id: None,
-                    duplicate: tries.found_is_duplicate(),
-                })
-            }
-            Reconciled::NameTaken(other) => Err(name_conflict(
-                command,
-                &other,
-                rejection.http_status(),
-                rejection.request_id().map(str::to_owned),
-            )),
-            Reconciled::NotFound => Err(Disposition::DeadLetter(Failure {
-                kind: FailureKind::Rejected,
-                message: rejection.message(),
-                http_status: rejection.http_status(),
-                api_request_id: rejection.request_id().map(str::to_owned),
-            })),
-        }
-    }
-
-    /// List the parent's children by name. A 4xx from List (e.g. the parent does not
-    /// exist) means nothing can be found there.
-    async fn list_children(
-        &self,
-        command: &CreateGroup,
-        trace: &Traceparent,
-        tries: &Tries,
-    ) -> Result<Vec<GroupSummary>, Disposition> {
-        match self
-            .api
-            .find_children_named(command.parent_id, &command.name, Some(trace))
-            .await
-        {
-            // Only a POST that the API answers ends a run of failures: a working List says
-            // nothing about whether groups can be created.
-            Ok(children) => Ok(children),
-            Err(ApiError::Rejected { .. } | ApiError::DuplicateName { .. }) => Ok(Vec::new()),
-            Err(e) => {
-                tries.note_status(e.http_status());
-                Err(self.api_failure(e))
-            }
-        }
-    }
-
-    /// Before any API call: wait out an account-wide rate-limit pause; stop if the circuit
-    /// opened meanwhile.
-    async fn gate(&self) -> Result<(), Disposition> {
-        self.circuit.wait_until_allowed().await;
-        if self.circuit.is_open() {
-            return Err(Disposition::Pause(SystemFault::CircuitOpen));
-        }
-        Ok(())
-    }
-
-    /// An API failure, through the disposition, with its effect on the whole worker: a 429
-    /// pauses every call, and a run of transient failures opens the circuit.
-    fn api_failure(&self, error: ApiError) -> Disposition {
-        if let ApiError::RateLimited {
-            retry_after: Some(wait),
-        } = &error
-        {
-            self.circuit
-                .pause_for((*wait).min(self.config.policy.max_retry_after));
-        }
-        match disposition(error) {
-            Disposition::Retry(e) if self.circuit.record_transient(&e.to_string()) => {
-                Disposition::Pause(SystemFault::ApiDown(e.to_string()))
-            }
-            other => other,
         }
     }
 
@@ -487,7 +238,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             // The group exists and the event says so; a later duplicate finds it by List.
             Err(e) => tracing::warn!(error = %e, "could not record the created group in Redis"),
         }
-        let mut event = created_event(msg, command, &record, provisioned.duplicate, attempts);
+        let mut event = CreatedEvent::new(msg, command, &record, provisioned.duplicate, attempts);
         event.api_request_id = provisioned.api_request_id;
         Decision::Created { event }
     }
@@ -546,132 +297,11 @@ fn record_span_ext_id(ext_id: Option<&str>) {
     }
 }
 
-fn name_conflict(
-    command: &CreateGroup,
-    other: &GroupSummary,
-    http_status: Option<u16>,
-    api_request_id: Option<String>,
-) -> Disposition {
-    Disposition::DeadLetter(Failure {
-        kind: FailureKind::NameConflict,
-        message: format!(
-            "a group named {:?} already exists under parent {} with ext id {} (org_unit_id {})",
-            other.org_unit_name.trim(),
-            command.parent_id,
-            other
-                .org_unit_ext_id
-                .as_deref()
-                .map_or("none".to_owned(), |e| format!("{e:?}")),
-            other.org_unit_id
-        ),
-        http_status,
-        api_request_id,
-    })
-}
-
 fn dead_letter(msg: &Inbound, ext_id: Option<&str>, failure: Failure, attempts: u32) -> Decision {
-    let event = FailedEvent {
-        event: FAILED.into(),
-        schema_version: SCHEMA_VERSION,
-        ext_id: ext_id.map(str::to_owned),
-        error: ErrorInfo {
-            kind: failure.kind.as_str().into(),
-            http_status: failure.http_status,
-            message: truncate(&failure.message, 1024),
-            api_request_id: failure.api_request_id.clone(),
-        },
-        attempts,
-        dead_lettered: true,
-        command_message_id: msg.message_id.clone(),
-        correlation_id: msg.correlation_id_or(ext_id),
-        occurred_at: crate::clock::now_rfc3339(),
-    };
+    let event = FailedEvent::new(msg, ext_id, &failure, attempts);
     Decision::DeadLetter {
         failure,
         event,
         attempts,
-    }
-}
-
-fn created_event(
-    msg: &Inbound,
-    command: &CreateGroup,
-    record: &CreatedRecord,
-    duplicate: bool,
-    attempts: u32,
-) -> CreatedEvent {
-    CreatedEvent {
-        event: CREATED.into(),
-        schema_version: SCHEMA_VERSION,
-        ext_id: command.ext_id.to_string(),
-        org_unit_id: record.org_unit_id,
-        org_unit_name: record.org_unit_name.clone(),
-        org_unit_parent_id: record.org_unit_parent_id,
-        duplicate,
-        attempts,
-        api_request_id: record.api_request_id.clone(),
-        command_message_id: msg.message_id.clone(),
-        correlation_id: msg.correlation_id_or(Some(command.ext_id.as_str())),
-        occurred_at: crate::clock::now_rfc3339(),
-    }
-}
-
-/// Cut to at most `max` bytes on a character boundary.
-pub fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-/// Field → FNV-1a hash of the value: stable across builds and versions, and keeps
-/// addresses and phone numbers out of Redis.
-fn fingerprint(command: &CreateGroup) -> std::collections::BTreeMap<String, String> {
-    command
-        .fingerprint_fields()
-        .into_iter()
-        .map(|(field, value)| (field.to_owned(), crate::hash::short_hash(value.as_bytes())))
-        .collect()
-}
-
-/// The fields of `command` that differ from the command that created `record`.
-pub fn differing_fields(command: &CreateGroup, record: &CreatedRecord) -> Vec<String> {
-    let ours = fingerprint(command);
-    ours.keys()
-        .chain(record.fingerprint.keys())
-        .filter(|k| ours.get(*k) != record.fingerprint.get(*k))
-        .cloned()
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect()
-}
-
-fn warn_if_different(command: &CreateGroup, record: &CreatedRecord) {
-    if record.fingerprint.is_empty() {
-        return;
-    }
-    let differing = differing_fields(command, record);
-    if !differing.is_empty() {
-        tracing::warn!(
-            differing_fields = ?differing,
-            org_unit_id = record.org_unit_id,
-            "duplicate command differs from the one that created the group; the group is not changed"
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn truncate_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }

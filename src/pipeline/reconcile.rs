@@ -1,7 +1,12 @@
-use crate::command::CreateGroup;
-use crate::convirza::GroupSummary;
+//! Reconciliation: what a List Child Groups lookup says about a command. The API's
+//! messages are prose, its listing is data, so every "did our group get created?" question
+//! is answered here, from the listing.
 
-/// What a List Child Groups lookup says about a command (SPEC §5.4).
+use crate::command::CreateGroup;
+
+use super::api::GroupSummary;
+
+/// What a List Child Groups lookup says about a command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reconciled {
     /// A child with this name and our ext id: the group exists.

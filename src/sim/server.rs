@@ -280,7 +280,7 @@ fn decide_create(
     }
     let clash = s.groups.iter().any(|g| {
         g.org_unit_parent_id == Some(parent)
-            && crate::convirza::names_match(&g.org_unit_name, &name)
+            && crate::pipeline::names_match(&g.org_unit_name, &name)
     });
     if clash {
         return reply(

@@ -1,5 +1,10 @@
 //! Carrying out a [`Decision`] on the broker: confirmed publishes, then the ack.
-//! Also the one `outcome` log line per delivery (SPEC §8).
+//! Also the one `outcome` log line per delivery.
+//!
+//! Invariants: the ack comes after every publish of the decision is confirmed; a publish
+//! that fails parks the message (or returns it to the queue), never drops it; only a lost
+//! channel ends the session — a message that cannot be encoded or routed costs only itself
+//! (or, when the broker refuses everything, opens the circuit).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -14,8 +19,23 @@ use tracing::field::Empty;
 
 use crate::amqp::headers::{self, HeaderUpdate};
 use crate::amqp::{PublishError, Publisher, short};
-use crate::metrics::DeferReason;
-use crate::pipeline::{Decision, DelayReason, Failure, Inbound, Outcome, SystemFault, Verdict};
+use crate::pipeline::{
+    Decision, DeferReason, DelayReason, Failure, InFlight, Inbound, Outcome, SystemFault, Verdict,
+    truncate,
+};
+
+/// Why the publishes of a decision did not all go out.
+#[derive(Debug, thiserror::Error)]
+enum SettleError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// Our own event could not be encoded (a bug; it concerns this message only).
+    #[error("cannot encode the event: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// A delay tier the configuration does not have (a bug; this message only).
+    #[error("no delay tier {0}")]
+    NoTier(usize),
+}
 
 use super::Shared;
 
@@ -29,7 +49,7 @@ pub(crate) async fn handle(
     broken: CancellationToken,
 ) {
     let started = Instant::now();
-    let _in_flight = shared.processor.metrics().in_flight();
+    let _in_flight = InFlight::start(shared.processor.recorder());
     let inbound = headers::inbound(&delivery.data, &delivery.properties, delivery.redelivered);
     let span = tracing::info_span!(
         "delivery",
@@ -69,7 +89,7 @@ pub(crate) async fn handle(
             Ok(_) => Outcome::Requeued,
             Err(_) => Outcome::Failed,
         };
-        shared.processor.metrics().command(outcome);
+        shared.processor.recorder().command(outcome);
         tracing::info!(
             outcome = outcome.as_str(),
             attempts = inbound.attempts,
@@ -90,19 +110,17 @@ pub(crate) async fn handle(
 
 /// Metrics for one settled delivery: its outcome, and what was published for it.
 fn count(shared: &Shared, verdict: &Verdict, outcome: Outcome) {
-    let metrics = shared.processor.metrics();
-    metrics.command(outcome);
+    let recorder = shared.processor.recorder();
+    recorder.command(outcome);
     match (&verdict.decision, outcome) {
         (Decision::DeadLetter { failure, .. }, Outcome::DeadLettered) => {
-            metrics.dead_letter(failure.kind)
+            recorder.dead_letter(failure.kind)
         }
-        (Decision::Delay { reason, .. }, Outcome::Deferred) => metrics.deferral(match reason {
-            DelayReason::Retry { .. } => DeferReason::Transient,
-            DelayReason::Claimed => DeferReason::Claimed,
-            DelayReason::Parked(_) => DeferReason::Parked,
-        }),
+        (Decision::Delay { reason, .. }, Outcome::Deferred) => {
+            recorder.deferral(reason.defer_reason())
+        }
         // Could not publish the outcome and parked instead.
-        (_, Outcome::Deferred) => metrics.deferral(DeferReason::Parked),
+        (_, Outcome::Deferred) => recorder.deferral(DeferReason::Parked),
         _ => {}
     }
 }
@@ -116,18 +134,7 @@ fn log_outcome(verdict: &Verdict, outcome: Outcome, started: Instant) {
         Decision::Delay { tier, attempts, .. } => (*attempts, None, None, Some(*tier)),
     };
     let reason = match &verdict.decision {
-        Decision::Delay {
-            reason: DelayReason::Parked(f),
-            ..
-        } => Some(f.label()),
-        Decision::Delay {
-            reason: DelayReason::Claimed,
-            ..
-        } => Some("claimed_elsewhere"),
-        Decision::Delay {
-            reason: DelayReason::Retry { .. },
-            ..
-        } => Some("transient"),
+        Decision::Delay { reason, .. } => Some(reason.log_label()),
         _ => None,
     };
     tracing::info!(
@@ -189,22 +196,28 @@ impl Executor<'_> {
 
     /// A publish failed: the message must not be lost nor charged for it. Park it in the
     /// first delay tier if the broker still takes publishes, else return it to the queue.
-    async fn recover(&self, error: PublishError) -> Outcome {
+    async fn recover(&self, error: SettleError) -> Outcome {
         tracing::error!(error = %error, "publishing the outcome failed");
         match &error {
             // The channel is gone: nothing more can be settled here; the session restarts.
-            PublishError::Channel(_) => {
+            SettleError::Publish(PublishError::Channel(_)) => {
                 self.broken.cancel();
                 return Outcome::Failed;
             }
             // The broker refuses or cannot route what we publish: a fault of the system that
             // every delivery will hit.
-            PublishError::Unroutable { .. } | PublishError::Nacked { .. } => {
+            SettleError::Publish(
+                PublishError::Unroutable { .. }
+                | PublishError::Nacked { .. }
+                | PublishError::NoConfirms,
+            ) => {
                 self.shared
                     .processor
                     .circuit()
                     .trip(SystemFault::Publish(error.to_string()));
             }
+            // Only this message is concerned: park it, keep the session and the circuit.
+            SettleError::Encode(_) | SettleError::NoTier(_) => {}
         }
         let is_delay = matches!(self.verdict.decision, Decision::Delay { .. });
         if !is_delay {
@@ -253,9 +266,8 @@ impl Executor<'_> {
         &self,
         routing_key: &str,
         event: &E,
-    ) -> Result<(), PublishError> {
-        let body = serde_json::to_vec(event)
-            .map_err(|e| PublishError::Channel(format!("cannot encode event: {e}")))?;
+    ) -> Result<(), SettleError> {
+        let body = serde_json::to_vec(event).map_err(SettleError::Encode)?;
         let event_name = routing_key_event_name(&self.verdict.decision);
         let properties = self.event_properties(event_name);
         let topology = &self.shared.settings.topology;
@@ -312,13 +324,13 @@ impl Executor<'_> {
         properties
     }
 
-    async fn dead_letter_copy(&self, failure: &Failure, attempts: u32) -> Result<(), PublishError> {
+    async fn dead_letter_copy(&self, failure: &Failure, attempts: u32) -> Result<(), SettleError> {
         let now = crate::clock::now_rfc3339();
         let mut update = HeaderUpdate::default()
             .text(headers::X_ERROR_KIND, failure.kind.as_str())
             .text(
                 headers::X_ERROR_MESSAGE,
-                &crate::pipeline::truncate(&failure.message, headers::MAX_ERROR_MESSAGE_BYTES),
+                &truncate(&failure.message, headers::MAX_ERROR_MESSAGE_BYTES),
             )
             .int(headers::X_ATTEMPTS, attempts)
             .text(
@@ -340,7 +352,8 @@ impl Executor<'_> {
                 properties,
                 true,
             )
-            .await
+            .await?;
+        Ok(())
     }
 
     async fn delay_copy(
@@ -350,10 +363,10 @@ impl Executor<'_> {
         retries: u32,
         deferrals: u32,
         reason: &DelayReason,
-    ) -> Result<(), PublishError> {
+    ) -> Result<(), SettleError> {
         let settings = &self.shared.settings;
         let Some(delay) = settings.retry.delays.get(tier) else {
-            return Err(PublishError::Channel(format!("no delay tier {tier}")));
+            return Err(SettleError::NoTier(tier));
         };
         let mut update = HeaderUpdate::default()
             .int(headers::X_ATTEMPTS, attempts)
@@ -372,7 +385,8 @@ impl Executor<'_> {
         let queue = settings.topology.delay_queue(delay);
         self.publisher
             .publish("", &queue, &self.delivery.data, properties, true)
-            .await
+            .await?;
+        Ok(())
     }
 }
 

@@ -1,5 +1,5 @@
-//! `group-provisioner run`: wires configuration, the dedup store, the API client and
-//! RabbitMQ around the core, and keeps a consuming session alive.
+//! `group-provisioner run`: the core (with the clients `app` builds) around RabbitMQ: the
+//! metrics endpoint, a supervised consuming session, signals and draining.
 //!
 //! Invariants:
 //! - deliveries are processed concurrently, at most `amqp.prefetch` at a time (the
@@ -12,7 +12,6 @@ mod execute;
 mod session;
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -20,13 +19,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthMode, Settings};
-use crate::convirza::{Auth, ConvirzaClient, LoginSession};
+use crate::app::{self, AppError};
+use crate::config::Settings;
+use crate::convirza::ConvirzaClient;
 use crate::dedup::RedisStore;
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
-use crate::pipeline::{Circuit, CircuitState, Processor, ProcessorConfig};
-use crate::retry::RetryPolicy;
+use crate::pipeline::{Circuit, CircuitState, Processor};
 
 pub use session::SessionError;
 
@@ -43,16 +42,13 @@ pub(crate) struct Shared {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("config error: {0}")]
-    Config(String),
-    #[error("cannot build the API client: {0}")]
-    Client(String),
-    #[error("cannot set up the dedup store: {0}")]
-    Store(String),
-    #[error("cannot listen on metrics.listen {addr}: {error}")]
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error("cannot listen on metrics.listen {addr}: {source}")]
     Metrics {
-        addr: std::net::SocketAddr,
-        error: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -105,80 +101,30 @@ impl WorkerHandle {
     }
 }
 
-pub fn worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown-host".into());
-    format!("{host}:{}", std::process::id())
-}
-
-/// The API client for `settings`, sharing the login session through `store` in login mode.
-pub fn build_client(
-    settings: &Settings,
-    store: &RedisStore,
-    worker_id: &str,
-) -> Result<ConvirzaClient, StartError> {
-    let api = &settings.api;
-    let auth = match api.auth {
-        AuthMode::Token => Auth::Static(api.token.clone().ok_or_else(|| {
-            StartError::Config("api.token: is required when api.auth = \"token\"".into())
-        })?),
-        AuthMode::Login => {
-            let email = api.email.as_deref().ok_or_else(|| {
-                StartError::Config("api.email: is required when api.auth = \"login\"".into())
-            })?;
-            let password = api.password.clone().ok_or_else(|| {
-                StartError::Config("api.password: is required when api.auth = \"login\"".into())
-            })?;
-            let session = LoginSession::new(
-                &api.auth_url,
-                email,
-                password,
-                api.timeout,
-                Arc::new(store.clone()),
-                worker_id,
-            )
-            .map_err(|e| StartError::Client(e.to_string()))?;
-            Auth::Login(Arc::new(session))
-        }
-    };
-    ConvirzaClient::new(&api.base_url, auth, api.timeout)
-        .map_err(|e| StartError::Client(e.to_string()))
-}
-
 /// Start the worker in the background: it serves `metrics.listen` at once, connects
 /// (retrying until it can), declares the topology and consumes until
 /// [`WorkerHandle::shutdown`].
 pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
-    let store = RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
-        .map_err(|e| StartError::Store(e.0))?;
-    let worker_id = worker_id();
-    let metrics = Arc::new(Metrics::default());
+    let store = app::dedup_store(&settings)?;
+    let worker_id = app::worker_id();
+    let metrics = Arc::new(Metrics::new());
     let observed = metrics.clone();
-    let client = build_client(&settings, &store, &worker_id)?.with_observer(Arc::new(
+    let client = app::api_client(&settings, &store, &worker_id)?.with_observer(Arc::new(
         move |op, status, elapsed| observed.api_request(op, status, elapsed),
     ));
     let listener = bind(settings.metrics.listen)?;
-    let metrics_addr = listener.local_addr().map_err(|e| StartError::Metrics {
-        addr: settings.metrics.listen,
-        error: e.to_string(),
-    })?;
+    let metrics_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Metrics {
+            addr: settings.metrics.listen,
+            source,
+        })?;
     let processor = Processor::new(
         store.clone(),
         client,
-        ProcessorConfig {
-            policy: RetryPolicy::from(&settings.retry),
-            tiers: settings.retry.delays.len(),
-            lease: settings.dedup.lease,
-            ttl: settings.dedup.ttl,
-            worker_id: worker_id.clone(),
-            failure_threshold: settings.circuit.failure_threshold,
-        },
+        app::processor_config(&settings, &worker_id),
     )
-    .with_metrics(metrics.clone());
+    .with_recorder(metrics.clone());
     let circuit = processor.circuit().clone();
     let connected = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
@@ -217,17 +163,15 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
 }
 
 fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
-    let err = |e: std::io::Error| StartError::Metrics {
-        addr,
-        error: e.to_string(),
-    };
+    let err = |source: std::io::Error| StartError::Metrics { addr, source };
     let std_listener = std::net::TcpListener::bind(addr).map_err(err)?;
     std_listener.set_nonblocking(true).map_err(err)?;
     tokio::net::TcpListener::from_std(std_listener).map_err(err)
 }
 
-/// The `run` subcommand: start, wait for SIGTERM/SIGINT, drain, exit 0.
-pub async fn run(settings: Settings) -> ExitCode {
+/// The `run` subcommand: start, wait for SIGTERM/SIGINT, drain. Returns once the worker
+/// has stopped; an error only when it could not start.
+pub async fn run(settings: Settings) -> Result<(), StartError> {
     tracing::info!(
         version = crate::VERSION,
         api = %settings.api.base_url,
@@ -236,21 +180,11 @@ pub async fn run(settings: Settings) -> ExitCode {
         prefetch = settings.amqp.prefetch,
         "worker starting"
     );
-    let handle = match start(settings) {
-        Ok(h) => h,
-        Err(StartError::Config(msg)) => {
-            eprintln!("config error: {msg}");
-            return ExitCode::from(crate::cli::EXIT_CONFIG);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "worker cannot start");
-            return ExitCode::FAILURE;
-        }
-    };
+    let handle = start(settings)?;
     crate::shutdown::signal().await;
     tracing::info!("shutdown requested; draining");
     handle.shutdown();
     handle.join().await;
     tracing::info!("worker stopped");
-    ExitCode::SUCCESS
+    Ok(())
 }

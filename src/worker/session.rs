@@ -1,5 +1,5 @@
 //! One consuming session per broker connection, the supervisor that replaces a lost
-//! session (SPEC §5.11), and the circuit's effect on consumption (SPEC §5.7).
+//! session, and the circuit's effect on consumption.
 //!
 //! Invariants:
 //! - while the circuit is open the worker holds no consumer: it cancels it, lets the
@@ -26,21 +26,30 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, Publisher, topology::Topology};
-use crate::pipeline::CircuitState;
+use crate::pipeline::{ApiError, CircuitState, DedupStore, GroupApi, StoreError};
 use crate::retry::RetryPolicy;
 
 use super::{Shared, execute};
 
+/// A broker step that did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    #[error("{what} did not complete within {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("cannot connect to the broker: {0}")]
-    Connect(String),
+    Connect(#[source] StepError),
     #[error("broker channel error: {0}")]
-    Channel(String),
+    Channel(#[source] StepError),
     #[error("cannot declare the topology: {0}")]
-    Topology(String),
+    Topology(#[source] StepError),
     #[error("consumer failed: {0}")]
-    Consume(String),
+    Consume(#[source] StepError),
     #[error("the broker cancelled our consumer (work queue deleted?)")]
     Cancelled,
     #[error("the publish channel is gone")]
@@ -93,14 +102,15 @@ pub(crate) async fn supervise(
 }
 
 async fn step<T>(
-    what: &str,
+    what: &'static str,
     f: impl Future<Output = Result<T, lapin::Error>>,
-) -> Result<T, String> {
+) -> Result<T, StepError> {
     match tokio::time::timeout(BROKER_STEP_TIMEOUT, f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "{what} did not complete within {BROKER_STEP_TIMEOUT:?}"
-        )),
+        Ok(r) => Ok(r?),
+        Err(_) => Err(StepError::Timeout {
+            what,
+            after: BROKER_STEP_TIMEOUT,
+        }),
     }
 }
 
@@ -164,7 +174,7 @@ async fn session(
                     Some(Ok(delivery)) => {
                         tracker.spawn(execute::handle(shared.clone(), publisher.clone(), delivery, abort.clone(), broken.clone()));
                     }
-                    Some(Err(e)) => break 'session Err(SessionError::Consume(e.to_string())),
+                    Some(Err(e)) => break 'session Err(SessionError::Consume(e.into())),
                     None => break 'session Err(SessionError::Cancelled),
                 },
             }
@@ -315,20 +325,27 @@ async fn wait_for_close(
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("redis: {0}")]
+    Store(#[source] StoreError),
+    #[error("api: {0}")]
+    Api(#[source] ApiError),
+}
+
 /// The circuit's probe: Redis answers and the API accepts our credentials (a read-only
 /// call that creates nothing).
-async fn probe(shared: &Shared) -> Result<(), String> {
+async fn probe(shared: &Shared) -> Result<(), ProbeError> {
     shared
         .processor
         .store()
         .ping()
         .await
-        .map_err(|e| format!("redis: {e}"))?;
+        .map_err(ProbeError::Store)?;
     shared
         .processor
         .api()
-        .list_child_groups(None, None, 1, 0, None)
+        .probe()
         .await
-        .map_err(|e| format!("api: {e}"))?;
-    Ok(())
+        .map_err(ProbeError::Api)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use group_provisioner::command::CreateGroup;
 use group_provisioner::convirza::{ApiError, Auth, ConvirzaClient, LoginSession};
 use group_provisioner::dedup::RedisStore;
-use group_provisioner::secret::Secret;
+use group_provisioner::secret::SecretString;
 use group_provisioner::sim::{SimAuth, SimConfig, SimHandle};
 use serde_json::json;
 
@@ -17,7 +17,7 @@ fn login_client(sim: &SimHandle, prefix: &str, password: &str) -> ConvirzaClient
     let session = LoginSession::new(
         &format!("http://{}", sim.addr),
         "admin@example.com",
-        Secret::new(password),
+        SecretString::from(password),
         Duration::from_secs(5),
         Arc::new(store),
         "test",

@@ -161,7 +161,10 @@ async fn server_errors_with_html_then_success_under_the_retry_policy() {
     });
     let policy = RetryPolicy {
         initial: Duration::from_millis(5),
-        ..RetryPolicy::default()
+        multiplier: 2.0,
+        max_interval: Duration::from_secs(10),
+        max_tries: 4,
+        max_retry_after: Duration::from_secs(120),
     };
     let mut seen = Vec::new();
     let cmd = command("E-2", "B", 1000);

@@ -38,7 +38,8 @@ impl Core {
                     initial: Duration::from_millis(5),
                     max_interval: Duration::from_millis(20),
                     max_tries: 3,
-                    ..RetryPolicy::default()
+                    multiplier: 2.0,
+                    max_retry_after: Duration::from_secs(120),
                 },
                 tiers: 2,
                 lease,

@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use group_provisioner::config::AuthMode;
+use group_provisioner::config::ApiAuth;
 use group_provisioner::pipeline::CircuitState;
-use group_provisioner::secret::Secret;
+use group_provisioner::secret::SecretString;
 use group_provisioner::sim::{FailNext, SimConfig};
 use serde_json::{Value, json};
 
@@ -315,10 +315,10 @@ async fn login_mode_two_replicas_tokens_revoked_mid_run() {
     .await;
     env.sim.sim.update_faults(|f| f.latency_ms = 20);
     let mut settings = env.settings.clone();
-    settings.api.auth = AuthMode::Login;
-    settings.api.token = None;
-    settings.api.email = Some("admin@example.com".into());
-    settings.api.password = Some(Secret::new("sim-password"));
+    settings.api.auth = Some(ApiAuth::Login {
+        email: "admin@example.com".into(),
+        password: SecretString::from("sim-password"),
+    });
     settings.api.auth_url = format!("http://{}", env.sim.addr);
     let mut tap = env.event_tap().await;
     let a = env.spawn_worker_with(settings.clone()).await;

@@ -12,7 +12,7 @@ use group_provisioner::amqp::headers::{header_string, header_u32};
 use group_provisioner::amqp::topology::Topology;
 use group_provisioner::config::{DelayTier, Settings, Sources};
 use group_provisioner::convirza::{Auth, ConvirzaClient};
-use group_provisioner::secret::Secret;
+use group_provisioner::secret::SecretString;
 use group_provisioner::sim::{self, SimConfig, SimHandle};
 use group_provisioner::worker::{self, WorkerHandle};
 use lapin::options::{
@@ -48,7 +48,7 @@ pub fn client_for(sim: &SimHandle, timeout: Duration) -> ConvirzaClient {
 }
 
 pub fn client_with_token(base_url: &str, token: &str, timeout: Duration) -> ConvirzaClient {
-    ConvirzaClient::new(base_url, Auth::Static(Secret::new(token)), timeout).expect("client")
+    ConvirzaClient::new(base_url, Auth::Static(SecretString::from(token)), timeout).expect("client")
 }
 
 /// A short random suffix so names never collide between tests or runs.

@@ -1,5 +1,12 @@
-//! The two outside systems the core talks to, as traits. Production implementations are
-//! `dedup::RedisStore` and `convirza::ConvirzaClient`.
+//! The dedup store port: claims with leases, created records and attempt markers. The
+//! Redis store in `dedup.rs` implements it; an in-memory fake in tests does too.
+//!
+//! Invariants every implementation keeps:
+//! - `claim` is atomic: it returns the created record, or another owner's live claim, or
+//!   makes the caller the owner — never two owners at once;
+//! - a created record is only written by the owner of the current claim, or when no claim
+//!   exists; it is never overwritten;
+//! - an error concerns this one call: it never claims or releases anything.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -7,9 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{CreateGroup, ExtId};
-use crate::convirza::{ApiError, ConvirzaClient, Created, GroupSummary};
-use crate::traceparent::Traceparent;
+use crate::command::ExtId;
 
 /// What the dedup store remembers of a created group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,9 +50,34 @@ pub enum RecordResult {
     Fenced(Option<CreatedRecord>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+/// A failure of the store. The cause is kept (a Redis error, a JSON error) without its
+/// type reaching the core.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or refused the command.
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A record exists but cannot be read.
+    #[error("unreadable record at {key}: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl StoreError {
+    pub fn unavailable(source: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+        StoreError::Unavailable {
+            message: source.to_string(),
+            source: Box::new(source),
+        }
+    }
+}
 
 pub trait DedupStore: Send + Sync {
     /// Atomically: the created record if there is one, else claim for `owner` unless
@@ -88,37 +118,6 @@ pub trait DedupStore: Send + Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Whether any POST was ever about to be sent for this ext id.
     fn has_attempt(&self, ext_id: &ExtId) -> impl Future<Output = Result<bool, StoreError>> + Send;
-}
-
-pub trait GroupApi: Send + Sync {
-    fn create_group(
-        &self,
-        command: &CreateGroup,
-        trace: Option<&Traceparent>,
-    ) -> impl Future<Output = Result<Created, ApiError>> + Send;
-    fn find_children_named(
-        &self,
-        parent: i64,
-        name: &str,
-        trace: Option<&Traceparent>,
-    ) -> impl Future<Output = Result<Vec<GroupSummary>, ApiError>> + Send;
-}
-
-impl GroupApi for ConvirzaClient {
-    fn create_group(
-        &self,
-        command: &CreateGroup,
-        trace: Option<&Traceparent>,
-    ) -> impl Future<Output = Result<Created, ApiError>> + Send {
-        ConvirzaClient::create_group(self, command, trace)
-    }
-
-    fn find_children_named(
-        &self,
-        parent: i64,
-        name: &str,
-        trace: Option<&Traceparent>,
-    ) -> impl Future<Output = Result<Vec<GroupSummary>, ApiError>> + Send {
-        ConvirzaClient::find_children_named(self, parent, name, trace)
-    }
+    /// Whether the store answers at all: the circuit's probe.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -1,4 +1,63 @@
+//! The API port: what the core asks of the Convirza API, and the vocabulary of its
+//! answers. The HTTP client in `convirza/` implements it; fakes in tests do too.
+//!
+//! Invariants:
+//! - every way a call can end is one [`ApiError`] variant, decided by the adapter; the core
+//!   never sees status codes or bodies, only this classification;
+//! - a call that may have reached the API but whose answer was lost is
+//!   [`ApiError::UnknownOutcome`], never "failed": the group may exist.
+
+use std::future::Future;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::CreateGroup;
+use crate::traceparent::Traceparent;
+
+pub trait GroupApi: Send + Sync {
+    /// `POST /v3/groups`: one try; retrying is the core's policy.
+    fn create_group(
+        &self,
+        command: &CreateGroup,
+        trace: Option<&Traceparent>,
+    ) -> impl Future<Output = Result<Created, ApiError>> + Send;
+
+    /// Every direct child of `parent` whose name [`names_match`] `name`, all pages.
+    fn find_children_named(
+        &self,
+        parent: i64,
+        name: &str,
+        trace: Option<&Traceparent>,
+    ) -> impl Future<Output = Result<Vec<GroupSummary>, ApiError>> + Send;
+
+    /// A read-only authenticated call that creates nothing: the circuit's probe.
+    fn probe(&self) -> impl Future<Output = Result<(), ApiError>> + Send;
+}
+
+/// A successful Create Group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub org_unit_id: i64,
+    pub request_id: Option<String>,
+    pub http_status: u16,
+}
+
+/// A child group as List Child Groups reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    pub org_unit_id: i64,
+    pub org_unit_ext_id: Option<String>,
+    pub org_unit_name: String,
+    pub org_unit_parent_id: Option<i64>,
+    pub org_unit_status: Option<String>,
+}
+
+/// The name rule of reconciliation: equal ignoring case and surrounding spaces.
+pub fn names_match(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    a == b || a.to_lowercase() == b.to_lowercase()
+}
 
 /// Every way a Convirza call can end other than success.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,5 +171,17 @@ impl ApiError {
             | ApiError::Auth { message, .. } => message.clone(),
             other => other.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_matching() {
+        assert!(names_match("Sales", " sales "));
+        assert!(names_match("ÜBER", "über"));
+        assert!(!names_match("Sales", "Sales 2"));
     }
 }

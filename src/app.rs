@@ -1,0 +1,81 @@
+//! Wiring: settings → the clients every command builds the same way (the dedup store, the
+//! API client with its auth, the worker's identity). The worker and `check` both start
+//! here, so a client is configured in exactly one place.
+
+use std::sync::Arc;
+
+use crate::config::{ApiAuth, ConfigError, Settings};
+use crate::convirza::{Auth, BuildError, ConvirzaClient, LoginSession};
+use crate::dedup::RedisStore;
+use crate::pipeline::{ProcessorConfig, StoreError};
+use crate::retry::RetryPolicy;
+
+/// Why the wiring failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot set up the dedup store: {0}")]
+    Store(#[source] StoreError),
+    #[error(transparent)]
+    Client(#[from] BuildError),
+}
+
+/// `host:pid`: names this process in claims, lock owners and broker connections.
+pub fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// The Redis store (connects lazily: building it never waits for Redis).
+pub fn dedup_store(settings: &Settings) -> Result<RedisStore, AppError> {
+    RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
+        .map_err(AppError::Store)
+}
+
+/// The API credentials, which `run` and `check` load as required.
+pub fn api_auth(settings: &Settings) -> Result<&ApiAuth, ConfigError> {
+    settings
+        .api
+        .auth
+        .as_ref()
+        .ok_or_else(|| ConfigError::new("api.auth", "no API credentials are configured"))
+}
+
+/// The API client for `settings`; in login mode its session is shared through `store`.
+pub fn api_client(
+    settings: &Settings,
+    store: &RedisStore,
+    owner: &str,
+) -> Result<ConvirzaClient, AppError> {
+    let api = &settings.api;
+    let auth = match api_auth(settings)? {
+        ApiAuth::Token(token) => Auth::Static(token.clone()),
+        ApiAuth::Login { email, password } => Auth::Login(Arc::new(LoginSession::new(
+            &api.auth_url,
+            email,
+            password.clone(),
+            api.timeout,
+            Arc::new(store.clone()),
+            owner,
+        )?)),
+    };
+    Ok(ConvirzaClient::new(&api.base_url, auth, api.timeout)?)
+}
+
+/// The core's configuration from the settings.
+pub fn processor_config(settings: &Settings, worker_id: &str) -> ProcessorConfig {
+    ProcessorConfig {
+        policy: RetryPolicy::from(&settings.retry),
+        tiers: settings.retry.delays.len(),
+        lease: settings.dedup.lease,
+        ttl: settings.dedup.ttl,
+        worker_id: worker_id.to_owned(),
+        failure_threshold: settings.circuit.failure_threshold,
+    }
+}

@@ -1,0 +1,597 @@
+//! The configuration as written (serde, one struct per section, unknown keys denied) and
+//! its conversion into the typed [`Settings`]: ranges, URLs, names and the rules that tie
+//! keys together. Every check names its dotted key.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    AmqpSettings, ApiAuth, ApiSettings, AuthMode, CircuitSettings, ConfigError, Credentials,
+    DedupSettings, DelayTier, LogFormat, LogSettings, MetricsSettings, RedisSettings,
+    RetrySettings, Settings, ShutdownSettings, TopologySettings, de, format_duration,
+};
+use crate::secret::{ExposeSecret, SecretString, SecretUrl, redact_url};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Raw {
+    amqp: RawAmqp,
+    redis: RawRedis,
+    api: RawApi,
+    retry: RawRetry,
+    circuit: RawCircuit,
+    dedup: RawDedup,
+    shutdown: RawShutdown,
+    metrics: RawMetrics,
+    log: RawLog,
+    topology: RawTopology,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAmqp {
+    url: SecretString,
+    #[serde(deserialize_with = "de::integer")]
+    prefetch: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: SecretString,
+    key_prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    base_url: String,
+    auth: AuthMode,
+    token: Option<SecretString>,
+    email: Option<String>,
+    password: Option<SecretString>,
+    auth_url: String,
+    #[serde(deserialize_with = "de::duration")]
+    timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    #[serde(deserialize_with = "de::duration")]
+    initial: Duration,
+    #[serde(deserialize_with = "de::number")]
+    multiplier: f64,
+    #[serde(deserialize_with = "de::duration")]
+    max_interval: Duration,
+    #[serde(deserialize_with = "de::integer")]
+    max_tries: i64,
+    #[serde(deserialize_with = "de::duration")]
+    max_retry_after: Duration,
+    #[serde(deserialize_with = "de::delays")]
+    delays: Vec<DelayTier>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCircuit {
+    #[serde(deserialize_with = "de::integer")]
+    failure_threshold: i64,
+    #[serde(deserialize_with = "de::duration")]
+    cooldown: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDedup {
+    #[serde(deserialize_with = "de::duration")]
+    ttl: Duration,
+    #[serde(deserialize_with = "de::duration")]
+    lease: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    #[serde(deserialize_with = "de::duration")]
+    drain_timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: LogFormat,
+    level: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    command_exchange: String,
+    command_routing_key: String,
+    work_queue: String,
+    dead_letter_exchange: String,
+    dead_letter_queue: String,
+    event_exchange: String,
+    created_routing_key: String,
+    failed_routing_key: String,
+    #[serde(deserialize_with = "de::integer")]
+    delivery_limit: i64,
+}
+
+/// A deserialization error as `config error: <key>: <reason>`: the key from the path,
+/// the reason in the project's words (unknown keys get a "did you mean").
+pub(super) fn key_error(e: serde_path_to_error::Error<::config::ConfigError>) -> ConfigError {
+    let mut key = e
+        .path()
+        .iter()
+        .filter_map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(".");
+    let reason = innermost(e.inner());
+    if let Some(rest) = reason.strip_prefix("unknown field `") {
+        let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        // The path ends with the unknown key itself; the hint names its section.
+        let unknown = key.clone();
+        key = match key.rsplit_once('.') {
+            Some((section, _)) => section.to_owned(),
+            None if key == field => String::new(),
+            None => key,
+        };
+        let hint = closest(field, &backticked(expected))
+            .map(|k| {
+                let full = if key.is_empty() {
+                    k
+                } else {
+                    format!("{key}.{k}")
+                };
+                format!(" (did you mean {full}?)")
+            })
+            .unwrap_or_default();
+        let unknown = if unknown.is_empty() {
+            field.to_owned()
+        } else {
+            unknown
+        };
+        return ConfigError::new(unknown, format!("unknown key{hint}"));
+    }
+    if let Some(rest) = reason.strip_prefix("unknown variant `") {
+        let (value, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        return ConfigError::new(
+            key,
+            format!(
+                "{value:?} is not one of {}",
+                backticked(expected).join(", ")
+            ),
+        );
+    }
+    if let Some(field) = reason.strip_prefix("missing field ") {
+        key = [key.as_str(), field.trim_matches(['`', '"'])]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(".");
+        return ConfigError::new(key, "is required");
+    }
+    ConfigError::new(key, reason)
+}
+
+/// The message of the innermost error (the `config` crate wraps errors with their key,
+/// which the path already gives).
+fn innermost(e: &::config::ConfigError) -> String {
+    match e {
+        ::config::ConfigError::At { error, .. } => innermost(error),
+        ::config::ConfigError::NotFound(field) => format!("missing field `{field}`"),
+        ::config::ConfigError::Type {
+            unexpected,
+            expected,
+            ..
+        } => format!("{unexpected} is not {expected}"),
+        other => other.to_string(),
+    }
+}
+
+/// The names quoted in backticks in a serde "expected one of `a`, `b`" message.
+fn backticked(text: &str) -> Vec<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A known name that `unknown` looks like a typo of: same prefix either way, or one edit.
+fn closest(unknown: &str, known: &[String]) -> Option<String> {
+    known
+        .iter()
+        .find(|k| k.starts_with(unknown) || unknown.starts_with(k.as_str()))
+        .or_else(|| known.iter().find(|k| one_edit_apart(unknown, k)))
+        .cloned()
+}
+
+/// At most one insertion, deletion, substitution or swap of neighbours apart.
+fn one_edit_apart(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 1 {
+        return false;
+    }
+    // Optimal string alignment distance, rows reused.
+    let mut before: Vec<usize> = Vec::new();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut row = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            row[j] = (prev[j] + 1).min(row[j - 1] + 1).min(prev[j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                row[j] = row[j].min(before[j - 2] + 1);
+            }
+        }
+        before = std::mem::replace(&mut prev, row);
+    }
+    prev[b.len()] <= 1
+}
+
+fn in_range<T: TryFrom<i64>>(key: &str, n: i64, min: i64, max: i64) -> Result<T, ConfigError> {
+    if n < min || n > max {
+        return Err(ConfigError::new(
+            key,
+            format!("{n} is out of range ({min}..={max})"),
+        ));
+    }
+    T::try_from(n).map_err(|_| ConfigError::new(key, format!("{n} is out of range")))
+}
+
+fn at_least(key: &str, d: Duration, min: Duration) -> Result<Duration, ConfigError> {
+    if d < min {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{:?} is too short (minimum {})",
+                format_duration(d),
+                format_duration(min)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+/// `url` with one of `schemes`, parseable as a URL; shown with its password masked.
+fn url(key: &str, value: &str, schemes: &[&str]) -> Result<String, ConfigError> {
+    let v = value.trim();
+    let shown = redact_url(v);
+    let scheme = v.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if !scheme.is_some_and(|s| schemes.contains(&s.as_str())) {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{shown:?} is not a URL with scheme {}",
+                schemes.join(" or ")
+            ),
+        ));
+    }
+    reqwest::Url::parse(v)
+        .map_err(|e| ConfigError::new(key, format!("{shown:?} is not a valid URL: {e}")))?;
+    Ok(v.to_owned())
+}
+
+/// An AMQP exchange, queue or routing key name: 1–255 bytes, no control characters.
+fn name(key: &str, value: &str) -> Result<String, ConfigError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(ConfigError::new(key, "must not be empty"));
+    }
+    if trimmed.len() > 255 || trimmed.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            key,
+            format!("{value:?} is not a valid AMQP name (1-255 bytes, no control characters)"),
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+fn nonempty(value: Option<String>) -> Option<String> {
+    value.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+fn nonempty_secret(value: Option<SecretString>) -> Option<SecretString> {
+    value.filter(|s| !s.expose_secret().is_empty())
+}
+
+impl ApiAuth {
+    /// The credentials `api.auth` needs, or the key that is missing.
+    fn from_raw(
+        mode: AuthMode,
+        token: Option<SecretString>,
+        email: Option<String>,
+        password: Option<SecretString>,
+    ) -> Result<ApiAuth, ConfigError> {
+        match mode {
+            AuthMode::Token => token.map(ApiAuth::Token).ok_or_else(|| {
+                ConfigError::new(
+                    "api.token",
+                    "is required when api.auth = \"token\" (set PROVISIONER__API__TOKEN)",
+                )
+            }),
+            AuthMode::Login => {
+                let email = email.ok_or_else(|| {
+                    ConfigError::new("api.email", "is required when api.auth = \"login\"")
+                })?;
+                let password = password.ok_or_else(|| {
+                    ConfigError::new(
+                        "api.password",
+                        "is required when api.auth = \"login\" (set PROVISIONER__API__PASSWORD)",
+                    )
+                })?;
+                Ok(ApiAuth::Login { email, password })
+            }
+        }
+    }
+}
+
+impl Raw {
+    pub(super) fn into_settings(self, credentials: Credentials) -> Result<Settings, ConfigError> {
+        let amqp = self.amqp.into_settings()?;
+        let redis = self.redis.into_settings()?;
+        let api = self.api.into_settings(credentials)?;
+        let retry = self.retry.into_settings()?;
+        let circuit = CircuitSettings {
+            failure_threshold: in_range(
+                "circuit.failure_threshold",
+                self.circuit.failure_threshold,
+                1,
+                1_000_000,
+            )?,
+            cooldown: at_least(
+                "circuit.cooldown",
+                self.circuit.cooldown,
+                Duration::from_millis(10),
+            )?,
+        };
+        let dedup = DedupSettings {
+            ttl: at_least("dedup.ttl", self.dedup.ttl, Duration::from_secs(1))?,
+            lease: at_least("dedup.lease", self.dedup.lease, Duration::from_millis(100))?,
+        };
+        if dedup.ttl <= dedup.lease {
+            return Err(ConfigError::new(
+                "dedup.ttl",
+                format!(
+                    "{} must be longer than dedup.lease ({})",
+                    format_duration(dedup.ttl),
+                    format_duration(dedup.lease)
+                ),
+            ));
+        }
+        let shutdown = ShutdownSettings {
+            drain_timeout: self.shutdown.drain_timeout,
+        };
+        let listen = self.metrics.listen.trim();
+        let metrics = MetricsSettings {
+            listen: listen.parse().map_err(|_| {
+                ConfigError::new(
+                    "metrics.listen",
+                    format!("{listen:?} is not a socket address (e.g. 127.0.0.1:9464)"),
+                )
+            })?,
+        };
+        let level = self.log.level.trim().to_owned();
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "{level:?} is not a level or filter (e.g. info, debug, group_provisioner=debug)"
+                ),
+            ));
+        }
+        let log = LogSettings {
+            format: self.log.format,
+            level,
+        };
+        let topology = self.topology.into_settings()?;
+        for tier in &retry.delays {
+            let queue = topology.delay_queue(tier);
+            if queue.len() > 255 {
+                return Err(ConfigError::new(
+                    "topology.work_queue",
+                    format!(
+                        "delay queue name {queue:?} would exceed 255 bytes; shorten the work queue name"
+                    ),
+                ));
+            }
+        }
+        Ok(Settings {
+            amqp,
+            redis,
+            api,
+            retry,
+            circuit,
+            dedup,
+            shutdown,
+            metrics,
+            log,
+            topology,
+        })
+    }
+}
+
+impl RawAmqp {
+    fn into_settings(self) -> Result<AmqpSettings, ConfigError> {
+        let url = url("amqp.url", self.url.expose_secret(), &["amqp", "amqps"])?;
+        if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+            return Err(ConfigError::new(
+                "amqp.url",
+                format!("{:?} is not an AMQP URI: {e}", redact_url(&url)),
+            ));
+        }
+        Ok(AmqpSettings {
+            url: SecretUrl::new(url),
+            prefetch: in_range("amqp.prefetch", self.prefetch, 1, i64::from(u16::MAX))?,
+        })
+    }
+}
+
+impl RawRedis {
+    fn into_settings(self) -> Result<RedisSettings, ConfigError> {
+        let url = url(
+            "redis.url",
+            self.url.expose_secret(),
+            &["redis", "rediss", "unix", "redis+unix"],
+        )?;
+        if let Err(e) = redis::Client::open(url.as_str()) {
+            return Err(ConfigError::new(
+                "redis.url",
+                format!("{:?} is not a Redis URL: {e}", redact_url(&url)),
+            ));
+        }
+        let prefix = self.key_prefix;
+        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::new(
+                "redis.key_prefix",
+                format!("{prefix:?} must be non-empty without spaces"),
+            ));
+        }
+        Ok(RedisSettings {
+            url: SecretUrl::new(url),
+            key_prefix: prefix,
+        })
+    }
+}
+
+impl RawApi {
+    fn into_settings(self, credentials: Credentials) -> Result<ApiSettings, ConfigError> {
+        let base_url = url("api.base_url", &self.base_url, &["http", "https"])?
+            .trim_end_matches('/')
+            .to_owned();
+        let auth_url = url("api.auth_url", &self.auth_url, &["http", "https"])?
+            .trim_end_matches('/')
+            .to_owned();
+        let timeout = at_least("api.timeout", self.timeout, Duration::from_millis(1))?;
+        let auth = ApiAuth::from_raw(
+            self.auth,
+            nonempty_secret(self.token),
+            nonempty(self.email),
+            nonempty_secret(self.password),
+        );
+        let auth = match credentials {
+            Credentials::Required => Some(auth?),
+            Credentials::Optional => auth.ok(),
+        };
+        Ok(ApiSettings {
+            base_url,
+            auth,
+            auth_url,
+            timeout,
+        })
+    }
+}
+
+impl RawRetry {
+    fn into_settings(self) -> Result<RetrySettings, ConfigError> {
+        let initial = at_least("retry.initial", self.initial, Duration::from_millis(1))?;
+        let multiplier = self.multiplier;
+        if !(multiplier.is_finite() && (1.0..=10.0).contains(&multiplier)) {
+            return Err(ConfigError::new(
+                "retry.multiplier",
+                format!("{multiplier} is not a number between 1 and 10"),
+            ));
+        }
+        let max_interval = at_least(
+            "retry.max_interval",
+            self.max_interval,
+            Duration::from_millis(1),
+        )?;
+        if max_interval < initial {
+            return Err(ConfigError::new(
+                "retry.max_interval",
+                format!(
+                    "{} is shorter than retry.initial ({})",
+                    format_duration(max_interval),
+                    format_duration(initial)
+                ),
+            ));
+        }
+        let mut delays: Vec<DelayTier> = Vec::with_capacity(self.delays.len());
+        for tier in self.delays {
+            if tier.delay.is_zero() {
+                return Err(ConfigError::new(
+                    "retry.delays",
+                    format!("{:?}: a delay tier must be longer than 0", tier.label),
+                ));
+            }
+            if delays.iter().any(|t| t.label == tier.label) {
+                return Err(ConfigError::new(
+                    "retry.delays",
+                    format!("{:?} appears twice", tier.label),
+                ));
+            }
+            delays.push(tier);
+        }
+        if delays.is_empty() {
+            return Err(ConfigError::new(
+                "retry.delays",
+                "needs at least one delay tier",
+            ));
+        }
+        Ok(RetrySettings {
+            initial,
+            multiplier,
+            max_interval,
+            max_tries: in_range("retry.max_tries", self.max_tries, 1, 100)?,
+            max_retry_after: self.max_retry_after,
+            delays,
+        })
+    }
+}
+
+impl RawTopology {
+    fn into_settings(self) -> Result<TopologySettings, ConfigError> {
+        Ok(TopologySettings {
+            command_exchange: name("topology.command_exchange", &self.command_exchange)?,
+            command_routing_key: name("topology.command_routing_key", &self.command_routing_key)?,
+            work_queue: name("topology.work_queue", &self.work_queue)?,
+            dead_letter_exchange: name(
+                "topology.dead_letter_exchange",
+                &self.dead_letter_exchange,
+            )?,
+            dead_letter_queue: name("topology.dead_letter_queue", &self.dead_letter_queue)?,
+            event_exchange: name("topology.event_exchange", &self.event_exchange)?,
+            created_routing_key: name("topology.created_routing_key", &self.created_routing_key)?,
+            failed_routing_key: name("topology.failed_routing_key", &self.failed_routing_key)?,
+            delivery_limit: in_range("topology.delivery_limit", self.delivery_limit, 1, 1_000_000)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typo_hints() {
+        let known: Vec<String> = ["delays", "initial", "max_tries"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        assert_eq!(closest("delay", &known).as_deref(), Some("delays"));
+        assert_eq!(closest("intial", &known).as_deref(), Some("initial"));
+        assert_eq!(closest("max_trise", &known).as_deref(), Some("max_tries"));
+        assert_eq!(closest("colour", &known), None);
+        assert!(one_edit_apart("prefetch", "perfetch"));
+        assert!(!one_edit_apart("prefetch", "prefix"));
+        assert_eq!(
+            backticked("expected one of `url`, `prefetch`"),
+            ["url", "prefetch"]
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! Configuration loading: defaults, layering, every error message, documentation.
+
+use super::*;
+use crate::secret::ExposeSecret;
+
+const TOKEN: &str = "[api]\ntoken = \"t\"\n";
+
+fn with_env(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    Settings::from_sources(Sources {
+        toml: Some(TOKEN.into()),
+        env: Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Sources::default()
+    })
+}
+
+fn err(toml: &str) -> ConfigError {
+    Settings::from_sources(Sources {
+        toml: Some(toml.into()),
+        env: Some(HashMap::from([(
+            "PROVISIONER__API__TOKEN".to_string(),
+            "t".to_string(),
+        )])),
+        ..Sources::default()
+    })
+    .expect_err("should be rejected")
+}
+
+#[test]
+fn defaults_match_the_spec() {
+    let s = Settings::from_toml(TOKEN).expect("defaults load");
+    assert_eq!(s.amqp.url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+    assert_eq!(s.amqp.prefetch, 64);
+    assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:6379/0");
+    assert_eq!(s.redis.key_prefix, "provisioner");
+    assert_eq!(s.api.base_url, "https://platform-api.convirza.com/v3");
+    assert!(matches!(&s.api.auth, Some(ApiAuth::Token(t)) if t.expose_secret() == "t"));
+    assert_eq!(s.api.auth_url, "https://platform-oauth.convirza.com");
+    assert_eq!(s.api.timeout, Duration::from_secs(15));
+    assert_eq!(s.retry.initial, Duration::from_millis(250));
+    assert_eq!(s.retry.multiplier, 2.0);
+    assert_eq!(s.retry.max_interval, Duration::from_secs(10));
+    assert_eq!(s.retry.max_tries, 4);
+    let labels: Vec<_> = s.retry.delays.iter().map(|t| t.label.as_str()).collect();
+    assert_eq!(labels, ["5s", "30s", "2m", "10m", "30m"]);
+    assert_eq!(s.retry.delays[4].delay, Duration::from_secs(1800));
+    assert_eq!(s.circuit.failure_threshold, 10);
+    assert_eq!(s.circuit.cooldown, Duration::from_secs(30));
+    assert_eq!(s.dedup.ttl, Duration::from_secs(30 * 86_400));
+    assert_eq!(s.dedup.lease, Duration::from_secs(60));
+    assert_eq!(s.shutdown.drain_timeout, Duration::from_secs(30));
+    assert_eq!(s.metrics.listen.to_string(), "127.0.0.1:9464");
+    assert_eq!(s.log.format, LogFormat::Json);
+    assert_eq!(s.log.level, "info");
+    assert_eq!(s.topology.command_exchange, "provisioning");
+    assert_eq!(s.topology.command_routing_key, "group.create");
+    assert_eq!(s.topology.work_queue, "provisioning.group.create");
+    assert_eq!(s.topology.dead_letter_exchange, "provisioning.dlx");
+    assert_eq!(
+        s.topology.dead_letter_queue,
+        "provisioning.group.create.dlq"
+    );
+    assert_eq!(s.topology.event_exchange, "provisioning.events");
+    assert_eq!(s.topology.created_routing_key, "group.created");
+    assert_eq!(s.topology.failed_routing_key, "group.create.failed");
+    assert_eq!(s.topology.delivery_limit, 10);
+    assert_eq!(
+        s.topology.delay_queue(&s.retry.delays[0]),
+        "provisioning.group.create.retry.5s"
+    );
+}
+
+#[test]
+fn toml_then_env_layering() {
+    let s = Settings::from_sources(Sources {
+        toml: Some(
+            "[api]\ntoken = \"file\"\n[amqp]\nprefetch = 8\n[retry]\ndelays = [\"1s\", \"2s\"]\n"
+                .into(),
+        ),
+        env: Some(HashMap::from([
+            ("PROVISIONER__AMQP__PREFETCH".to_string(), "16".to_string()),
+            (
+                "PROVISIONER__REDIS__KEY_PREFIX".to_string(),
+                "t1".to_string(),
+            ),
+        ])),
+        ..Sources::default()
+    })
+    .expect("loads");
+    assert_eq!(s.amqp.prefetch, 16, "env wins over the file");
+    assert_eq!(s.redis.key_prefix, "t1");
+    assert!(matches!(&s.api.auth, Some(ApiAuth::Token(t)) if t.expose_secret() == "file"));
+    let labels: Vec<_> = s.retry.delays.iter().map(|t| t.label.clone()).collect();
+    assert_eq!(labels, ["1s", "2s"]);
+}
+
+#[test]
+fn lists_from_env_are_comma_separated() {
+    let s = with_env(&[("PROVISIONER__RETRY__DELAYS", "5s,30s,2m")]).expect("loads");
+    let labels: Vec<_> = s.retry.delays.iter().map(|t| t.label.clone()).collect();
+    assert_eq!(labels, ["5s", "30s", "2m"]);
+    let one = with_env(&[("PROVISIONER__RETRY__DELAYS", "1s")]).expect("loads");
+    assert_eq!(one.retry.delays.len(), 1);
+    assert_eq!(
+        one.topology.delay_queue(&one.retry.delays[0]),
+        "provisioning.group.create.retry.1s"
+    );
+}
+
+#[test]
+fn bad_values_name_the_key_and_value() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[api]\ntimeout = \"5 parsecs\"\n",
+            "api.timeout",
+            "\"5 parsecs\" is not a duration",
+        ),
+        ("[amqp]\nprefetch = 0\n", "amqp.prefetch", "out of range"),
+        (
+            "[amqp]\nprefetch = \"many\"\n",
+            "amqp.prefetch",
+            "\"many\" is not an integer",
+        ),
+        (
+            "[amqp]\nurl = \"http://x\"\n",
+            "amqp.url",
+            "scheme amqp or amqps",
+        ),
+        ("[redis]\nurl = \"nope\"\n", "redis.url", "not a URL"),
+        (
+            "[redis]\nurl = \"redis://h:6379/db\"\n",
+            "redis.url",
+            "not a Redis URL",
+        ),
+        (
+            "[amqp]\nurl = \"amqp://h:notaport/x\"\n",
+            "amqp.url",
+            "not a",
+        ),
+        (
+            "[retry]\ndelays = [\"5s\", \"soon\"]\n",
+            "retry.delays",
+            "\"soon\" is not a duration",
+        ),
+        ("[retry]\ndelays = []\n", "retry.delays", "at least one"),
+        (
+            "[retry]\ndelays = [\"5s\", \"5s\"]\n",
+            "retry.delays",
+            "twice",
+        ),
+        (
+            "[retry]\nmax_tries = 0\n",
+            "retry.max_tries",
+            "out of range",
+        ),
+        (
+            "[retry]\ninitial = \"20s\"\n",
+            "retry.max_interval",
+            "shorter than retry.initial",
+        ),
+        (
+            "[metrics]\nlisten = \"localhost\"\n",
+            "metrics.listen",
+            "not a socket address",
+        ),
+        (
+            "[log]\nformat = \"xml\"\n",
+            "log.format",
+            "\"xml\" is not one of json, pretty",
+        ),
+        ("[log]\nlevel = \"[[[\"\n", "log.level", "is not a level"),
+        (
+            "[api]\nauth = \"oauth\"\n",
+            "api.auth",
+            "\"oauth\" is not one of token, login",
+        ),
+        (
+            "[dedup]\nttl = \"30s\"\nlease = \"60s\"\n",
+            "dedup.ttl",
+            "longer than dedup.lease",
+        ),
+        (
+            "[topology]\nwork_queue = \"  \"\n",
+            "topology.work_queue",
+            "must not be empty",
+        ),
+        (
+            "[retry]\ndelay = [\"5s\"]\n",
+            "retry.delay",
+            "unknown key (did you mean retry.delays?)",
+        ),
+        (
+            "[circuit]\ncooldown = \"-1s\"\n",
+            "circuit.cooldown",
+            "not a duration",
+        ),
+    ];
+    for (toml, key, reason) in cases {
+        let e = err(toml);
+        assert_eq!(e.key, *key, "for {toml:?}: {e}");
+        assert!(e.reason.contains(reason), "for {toml:?}: got {e}");
+        assert!(e.to_string().starts_with(&format!("config error: {key}: ")));
+    }
+}
+
+#[test]
+fn bad_env_value_names_the_dotted_key() {
+    let e = with_env(&[("PROVISIONER__API__TIMEOUT", "5 parsecs")]).expect_err("rejected");
+    assert_eq!(
+        e.to_string(),
+        "config error: api.timeout: \"5 parsecs\" is not a duration (use e.g. 250ms, 5s, 2m, 1h, 30d)"
+    );
+    let e = with_env(&[("PROVISIONER__AMQP__PREFTECH", "5")]).expect_err("rejected");
+    assert_eq!(e.key, "amqp.preftech");
+}
+
+#[test]
+fn auth_mode_requirements() {
+    let e = Settings::from_toml("").expect_err("token required");
+    assert_eq!(e.key, "api.token");
+    let e =
+        Settings::from_toml("[api]\nauth = \"login\"\nemail = \"a@b.c\"\n").expect_err("password");
+    assert_eq!(e.key, "api.password");
+    let s = Settings::from_toml("[api]\nauth = \"login\"\nemail = \"a@b.c\"\npassword = \"pw\"\n")
+        .expect("login config");
+    match &s.api.auth {
+        Some(ApiAuth::Login { email, password }) => {
+            assert_eq!(email, "a@b.c");
+            assert_eq!(password.expose_secret(), "pw");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Commands that never call the API load without credentials.
+    let s = Settings::from_sources(Sources {
+        toml: Some("[api]\nauth = \"login\"\n".into()),
+        env: Some(HashMap::new()),
+        credentials: Credentials::Optional,
+        ..Sources::default()
+    })
+    .expect("no credentials needed");
+    assert!(s.api.auth.is_none());
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let s = Settings::from_toml(
+        "[api]\ntoken = \"tok-123\"\npassword = \"pw-456\"\n[amqp]\nurl = \"amqp://u:pw-789@h/%2f\"\n",
+    )
+    .expect("loads");
+    let printed = format!("{s:?}");
+    for secret in ["tok-123", "pw-456", "pw-789"] {
+        assert!(!printed.contains(secret), "{secret} leaked: {printed}");
+    }
+}
+
+#[test]
+fn missing_explicit_file_is_an_error() {
+    let e = Settings::from_sources(Sources {
+        file: Some(PathBuf::from("/nonexistent/provisioner.toml")),
+        env: Some(HashMap::new()),
+        ..Sources::default()
+    })
+    .expect_err("missing file");
+    assert_eq!(e.key, "--config");
+}
+
+/// Every key, with a value it accepts: its default, or a sample for keys without one.
+fn every_key() -> Vec<(String, String)> {
+    let mut keys = defaults();
+    keys.extend(
+        KEYS_WITHOUT_DEFAULT
+            .iter()
+            .map(|k| ((*k).to_owned(), "ops@example.com".to_owned())),
+    );
+    keys
+}
+
+#[test]
+fn every_key_has_a_reader() {
+    // Setting each key to its default through the environment (lists comma-separated)
+    // must load without "unknown key".
+    let env = every_key()
+        .into_iter()
+        .map(|(k, v)| {
+            let v = v
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .replace('"', "");
+            (
+                format!("PROVISIONER__{}", k.replace('.', "__").to_uppercase()),
+                v,
+            )
+        })
+        .collect();
+    let s = Settings::from_sources(Sources {
+        env: Some(env),
+        toml: Some(String::new()),
+        ..Sources::default()
+    })
+    .expect("every documented key is known");
+    assert_eq!(s.retry.delays.len(), 5);
+    assert_eq!(defaults().len(), 31, "a key was added or lost: document it");
+}
+
+/// The README table must list every key with its default, and `config/example.toml`
+/// (which is the built-in default layer) must mention the keys without a default, so a
+/// new key cannot ship undocumented.
+#[test]
+fn every_key_is_documented() {
+    let readme = include_str!("../../README.md");
+    for (key, default) in defaults() {
+        let row = format!("| `{key}` | `{default}` |");
+        assert!(readme.contains(&row), "README lacks the row {row}");
+    }
+    for key in KEYS_WITHOUT_DEFAULT {
+        assert!(
+            readme.contains(&format!("| `{key}` | — |")),
+            "README lacks {key}"
+        );
+        let leaf = key.rsplit_once('.').map_or(key, |(_, l)| l);
+        assert!(
+            DEFAULTS_TOML.contains(&format!("# {leaf} =")),
+            "example.toml lacks {key}"
+        );
+    }
+}

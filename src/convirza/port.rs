@@ -1,0 +1,33 @@
+//! The HTTP client as the core's [`GroupApi`] port.
+
+use crate::command::CreateGroup;
+use crate::pipeline::{ApiError, Created, GroupApi, GroupSummary};
+use crate::traceparent::Traceparent;
+
+use super::ConvirzaClient;
+
+impl GroupApi for ConvirzaClient {
+    async fn create_group(
+        &self,
+        command: &CreateGroup,
+        trace: Option<&Traceparent>,
+    ) -> Result<Created, ApiError> {
+        ConvirzaClient::create_group(self, command, trace).await
+    }
+
+    async fn find_children_named(
+        &self,
+        parent: i64,
+        name: &str,
+        trace: Option<&Traceparent>,
+    ) -> Result<Vec<GroupSummary>, ApiError> {
+        ConvirzaClient::find_children_named(self, parent, name, trace).await
+    }
+
+    /// `GET /v3/groups/list?limit=1`: authenticated, read-only.
+    async fn probe(&self) -> Result<(), ApiError> {
+        self.list_child_groups(None, None, 1, 0, None)
+            .await
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,272 @@
+//! `dlq replay`: move matching dead letters back to the command exchange — for each, a
+//! confirmed publish, then the ack of the dead letter; the rest stay in the DLQ, in order.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::Publisher;
+use crate::amqp::headers::{self, HeaderUpdate};
+use crate::config::Settings;
+use crate::ops::OpsError;
+
+use super::reader::DlqReader;
+
+/// What `dlq replay` moves (its command-line options).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ReplayFilter {
+    /// Only this ext id.
+    #[arg(long)]
+    pub ext_id: Option<String>,
+    /// Only this x-error-kind (invalid_command, rejected, name_conflict, retries_exhausted,
+    /// or broker:<reason> for messages the broker dead-lettered, e.g. broker:delivery_limit).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Move at most N messages.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// At most R messages per second (e.g. 20 or 20/s).
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Show what would move; move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Skip messages already replayed this many times.
+    #[arg(long, default_value_t = 5)]
+    pub max_replays: u32,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.trim().trim_end_matches("/s");
+    match number.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("{text:?} is not a positive rate (e.g. 20 or 20/s)")),
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub moved: usize,
+    /// Matching, but at or over `--max-replays`: left in the DLQ.
+    pub skipped: usize,
+    /// Not matching the filter (or beyond `--limit`): left in the DLQ.
+    pub kept: usize,
+    pub interrupted: bool,
+}
+
+/// Move matching dead letters back to the command exchange.
+pub async fn replay(
+    settings: &Settings,
+    filter: &ReplayFilter,
+    stop: CancellationToken,
+) -> Result<ReplaySummary, OpsError> {
+    let mut reader = DlqReader::open(settings, None).await?;
+    let publisher = Publisher::new(reader.channel().clone());
+    let topology = &settings.topology;
+    let mut summary = ReplaySummary::default();
+    let interval = filter
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut next_at = tokio::time::Instant::now();
+    let mut result = Ok(());
+    loop {
+        let letter = match reader.next().await {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        let matches = filter
+            .ext_id
+            .as_deref()
+            .is_none_or(|x| letter.ext_id.as_deref() == Some(x))
+            && filter.kind.as_deref().is_none_or(|k| letter.kind == k);
+        if filter.limit.is_some_and(|l| summary.moved >= l) || stop.is_cancelled() {
+            // Done: this one and the rest of the pass stay where they are.
+            summary.kept += 1 + reader.remaining();
+            break;
+        }
+        if !matches {
+            summary.kept += 1;
+            continue;
+        }
+        if letter.replay_count() >= filter.max_replays {
+            summary.skipped += 1;
+            eprintln!(
+                "skip {}: replayed {} times already (--max-replays {})",
+                letter.describe(),
+                letter.replay_count(),
+                filter.max_replays
+            );
+            continue;
+        }
+        if filter.dry_run {
+            summary.moved += 1;
+            println!("would replay {}", letter.describe());
+            continue;
+        }
+        if let Some(i) = interval {
+            tokio::time::sleep_until(next_at).await;
+            next_at = tokio::time::Instant::now() + i;
+        }
+        let properties = replay_properties(&letter.delivery.properties, letter.replay_count() + 1);
+        if let Err(e) = publisher
+            .publish(
+                &topology.command_exchange,
+                &topology.command_routing_key,
+                &letter.delivery.data,
+                properties,
+                true,
+            )
+            .await
+        {
+            result = Err(OpsError::ReplayPublish {
+                letter: letter.describe(),
+                source: e,
+            });
+            summary.kept += 1;
+            break;
+        }
+        summary.moved += 1;
+        if let Err(e) = letter.delivery.ack(BasicAckOptions::default()).await {
+            // Published but not acked: the dead letter returns to the DLQ as well. Replaying
+            // it again is harmless (deduplication), so report and stop.
+            result = Err(OpsError::ReplayAck {
+                letter: letter.describe(),
+                source: e,
+            });
+            break;
+        }
+        println!("replayed {}", letter.describe());
+    }
+    summary.interrupted = stop.is_cancelled();
+    // What was not moved goes back, in order.
+    reader
+        .close(if filter.dry_run { 0 } else { summary.moved })
+        .await;
+    result.map(|()| summary)
+}
+
+/// The dead letter's properties for its return trip: a fresh start for attempts and retries,
+/// the replay counted, the failure headers dropped (its history stays in
+/// `x-first-failed-at` and `x-replay-count`).
+fn replay_properties(original: &BasicProperties, replay_count: u32) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    let drop_names = [
+        headers::X_ERROR_KIND,
+        headers::X_ERROR_MESSAGE,
+        headers::X_HTTP_STATUS,
+        headers::X_LAST_FAILED_AT,
+        headers::X_DELIVERY_COUNT,
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    ];
+    let kept: std::collections::BTreeMap<ShortString, AMQPValue> = headers
+        .inner()
+        .iter()
+        .filter(|(k, _)| !drop_names.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    headers = FieldTable::from(kept);
+    let base = original.clone().with_headers(headers);
+    HeaderUpdate::default()
+        .int(headers::X_REPLAY_COUNT, replay_count)
+        .int(headers::X_ATTEMPTS, 0)
+        .int(headers::X_RETRIES, 0)
+        .int(headers::X_DEFERRALS, 0)
+        .apply(&base)
+}
+
+/// `dlq replay`: replay until done or interrupted by SIGINT/SIGTERM (which finishes the
+/// current message and returns the rest), printing the summary.
+pub async fn replay_command(
+    settings: &Settings,
+    filter: &ReplayFilter,
+) -> Result<ReplaySummary, OpsError> {
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    let watcher = tokio::spawn(async move {
+        crate::shutdown::signal().await;
+        eprintln!("interrupted: finishing the current message, returning the rest");
+        on_signal.cancel();
+    });
+    let result = replay(settings, filter, stop).await;
+    watcher.abort();
+    let s = result?;
+    let verb = if filter.dry_run {
+        "would move"
+    } else {
+        "moved"
+    };
+    println!(
+        "{verb} {}, skipped {} (replay limit), kept {} (not matching){}",
+        s.moved,
+        s.skipped,
+        s.kept,
+        if s.interrupted {
+            " — interrupted"
+        } else {
+            ""
+        }
+    );
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amqp::headers::{header_string, header_u32};
+
+    #[test]
+    fn replay_resets_attempts_and_drops_failure_headers() {
+        let mut t = FieldTable::default();
+        for (k, v) in [
+            (headers::X_ERROR_KIND, "rejected"),
+            (headers::X_ERROR_MESSAGE, "bad parent"),
+            (headers::X_FIRST_FAILED_AT, "2026-11-26T00:00:00Z"),
+            ("custom", "kept"),
+        ] {
+            t.insert(ShortString::from(k), AMQPValue::LongString(v.into()));
+        }
+        t.insert(
+            ShortString::from(headers::X_ATTEMPTS),
+            AMQPValue::LongLongInt(4),
+        );
+        let p = replay_properties(
+            &BasicProperties::default()
+                .with_headers(t)
+                .with_message_id("m".into()),
+            2,
+        );
+        let h = p.headers().as_ref();
+        assert_eq!(header_u32(h, headers::X_REPLAY_COUNT), 2);
+        assert_eq!(header_u32(h, headers::X_ATTEMPTS), 0);
+        assert_eq!(header_string(h, headers::X_ERROR_KIND), None);
+        assert_eq!(header_string(h, headers::X_ERROR_MESSAGE), None);
+        assert_eq!(
+            header_string(h, headers::X_FIRST_FAILED_AT).as_deref(),
+            Some("2026-11-26T00:00:00Z")
+        );
+        assert_eq!(header_string(h, "custom").as_deref(), Some("kept"));
+        assert_eq!(p.message_id().as_ref().map(|m| m.as_str()), Some("m"));
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("20"), Ok(20.0));
+        assert_eq!(parse_rate("2.5/s"), Ok(2.5));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+    }
+}

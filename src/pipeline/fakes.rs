@@ -1,0 +1,394 @@
+//! In-memory stand-ins for the ports, for driving the core step by step in unit tests
+//! with paused tokio time: a store whose calls can be made to fail, and an API whose
+//! answers are scripted. They keep the ports' invariants (atomic claims, fencing), so a
+//! test exercises the processor, not a looser world.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::command::{CreateGroup, ExtId};
+use crate::traceparent::Traceparent;
+
+use super::api::{ApiError, Created, GroupApi, GroupSummary, names_match};
+use super::decision::{DeferReason, FailureKind, Outcome};
+use super::recorder::Recorder;
+use super::store::{Claim, CreatedRecord, DedupStore, RecordResult, StoreError};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The store operations a test can make fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreOp {
+    Claim,
+    Renew,
+    Record,
+    Release,
+    MarkAttempt,
+    HasAttempt,
+    Ping,
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Claimed { owner: String, until: Instant },
+    Created(CreatedRecord),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected {0:?} failure")]
+struct Injected(StoreOp);
+
+#[derive(Default)]
+pub struct FakeStore {
+    entries: Mutex<HashMap<ExtId, Entry>>,
+    attempts: Mutex<HashMap<ExtId, u32>>,
+    /// Operation → how many of its next calls fail (`u32::MAX`: all of them).
+    failing: Mutex<HashMap<StoreOp, u32>>,
+    calls: Mutex<HashMap<StoreOp, u32>>,
+}
+
+impl FakeStore {
+    /// The next `n` calls of `op` fail.
+    pub fn fail(&self, op: StoreOp, n: u32) {
+        lock(&self.failing).insert(op, n);
+    }
+
+    pub fn calls(&self, op: StoreOp) -> u32 {
+        lock(&self.calls).get(&op).copied().unwrap_or(0)
+    }
+
+    fn enter(&self, op: StoreOp) -> Result<(), StoreError> {
+        *lock(&self.calls).entry(op).or_insert(0) += 1;
+        let mut failing = lock(&self.failing);
+        match failing.get_mut(&op) {
+            Some(n) if *n > 0 => {
+                if *n != u32::MAX {
+                    *n -= 1;
+                }
+                Err(StoreError::unavailable(Injected(op)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Another worker's claim, live for `lease` (as if ours had expired and it took over).
+    pub fn claim_for(&self, ext_id: &ExtId, owner: &str, lease: Duration) {
+        lock(&self.entries).insert(
+            ext_id.clone(),
+            Entry::Claimed {
+                owner: owner.to_owned(),
+                until: Instant::now() + lease,
+            },
+        );
+    }
+
+    pub fn put_created(&self, ext_id: &ExtId, record: CreatedRecord) {
+        lock(&self.entries).insert(ext_id.clone(), Entry::Created(record));
+    }
+
+    pub fn put_attempt(&self, ext_id: &ExtId) {
+        *lock(&self.attempts).entry(ext_id.clone()).or_insert(0) += 1;
+    }
+
+    pub fn created(&self, ext_id: &ExtId) -> Option<CreatedRecord> {
+        match lock(&self.entries).get(ext_id) {
+            Some(Entry::Created(r)) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// The live claim's owner, if any.
+    pub fn claimant(&self, ext_id: &ExtId) -> Option<String> {
+        match lock(&self.entries).get(ext_id) {
+            Some(Entry::Claimed { owner, until }) if *until > Instant::now() => Some(owner.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn attempt_markers(&self, ext_id: &ExtId) -> u32 {
+        lock(&self.attempts).get(ext_id).copied().unwrap_or(0)
+    }
+
+    /// The entry, with an expired claim treated as absent.
+    fn live(&self, ext_id: &ExtId) -> Option<Entry> {
+        let mut entries = lock(&self.entries);
+        match entries.get(ext_id) {
+            Some(Entry::Claimed { until, .. }) if *until <= Instant::now() => {
+                entries.remove(ext_id);
+                None
+            }
+            other => other.cloned(),
+        }
+    }
+}
+
+impl DedupStore for FakeStore {
+    async fn claim(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.enter(StoreOp::Claim)?;
+        match self.live(ext_id) {
+            Some(Entry::Created(r)) => Ok(Claim::Created(r)),
+            Some(Entry::Claimed { owner, .. }) => Ok(Claim::HeldByOther { owner }),
+            None => {
+                self.claim_for(ext_id, owner, lease);
+                Ok(Claim::Acquired)
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.enter(StoreOp::Renew)?;
+        match self.live(ext_id) {
+            Some(Entry::Claimed { owner: o, .. }) if o == owner => {
+                self.claim_for(ext_id, owner, lease);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn record_created(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        record: &CreatedRecord,
+        _ttl: Duration,
+    ) -> Result<RecordResult, StoreError> {
+        self.enter(StoreOp::Record)?;
+        match self.live(ext_id) {
+            Some(Entry::Created(existing)) => Ok(RecordResult::Fenced(Some(existing))),
+            Some(Entry::Claimed { owner: o, .. }) if o != owner => Ok(RecordResult::Fenced(None)),
+            _ => {
+                self.put_created(ext_id, record.clone());
+                Ok(RecordResult::Written)
+            }
+        }
+    }
+
+    async fn release(&self, ext_id: &ExtId, owner: &str) -> Result<(), StoreError> {
+        self.enter(StoreOp::Release)?;
+        let mut entries = lock(&self.entries);
+        if matches!(entries.get(ext_id), Some(Entry::Claimed { owner: o, .. }) if o == owner) {
+            entries.remove(ext_id);
+        }
+        Ok(())
+    }
+
+    async fn mark_attempt(&self, ext_id: &ExtId, _ttl: Duration) -> Result<(), StoreError> {
+        self.enter(StoreOp::MarkAttempt)?;
+        self.put_attempt(ext_id);
+        Ok(())
+    }
+
+    async fn has_attempt(&self, ext_id: &ExtId) -> Result<bool, StoreError> {
+        self.enter(StoreOp::HasAttempt)?;
+        Ok(self.attempt_markers(ext_id) > 0)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.enter(StoreOp::Ping)
+    }
+}
+
+/// One scripted answer to a create POST.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// Create the group and answer 201.
+    Create,
+    /// Answer with this error, creating nothing.
+    Fail(ApiError),
+    /// Create the group, then answer with this error (a lost or failed answer after commit).
+    CommitThen(ApiError),
+}
+
+#[derive(Debug, Clone)]
+struct Group {
+    id: i64,
+    ext_id: Option<String>,
+    name: String,
+    parent: i64,
+}
+
+/// The API as a script: create POSTs take the next [`Answer`] (default: create), lists
+/// take the next scripted error or answer from the groups created so far.
+pub struct FakeApi {
+    groups: Mutex<Vec<Group>>,
+    creates: Mutex<VecDeque<Answer>>,
+    lists: Mutex<VecDeque<ApiError>>,
+    /// How long each create POST takes (virtual time under `start_paused`).
+    pub post_latency: Mutex<Duration>,
+    next_id: AtomicU64,
+    posts: AtomicU64,
+    list_calls: AtomicU64,
+}
+
+impl Default for FakeApi {
+    fn default() -> Self {
+        FakeApi {
+            groups: Mutex::default(),
+            creates: Mutex::default(),
+            lists: Mutex::default(),
+            post_latency: Mutex::new(Duration::ZERO),
+            next_id: AtomicU64::new(5001),
+            posts: AtomicU64::new(0),
+            list_calls: AtomicU64::new(0),
+        }
+    }
+}
+
+impl FakeApi {
+    /// Answer the next create POSTs with `answers`, in order.
+    pub fn script(&self, answers: impl IntoIterator<Item = Answer>) {
+        lock(&self.creates).extend(answers);
+    }
+
+    /// Fail the next list calls with `errors`, in order.
+    pub fn fail_lists(&self, errors: impl IntoIterator<Item = ApiError>) {
+        lock(&self.lists).extend(errors);
+    }
+
+    pub fn set_post_latency(&self, latency: Duration) {
+        *lock(&self.post_latency) = latency;
+    }
+
+    /// A group that exists already (made by another system, or an earlier POST).
+    pub fn seed(&self, parent: i64, name: &str, ext_id: Option<&str>) -> i64 {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst) as i64;
+        lock(&self.groups).push(Group {
+            id,
+            ext_id: ext_id.map(str::to_owned),
+            name: name.to_owned(),
+            parent,
+        });
+        id
+    }
+
+    pub fn posts(&self) -> u64 {
+        self.posts.load(Ordering::SeqCst)
+    }
+
+    pub fn lists(&self) -> u64 {
+        self.list_calls.load(Ordering::SeqCst)
+    }
+
+    /// Groups carrying `ext_id`.
+    pub fn groups_for(&self, ext_id: &str) -> usize {
+        lock(&self.groups)
+            .iter()
+            .filter(|g| g.ext_id.as_deref() == Some(ext_id))
+            .count()
+    }
+}
+
+impl GroupApi for FakeApi {
+    async fn create_group(
+        &self,
+        command: &CreateGroup,
+        _trace: Option<&Traceparent>,
+    ) -> Result<Created, ApiError> {
+        self.posts.fetch_add(1, Ordering::SeqCst);
+        let latency = *lock(&self.post_latency);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let answer = lock(&self.creates).pop_front().unwrap_or(Answer::Create);
+        let create = || {
+            self.seed(
+                command.parent_id,
+                &command.name,
+                Some(command.ext_id.as_str()),
+            )
+        };
+        match answer {
+            Answer::Create => Ok(Created {
+                org_unit_id: create(),
+                request_id: Some(format!("req-{}", self.posts())),
+                http_status: 201,
+            }),
+            Answer::Fail(e) => Err(e),
+            Answer::CommitThen(e) => {
+                create();
+                Err(e)
+            }
+        }
+    }
+
+    async fn find_children_named(
+        &self,
+        parent: i64,
+        name: &str,
+        _trace: Option<&Traceparent>,
+    ) -> Result<Vec<GroupSummary>, ApiError> {
+        self.list_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(e) = lock(&self.lists).pop_front() {
+            return Err(e);
+        }
+        Ok(lock(&self.groups)
+            .iter()
+            .filter(|g| g.parent == parent && names_match(&g.name, name))
+            .map(|g| GroupSummary {
+                org_unit_id: g.id,
+                org_unit_ext_id: g.ext_id.clone(),
+                org_unit_name: g.name.clone(),
+                org_unit_parent_id: Some(g.parent),
+                org_unit_status: Some("active".into()),
+            })
+            .collect())
+    }
+
+    async fn probe(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+}
+
+/// Counts what the core reports.
+#[derive(Default)]
+pub struct CountingRecorder {
+    counts: Mutex<HashMap<String, i64>>,
+}
+
+impl CountingRecorder {
+    pub fn get(&self, what: &str) -> i64 {
+        lock(&self.counts).get(what).copied().unwrap_or(0)
+    }
+
+    fn add(&self, what: String, n: i64) {
+        *lock(&self.counts).entry(what).or_insert(0) += n;
+    }
+}
+
+impl Recorder for CountingRecorder {
+    fn command(&self, outcome: Outcome) {
+        self.add(format!("command:{}", outcome.as_str()), 1);
+    }
+    fn dead_letter(&self, kind: FailureKind) {
+        self.add(format!("dead_letter:{}", kind.as_str()), 1);
+    }
+    fn deferral(&self, reason: DeferReason) {
+        self.add(format!("deferral:{}", reason.as_str()), 1);
+    }
+    fn retry(&self) {
+        self.add("retry".into(), 1);
+    }
+    fn dedup_hit(&self) {
+        self.add("dedup_hit".into(), 1);
+    }
+    fn in_flight(&self, delta: i64) {
+        self.add("in_flight".into(), delta);
+    }
+}

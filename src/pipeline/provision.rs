@@ -1,0 +1,284 @@
+//! The provisioning loop of one claimed delivery: the in-process retry loop around one
+//! "try" (List when an earlier POST may have landed, attempt marker, POST, reconciliation
+//! of a rejection).
+//!
+//! Invariants:
+//! - an attempt marker is written before every POST, and whenever an earlier POST (of any
+//!   delivery) may have reached the API, the parent's children are listed first: a group
+//!   with our ext id is success and no POST is sent;
+//! - every 4xx rejection is reconciled against the listing before it is called a failure;
+//! - no POST after the lease was lost, or while the circuit is open; a 429 holds back every
+//!   API call of the worker, not just this one.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use backon::Retryable;
+
+use crate::command::CreateGroup;
+use crate::traceparent::Traceparent;
+
+use super::api::{ApiError, GroupApi, GroupSummary};
+use super::decision::{Failure, FailureKind, SystemFault};
+use super::disposition::{Disposition, disposition};
+use super::inbound::Inbound;
+use super::processor::Processor;
+use super::reconcile::{Reconciled, reconcile};
+use super::store::DedupStore;
+
+/// Per-delivery bookkeeping shared by the tries of one retry loop (and the lease keeper).
+#[derive(Default)]
+pub(super) struct Tries {
+    /// POSTs sent by this delivery.
+    posts: AtomicU32,
+    /// POSTs of this delivery that may have created the group (success, 5xx, lost answer).
+    maybe_committed: AtomicU32,
+    /// Whether some earlier POST (any delivery) may have reached the API.
+    may_have_reached: AtomicBool,
+    pub(super) lease_lost: AtomicBool,
+    last_status: AtomicU32,
+}
+
+impl Tries {
+    pub(super) fn posts(&self) -> u32 {
+        self.posts.load(Ordering::SeqCst)
+    }
+
+    fn note_status(&self, status: Option<u16>) {
+        if let Some(s) = status {
+            self.last_status.store(u32::from(s), Ordering::SeqCst);
+        }
+    }
+
+    pub(super) fn last_status(&self) -> Option<u16> {
+        u16::try_from(self.last_status.load(Ordering::SeqCst))
+            .ok()
+            .filter(|s| *s != 0)
+    }
+
+    /// A group found by List counts as pre-existing unless a POST of this delivery may
+    /// have created it (`duplicate` in the event).
+    fn found_is_duplicate(&self) -> bool {
+        self.maybe_committed.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// A group known to exist after the retry loop.
+pub(super) struct Provisioned {
+    pub org_unit_id: i64,
+    pub api_request_id: Option<String>,
+    pub duplicate: bool,
+}
+
+impl<S: DedupStore, A: GroupApi> Processor<S, A> {
+    /// The in-process retry loop around [`Self::try_once`].
+    pub(super) async fn provision(
+        &self,
+        msg: &Inbound,
+        command: &CreateGroup,
+        trace: &Traceparent,
+        tries: &Tries,
+    ) -> Result<Provisioned, Disposition> {
+        let earlier = msg.may_have_been_attempted()
+            || self
+                .store
+                .has_attempt(&command.ext_id)
+                .await
+                .map_err(|e| Disposition::Pause(SystemFault::Store(e.to_string())))?;
+        tries.may_have_reached.store(earlier, Ordering::SeqCst);
+        let policy = self.config.policy;
+        (|| self.try_once(command, trace, tries))
+            .retry(policy)
+            .sleep(tokio::time::sleep)
+            .when(|d: &Disposition| matches!(d, Disposition::Retry(_)))
+            .adjust(move |d: &Disposition, scheduled| {
+                policy.clamp_retry_after(d.retry_after(), scheduled)
+            })
+            .notify(|d: &Disposition, wait: Duration| {
+                self.recorder.retry();
+                tracing::warn!(
+                    error = %d,
+                    http_status = d.http_status(),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "transient failure; retrying"
+                );
+            })
+            .await
+    }
+
+    async fn try_once(
+        &self,
+        command: &CreateGroup,
+        trace: &Traceparent,
+        tries: &Tries,
+    ) -> Result<Provisioned, Disposition> {
+        self.gate().await?;
+        if tries.may_have_reached.load(Ordering::SeqCst) {
+            let children = self.list_children(command, trace, tries).await?;
+            match reconcile(command, children) {
+                Reconciled::Found(group) => {
+                    tracing::info!(
+                        org_unit_id = group.org_unit_id,
+                        "group found by List; no POST needed"
+                    );
+                    return Ok(Provisioned {
+                        org_unit_id: group.org_unit_id,
+                        api_request_id: None,
+                        duplicate: tries.found_is_duplicate(),
+                    });
+                }
+                Reconciled::NameTaken(other) => {
+                    return Err(name_conflict(command, &other, None, None));
+                }
+                Reconciled::NotFound => {}
+            }
+        }
+        if tries.lease_lost.load(Ordering::SeqCst) {
+            return Err(Disposition::Pause(SystemFault::LeaseLost));
+        }
+        self.gate().await?;
+        self.store
+            .mark_attempt(&command.ext_id, self.config.ttl)
+            .await
+            .map_err(|e| Disposition::Pause(SystemFault::Store(e.to_string())))?;
+        tries.may_have_reached.store(true, Ordering::SeqCst);
+        tries.posts.fetch_add(1, Ordering::SeqCst);
+        match self.api.create_group(command, Some(trace)).await {
+            Ok(created) => {
+                self.circuit.record_success();
+                tries.note_status(Some(created.http_status));
+                tries.maybe_committed.fetch_add(1, Ordering::SeqCst);
+                Ok(Provisioned {
+                    org_unit_id: created.org_unit_id,
+                    api_request_id: created.request_id,
+                    duplicate: false,
+                })
+            }
+            Err(e) => {
+                tries.note_status(e.http_status());
+                if e.may_have_created() {
+                    tries.maybe_committed.fetch_add(1, Ordering::SeqCst);
+                }
+                match e {
+                    ApiError::Rejected { .. } | ApiError::DuplicateName { .. } => {
+                        self.circuit.record_success();
+                        self.reconcile_rejection(command, trace, tries, e).await
+                    }
+                    other => Err(self.api_failure(other)),
+                }
+            }
+        }
+    }
+
+    /// Every 4xx rejection is checked against the API's own listing: the messages are
+    /// prose, the listing is data.
+    async fn reconcile_rejection(
+        &self,
+        command: &CreateGroup,
+        trace: &Traceparent,
+        tries: &Tries,
+        rejection: ApiError,
+    ) -> Result<Provisioned, Disposition> {
+        let children = self.list_children(command, trace, tries).await?;
+        match reconcile(command, children) {
+            Reconciled::Found(group) => {
+                tracing::info!(
+                    org_unit_id = group.org_unit_id,
+                    "rejected POST, but the group exists with our ext id"
+                );
+                Ok(Provisioned {
+                    org_unit_id: group.org_unit_id,
+                    api_request_id: None,
+                    duplicate: tries.found_is_duplicate(),
+                })
+            }
+            Reconciled::NameTaken(other) => Err(name_conflict(
+                command,
+                &other,
+                rejection.http_status(),
+                rejection.request_id().map(str::to_owned),
+            )),
+            Reconciled::NotFound => Err(Disposition::DeadLetter(Failure {
+                kind: FailureKind::Rejected,
+                message: rejection.message(),
+                http_status: rejection.http_status(),
+                api_request_id: rejection.request_id().map(str::to_owned),
+            })),
+        }
+    }
+
+    /// List the parent's children by name. A 4xx from List (e.g. the parent does not
+    /// exist) means nothing can be found there.
+    async fn list_children(
+        &self,
+        command: &CreateGroup,
+        trace: &Traceparent,
+        tries: &Tries,
+    ) -> Result<Vec<GroupSummary>, Disposition> {
+        match self
+            .api
+            .find_children_named(command.parent_id, &command.name, Some(trace))
+            .await
+        {
+            // Only a POST that the API answers ends a run of failures: a working List says
+            // nothing about whether groups can be created.
+            Ok(children) => Ok(children),
+            Err(ApiError::Rejected { .. } | ApiError::DuplicateName { .. }) => Ok(Vec::new()),
+            Err(e) => {
+                tries.note_status(e.http_status());
+                Err(self.api_failure(e))
+            }
+        }
+    }
+
+    /// Before any API call: wait out an account-wide rate-limit pause; stop if the circuit
+    /// opened meanwhile.
+    async fn gate(&self) -> Result<(), Disposition> {
+        self.circuit.wait_until_allowed().await;
+        if self.circuit.is_open() {
+            return Err(Disposition::Pause(SystemFault::CircuitOpen));
+        }
+        Ok(())
+    }
+
+    /// An API failure, through the disposition, with its effect on the whole worker: a 429
+    /// pauses every call, and a run of transient failures opens the circuit.
+    fn api_failure(&self, error: ApiError) -> Disposition {
+        if let ApiError::RateLimited {
+            retry_after: Some(wait),
+        } = &error
+        {
+            self.circuit
+                .pause_for((*wait).min(self.config.policy.max_retry_after));
+        }
+        match disposition(error) {
+            Disposition::Retry(e) if self.circuit.record_transient(&e.to_string()) => {
+                Disposition::Pause(SystemFault::ApiDown(e.to_string()))
+            }
+            other => other,
+        }
+    }
+}
+
+fn name_conflict(
+    command: &CreateGroup,
+    other: &GroupSummary,
+    http_status: Option<u16>,
+    api_request_id: Option<String>,
+) -> Disposition {
+    Disposition::DeadLetter(Failure {
+        kind: FailureKind::NameConflict,
+        message: format!(
+            "a group named {:?} already exists under parent {} with ext id {} (org_unit_id {})",
+            other.org_unit_name.trim(),
+            command.parent_id,
+            other
+                .org_unit_ext_id
+                .as_deref()
+                .map_or("none".to_owned(), |e| format!("{e:?}")),
+            other.org_unit_id
+        ),
+        http_status,
+        api_request_id,
+    })
+}
