@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use group_provisioner::clock::{Clock, OffsetClock, SystemClock};
 use group_provisioner::command::CreateGroup;
 use group_provisioner::convirza::{ApiError, Auth, ConvirzaClient, LoginSession};
 use group_provisioner::dedup::RedisStore;
@@ -13,6 +14,15 @@ use serde_json::json;
 use crate::helpers::*;
 
 fn login_client(sim: &SimHandle, prefix: &str, password: &str) -> ConvirzaClient {
+    login_client_with_clock(sim, prefix, password, Arc::new(SystemClock))
+}
+
+fn login_client_with_clock(
+    sim: &SimHandle,
+    prefix: &str,
+    password: &str,
+    clock: Arc<dyn Clock>,
+) -> ConvirzaClient {
     let store = RedisStore::new(REDIS_URL, prefix).expect("store");
     let session = LoginSession::new(
         &format!("http://{}", sim.addr),
@@ -22,7 +32,8 @@ fn login_client(sim: &SimHandle, prefix: &str, password: &str) -> ConvirzaClient
         Arc::new(store),
         "test",
     )
-    .expect("session");
+    .expect("session")
+    .with_clock(clock);
     ConvirzaClient::new(
         &sim.base_url(),
         Auth::Login(Arc::new(session)),
@@ -129,14 +140,16 @@ async fn refreshes_shortly_before_expiry_without_a_401() {
     })
     .await;
     let prefix = unique("gp-auth");
-    let client = login_client(&sim, &prefix, "sim-password");
+    let clock = Arc::new(OffsetClock::default());
+    let client = login_client_with_clock(&sim, &prefix, "sim-password", clock.clone());
     client
         .create_group(&command("E-1"), None)
         .await
         .expect("created");
-    // A 10 s token is refreshed in its last tenth (1 s; expiries have second precision):
-    // at 9.2 s it is due for refresh while the API would still accept it.
-    tokio::time::sleep(Duration::from_millis(9_200)).await;
+    // A 10 s token is refreshed in its last tenth: 9.5 s later by the worker's clock it is
+    // due, while the API (on real time) still accepts it, so no 401 can be what triggers
+    // the refresh.
+    clock.advance(Duration::from_millis(9_500));
     client
         .create_group(&command("E-2"), None)
         .await

@@ -1,22 +1,12 @@
-//! The binaries as operators run them: exit codes and messages.
+//! The binaries as operators run them: exit codes, messages and the worker's log.
 
 use std::process::Command;
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_group-provisioner");
-const SIM_BIN: &str = env!("CARGO_BIN_EXE_convirza-sim");
+use serde_json::{Value, json};
 
-fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    // Run outside the repository so config/default.toml cannot leak in.
-    cmd.current_dir(std::env::temp_dir());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("binary runs")
-}
+use crate::helpers::*;
+use crate::process::{BIN, SIM_BIN, WorkerProcess, run_with_env};
 
 #[test]
 fn bad_config_exits_2_with_one_line_naming_the_key() {
@@ -98,4 +88,74 @@ fn help_texts_exist_with_examples() {
     ] {
         assert!(text.contains(needle), "sim --help lacks {needle}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_outcome_line_per_delivery_with_the_contract_fields_and_no_pii() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let mut worker = WorkerProcess::spawn(&env, &[]);
+    worker
+        .wait_line("consuming", Duration::from_secs(30), |l| {
+            l["message"] == "consuming"
+        })
+        .await;
+    let props = lapin::BasicProperties::default()
+        .with_message_id("m-log-1".into())
+        .with_correlation_id("c-log-1".into());
+    let body = json!({"org_unit_ext_id": "LOG-1", "org_unit_name": "Logged", "org_unit_parent_id": 1000,
+        "phone_number": "+1-555-0100-SECRET", "address": "42 Hidden Lane"});
+    env.send_raw(body.to_string().as_bytes(), props).await;
+    env.send_raw(
+        b"not json",
+        lapin::BasicProperties::default().with_message_id("m-log-2".into()),
+    )
+    .await;
+    events.take(2, Duration::from_secs(20)).await;
+
+    let outcome = worker
+        .wait_line("outcome line for LOG-1", Duration::from_secs(10), |l| {
+            l["message"] == "outcome" && l["ext_id"] == "LOG-1"
+        })
+        .await;
+    assert_eq!(outcome["outcome"], "created");
+    assert_eq!(outcome["message_id"], "m-log-1");
+    assert_eq!(outcome["correlation_id"], "c-log-1");
+    assert_eq!(outcome["attempts"], 1);
+    assert_eq!(outcome["http_status"], 201);
+    assert_eq!(
+        outcome["org_unit_id"],
+        env.sim.sim.groups_for("LOG-1")[0].org_unit_id
+    );
+    assert!(outcome["duration_ms"].is_u64());
+    let invalid = worker
+        .wait_line(
+            "outcome line for the invalid one",
+            Duration::from_secs(10),
+            |l| l["message"] == "outcome" && l["message_id"] == "m-log-2",
+        )
+        .await;
+    assert_eq!(invalid["outcome"], "dead_lettered");
+    assert_eq!(invalid["error_kind"], "invalid_command");
+
+    let lines = worker.lines();
+    let outcomes = lines.iter().filter(|l| l["message"] == "outcome").count();
+    assert_eq!(outcomes, 2, "exactly one outcome line per delivery");
+    for l in lines.iter().filter(|l| l["ext_id"] == "LOG-1") {
+        assert_eq!(
+            l["message_id"], "m-log-1",
+            "every line about the message carries its ids: {l}"
+        );
+        assert_eq!(l["correlation_id"], "c-log-1", "{l}");
+    }
+
+    // After the exit the whole log has been read: the check below sees every line.
+    worker.stop().await;
+    let lines = worker.lines();
+    assert!(lines.iter().any(|l| l["message"] == "worker stopped"));
+    let all = lines.iter().map(Value::to_string).collect::<String>();
+    for secret in ["SECRET", "Hidden Lane", SIM_TOKEN, "guest:guest"] {
+        assert!(!all.contains(secret), "{secret} leaked into the logs");
+    }
+    env.cleanup().await;
 }

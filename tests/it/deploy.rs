@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::helpers::*;
+use crate::process::help;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -53,24 +54,6 @@ fn assert_env_key(var: &str, origin: &str) {
         defaults().iter().any(|(k, _)| *k == key) || KEYS_WITHOUT_DEFAULT.contains(&key.as_str()),
         "{origin}: {var} is not a configuration key ({key})"
     );
-}
-
-fn help(bin: &str, args: &[&str]) -> String {
-    let path = match bin {
-        "group-provisioner" => env!("CARGO_BIN_EXE_group-provisioner"),
-        "convirza-sim" => env!("CARGO_BIN_EXE_convirza-sim"),
-        other => panic!("{other} is not one of our binaries"),
-    };
-    let out = std::process::Command::new(path)
-        .args(args)
-        .arg("--help")
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{bin} {args:?} --help failed: it does not exist"
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A command line for one of our binaries: the binary, its subcommand and flags exist.

@@ -11,7 +11,7 @@ use group_provisioner::sim::{FailNext, SimConfig};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
-use crate::process::WorkerProcess;
+use crate::process::{WorkerProcess, worker_env};
 
 fn commands(prefix: &str, n: usize) -> (Vec<Value>, HashSet<String>) {
     let bodies: Vec<Value> = (0..n)
@@ -51,16 +51,6 @@ async fn all_done_exactly_once(
     collect_created(tap, remaining, deadline).await;
     env.wait_drained(0, Duration::from_secs(30)).await;
     assert_exactly_once(env, exts);
-}
-
-fn worker_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
-    let mut v = vec![
-        ("PROVISIONER__DEDUP__LEASE", "2s"),
-        ("PROVISIONER__CIRCUIT__COOLDOWN", "500ms"),
-        ("PROVISIONER__SHUTDOWN__DRAIN_TIMEOUT", "5s"),
-    ];
-    v.extend_from_slice(extra);
-    v
 }
 
 /// Wait for `n` events and return the ext ids still to be created afterwards.
@@ -169,9 +159,6 @@ async fn redis_stopped_for_ten_seconds_under_load() {
 
     redis.stop();
     let down_at = Instant::now();
-    // Give in-flight calls that had already passed Redis a moment to land.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let posts_while_down = env.sim.sim.stats().create_requests;
     worker
         .wait_line(
             "the circuit to open on Redis",
@@ -179,6 +166,16 @@ async fn redis_stopped_for_ten_seconds_under_load() {
             |l| l["circuit"] == "open" && l["fault"] == "redis",
         )
         .await;
+    // Deliveries that had passed Redis before it stopped may still be posting; once none
+    // is in flight (the rest are parked, and the consumer is cancelled), nothing can post.
+    wait_for(
+        "every held delivery to settle",
+        Duration::from_secs(20),
+        || async { (worker.metric("provisioner_in_flight").await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    let posts_while_down = env.sim.sim.stats().create_requests;
+    // The outage itself: Redis stays down for ten seconds.
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
     assert_eq!(
         env.sim.sim.stats().create_requests,
@@ -282,8 +279,21 @@ async fn a_revoked_static_token_parks_everything_until_it_is_valid_again() {
         matches!(worker.circuit(), CircuitState::Open { .. }).then_some(())
     })
     .await;
-    // Stays open while the token is refused, with nothing failed.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Stays open while the token is refused, with nothing failed: two more probes
+    // (authenticated lists) are refused and the circuit is still open after them.
+    let refused_probes = || {
+        env.sim
+            .sim
+            .requests()
+            .iter()
+            .filter(|r| r.path.contains("/groups/list") && r.status == Some(401))
+            .count()
+    };
+    let before = refused_probes();
+    wait_for("two refused probes", Duration::from_secs(20), || async {
+        (refused_probes() >= before + 2).then_some(())
+    })
+    .await;
     assert!(matches!(worker.circuit(), CircuitState::Open { .. }));
     assert!(
         !worker.is_consuming(),

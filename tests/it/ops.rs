@@ -2,66 +2,14 @@
 //! RabbitMQ and Redis, the worker in process, convirza-sim on port 0.
 
 use std::collections::HashSet;
-use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use crate::process::{cli, cli_with_stdin, json_lines, stderr, stdout};
 
-const BIN: &str = env!("CARGO_BIN_EXE_group-provisioner");
 const T: Duration = Duration::from_secs(20);
-
-/// Run the binary with the test's settings in the environment.
-async fn cli(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> Output {
-    cli_with_stdin(env, args, extra, None).await
-}
-
-async fn cli_with_stdin(
-    env: &TestEnv,
-    args: &[&str],
-    extra: &[(&str, &str)],
-    stdin: Option<&str>,
-) -> Output {
-    let mut cmd = env.command(BIN);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("binary runs");
-    if let Some(input) = stdin {
-        use tokio::io::AsyncWriteExt;
-        let mut pipe = child.stdin.take().expect("stdin");
-        pipe.write_all(input.as_bytes()).await.expect("write stdin");
-        drop(pipe);
-    }
-    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("command finished within 60 s")
-        .expect("output")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn json_lines(o: &Output) -> Vec<Value> {
-    stdout(o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_and_fails_with_the_right_exit_codes() {

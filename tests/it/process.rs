@@ -1,21 +1,42 @@
-//! The worker binary as operators run it: logs, signals, exit codes.
+//! Our binaries as processes, the way operators run them: the worker with its log lines
+//! collected, and one-shot commands with their output. Every test that starts a process
+//! goes through here.
 
-use std::process::Stdio;
+use std::net::SocketAddr;
+use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
+use tokio::task::JoinHandle;
 
 use crate::helpers::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_group-provisioner");
+pub const BIN: &str = env!("CARGO_BIN_EXE_group-provisioner");
+pub const SIM_BIN: &str = env!("CARGO_BIN_EXE_convirza-sim");
+
+/// Settings for fault scenarios, as environment: a short lease, a quick circuit probe and
+/// a short drain, so a scenario settles in seconds.
+pub fn worker_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![
+        ("PROVISIONER__DEDUP__LEASE", "2s"),
+        ("PROVISIONER__CIRCUIT__COOLDOWN", "500ms"),
+        ("PROVISIONER__SHUTDOWN__DRAIN_TIMEOUT", "5s"),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
 
 /// A worker process with its stdout collected as JSON lines.
 pub struct WorkerProcess {
     pub child: Child,
-    pub lines: Arc<Mutex<Vec<Value>>>,
+    lines: Arc<Mutex<Vec<Value>>>,
+    /// Lines that were not JSON: the collector records them instead of panicking in its
+    /// own task (where a panic would not fail the test), and [`Self::lines`] fails on them.
+    not_json: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
 }
 
 impl WorkerProcess {
@@ -32,24 +53,34 @@ impl WorkerProcess {
         let mut child = cmd.spawn().expect("worker binary starts");
         let stdout = child.stdout.take().expect("stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
+        let not_json = Arc::new(Mutex::new(Vec::new()));
+        let (sink, bad) = (lines.clone(), not_json.clone());
         // GP_TEST_ECHO=1 echoes the worker's log lines to stderr, for debugging a test.
         let echo = std::env::var_os("GP_TEST_ECHO").is_some();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 if echo {
                     eprintln!("[worker] {line}");
                 }
-                let value = serde_json::from_str::<Value>(&line)
-                    .unwrap_or_else(|_| panic!("log line is not JSON: {line}"));
-                sink.lock().expect("lines").push(value);
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(value) => sink.lock().expect("lines").push(value),
+                    Err(_) => bad.lock().expect("lines").push(line),
+                }
             }
         });
-        WorkerProcess { child, lines }
+        WorkerProcess {
+            child,
+            lines,
+            not_json,
+            reader: Some(reader),
+        }
     }
 
+    /// Every log line so far. Fails the test if any line was not JSON.
     pub fn lines(&self) -> Vec<Value> {
+        let bad = self.not_json.lock().expect("lines").clone();
+        assert!(bad.is_empty(), "log lines that are not JSON: {bad:?}");
         self.lines.lock().expect("lines").clone()
     }
 
@@ -63,6 +94,28 @@ impl WorkerProcess {
             self.lines().into_iter().find(|l| pred(l))
         })
         .await
+    }
+
+    /// Where the worker serves `/healthz`, `/readyz` and `/metrics` (it logs the address
+    /// it bound, since the tests give it port 0).
+    pub async fn metrics_addr(&self) -> SocketAddr {
+        let line = self
+            .wait_line("the metrics address", Duration::from_secs(30), |l| {
+                l["message"] == "serving /healthz, /readyz and /metrics"
+            })
+            .await;
+        line["listen"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no listen address in {line}"))
+    }
+
+    /// A value of the worker's `/metrics`, by its exact sample name (labels included).
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let url = format!("http://{}/metrics", self.metrics_addr().await);
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
     }
 
     pub fn signal(&self, signal: &str) {
@@ -84,83 +137,103 @@ impl WorkerProcess {
         );
     }
 
+    /// Wait for the process to exit, then for its log to be read to the end, so
+    /// [`Self::lines`] holds every line it wrote.
     pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(deadline, self.child.wait())
+        let status = tokio::time::timeout(deadline, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("worker did not exit within {deadline:?}"))
-            .expect("wait")
+            .expect("wait");
+        if let Some(reader) = self.reader.take() {
+            tokio::time::timeout(Duration::from_secs(10), reader)
+                .await
+                .expect("the log was read to its end")
+                .expect("the log collector did not fail");
+        }
+        status
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_outcome_line_per_delivery_with_the_contract_fields_and_no_pii() {
-    let env = TestEnv::new().await;
-    let mut events = env.event_tap().await;
-    let mut worker = WorkerProcess::spawn(&env, &[]);
-    worker
-        .wait_line("consuming", Duration::from_secs(30), |l| {
-            l["message"] == "consuming"
+/// Run the worker binary to completion with the test's settings in its environment.
+pub async fn cli(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> Output {
+    cli_with_stdin(env, args, extra, None).await
+}
+
+pub async fn cli_with_stdin(
+    env: &TestEnv,
+    args: &[&str],
+    extra: &[(&str, &str)],
+    stdin: Option<&str>,
+) -> Output {
+    let mut cmd = env.command(BIN);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
         })
-        .await;
-    let props = lapin::BasicProperties::default()
-        .with_message_id("m-log-1".into())
-        .with_correlation_id("c-log-1".into());
-    let body = json!({"org_unit_ext_id": "LOG-1", "org_unit_name": "Logged", "org_unit_parent_id": 1000,
-        "phone_number": "+1-555-0100-SECRET", "address": "42 Hidden Lane"});
-    env.send_raw(body.to_string().as_bytes(), props).await;
-    env.send_raw(
-        b"not json",
-        lapin::BasicProperties::default().with_message_id("m-log-2".into()),
-    )
-    .await;
-    events.take(2, Duration::from_secs(20)).await;
-
-    let outcome = worker
-        .wait_line("outcome line for LOG-1", Duration::from_secs(10), |l| {
-            l["message"] == "outcome" && l["ext_id"] == "LOG-1"
-        })
-        .await;
-    assert_eq!(outcome["outcome"], "created");
-    assert_eq!(outcome["message_id"], "m-log-1");
-    assert_eq!(outcome["correlation_id"], "c-log-1");
-    assert_eq!(outcome["attempts"], 1);
-    assert_eq!(outcome["http_status"], 201);
-    assert_eq!(
-        outcome["org_unit_id"],
-        env.sim.sim.groups_for("LOG-1")[0].org_unit_id
-    );
-    assert!(outcome["duration_ms"].is_u64());
-    let invalid = worker
-        .wait_line(
-            "outcome line for the invalid one",
-            Duration::from_secs(10),
-            |l| l["message"] == "outcome" && l["message_id"] == "m-log-2",
-        )
-        .await;
-    assert_eq!(invalid["outcome"], "dead_lettered");
-    assert_eq!(invalid["error_kind"], "invalid_command");
-
-    let lines = worker.lines();
-    let outcomes = lines.iter().filter(|l| l["message"] == "outcome").count();
-    assert_eq!(outcomes, 2, "exactly one outcome line per delivery");
-    for l in lines.iter().filter(|l| l["ext_id"] == "LOG-1") {
-        assert_eq!(
-            l["message_id"], "m-log-1",
-            "every line about the message carries its ids: {l}"
-        );
-        assert_eq!(l["correlation_id"], "c-log-1", "{l}");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
     }
-    let all = lines.iter().map(Value::to_string).collect::<String>();
-    for secret in ["SECRET", "Hidden Lane", SIM_TOKEN, "guest:guest"] {
-        assert!(!all.contains(secret), "{secret} leaked into the logs");
+    let mut child = cmd.spawn().expect("binary runs");
+    if let Some(input) = stdin {
+        use tokio::io::AsyncWriteExt;
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(input.as_bytes()).await.expect("write stdin");
+        drop(pipe);
     }
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("command finished within 60 s")
+        .expect("output")
+}
 
-    worker.stop().await;
+/// Run the worker binary with only `env` in its environment (no test world: for
+/// configuration errors), outside the repository so `config/default.toml` cannot leak in.
+pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(std::env::temp_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("binary runs")
+}
+
+/// `<bin> <args> --help`, which must succeed (so the subcommand exists).
+pub fn help(bin: &str, args: &[&str]) -> String {
+    let path = match bin {
+        "group-provisioner" => BIN,
+        "convirza-sim" => SIM_BIN,
+        other => panic!("{other} is not one of our binaries"),
+    };
+    let out = std::process::Command::new(path)
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("runs");
     assert!(
-        worker
-            .lines()
-            .iter()
-            .any(|l| l["message"] == "worker stopped")
+        out.status.success(),
+        "{bin} {args:?} --help failed: it does not exist"
     );
-    env.cleanup().await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn json_lines(o: &Output) -> Vec<Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect()
 }
