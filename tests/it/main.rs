@@ -9,6 +9,7 @@ mod core;
 mod deploy;
 mod faults;
 mod helpers;
+mod layout;
 mod ops;
 mod pipeline;
 mod process;
