@@ -184,6 +184,12 @@ pub(super) fn key_error(e: serde_path_to_error::Error<::config::ConfigError>) ->
             .join(".");
         return ConfigError::new(key, "is required");
     }
+    if let Some((found, _)) = reason
+        .strip_prefix("invalid type: ")
+        .and_then(|r| r.split_once(", expected struct Raw"))
+    {
+        return ConfigError::new(key, format!("is {found}, expected a section of keys"));
+    }
     ConfigError::new(key, reason)
 }
 

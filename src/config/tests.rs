@@ -198,6 +198,18 @@ fn bad_values_name_the_key_and_value() {
             "circuit.cooldown",
             "not a duration",
         ),
+        (
+            "retry = 5\n",
+            "retry",
+            "is integer `5`, expected a section of keys",
+        ),
+        ("[retry.extra]\nx = 1\n", "retry.extra", "unknown key"),
+        ("[foo]\nx = 1\n", "foo", "unknown key"),
+        (
+            "[amqp]\nperfetch = 1\n",
+            "amqp.perfetch",
+            "unknown key (did you mean amqp.prefetch?)",
+        ),
     ];
     for (toml, key, reason) in cases {
         let e = err(toml);
