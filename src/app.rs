@@ -33,9 +33,8 @@ pub fn worker_id() -> String {
 }
 
 /// The Redis store (connects lazily: building it never waits for Redis).
-pub fn dedup_store(settings: &Settings) -> Result<RedisStore, AppError> {
+pub fn dedup_store(settings: &Settings) -> Result<RedisStore, StoreError> {
     RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
-        .map_err(AppError::Store)
 }
 
 /// The API credentials, which `run` and `check` load as required.
@@ -71,7 +70,13 @@ pub fn api_client(
 /// The core's configuration from the settings.
 pub fn processor_config(settings: &Settings, worker_id: &str) -> ProcessorConfig {
     ProcessorConfig {
-        policy: RetryPolicy::from(&settings.retry),
+        policy: RetryPolicy {
+            initial: settings.retry.initial,
+            multiplier: settings.retry.multiplier,
+            max_interval: settings.retry.max_interval,
+            max_tries: settings.retry.max_tries,
+            max_retry_after: settings.retry.max_retry_after,
+        },
         tiers: settings.retry.delays.len(),
         lease: settings.dedup.lease,
         ttl: settings.dedup.ttl,

@@ -1,4 +1,4 @@
-//! The "create group" command (SPEC §3), parsed once into typed values.
+//! The "create group" command, parsed once into typed values.
 //!
 //! Invariants:
 //! - a [`CreateGroup`] only exists if every rule of §3 held, so nothing downstream
@@ -166,7 +166,7 @@ impl CreateGroup {
         CreateGroup::parse(body)
     }
 
-    /// Parse a JSON body according to SPEC §3.
+    /// Parse a JSON body by the rules in the module documentation.
     pub fn parse(body: &[u8]) -> Result<CreateGroup, InvalidCommand> {
         if body.len() > MAX_BODY_BYTES {
             return Err(InvalidCommand {

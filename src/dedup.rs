@@ -199,7 +199,7 @@ impl DedupStore for RedisStore {
         let value = record_json(&StoredRecord::Claimed {
             owner: owner.to_owned(),
             claimed_at: crate::clock::now_rfc3339(),
-        });
+        })?;
         let existing: Option<String> = self
             .claim
             .key(self.group_key(ext_id))
@@ -243,7 +243,7 @@ impl DedupStore for RedisStore {
         ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
         let mut conn = self.conn.clone();
-        let value = record_json(&StoredRecord::Created(record.clone()));
+        let value = record_json(&StoredRecord::Created(record.clone()))?;
         let answer: String = self
             .record_created
             .key(self.group_key(ext_id))
@@ -305,10 +305,9 @@ impl DedupStore for RedisStore {
     }
 }
 
-/// A record as stored. Serializing these plain structs cannot fail (string keys, no
-/// maps with non-string keys), so an empty object stands in for the impossible case.
-fn record_json(record: &StoredRecord) -> String {
-    serde_json::to_string(record).unwrap_or_else(|_| "{}".to_owned())
+/// A record as stored.
+fn record_json(record: &StoredRecord) -> Result<String, StoreError> {
+    serde_json::to_string(record).map_err(StoreError::Encode)
 }
 
 /// The login session shared by replicas: `<prefix>:auth:<account>` holds the
@@ -337,10 +336,7 @@ impl TokenStore for RedisStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let text = serde_json::to_string(pair).map_err(|source| StoreError::Corrupt {
-                key: format!("{}:auth:{account}", self.prefix),
-                source,
-            })?;
+            let text = serde_json::to_string(pair).map_err(StoreError::Encode)?;
             conn.pset_ex::<_, _, ()>(format!("{}:auth:{account}", self.prefix), text, millis(ttl))
                 .await
                 .map_err(store_err)

@@ -1,7 +1,6 @@
 //! group-provisioner: takes "create group" commands from RabbitMQ, deduplicates them by
 //! external id in Redis, creates the group through the Convirza Platform API v3 and
-//! publishes the outcome as an event. `docs/` holds the contract; the README maps it to
-//! the code.
+//! publishes the outcome as an event. The README maps the contract to the code.
 //!
 //! Layout (dependencies point downwards only):
 //! - `cli` — the one way in: arguments, settings, exit codes;

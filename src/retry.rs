@@ -15,8 +15,6 @@ use std::time::{Duration, SystemTime};
 
 use rand::RngExt;
 
-use crate::config::RetrySettings;
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     pub initial: Duration,
@@ -24,18 +22,6 @@ pub struct RetryPolicy {
     pub max_interval: Duration,
     pub max_tries: u32,
     pub max_retry_after: Duration,
-}
-
-impl From<&RetrySettings> for RetryPolicy {
-    fn from(s: &RetrySettings) -> Self {
-        RetryPolicy {
-            initial: s.initial,
-            multiplier: s.multiplier,
-            max_interval: s.max_interval,
-            max_tries: s.max_tries,
-            max_retry_after: s.max_retry_after,
-        }
-    }
 }
 
 impl RetryPolicy {
@@ -153,11 +139,16 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// The shipped defaults (`retry.*` in `config/example.toml`).
+    /// A policy shaped like the shipped one (250 ms doubling to 10 s, 4 tries, `Retry-After`
+    /// capped at 2 minutes).
     fn default_policy() -> RetryPolicy {
-        let settings =
-            crate::config::Settings::from_toml("[api]\ntoken = \"t\"\n").expect("defaults load");
-        RetryPolicy::from(&settings.retry)
+        RetryPolicy {
+            initial: ms(250),
+            multiplier: 2.0,
+            max_interval: Duration::from_secs(10),
+            max_tries: 4,
+            max_retry_after: Duration::from_secs(120),
+        }
     }
 
     #[test]

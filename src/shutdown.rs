@@ -1,4 +1,4 @@
-//! Process signals (SPEC §5.10): SIGTERM and SIGINT both mean "drain and exit 0".
+//! Process signals: SIGTERM and SIGINT both mean "drain and exit 0".
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn signal() {

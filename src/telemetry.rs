@@ -1,4 +1,4 @@
-//! Logging set-up (SPEC §8): JSON lines on stdout by default, `pretty` for humans.
+//! Logging set-up: JSON lines on stdout by default, `pretty` for humans.
 //!
 //! Invariants:
 //! - in JSON, the fields of every enclosing span (`ext_id`, `message_id`,

@@ -1,4 +1,4 @@
-//! AMQP headers the worker reads and writes (SPEC §3, §5), and the mapping of a lapin
+//! AMQP headers the worker reads and writes, and the mapping of a lapin
 //! delivery to the core's [`Inbound`].
 
 use lapin::BasicProperties;
@@ -20,7 +20,7 @@ pub const X_DELIVERY_COUNT: &str = "x-delivery-count";
 pub const TRACEPARENT: &str = "traceparent";
 pub const EXT_ID: &str = "ext_id";
 
-/// `x-error-message` is cut to this many bytes (SPEC §5.8).
+/// `x-error-message` is cut to this many bytes.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 
 fn get<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a AMQPValue> {

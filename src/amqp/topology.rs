@@ -1,4 +1,4 @@
-//! SPEC §2 topology, declared idempotently at start (re-declaring is a no-op; a queue that
+//! The topology, declared idempotently at start (re-declaring is a no-op; a queue that
 //! exists with different arguments makes the broker refuse, which stops start-up with the
 //! broker's reason rather than running against a half-matching topology).
 

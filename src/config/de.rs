@@ -64,7 +64,13 @@ pub fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
             i64::try_from(v).map_err(|_| E::custom(format!("{v} is out of range")))
         }
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
-            Err(E::custom(format!("{v} is not an integer")))
+            // `8.0` in TOML is the integer 8; `7.5` is not an integer.
+            let whole = v.fract() == 0.0 && v.abs() < 9.0e15;
+            if whole {
+                Ok(v as i64)
+            } else {
+                Err(E::custom(format!("{v} is not an integer")))
+            }
         }
         fn visit_bool<E: de::Error>(self, v: bool) -> Result<i64, E> {
             Err(E::custom(format!("{v} is not an integer")))
@@ -139,6 +145,10 @@ impl Visitor<'_> for DurationVisitor {
     }
 }
 
+fn tier_error<E: de::Error>(text: &str) -> E {
+    E::custom(format!("{text:?} is not a duration (use e.g. 5s, 2m)"))
+}
+
 impl<'de> serde::Deserialize<'de> for DelayTier {
     /// The label is kept exactly as written (trimmed): it names the tier's queue.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DelayTier, D::Error> {
@@ -150,13 +160,20 @@ impl<'de> serde::Deserialize<'de> for DelayTier {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<DelayTier, E> {
                 let label = v.trim();
-                let delay = parse_duration(label).ok_or_else(|| {
-                    E::custom(format!("{v:?} is not a duration (use e.g. 5s, 2m)"))
-                })?;
+                let delay = parse_duration(label).ok_or_else(|| tier_error(v))?;
                 Ok(DelayTier {
                     label: label.to_owned(),
                     delay,
                 })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DelayTier, E> {
+                Err(tier_error(&v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DelayTier, E> {
+                Err(tier_error(&v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<DelayTier, E> {
+                Err(tier_error(&v.to_string()))
             }
         }
         d.deserialize_any(V)

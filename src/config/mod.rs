@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ::config::{Config, Environment, File, FileFormat, Value, ValueKind};
+use ::config::{Config, Environment, File, FileFormat, Map, Source, Value, ValueKind};
 
 pub use duration::{format_duration, parse_duration};
 
@@ -256,16 +256,19 @@ impl Settings {
                         format!("{}: no such file", path.display()),
                     ));
                 }
-                builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
+                builder = builder.add_source(LowercaseKeys(
+                    File::from(path.as_path()).format(FileFormat::Toml),
+                ));
             }
             None if sources.toml.is_none() => {
-                builder = builder
-                    .add_source(File::new(DEFAULT_CONFIG_PATH, FileFormat::Toml).required(false));
+                builder = builder.add_source(LowercaseKeys(
+                    File::new(DEFAULT_CONFIG_PATH, FileFormat::Toml).required(false),
+                ));
             }
             None => {}
         }
         if let Some(text) = &sources.toml {
-            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+            builder = builder.add_source(LowercaseKeys(File::from_str(text, FileFormat::Toml)));
         }
         builder = builder.add_source(
             Environment::with_prefix(ENV_PREFIX)
@@ -283,6 +286,40 @@ impl Settings {
         let raw: raw::Raw = serde_path_to_error::deserialize(merged).map_err(raw::key_error)?;
         raw.into_settings(sources.credentials)
     }
+}
+
+/// A file layer whose keys are case-insensitive (`[API]` is `[api]`), as the environment's
+/// are: lowercased before they are merged over the defaults.
+#[derive(Debug, Clone)]
+struct LowercaseKeys<S>(S);
+
+impl<S: Source + Clone + Send + Sync + 'static> Source for LowercaseKeys<S> {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, ::config::ConfigError> {
+        Ok(self
+            .0
+            .collect()?
+            .into_iter()
+            .map(|(k, v)| (k.to_lowercase(), lowercase_keys(v)))
+            .collect())
+    }
+}
+
+fn lowercase_keys(value: Value) -> Value {
+    let origin = value.origin().map(str::to_owned);
+    let kind = match value.kind {
+        ValueKind::Table(table) => ValueKind::Table(
+            table
+                .into_iter()
+                .map(|(k, v)| (k.to_lowercase(), lowercase_keys(v)))
+                .collect(),
+        ),
+        other => other,
+    };
+    Value::new(origin.as_ref(), kind)
 }
 
 /// Every key that has a default, with the default as the README writes it (`5s`, `64`,

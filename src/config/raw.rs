@@ -148,15 +148,23 @@ pub(super) fn key_error(e: serde_path_to_error::Error<::config::ConfigError>) ->
             None if key == field => String::new(),
             None => key,
         };
-        let hint = closest(field, &backticked(expected))
-            .map(|k| {
-                let full = if key.is_empty() {
-                    k
-                } else {
-                    format!("{key}.{k}")
-                };
-                format!(" (did you mean {full}?)")
+        let in_section = closest(field, &backticked(expected)).map(|k| {
+            if key.is_empty() {
+                k
+            } else {
+                format!("{key}.{k}")
+            }
+        });
+        // Else the same name in another section (`amqp.key_prefix` → `redis.key_prefix`).
+        let hint = in_section
+            .or_else(|| {
+                super::defaults()
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .chain(super::KEYS_WITHOUT_DEFAULT.iter().map(|k| (*k).to_owned()))
+                    .find(|k| k.rsplit_once('.').is_some_and(|(_, leaf)| leaf == field))
             })
+            .map(|full| format!(" (did you mean {full}?)"))
             .unwrap_or_default();
         let unknown = if unknown.is_empty() {
             field.to_owned()
@@ -311,6 +319,15 @@ fn nonempty(value: Option<String>) -> Option<String> {
     value.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
 
+/// A token without surrounding whitespace (a secret made from a file often ends with a
+/// newline, which no `Authorization` header may carry); blank means unset.
+fn trimmed_secret(value: Option<SecretString>) -> Option<SecretString> {
+    value
+        .map(|s| SecretString::from(s.expose_secret().trim()))
+        .filter(|s| !s.expose_secret().is_empty())
+}
+
+/// A password exactly as given (spaces may belong to it); empty means unset.
 fn nonempty_secret(value: Option<SecretString>) -> Option<SecretString> {
     value.filter(|s| !s.expose_secret().is_empty())
 }
@@ -485,7 +502,7 @@ impl RawApi {
         let timeout = at_least("api.timeout", self.timeout, Duration::from_millis(1))?;
         let auth = ApiAuth::from_raw(
             self.auth,
-            nonempty_secret(self.token),
+            trimmed_secret(self.token),
             nonempty(self.email),
             nonempty_secret(self.password),
         );

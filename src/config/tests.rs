@@ -204,6 +204,21 @@ fn bad_values_name_the_key_and_value() {
             "is integer `5`, expected a section of keys",
         ),
         ("[retry.extra]\nx = 1\n", "retry.extra", "unknown key"),
+        (
+            "[amqp]\nkey_prefix = \"p\"\n",
+            "amqp.key_prefix",
+            "unknown key (did you mean redis.key_prefix?)",
+        ),
+        (
+            "[retry]\ndelays = [5]\n",
+            "retry.delays",
+            "\"5\" is not a duration",
+        ),
+        (
+            "[amqp]\nprefetch = 7.5\n",
+            "amqp.prefetch",
+            "7.5 is not an integer",
+        ),
         ("[foo]\nx = 1\n", "foo", "unknown key"),
         (
             "[amqp]\nperfetch = 1\n",
@@ -255,6 +270,41 @@ fn auth_mode_requirements() {
     })
     .expect("no credentials needed");
     assert!(s.api.auth.is_none());
+}
+
+#[test]
+fn a_token_is_trimmed_and_a_blank_one_is_missing() {
+    let s = with_env(&[("PROVISIONER__API__TOKEN", "tok-1\n")]).expect("loads");
+    assert!(matches!(&s.api.auth, Some(ApiAuth::Token(t)) if t.expose_secret() == "tok-1"));
+    let e = Settings::from_toml("[api]\ntoken = \"  \"\n").expect_err("blank token");
+    assert_eq!(e.key, "api.token");
+    let s =
+        Settings::from_toml("[api]\nauth = \"login\"\nemail = \" a@b.c \"\npassword = \" pw \"\n")
+            .expect("login");
+    match &s.api.auth {
+        Some(ApiAuth::Login { email, password }) => {
+            assert_eq!(email, "a@b.c");
+            assert_eq!(
+                password.expose_secret(),
+                " pw ",
+                "a password is kept as given"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_whole_float_is_an_integer() {
+    let s = Settings::from_toml("[api]\ntoken = \"t\"\n[amqp]\nprefetch = 8.0\n").expect("loads");
+    assert_eq!(s.amqp.prefetch, 8);
+}
+
+#[test]
+fn keys_are_case_insensitive_in_files_too() {
+    let s = Settings::from_toml("[API]\nToken = \"t\"\n[Amqp]\nPREFETCH = 8\n").expect("loads");
+    assert_eq!(s.amqp.prefetch, 8);
+    assert!(s.api.auth.is_some());
 }
 
 #[test]

@@ -65,6 +65,13 @@ pub enum OpsError {
     },
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// Publishing line `line` of the input failed on the channel.
+    #[error("line {line}: {source}")]
+    Line {
+        line: usize,
+        #[source]
+        source: lapin::Error,
+    },
     /// The dedup store cannot be reached (`url` has its password masked).
     #[error("redis ({url}): {source}")]
     Store {

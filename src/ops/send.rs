@@ -138,7 +138,12 @@ async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), 
                 .with_content_type(ShortString::from("application/json"))
                 .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
                 .with_app_id(ShortString::from("group-provisioner send"));
-            let confirm = crate::amqp::publish_command(&channel, t, &item.body, props).await?;
+            let confirm = crate::amqp::publish_command(&channel, t, &item.body, props)
+                .await
+                .map_err(|source| OpsError::Line {
+                    line: item.line,
+                    source,
+                })?;
             pending.push((item.line, confirm));
         }
         for (line, confirm) in pending {

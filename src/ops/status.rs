@@ -2,9 +2,10 @@
 
 use serde_json::json;
 
+use crate::app;
 use crate::command::ExtId;
 use crate::config::Settings;
-use crate::dedup::{RedisStore, StoredRecord};
+use crate::dedup::StoredRecord;
 
 use super::OpsError;
 
@@ -16,8 +17,7 @@ pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> Result<boo
         url: settings.redis.url.to_string(),
         source,
     };
-    let store = RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
-        .map_err(store_error)?;
+    let store = app::dedup_store(settings).map_err(store_error)?;
     let status = store.status(&ext_id).await.map_err(store_error)?;
     let known = status.record.is_some() || status.attempt_markers > 0;
     if as_json {

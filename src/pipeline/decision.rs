@@ -50,7 +50,7 @@ pub struct Failure {
 }
 
 /// A fault of the system, not of the message: the message is parked and retried later
-/// without spending its attempts (SPEC §5.7).
+/// without spending its attempts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SystemFault {
     /// 401/403 after a token refresh.
@@ -151,7 +151,7 @@ impl Decision {
     }
 }
 
-/// The `outcome` field of the one log line per delivery (SPEC §8).
+/// The `outcome` field of the one log line per delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// This delivery created the group (or its own lost POST was recovered by List).

@@ -1,5 +1,5 @@
 //! The events a delivery ends with, and how they are built from the delivery and its
-//! outcome. Field names and order are the contract (`docs/contract.md`); `schema_version`
+//! outcome. Field names and order are the contract consumers rely on; `schema_version`
 //! is 1.
 
 use serde::{Deserialize, Serialize};

@@ -36,44 +36,80 @@ pub enum StoreOp {
 
 #[derive(Debug, Clone)]
 enum Entry {
-    Claimed { owner: String, until: Instant },
-    Created(CreatedRecord),
+    Claimed {
+        owner: String,
+        until: Instant,
+    },
+    Created {
+        record: CreatedRecord,
+        until: Instant,
+    },
+}
+
+/// When an injected failure strikes: before the call has any effect, or after it took
+/// effect (as a Redis reply lost to a timeout after the script ran).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Before,
+    After,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("injected {0:?} failure")]
 struct Injected(StoreOp);
 
+/// A store with Redis's semantics (atomic claims, leases and TTLs that expire, fencing),
+/// in memory, on tokio's clock.
 #[derive(Default)]
 pub struct FakeStore {
     entries: Mutex<HashMap<ExtId, Entry>>,
-    attempts: Mutex<HashMap<ExtId, u32>>,
-    /// Operation → how many of its next calls fail (`u32::MAX`: all of them).
-    failing: Mutex<HashMap<StoreOp, u32>>,
+    /// Attempt markers: count and expiry (each mark renews the expiry, as `PEXPIRE` does).
+    attempts: Mutex<HashMap<ExtId, (u32, Instant)>>,
+    /// Operation → how many of its next calls fail (`u32::MAX`: all of them), and when.
+    failing: Mutex<HashMap<StoreOp, (u32, When)>>,
     calls: Mutex<HashMap<StoreOp, u32>>,
 }
 
 impl FakeStore {
-    /// The next `n` calls of `op` fail.
+    /// The next `n` calls of `op` fail before having any effect.
     pub fn fail(&self, op: StoreOp, n: u32) {
-        lock(&self.failing).insert(op, n);
+        self.fail_when(op, n, When::Before);
+    }
+
+    /// The next `n` calls of `op` fail `when`.
+    pub fn fail_when(&self, op: StoreOp, n: u32, when: When) {
+        lock(&self.failing).insert(op, (n, when));
     }
 
     pub fn calls(&self, op: StoreOp) -> u32 {
         lock(&self.calls).get(&op).copied().unwrap_or(0)
     }
 
-    fn enter(&self, op: StoreOp) -> Result<(), StoreError> {
+    /// Count the call; the injected failure for it, if any, and when it strikes.
+    fn enter(&self, op: StoreOp) -> Option<When> {
         *lock(&self.calls).entry(op).or_insert(0) += 1;
         let mut failing = lock(&self.failing);
         match failing.get_mut(&op) {
-            Some(n) if *n > 0 => {
+            Some((n, when)) if *n > 0 => {
                 if *n != u32::MAX {
                     *n -= 1;
                 }
-                Err(StoreError::unavailable(Injected(op)))
+                Some(*when)
             }
-            _ => Ok(()),
+            _ => None,
+        }
+    }
+
+    /// Run `effect` under the injected failure of `op`, if any.
+    fn call<T>(&self, op: StoreOp, effect: impl FnOnce() -> T) -> Result<T, StoreError> {
+        let failure = self.enter(op);
+        if failure == Some(When::Before) {
+            return Err(StoreError::unavailable(Injected(op)));
+        }
+        let value = effect();
+        match failure {
+            Some(_) => Err(StoreError::unavailable(Injected(op))),
+            None => Ok(value),
         }
     }
 
@@ -88,19 +124,55 @@ impl FakeStore {
         );
     }
 
+    /// A created record kept an hour.
     pub fn put_created(&self, ext_id: &ExtId, record: CreatedRecord) {
-        lock(&self.entries).insert(ext_id.clone(), Entry::Created(record));
+        self.put_created_for(ext_id, record, Duration::from_secs(3600));
     }
 
+    fn put_created_for(&self, ext_id: &ExtId, record: CreatedRecord, ttl: Duration) {
+        lock(&self.entries).insert(
+            ext_id.clone(),
+            Entry::Created {
+                record,
+                until: Instant::now() + ttl,
+            },
+        );
+    }
+
+    /// An attempt marker kept an hour.
     pub fn put_attempt(&self, ext_id: &ExtId) {
-        *lock(&self.attempts).entry(ext_id.clone()).or_insert(0) += 1;
+        self.mark_for(ext_id, Duration::from_secs(3600));
+    }
+
+    fn mark_for(&self, ext_id: &ExtId, ttl: Duration) {
+        let mut attempts = lock(&self.attempts);
+        let entry = attempts
+            .entry(ext_id.clone())
+            .or_insert((0, Instant::now()));
+        *entry = (entry.0 + 1, Instant::now() + ttl);
     }
 
     pub fn created(&self, ext_id: &ExtId) -> Option<CreatedRecord> {
-        match lock(&self.entries).get(ext_id) {
-            Some(Entry::Created(r)) => Some(r.clone()),
+        match self.live(ext_id) {
+            Some(Entry::Created { record, .. }) => Some(record),
             _ => None,
         }
+    }
+
+    /// How long the created record still lives.
+    pub fn created_ttl(&self, ext_id: &ExtId) -> Option<Duration> {
+        match self.live(ext_id) {
+            Some(Entry::Created { until, .. }) => Some(until - Instant::now()),
+            _ => None,
+        }
+    }
+
+    /// How long the attempt marker still lives.
+    pub fn attempt_ttl(&self, ext_id: &ExtId) -> Option<Duration> {
+        lock(&self.attempts)
+            .get(ext_id)
+            .map(|(_, until)| until.saturating_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero())
     }
 
     /// The live claim's owner, if any.
@@ -112,19 +184,25 @@ impl FakeStore {
     }
 
     pub fn attempt_markers(&self, ext_id: &ExtId) -> u32 {
-        lock(&self.attempts).get(ext_id).copied().unwrap_or(0)
+        match lock(&self.attempts).get(ext_id) {
+            Some((n, until)) if *until > Instant::now() => *n,
+            _ => 0,
+        }
     }
 
-    /// The entry, with an expired claim treated as absent.
+    /// The entry, with an expired claim or record treated as absent (and removed).
     fn live(&self, ext_id: &ExtId) -> Option<Entry> {
         let mut entries = lock(&self.entries);
-        match entries.get(ext_id) {
-            Some(Entry::Claimed { until, .. }) if *until <= Instant::now() => {
-                entries.remove(ext_id);
-                None
+        let expired = match entries.get(ext_id) {
+            Some(Entry::Claimed { until, .. } | Entry::Created { until, .. }) => {
+                *until <= Instant::now()
             }
-            other => other.cloned(),
+            None => false,
+        };
+        if expired {
+            entries.remove(ext_id);
         }
+        entries.get(ext_id).cloned()
     }
 }
 
@@ -135,15 +213,14 @@ impl DedupStore for FakeStore {
         owner: &str,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.enter(StoreOp::Claim)?;
-        match self.live(ext_id) {
-            Some(Entry::Created(r)) => Ok(Claim::Created(r)),
-            Some(Entry::Claimed { owner, .. }) => Ok(Claim::HeldByOther { owner }),
+        self.call(StoreOp::Claim, || match self.live(ext_id) {
+            Some(Entry::Created { record, .. }) => Claim::Created(record),
+            Some(Entry::Claimed { owner, .. }) => Claim::HeldByOther { owner },
             None => {
                 self.claim_for(ext_id, owner, lease);
-                Ok(Claim::Acquired)
+                Claim::Acquired
             }
-        }
+        })
     }
 
     async fn renew(
@@ -152,14 +229,13 @@ impl DedupStore for FakeStore {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        self.enter(StoreOp::Renew)?;
-        match self.live(ext_id) {
+        self.call(StoreOp::Renew, || match self.live(ext_id) {
             Some(Entry::Claimed { owner: o, .. }) if o == owner => {
                 self.claim_for(ext_id, owner, lease);
-                Ok(true)
+                true
             }
-            _ => Ok(false),
-        }
+            _ => false,
+        })
     }
 
     async fn record_created(
@@ -167,41 +243,37 @@ impl DedupStore for FakeStore {
         ext_id: &ExtId,
         owner: &str,
         record: &CreatedRecord,
-        _ttl: Duration,
+        ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
-        self.enter(StoreOp::Record)?;
-        match self.live(ext_id) {
-            Some(Entry::Created(existing)) => Ok(RecordResult::Fenced(Some(existing))),
-            Some(Entry::Claimed { owner: o, .. }) if o != owner => Ok(RecordResult::Fenced(None)),
+        self.call(StoreOp::Record, || match self.live(ext_id) {
+            Some(Entry::Created { record, .. }) => RecordResult::Fenced(Some(record)),
+            Some(Entry::Claimed { owner: o, .. }) if o != owner => RecordResult::Fenced(None),
             _ => {
-                self.put_created(ext_id, record.clone());
-                Ok(RecordResult::Written)
+                self.put_created_for(ext_id, record.clone(), ttl);
+                RecordResult::Written
             }
-        }
+        })
     }
 
     async fn release(&self, ext_id: &ExtId, owner: &str) -> Result<(), StoreError> {
-        self.enter(StoreOp::Release)?;
-        let mut entries = lock(&self.entries);
-        if matches!(entries.get(ext_id), Some(Entry::Claimed { owner: o, .. }) if o == owner) {
-            entries.remove(ext_id);
-        }
-        Ok(())
+        self.call(StoreOp::Release, || {
+            let mut entries = lock(&self.entries);
+            if matches!(entries.get(ext_id), Some(Entry::Claimed { owner: o, .. }) if o == owner) {
+                entries.remove(ext_id);
+            }
+        })
     }
 
-    async fn mark_attempt(&self, ext_id: &ExtId, _ttl: Duration) -> Result<(), StoreError> {
-        self.enter(StoreOp::MarkAttempt)?;
-        self.put_attempt(ext_id);
-        Ok(())
+    async fn mark_attempt(&self, ext_id: &ExtId, ttl: Duration) -> Result<(), StoreError> {
+        self.call(StoreOp::MarkAttempt, || self.mark_for(ext_id, ttl))
     }
 
     async fn has_attempt(&self, ext_id: &ExtId) -> Result<bool, StoreError> {
-        self.enter(StoreOp::HasAttempt)?;
-        Ok(self.attempt_markers(ext_id) > 0)
+        self.call(StoreOp::HasAttempt, || self.attempt_markers(ext_id) > 0)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.enter(StoreOp::Ping)
+        self.call(StoreOp::Ping, || ())
     }
 }
 
@@ -224,8 +296,9 @@ struct Group {
     parent: i64,
 }
 
-/// The API as a script: create POSTs take the next [`Answer`] (default: create), lists
-/// take the next scripted error or answer from the groups created so far.
+/// The API as a script: create POSTs take the next [`Answer`] (default: create; a sibling
+/// with the same name answers 400 as the real API does), lists take the next scripted
+/// error or answer from the groups created so far.
 pub struct FakeApi {
     groups: Mutex<Vec<Group>>,
     creates: Mutex<VecDeque<Answer>>,
@@ -307,6 +380,16 @@ impl GroupApi for FakeApi {
             tokio::time::sleep(latency).await;
         }
         let answer = lock(&self.creates).pop_front().unwrap_or(Answer::Create);
+        // The API's sibling rule: names are unique under one parent.
+        let taken = lock(&self.groups)
+            .iter()
+            .any(|g| g.parent == command.parent_id && names_match(&g.name, &command.name));
+        if taken && !matches!(answer, Answer::Fail(_)) {
+            return Err(ApiError::DuplicateName {
+                message: "a group with this name already exists".into(),
+                request_id: None,
+            });
+        }
         let create = || {
             self.seed(
                 command.parent_id,

@@ -6,7 +6,8 @@
 //!   makes the caller the owner — never two owners at once;
 //! - a created record is only written by the owner of the current claim, or when no claim
 //!   exists; it is never overwritten;
-//! - an error concerns this one call: it never claims or releases anything.
+//! - an error means the outcome of that call is unknown: it may have taken effect (a reply
+//!   lost to a timeout after the script ran), so callers never assume it did not.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -68,6 +69,9 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A value could not be encoded for storing (nothing was written).
+    #[error("cannot encode a record: {0}")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl StoreError {

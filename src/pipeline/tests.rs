@@ -12,7 +12,7 @@ use crate::command::ExtId;
 use crate::retry::RetryPolicy;
 use crate::traceparent::Traceparent;
 
-use super::fakes::{Answer, CountingRecorder, FakeApi, FakeStore, StoreOp};
+use super::fakes::{Answer, CountingRecorder, FakeApi, FakeStore, StoreOp, When};
 use super::*;
 
 const PARENT: i64 = 1000;
@@ -227,6 +227,38 @@ async fn a_new_ext_id_is_claimed_posted_recorded_and_released_into_the_record() 
         "marker before the POST"
     );
     assert_eq!(h.store().claimant(&ext("N-1")), None);
+    let ttl = config().ttl;
+    assert_eq!(
+        h.store().created_ttl(&ext("N-1")),
+        Some(ttl),
+        "kept dedup.ttl"
+    );
+    assert_eq!(
+        h.store().attempt_ttl(&ext("N-1")),
+        Some(ttl),
+        "kept dedup.ttl"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_is_answered_until_dedup_ttl_then_found_by_list() {
+    let h = Harness::new();
+    h.run(msg("E-1")).await;
+    tokio::time::advance(config().ttl + Duration::from_secs(1)).await;
+    assert_eq!(
+        h.store().created(&ext("E-1")),
+        None,
+        "forgotten after dedup.ttl"
+    );
+    // Redis forgot, the API did not: the redelivered command finds its group by List.
+    let v = h
+        .run(Inbound {
+            redelivered: true,
+            ..msg("E-1")
+        })
+        .await;
+    assert!(created(&v).duplicate);
+    assert_eq!(h.api().groups_for("E-1"), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -812,4 +844,68 @@ async fn a_store_failing_after_the_post_still_reports_what_happened() {
     h.api().script([Answer::Fail(rejected(400))]);
     let v = h.run(msg("W-2")).await;
     assert_eq!(failure(&v).0.kind, FailureKind::Rejected, "decided anyway");
+}
+
+// --- store calls whose reply is lost after they took effect --------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_whose_reply_was_lost_parks_and_holds_the_ext_id_until_its_lease_ends() {
+    let h = Harness::new();
+    h.store().fail_when(StoreOp::Claim, 1, When::After);
+    let v = h.run(msg("A-1")).await;
+    assert!(matches!(parked(&v), SystemFault::Store(_)), "{v:?}");
+    assert_eq!(h.api().posts(), 0);
+    let holder = h
+        .store()
+        .claimant(&ext("A-1"))
+        .expect("the claim was taken");
+    assert!(holder.starts_with("test:1/"), "{holder}");
+    h.p.circuit().close();
+    let v = h.run(msg("A-1")).await;
+    assert_eq!(
+        v.decision,
+        Decision::Delay {
+            tier: 0,
+            attempts: 0,
+            retries: 0,
+            deferrals: 1,
+            reason: DelayReason::Claimed
+        },
+        "held by the lost claim until its lease ends"
+    );
+    tokio::time::advance(config().lease).await;
+    assert!(!created(&h.run(msg("A-1")).await).duplicate);
+    assert_eq!(h.api().groups_for("A-1"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_marker_whose_reply_was_lost_makes_the_next_delivery_list_first() {
+    let h = Harness::new();
+    h.store().fail_when(StoreOp::MarkAttempt, 1, When::After);
+    let v = h.run(msg("A-2")).await;
+    assert!(matches!(parked(&v), SystemFault::Store(_)), "{v:?}");
+    assert_eq!(h.api().posts(), 0, "no POST without a confirmed marker");
+    h.p.circuit().close();
+    let v = h.run(msg("A-2")).await;
+    assert!(!created(&v).duplicate);
+    assert_eq!(
+        (h.api().posts(), h.api().lists()),
+        (1, 1),
+        "the marker exists: List first"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_whose_reply_was_lost_still_reports_the_group_once() {
+    let h = Harness::new();
+    h.store().fail_when(StoreOp::Record, 1, When::After);
+    let first = created(&h.run(msg("A-3")).await).clone();
+    assert!(!first.duplicate);
+    let again = h.run(msg("A-3")).await;
+    assert_eq!(created(&again).org_unit_id, first.org_unit_id);
+    assert!(
+        created(&again).duplicate,
+        "the record was written after all"
+    );
+    assert_eq!(h.api().posts(), 1);
 }

@@ -1,4 +1,4 @@
-//! `convirza-sim`: a local stand-in for the Convirza Platform API v3 (SPEC §7).
+//! `convirza-sim`: a local stand-in for the Convirza Platform API v3.
 //!
 //! It enforces the rules the worker must cope with (bearer token, parent must exist,
 //! sibling names unique ignoring case and surrounding spaces) and can be told to misbehave

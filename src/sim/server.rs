@@ -1,3 +1,7 @@
+//! The simulator's HTTP side: the API routes (create, list, login, refresh), the admin
+//! routes under `/_sim`, and a connection layer that lets a handler drop its connection
+//! unanswered (commit-then-drop).
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

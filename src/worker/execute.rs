@@ -199,18 +199,15 @@ impl Executor<'_> {
     async fn recover(&self, error: SettleError) -> Outcome {
         tracing::error!(error = %error, "publishing the outcome failed");
         match &error {
-            // The channel is gone: nothing more can be settled here; the session restarts.
-            SettleError::Publish(PublishError::Channel(_)) => {
+            // The channel is gone (or not in confirm mode): nothing more can be settled on
+            // it; the session restarts on a new one and the broker redelivers.
+            SettleError::Publish(PublishError::Channel(_) | PublishError::NoConfirms) => {
                 self.broken.cancel();
                 return Outcome::Failed;
             }
             // The broker refuses or cannot route what we publish: a fault of the system that
             // every delivery will hit.
-            SettleError::Publish(
-                PublishError::Unroutable { .. }
-                | PublishError::Nacked { .. }
-                | PublishError::NoConfirms,
-            ) => {
+            SettleError::Publish(PublishError::Unroutable { .. } | PublishError::Nacked { .. }) => {
                 self.shared
                     .processor
                     .circuit()

@@ -105,7 +105,7 @@ impl WorkerHandle {
 /// (retrying until it can), declares the topology and consumes until
 /// [`WorkerHandle::shutdown`].
 pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
-    let store = app::dedup_store(&settings)?;
+    let store = app::dedup_store(&settings).map_err(AppError::Store)?;
     let worker_id = app::worker_id();
     let metrics = Arc::new(Metrics::new());
     let observed = metrics.clone();

@@ -1,4 +1,4 @@
-//! Login mode (SPEC §6) against convirza-sim, with the session shared through real Redis.
+//! Login mode against convirza-sim, with the session shared through real Redis.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,9 +1,23 @@
-//! The layering the README describes, checked on the source: the core imports no adapter
-//! and no I/O crate, adapters never reach up into the commands, and only the CLI wires
-//! the commands together. A new import that breaks it fails here, not in review.
+//! The layering the README describes, checked on the source: the core reaches no adapter
+//! and no I/O crate (not even through another module), adapters never reach up into the
+//! commands, and only the CLI wires the commands together. A new import that breaks it
+//! fails here, not in review.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+/// Crates that talk to the outside world.
+const IO_CRATES: [&str; 5] = ["lapin", "redis", "reqwest", "axum", "prometheus_client"];
+const ADAPTERS: [&str; 7] = [
+    "amqp",
+    "dedup",
+    "convirza",
+    "metrics",
+    "http",
+    "telemetry",
+    "config",
+];
+const COMMANDS: [&str; 4] = ["worker", "ops", "cli", "app"];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("src readable") {
@@ -16,130 +30,198 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Module (first path segment under `src/`) → the `crate::` modules it names and the
-/// external crates it uses, with the file that does.
-fn imports() -> BTreeMap<String, Vec<(String, String)>> {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    sources(&src, &mut files);
-    let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    for file in files {
-        let rel = file.strip_prefix(&src).expect("under src").to_path_buf();
-        let module = rel
-            .components()
-            .next()
-            .and_then(|c| c.as_os_str().to_str())
-            .map(|m| m.trim_end_matches(".rs").to_owned())
-            .expect("module");
-        let text = std::fs::read_to_string(&file).expect("readable");
-        let names = out.entry(module).or_default();
-        for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
-            for (i, _) in line.match_indices("crate::") {
-                let preceded_by_ident = line[..i]
-                    .chars()
-                    .last()
-                    .is_some_and(|c| c.is_alphanumeric() || c == '_');
-                if preceded_by_ident {
-                    continue; // `group_provisioner::…` in a doc example, say
+fn ident(text: &str) -> String {
+    text.trim_start()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// The first segment of every path after `crate::` in `code`, grouped imports included
+/// (`use crate::{a::X, b};` names `a` and `b`).
+fn crate_modules(code: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, _) in code.match_indices("crate::") {
+        let preceded_by_ident = code[..i]
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        if preceded_by_ident {
+            continue; // `group_provisioner::…`, say
+        }
+        let rest = &code[i + "crate::".len()..];
+        let Some(group) = rest.strip_prefix('{') else {
+            out.push(ident(rest));
+            continue;
+        };
+        let (mut depth, mut start) = (0usize, 0usize);
+        for (j, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => {
+                    out.push(ident(&group[start..j]));
+                    break;
                 }
-                let name: String = line[i + 7..]
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                names.push((name, rel.display().to_string()));
-            }
-            for krate in ["lapin", "redis", "reqwest", "axum", "prometheus_client"] {
-                let used =
-                    line.contains(&format!("{krate}::")) && !line.contains(&format!("_{krate}::"));
-                if used {
-                    names.push((format!("extern:{krate}"), rel.display().to_string()));
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    out.push(ident(&group[start..j]));
+                    start = j + 1;
                 }
+                _ => {}
             }
         }
     }
+    out.retain(|m| !m.is_empty());
     out
 }
 
-fn assert_never_imports(
-    imports: &BTreeMap<String, Vec<(String, String)>>,
-    module: &str,
-    banned: &[&str],
-) {
-    for (name, file) in imports.get(module).into_iter().flatten() {
-        assert!(
-            !banned.contains(&name.as_str()),
-            "src/{file} ({module}) must not use {name}"
-        );
+struct Graph {
+    /// Module → modules it names, with a file that does.
+    edges: BTreeMap<String, BTreeMap<String, String>>,
+    /// Module → I/O crates it uses, with a file that does.
+    io: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+fn graph() -> Graph {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut g = Graph {
+        edges: BTreeMap::new(),
+        io: BTreeMap::new(),
+    };
+    for file in files {
+        let rel = file
+            .strip_prefix(&src)
+            .expect("under src")
+            .display()
+            .to_string();
+        let module = rel
+            .split('/')
+            .next()
+            .map(|m| m.trim_end_matches(".rs").to_owned())
+            .expect("module");
+        let code: String = std::fs::read_to_string(&file)
+            .expect("readable")
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let edges = g.edges.entry(module.clone()).or_default();
+        for name in crate_modules(&code) {
+            if name != module {
+                edges.entry(name).or_insert_with(|| rel.clone());
+            }
+        }
+        let io = g.io.entry(module).or_default();
+        for krate in IO_CRATES {
+            let used = code.match_indices(&format!("{krate}::")).any(|(i, _)| {
+                !code[..i]
+                    .chars()
+                    .last()
+                    .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+            });
+            if used {
+                io.entry(krate.to_owned()).or_insert_with(|| rel.clone());
+            }
+        }
+    }
+    g
+}
+
+impl Graph {
+    /// Every module `from` reaches, with the path that reaches it.
+    fn reach(&self, from: &str) -> BTreeMap<String, Vec<String>> {
+        let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut todo = vec![(from.to_owned(), vec![from.to_owned()])];
+        while let Some((module, path)) = todo.pop() {
+            for next in self.edges.get(&module).into_iter().flat_map(|e| e.keys()) {
+                if !seen.contains_key(next) && next != from {
+                    let mut p = path.clone();
+                    p.push(next.clone());
+                    seen.insert(next.clone(), p.clone());
+                    todo.push((next.clone(), p));
+                }
+            }
+        }
+        seen
     }
 }
 
 #[test]
-fn the_core_knows_no_adapter_and_no_io_crate() {
-    let imports = imports();
-    assert_never_imports(
-        &imports,
-        "pipeline",
-        &[
-            "amqp",
-            "dedup",
-            "convirza",
-            "metrics",
-            "http",
-            "telemetry",
-            "config",
-            "worker",
-            "ops",
-            "cli",
-            "app",
-            "sim",
-            "extern:lapin",
-            "extern:redis",
-            "extern:reqwest",
-            "extern:axum",
-            "extern:prometheus_client",
-        ],
-    );
+fn the_parser_sees_grouped_and_nested_imports() {
+    let code =
+        "use crate::{a::X, b::{C, D}, e};\nlet v = crate::f::g();\nuse group_provisioner::h;";
+    assert_eq!(crate_modules(code), ["a", "b", "e", "f"]);
+}
+
+#[test]
+fn the_core_reaches_no_adapter_and_no_io_crate() {
+    let g = graph();
+    let reached = g.reach("pipeline");
+    for module in ADAPTERS.iter().chain(COMMANDS.iter()).chain(["sim"].iter()) {
+        if let Some(path) = reached.get(*module) {
+            panic!("the core reaches {module}: {}", path.join(" → "));
+        }
+    }
+    for module in reached.keys().chain(["pipeline".to_owned()].iter()) {
+        if let Some((krate, file)) = g.io.get(module).and_then(|io| io.iter().next()) {
+            panic!("the core reaches {krate} through src/{file}");
+        }
+    }
 }
 
 #[test]
 fn adapters_never_reach_up_into_the_commands() {
-    let imports = imports();
-    for adapter in [
-        "amqp",
-        "dedup",
-        "convirza",
-        "metrics",
-        "http",
-        "telemetry",
-        "config",
-        "command",
-        "retry",
-        "secret",
-        "clock",
-        "hash",
-        "traceparent",
-        "sim",
-    ] {
-        assert_never_imports(&imports, adapter, &["worker", "ops", "cli", "app"]);
+    let g = graph();
+    for adapter in ADAPTERS.iter().chain(["sim"].iter()) {
+        let reached = g.reach(adapter);
+        for command in COMMANDS {
+            if let Some(path) = reached.get(command) {
+                panic!("{adapter} reaches {command}: {}", path.join(" → "));
+            }
+        }
     }
 }
 
 #[test]
 fn only_the_cli_wires_the_commands() {
-    let imports = imports();
-    for (module, names) in &imports {
-        for (name, file) in names {
-            let allowed = match name.as_str() {
-                "cli" => module == "bin" || module == "cli",
-                "worker" | "ops" => module == "cli" || module == name,
-                _ => true,
-            };
-            assert!(allowed, "src/{file} ({module}) must not use {name}");
+    let g = graph();
+    let users = |target: &str| -> BTreeSet<String> {
+        g.edges
+            .iter()
+            .filter(|(_, e)| e.contains_key(target))
+            .map(|(m, _)| m.clone())
+            .collect()
+    };
+    // The binary reaches `cli` as `group_provisioner::cli`; no library module does.
+    assert_eq!(users("cli"), BTreeSet::new());
+    assert_eq!(users("worker"), BTreeSet::from(["cli".to_owned()]));
+    assert_eq!(users("ops"), BTreeSet::from(["cli".to_owned()]));
+}
+
+#[test]
+fn clients_are_built_in_app_only() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    for file in files {
+        let rel = file
+            .strip_prefix(&src)
+            .expect("under src")
+            .display()
+            .to_string();
+        let allowed = rel == "app.rs" || rel == "dedup.rs" || rel.starts_with("convirza/");
+        let code = std::fs::read_to_string(&file).expect("readable");
+        for constructor in [
+            "RedisStore::new(",
+            "ConvirzaClient::new(",
+            "LoginSession::new(",
+        ] {
+            assert!(
+                allowed || !code.contains(constructor),
+                "src/{rel} calls {constructor}…): build clients through app"
+            );
         }
     }
-    assert!(
-        imports["worker"].iter().any(|(n, _)| n == "app")
-            && imports["ops"].iter().any(|(n, _)| n == "app"),
-        "worker and ops both build their clients through app"
-    );
 }
