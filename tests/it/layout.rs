@@ -19,15 +19,34 @@ const ADAPTERS: [&str; 7] = [
 ];
 const COMMANDS: [&str; 4] = ["worker", "ops", "cli", "app"];
 
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("src readable") {
         let path = entry.expect("entry").path();
         if path.is_dir() {
-            sources(&path, out);
+            walk(&path, out);
         } else if path.extension().is_some_and(|e| e == "rs") {
             out.push(path);
         }
     }
+}
+
+/// Every source file: its path under `src/` and its text.
+fn sources() -> Vec<(String, String)> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    files
+        .into_iter()
+        .map(|file| {
+            let rel = file
+                .strip_prefix(&src)
+                .expect("under src")
+                .display()
+                .to_string();
+            let text = std::fs::read_to_string(&file).expect("readable");
+            (rel, text)
+        })
+        .collect()
 }
 
 fn ident(text: &str) -> String {
@@ -83,26 +102,17 @@ struct Graph {
 }
 
 fn graph() -> Graph {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    sources(&src, &mut files);
     let mut g = Graph {
         edges: BTreeMap::new(),
         io: BTreeMap::new(),
     };
-    for file in files {
-        let rel = file
-            .strip_prefix(&src)
-            .expect("under src")
-            .display()
-            .to_string();
+    for (rel, text) in sources() {
         let module = rel
             .split('/')
             .next()
             .map(|m| m.trim_end_matches(".rs").to_owned())
             .expect("module");
-        let code: String = std::fs::read_to_string(&file)
-            .expect("readable")
+        let code: String = text
             .lines()
             .filter(|l| !l.trim_start().starts_with("//"))
             .collect::<Vec<_>>()
@@ -202,17 +212,8 @@ fn only_the_cli_wires_the_commands() {
 
 #[test]
 fn clients_are_built_in_app_only() {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    sources(&src, &mut files);
-    for file in files {
-        let rel = file
-            .strip_prefix(&src)
-            .expect("under src")
-            .display()
-            .to_string();
+    for (rel, code) in sources() {
         let allowed = rel == "app.rs" || rel == "dedup.rs" || rel.starts_with("convirza/");
-        let code = std::fs::read_to_string(&file).expect("readable");
         for constructor in [
             "RedisStore::new(",
             "ConvirzaClient::new(",
