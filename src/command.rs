@@ -7,7 +7,10 @@
 //!   are sent to the API unchanged (the API has undocumented settings fields);
 //! - `parent_org_unit_id` is an alias: it is renamed to `org_unit_parent_id` for the POST,
 //!   and both at once is an error;
-//! - lengths count Unicode scalar values, not bytes; the size limit counts bytes.
+//! - lengths count Unicode scalar values, not bytes; the size limit counts bytes;
+//! - no string carries a NUL character, the ext id is not blank, the body is not
+//!   content-encoded, and unknown fields are JSON the API can read back: nested at most
+//!   [`MAX_PASSTHROUGH_DEPTH`] deep, every number representable, every string valid.
 
 use std::fmt;
 
@@ -19,6 +22,8 @@ use serde_json::value::RawValue;
 pub const MAX_BODY_BYTES: usize = 65_536;
 pub const MAX_EXT_ID_CHARS: usize = 128;
 pub const MAX_NAME_CHARS: usize = 255;
+/// How deep an unknown field's value may nest arrays and objects.
+pub const MAX_PASSTHROUGH_DEPTH: usize = 32;
 
 /// The caller's external id: the deduplication key. 1–128 characters, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -30,6 +35,9 @@ impl ExtId {
         let chars = value.chars().count();
         if chars == 0 {
             return Err(CommandError::field("org_unit_ext_id", "must not be empty"));
+        }
+        if value.trim().is_empty() {
+            return Err(CommandError::field("org_unit_ext_id", "must not be blank"));
         }
         if chars > MAX_EXT_ID_CHARS {
             return Err(CommandError::field(
@@ -64,6 +72,8 @@ pub enum CommandError {
     TooLarge(usize),
     #[error("content_type {0:?} is not application/json")]
     ContentType(String),
+    #[error("content_encoding {0:?} is not supported (send uncompressed UTF-8 JSON)")]
+    ContentEncoding(String),
     #[error("body is not valid UTF-8 JSON: {0}")]
     NotJson(String),
     #[error("body is JSON but not an object (got {0})")]
@@ -72,6 +82,9 @@ pub enum CommandError {
     DuplicateField(String),
     #[error("{field}: {reason}")]
     Field { field: &'static str, reason: String },
+    /// An unknown field (passed through to the API) that the API could not read.
+    #[error("{field}: {reason}")]
+    Passthrough { field: String, reason: String },
 }
 
 impl CommandError {
@@ -152,8 +165,18 @@ impl CreateGroup {
     /// Parse an AMQP delivery: its `content_type` property and body.
     pub fn from_delivery(
         content_type: Option<&str>,
+        content_encoding: Option<&str>,
         body: &[u8],
     ) -> Result<CreateGroup, InvalidCommand> {
+        if let Some(enc) = content_encoding
+            && !enc.trim().is_empty()
+            && !enc.trim().eq_ignore_ascii_case("identity")
+        {
+            return Err(InvalidCommand {
+                ext_id: ext_id_hint(body),
+                error: CommandError::ContentEncoding(enc.to_owned()),
+            });
+        }
         if let Some(ct) = content_type {
             let mime = ct.split(';').next().unwrap_or("").trim();
             if !mime.is_empty() && !mime.eq_ignore_ascii_case("application/json") {
@@ -340,9 +363,69 @@ fn json_kind(raw: &RawValue) -> &'static str {
 }
 
 fn string_field(field: &'static str, raw: &RawValue) -> Result<String, CommandError> {
-    String::deserialize(&mut serde_json::Deserializer::from_str(raw.get())).map_err(|_| {
-        CommandError::field(field, format!("must be a string, got {}", json_kind(raw)))
-    })
+    let kind = json_kind(raw);
+    let text =
+        String::deserialize(&mut serde_json::Deserializer::from_str(raw.get())).map_err(|e| {
+            match kind {
+                // A string the JSON parser cannot decode: an unpaired surrogate escape, say.
+                "a string" => CommandError::field(
+                    field,
+                    format!("is not valid Unicode: {}", without_position(&e)),
+                ),
+                _ => CommandError::field(field, format!("must be a string, got {kind}")),
+            }
+        })?;
+    if text.contains('\0') {
+        return Err(CommandError::field(field, "contains a NUL character"));
+    }
+    Ok(text)
+}
+
+/// serde_json's message without its "at line 1 column 9" suffix.
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.find(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+/// An unknown field's value must be JSON the API can read back: decodable strings
+/// without NUL, representable numbers, bounded nesting.
+fn check_passthrough(field: &str, raw: &RawValue) -> Result<(), CommandError> {
+    let reject = |reason: String| CommandError::Passthrough {
+        field: field.to_owned(),
+        reason,
+    };
+    let value: serde_json::Value = serde_json::from_str(raw.get()).map_err(|e| {
+        let text = without_position(&e);
+        reject(if text.contains("recursion limit") {
+            format!("nested deeper than {MAX_PASSTHROUGH_DEPTH} levels")
+        } else if text.contains("number out of range") {
+            "contains a number JSON cannot represent (out of range)".to_owned()
+        } else {
+            format!("is not valid JSON: {text}")
+        })
+    })?;
+    fn walk(v: &serde_json::Value, depth: usize) -> Result<(), String> {
+        match v {
+            _ if depth > MAX_PASSTHROUGH_DEPTH => {
+                Err(format!("nested deeper than {MAX_PASSTHROUGH_DEPTH} levels"))
+            }
+            serde_json::Value::String(s) if s.contains('\0') => {
+                Err("contains a NUL character".to_owned())
+            }
+            serde_json::Value::Array(items) => items.iter().try_for_each(|i| walk(i, depth + 1)),
+            serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+                if k.contains('\0') {
+                    return Err("contains a NUL character".to_owned());
+                }
+                walk(v, depth + 1)
+            }),
+            _ => Ok(()),
+        }
+    }
+    walk(&value, 0).map_err(reject)
 }
 
 fn integer_field(field: &'static str, raw: &RawValue) -> Result<i64, CommandError> {
@@ -435,6 +518,9 @@ fn build(ext_id: ExtId, fields: Fields) -> Result<CreateGroup, CommandError> {
             || STRING_FIELDS.contains(&k)
     };
     let passthrough = Passthrough(fields.0.into_iter().filter(|(k, _)| !known(k)).collect());
+    for (field, raw) in passthrough.iter() {
+        check_passthrough(field, raw)?;
+    }
     let [top_ou_id, billing_id, industry_id] = ints;
     let [address, city, state, zip, phone_number, timezone] = strings;
     Ok(CreateGroup {
@@ -675,11 +761,11 @@ mod tests {
             Some(""),
         ] {
             assert!(
-                CreateGroup::from_delivery(ok, body.as_bytes()).is_ok(),
+                CreateGroup::from_delivery(ok, None, body.as_bytes()).is_ok(),
                 "{ok:?}"
             );
         }
-        let e = CreateGroup::from_delivery(Some("text/plain"), body.as_bytes())
+        let e = CreateGroup::from_delivery(Some("text/plain"), None, body.as_bytes())
             .expect_err("wrong type");
         assert_eq!(e.ext_id.map(|x| x.to_string()).as_deref(), Some("ORG-1"));
         assert!(matches!(e.error, CommandError::ContentType(_)));

@@ -36,22 +36,42 @@ pub enum StoredRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ExtIdStatus {
     pub record: Option<StoredRecord>,
+    /// Why the record that exists cannot be read (the worker replaces it on the next
+    /// delivery of the ext id).
+    pub unreadable: Option<String>,
     /// Remaining time to live of the record (the lease for a claim).
     pub ttl_ms: Option<i64>,
     /// POSTs ever about to be sent for this ext id.
     pub attempt_markers: u64,
 }
 
+// A key of another type (a hash, a list) is "unreadable", not an error of Redis: the
+// scripts read with `redis.pcall` and say so with a value that starts with NUL and names
+// the type.
 const CLAIM: &str = r"
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' and v.err then return '\0' .. redis.call('TYPE', KEYS[1]).ok end
 if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 ";
 
+const REPLACE_UNREADABLE: &str = r"
+local seen = ARGV[1]
+if string.sub(seen, 1, 1) == '\0' then
+  if '\0' .. redis.call('TYPE', KEYS[1]).ok ~= seen then return 0 end
+  redis.call('DEL', KEYS[1])
+else
+  local v = redis.pcall('GET', KEYS[1])
+  if type(v) == 'table' or v ~= seen then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
 const RENEW: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' or not v then return 0 end
 local ok, d = pcall(cjson.decode, v)
 if ok and d.state == 'claimed' and d.owner == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -61,7 +81,8 @@ return 0
 ";
 
 const RECORD_CREATED: &str = r"
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then return 'fenced' end
 if v then
   local ok, d = pcall(cjson.decode, v)
   if ok and d.state == 'created' then return v end
@@ -72,8 +93,8 @@ return 'ok'
 ";
 
 const RELEASE: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v then
+local v = redis.pcall('GET', KEYS[1])
+if v and type(v) ~= 'table' then
   local ok, d = pcall(cjson.decode, v)
   if ok and d.state == 'claimed' and d.owner == ARGV[1] then
     redis.call('DEL', KEYS[1])
@@ -90,8 +111,13 @@ end
 return 0
 ";
 
+// An unreadable marker (not a number, another type) still means "an attempt was made".
 const MARK_ATTEMPT: &str = r"
-local n = redis.call('INCR', KEYS[1])
+local n = redis.pcall('INCR', KEYS[1])
+if type(n) == 'table' then
+  redis.call('DEL', KEYS[1])
+  n = redis.call('INCR', KEYS[1])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return n
 ";
@@ -101,6 +127,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     claim: Script,
+    replace_unreadable: Script,
     renew: Script,
     record_created: Script,
     release: Script,
@@ -139,6 +166,7 @@ impl RedisStore {
             conn,
             prefix: prefix.to_owned(),
             claim: Script::new(CLAIM),
+            replace_unreadable: Script::new(REPLACE_UNREADABLE),
             renew: Script::new(RENEW),
             record_created: Script::new(RECORD_CREATED),
             release: Script::new(RELEASE),
@@ -159,24 +187,43 @@ impl RedisStore {
     pub async fn status(&self, ext_id: &ExtId) -> Result<ExtIdStatus, StoreError> {
         let mut conn = self.conn.clone();
         let key = self.group_key(ext_id);
-        let (raw, ttl, attempts): (Option<String>, i64, Option<u64>) = redis::pipe()
-            .get(&key)
-            .pttl(&key)
-            .get(self.attempt_key(ext_id))
+        let attempt_key = self.attempt_key(ext_id);
+        let (kind, attempt_kind): (String, String) = redis::pipe()
+            .cmd("TYPE")
+            .arg(&key)
+            .cmd("TYPE")
+            .arg(&attempt_key)
             .query_async(&mut conn)
             .await
             .map_err(store_err)?;
-        let record = match raw {
-            None => None,
-            Some(text) => Some(
-                serde_json::from_str(&text)
-                    .map_err(|source| StoreError::Corrupt { key, source })?,
-            ),
+        let raw: Option<String> = match kind.as_str() {
+            "string" => conn.get(&key).await.map_err(store_err)?,
+            _ => None,
         };
+        let ttl: i64 = conn.pttl(&key).await.map_err(store_err)?;
+        let attempts: Option<String> = match attempt_kind.as_str() {
+            "string" => conn.get(&attempt_key).await.map_err(store_err)?,
+            _ => None,
+        };
+        let (record, unreadable) = match (kind.as_str(), raw) {
+            ("none", _) => (None, None),
+            ("string", Some(text)) => match serde_json::from_str(&text) {
+                Ok(record) => (Some(record), None),
+                Err(e) => (None, Some(format!("not a record of this version ({e})"))),
+            },
+            (other, _) => (None, Some(format!("a Redis {other}, not a string"))),
+        };
+        let known = record.is_some() || unreadable.is_some();
         Ok(ExtIdStatus {
-            ttl_ms: record.as_ref().and(Some(ttl)).filter(|t| *t >= 0),
+            ttl_ms: Some(ttl).filter(|t| known && *t >= 0),
             record,
-            attempt_markers: attempts.unwrap_or(0),
+            unreadable,
+            // An unreadable marker still records that an attempt was made.
+            attempt_markers: match (attempt_kind.as_str(), attempts) {
+                ("none", _) => 0,
+                (_, Some(n)) => n.parse().unwrap_or(1),
+                (_, None) => 1,
+            },
         })
     }
 
@@ -210,11 +257,36 @@ impl DedupStore for RedisStore {
             .map_err(store_err)?;
         match existing {
             None => Ok(Claim::Acquired),
-            Some(text) => match self.parse(ext_id, &text)? {
-                StoredRecord::Created(record) => Ok(Claim::Created(record)),
-                StoredRecord::Claimed { owner, .. } => Ok(Claim::HeldByOther { owner }),
+            Some(text) => match serde_json::from_str(&text) {
+                Ok(StoredRecord::Created(record)) => Ok(Claim::Created(record)),
+                Ok(StoredRecord::Claimed { owner, .. }) => Ok(Claim::HeldByOther { owner }),
+                Err(_) => Ok(Claim::Unreadable { raw: text }),
             },
         }
+    }
+
+    async fn replace_unreadable(
+        &self,
+        ext_id: &ExtId,
+        raw: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let value = record_json(&StoredRecord::Claimed {
+            owner: owner.to_owned(),
+            claimed_at: crate::clock::now_rfc3339(),
+        })?;
+        let replaced: i64 = self
+            .replace_unreadable
+            .key(self.group_key(ext_id))
+            .arg(raw)
+            .arg(value)
+            .arg(millis(lease))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        Ok(replaced == 1)
     }
 
     async fn renew(

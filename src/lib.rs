@@ -12,7 +12,7 @@
 //! - `pipeline` — the core, which decides what to do with one delivery and sees the
 //!   outside only through its ports;
 //! - pure building blocks: `command` (parsing), `retry` (the retry policy), `traceparent`,
-//!   `clock`, `hash`, `secret`;
+//!   `clock`, `hash`, `secret`, `text` (untrusted text made printable);
 //! - `sim` — `convirza-sim`, the API stand-in (feature `sim`, on by default).
 
 pub mod amqp;
@@ -34,6 +34,7 @@ pub mod shutdown;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod telemetry;
+pub mod text;
 pub mod traceparent;
 pub mod worker;
 

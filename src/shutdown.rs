@@ -1,27 +1,43 @@
 //! Process signals: SIGTERM and SIGINT both mean "drain and exit 0".
+//!
+//! Invariant: the handlers are installed when [`listen`] is called, not when its future is
+//! first polled, so a signal that arrives while the worker is still starting is not the
+//! default "terminate at once" but a request to drain.
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn signal() {
+use std::future::Future;
+
+/// Install the handlers now; the future resolves on the first SIGTERM or SIGINT.
+pub fn listen() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
+        let handlers = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
+}
+
+/// Resolves on the first SIGTERM or SIGINT (handlers installed at the call).
+pub async fn signal() {
+    listen().await
 }

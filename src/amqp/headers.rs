@@ -1,6 +1,8 @@
 //! AMQP headers the worker reads and writes, and the mapping of a lapin
 //! delivery to the core's [`Inbound`].
 
+use std::collections::BTreeMap;
+
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
@@ -17,6 +19,8 @@ pub const X_ERROR_MESSAGE: &str = "x-error-message";
 pub const X_HTTP_STATUS: &str = "x-http-status";
 pub const X_WORKER_VERSION: &str = "x-worker-version";
 pub const X_DELIVERY_COUNT: &str = "x-delivery-count";
+/// On a parked copy: its dead letter was written already; only the failure event is owed.
+pub const X_DEAD_LETTERED_AT: &str = "x-dead-lettered-at";
 pub const TRACEPARENT: &str = "traceparent";
 pub const EXT_ID: &str = "ext_id";
 
@@ -66,27 +70,113 @@ fn opt(s: &Option<ShortString>) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// What the core needs of a delivery.
-pub fn inbound(body: &[u8], properties: &BasicProperties, redelivered: bool) -> Inbound {
+/// How far the worker's own counters are trusted on a delivery. They are plain headers, so
+/// a publisher can send any value: a counter is only believed as far as a message of ours
+/// could have reached it.
+#[derive(Debug, Clone, Default)]
+pub struct CounterBounds {
+    /// The delay-tier queues, in tier order.
+    pub delay_queues: Vec<String>,
+    /// The most create POSTs one delivery makes (`retry.max_tries`).
+    pub max_tries: u32,
+}
+
+/// The most deferrals counted (parking and claims held elsewhere can repeat for long, but
+/// not for ever).
+const MAX_DEFERRALS: u32 = 1_000_000;
+
+impl CounterBounds {
+    /// `x-retries` says how many delay tiers the message passed, `x-attempts` how many
+    /// POSTs its earlier deliveries made. Every earlier delivery of ours ended in a delay
+    /// tier, and each pass through one left the broker's own record in `x-death` (reason
+    /// `expired`, with a count): more tiers, or more than `max_tries` POSTs per pass, are
+    /// not believed.
+    fn bound(&self, headers: Option<&FieldTable>) -> (u32, u32) {
+        let (tiers, passes) = tier_expiries(headers, &self.delay_queues);
+        let retries = header_u32(headers, X_RETRIES).min(tiers);
+        let attempts = header_u32(headers, X_ATTEMPTS).min(self.max_tries.saturating_mul(passes));
+        (retries, attempts)
+    }
+
+    /// `x-dead-lettered-at` is believed only on a message that came back through a delay
+    /// tier (a parked copy of ours): anything else still gets its dead letter.
+    fn dead_lettered(&self, headers: Option<&FieldTable>) -> bool {
+        header_string(headers, X_DEAD_LETTERED_AT).is_some()
+            && tier_expiries(headers, &self.delay_queues).1 > 0
+    }
+}
+
+/// From `x-death`: how many distinct delay-tier queues the message expired from, and how
+/// many times in all.
+fn tier_expiries(headers: Option<&FieldTable>, delay_queues: &[String]) -> (u32, u32) {
+    let Some(AMQPValue::FieldArray(deaths)) = get(headers, "x-death") else {
+        return (0, 0);
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    let mut passes = 0u32;
+    for death in deaths.as_slice() {
+        let AMQPValue::FieldTable(t) = death else {
+            continue;
+        };
+        let queue = header_string(Some(t), "queue");
+        let reason = header_string(Some(t), "reason");
+        if let (Some(q), Some("expired")) = (queue, reason.as_deref())
+            && let Some(known) = delay_queues.iter().find(|d| **d == q)
+        {
+            passes = passes.saturating_add(header_u32(Some(t), "count").max(1));
+            if !seen.contains(&known.as_str()) {
+                seen.push(known.as_str());
+            }
+        }
+    }
+    (u32::try_from(seen.len()).unwrap_or(u32::MAX), passes)
+}
+
+/// What the core needs of a delivery, with the worker's counters bounded by `bounds`.
+pub fn inbound(
+    body: &[u8],
+    properties: &BasicProperties,
+    redelivered: bool,
+    bounds: &CounterBounds,
+) -> Inbound {
     let headers = properties.headers().as_ref();
+    let (retries, attempts) = bounds.bound(headers);
     Inbound {
         body: body.to_vec(),
         content_type: opt(properties.content_type()),
+        content_encoding: opt(properties.content_encoding()),
         message_id: opt(properties.message_id()),
         correlation_id: opt(properties.correlation_id()),
         reply_to: opt(properties.reply_to()),
         traceparent: header_string(headers, TRACEPARENT),
         redelivered,
-        attempts: header_u32(headers, X_ATTEMPTS),
-        deferrals: header_u32(headers, X_DEFERRALS),
-        retries: header_u32(headers, X_RETRIES),
+        attempts,
+        deferrals: header_u32(headers, X_DEFERRALS).min(MAX_DEFERRALS),
+        retries,
         replay_count: header_u32(headers, X_REPLAY_COUNT),
-        first_failed_at: header_string(headers, X_FIRST_FAILED_AT),
+        // Copied onto our own headers later: only a timestamp is believed.
+        first_failed_at: header_string(headers, X_FIRST_FAILED_AT)
+            .filter(|t| t.len() <= 64 && crate::clock::parse_rfc3339(t).is_some()),
+        dead_lettered: bounds.dead_lettered(headers),
     }
 }
 
+/// A copy carries at most this many encoded bytes of the headers it inherits; the largest
+/// are dropped first. With the worker's own headers (a few hundred bytes, the error message
+/// at most 1 KiB) and the short-string properties, a copy's content header stays far below
+/// any broker's frame size, however large the headers the publisher sent.
+pub const MAX_CARRIED_HEADER_BYTES: usize = 16 * 1024;
+/// Names of inherited headers a copy left out (comma-separated, at most 1 KiB).
+pub const X_DROPPED_HEADERS: &str = "x-dropped-headers";
+/// The command's own `expiration`, kept for the record: a copy never expires with it.
+pub const X_ORIGINAL_EXPIRATION: &str = "x-original-expiration";
+/// The command's `user_id`, kept for the record: the broker refuses a publish whose
+/// `user_id` is not the publishing user, so a copy cannot carry it.
+pub const X_ORIGINAL_USER_ID: &str = "x-original-user-id";
+const MAX_DROPPED_LIST_BYTES: usize = 1024;
+
 /// Header values to set on a copy of a delivery.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct HeaderUpdate(Vec<(&'static str, AMQPValue)>);
 
 impl HeaderUpdate {
@@ -109,15 +199,197 @@ impl HeaderUpdate {
         }
     }
 
-    /// The original properties (body is untouched by the caller) with these headers set.
-    /// Copies are made persistent: they now live in a queue of ours.
+    /// The properties of a copy of a delivery (a dead letter, a delay-tier copy, a replay):
+    /// the original properties with these headers set, made persistent, and safe to publish
+    /// whatever the publisher sent — inherited headers bounded to
+    /// [`MAX_CARRIED_HEADER_BYTES`] (what was left out is named in `x-dropped-headers`),
+    /// no `expiration` (a copy must not vanish with the command's TTL) and no `user_id` (the
+    /// broker would refuse it); both are kept in headers instead.
     pub fn apply(self, original: &BasicProperties) -> BasicProperties {
-        let mut headers = original.headers().clone().unwrap_or_default();
+        let mut headers: BTreeMap<ShortString, AMQPValue> = original
+            .headers()
+            .as_ref()
+            .map(|t| t.inner().clone())
+            .unwrap_or_default();
+        for (name, _) in &self.0 {
+            headers.remove(*name);
+        }
+        let mut dropped: Vec<String> = match headers.remove(X_DROPPED_HEADERS) {
+            Some(AMQPValue::LongString(d)) => String::from_utf8_lossy(d.as_bytes())
+                .split(", ")
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        };
+        dropped.extend(bound(&mut headers, MAX_CARRIED_HEADER_BYTES));
+        let mut update = self;
+        if let Some(expiration) = original.expiration() {
+            update = update.text(X_ORIGINAL_EXPIRATION, expiration.as_str());
+        }
+        if let Some(user) = original.user_id() {
+            update = update.text(X_ORIGINAL_USER_ID, user.as_str());
+        }
+        if !dropped.is_empty() {
+            update = update.text(X_DROPPED_HEADERS, &dropped_list(&dropped));
+        }
+        for (name, value) in update.0 {
+            headers.insert(ShortString::from(name), value);
+        }
+        copy_properties(original, FieldTable::from(headers))
+    }
+
+    /// The smallest copy that still says what happened: the body's content type, the
+    /// message and correlation ids, and these headers only. For when even a bounded copy
+    /// does not fit, or the broker refused it.
+    pub fn apply_minimal(self, original: &BasicProperties) -> BasicProperties {
+        let mut headers = FieldTable::default();
         for (name, value) in self.0 {
             headers.insert(ShortString::from(name), value);
         }
-        original.clone().with_headers(headers).with_delivery_mode(2)
+        headers.insert(
+            ShortString::from(X_DROPPED_HEADERS),
+            AMQPValue::LongString(LongString::from("* (the full copy was refused)")),
+        );
+        let mut p = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        if let Some(v) = original.content_type() {
+            p = p.with_content_type(v.clone());
+        }
+        if let Some(v) = original.message_id() {
+            p = p.with_message_id(v.clone());
+        }
+        if let Some(v) = original.correlation_id() {
+            p = p.with_correlation_id(v.clone());
+        }
+        p
     }
+}
+
+/// Every property of `original` but `expiration` and `user_id`, with `headers`, persistent.
+fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let o = original;
+    if let Some(v) = o.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = o.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = o.priority() {
+        p = p.with_priority(*v);
+    }
+    if let Some(v) = o.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = o.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    if let Some(v) = o.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = o.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = o.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = o.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = o.cluster_id() {
+        p = p.with_cluster_id(v.clone());
+    }
+    p
+}
+
+/// Drop the largest entries of `headers` until their encoded size is at most `budget`;
+/// returns the names dropped.
+fn bound(headers: &mut BTreeMap<ShortString, AMQPValue>, budget: usize) -> Vec<String> {
+    let mut sizes: Vec<(usize, ShortString)> = headers
+        .iter()
+        .map(|(k, v)| (entry_len(k, v), k.clone()))
+        .collect();
+    let mut total: usize = sizes.iter().map(|(n, _)| n).sum();
+    sizes.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+    let mut dropped = Vec::new();
+    for (size, name) in sizes {
+        if total <= budget {
+            break;
+        }
+        headers.remove(&name);
+        total -= size;
+        dropped.push(name.as_str().to_owned());
+    }
+    dropped
+}
+
+fn dropped_list(names: &[String]) -> String {
+    let mut out = String::new();
+    for name in names {
+        let sep = if out.is_empty() { "" } else { ", " };
+        if out.len() + sep.len() + name.len() > MAX_DROPPED_LIST_BYTES {
+            out.push_str(", …");
+            break;
+        }
+        out.push_str(sep);
+        out.push_str(name);
+    }
+    out
+}
+
+fn entry_len(key: &ShortString, value: &AMQPValue) -> usize {
+    1 + key.as_str().len() + value_len(value)
+}
+
+/// The encoded size of a field value (type tag included), as AMQP 0-9-1 writes it.
+pub fn value_len(value: &AMQPValue) -> usize {
+    1 + match value {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_len).sum::<usize>(),
+        AMQPValue::FieldTable(t) => table_len(t),
+        AMQPValue::Void => 0,
+    }
+}
+
+/// The encoded size of a field table (its length prefix included).
+pub fn table_len(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .map(|(k, v)| entry_len(k, v))
+        .sum::<usize>()
+}
+
+/// An upper bound of the encoded size of a content header frame carrying `properties`
+/// (frame overhead, class, weight, body size, flags, every property).
+pub fn content_header_len(properties: &BasicProperties) -> usize {
+    let p = properties;
+    let short = |v: &Option<ShortString>| v.as_ref().map_or(0, |s| 1 + s.as_str().len());
+    7 + 1
+        + 14
+        + short(p.content_type())
+        + short(p.content_encoding())
+        + p.headers().as_ref().map_or(0, table_len)
+        + 2
+        + short(p.correlation_id())
+        + short(p.reply_to())
+        + short(p.expiration())
+        + short(p.message_id())
+        + 8
+        + short(p.kind())
+        + short(p.user_id())
+        + short(p.app_id())
+        + short(p.cluster_id())
 }
 
 #[cfg(test)]
@@ -159,5 +431,172 @@ mod tests {
         assert_eq!(header_string(h, "keep").as_deref(), Some("me"));
         assert_eq!(copy.message_id().as_ref().map(|m| m.as_str()), Some("m1"));
         assert_eq!(*copy.delivery_mode(), Some(2));
+    }
+}
+
+#[cfg(test)]
+mod copy_tests {
+    use super::*;
+
+    fn big_original() -> BasicProperties {
+        let mut t = FieldTable::default();
+        t.insert(
+            "x-big".into(),
+            AMQPValue::LongString("h".repeat(130_000).into()),
+        );
+        t.insert(
+            "x-medium".into(),
+            AMQPValue::LongString("m".repeat(10_000).into()),
+        );
+        t.insert("keep".into(), AMQPValue::LongString("me".into()));
+        BasicProperties::default()
+            .with_headers(t)
+            .with_expiration("1500".into())
+            .with_user_id("upstream".into())
+            .with_message_id("m1".into())
+    }
+
+    #[test]
+    fn a_copy_is_bounded_and_says_what_it_left_out() {
+        let copy = HeaderUpdate::default()
+            .text(X_ERROR_KIND, "invalid_command")
+            .apply(&big_original());
+        let h = copy.headers().as_ref();
+        assert_eq!(header_string(h, "x-big"), None);
+        assert_eq!(header_string(h, "keep").as_deref(), Some("me"));
+        assert!(
+            header_string(h, "x-medium").is_some(),
+            "only what is needed is dropped"
+        );
+        assert_eq!(
+            header_string(h, X_DROPPED_HEADERS).as_deref(),
+            Some("x-big")
+        );
+        assert_eq!(
+            header_string(h, X_ERROR_KIND).as_deref(),
+            Some("invalid_command")
+        );
+        assert!(content_header_len(&copy) < MAX_CARRIED_HEADER_BYTES + 4_096);
+        assert_eq!(*copy.expiration(), None);
+        assert_eq!(*copy.user_id(), None);
+        assert_eq!(
+            header_string(h, X_ORIGINAL_EXPIRATION).as_deref(),
+            Some("1500")
+        );
+        assert_eq!(
+            header_string(h, X_ORIGINAL_USER_ID).as_deref(),
+            Some("upstream")
+        );
+        assert_eq!(copy.message_id().as_ref().map(|m| m.as_str()), Some("m1"));
+
+        // A second copy (the next delay tier) keeps the record and drops nothing more.
+        let again = HeaderUpdate::default().int(X_ATTEMPTS, 2).apply(&copy);
+        let h = again.headers().as_ref();
+        assert_eq!(
+            header_string(h, X_DROPPED_HEADERS).as_deref(),
+            Some("x-big")
+        );
+        assert_eq!(
+            header_string(h, X_ORIGINAL_EXPIRATION).as_deref(),
+            Some("1500")
+        );
+    }
+
+    #[test]
+    fn the_minimal_copy_keeps_only_what_says_what_happened() {
+        let copy = HeaderUpdate::default()
+            .text(X_ERROR_KIND, "invalid_command")
+            .apply_minimal(&big_original());
+        let h = copy.headers().as_ref();
+        assert_eq!(h.map(|t| t.inner().len()), Some(2));
+        assert_eq!(
+            header_string(h, X_ERROR_KIND).as_deref(),
+            Some("invalid_command")
+        );
+        assert!(content_header_len(&copy) < 512);
+    }
+
+    #[test]
+    fn encoded_sizes_match_the_wire_format() {
+        let mut t = FieldTable::default();
+        t.insert("a".into(), AMQPValue::LongString("xyz".into()));
+        t.insert("b".into(), AMQPValue::LongLongInt(1));
+        // 4 (table) + [1+1 + 1+4+3] + [1+1 + 1+8]
+        assert_eq!(table_len(&t), 4 + 10 + 11);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    fn death(queue: &str, reason: &str) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), AMQPValue::LongString(queue.into()));
+        t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+        t.insert("count".into(), AMQPValue::LongLongInt(3));
+        AMQPValue::FieldTable(t)
+    }
+
+    #[test]
+    fn counters_are_believed_only_as_far_as_the_broker_saw_them() {
+        let bounds = CounterBounds {
+            delay_queues: vec!["w.retry.5s".into(), "w.retry.30s".into()],
+            max_tries: 4,
+        };
+        let mut t = FieldTable::default();
+        t.insert(X_ATTEMPTS.into(), AMQPValue::LongLongInt(1 << 62));
+        t.insert(X_RETRIES.into(), AMQPValue::LongLongInt(1 << 62));
+        t.insert(
+            X_FIRST_FAILED_AT.into(),
+            AMQPValue::LongString("x".repeat(100_000).into()),
+        );
+        let forged = BasicProperties::default().with_headers(t.clone());
+        let m = inbound(b"{}", &forged, false, &bounds);
+        assert_eq!((m.attempts, m.retries, m.first_failed_at), (0, 0, None));
+
+        t.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![
+                    death("w.retry.5s", "expired"),
+                    death("w.retry.5s", "expired"),
+                    death("w", "rejected"),
+                ]
+                .into(),
+            ),
+        );
+        t.insert(X_RETRIES.into(), AMQPValue::LongLongInt(2));
+        t.insert(
+            X_FIRST_FAILED_AT.into(),
+            AMQPValue::LongString("2026-11-26T12:00:00Z".into()),
+        );
+        t.insert(X_ATTEMPTS.into(), AMQPValue::LongLongInt(50));
+        let m = inbound(
+            b"{}",
+            &BasicProperties::default().with_headers(t),
+            false,
+            &bounds,
+        );
+        assert_eq!(m.retries, 1, "one tier really passed");
+        assert_eq!(m.attempts, 24, "4 tries in each of 6 passes at most");
+
+        let mut forged = FieldTable::default();
+        forged.insert(
+            X_DEAD_LETTERED_AT.into(),
+            AMQPValue::LongString("now".into()),
+        );
+        let fresh = BasicProperties::default().with_headers(forged.clone());
+        assert!(
+            !inbound(b"{}", &fresh, false, &bounds).dead_lettered,
+            "not believed without a pass through a delay tier"
+        );
+        forged.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death("w.retry.5s", "expired")].into()),
+        );
+        let parked = BasicProperties::default().with_headers(forged);
+        assert!(inbound(b"{}", &parked, false, &bounds).dead_lettered);
+        assert_eq!(m.first_failed_at.as_deref(), Some("2026-11-26T12:00:00Z"));
     }
 }

@@ -14,7 +14,7 @@ pub mod topology;
 use lapin::types::ShortString;
 use lapin::{Connection, ConnectionProperties};
 
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{PublishError, PublishProbe, Publisher};
 
 /// Open a connection named after the worker (visible in the management UI).
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {

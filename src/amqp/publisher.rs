@@ -1,5 +1,8 @@
 //! Confirmed publishing. One confirm-mode channel is shared by every delivery task; each
 //! publish waits for its own confirm.
+//!
+//! Invariant: nothing is sent whose content header would exceed the negotiated frame size
+//! (the broker would close the whole connection for it): [`Publisher::fits`] says so first.
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
@@ -13,6 +16,9 @@ pub enum PublishError {
     /// The channel is not in confirm mode (a wiring bug, not a broker fault).
     #[error("publisher confirms are not enabled on this channel")]
     NoConfirms,
+    /// The message's properties would not fit one frame; it was not sent.
+    #[error("the message's properties do not fit the broker's frame size")]
+    TooLarge,
     #[error("broker refused the message (nack) for {exchange:?}/{routing_key:?}")]
     Nacked {
         exchange: String,
@@ -26,15 +32,53 @@ pub enum PublishError {
     },
 }
 
+/// One publish, kept so it can be made again (the circuit's probe for a publish fault).
+#[derive(Debug, Clone)]
+pub struct PublishProbe {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    /// The negotiated frame size (0: unknown, nothing is checked).
+    frame_max: u32,
 }
 
 impl Publisher {
     /// `channel` must already be in confirm mode.
     pub fn new(channel: Channel) -> Publisher {
-        Publisher { channel }
+        Publisher {
+            channel,
+            frame_max: 0,
+        }
+    }
+
+    /// Check every publish against `frame_max`, the connection's negotiated frame size.
+    pub fn with_frame_max(mut self, frame_max: u32) -> Publisher {
+        self.frame_max = frame_max;
+        self
+    }
+
+    /// Whether a message with `properties` fits the negotiated frame size.
+    pub fn fits(&self, properties: &BasicProperties) -> bool {
+        self.frame_max == 0
+            || super::headers::content_header_len(properties) <= self.frame_max as usize
+    }
+
+    /// Publish `probe` (mandatory) and wait for the confirm.
+    pub async fn publish_probe(&self, probe: &PublishProbe) -> Result<(), PublishError> {
+        self.publish(
+            &probe.exchange,
+            &probe.routing_key,
+            &probe.body,
+            probe.properties.clone(),
+            true,
+        )
+        .await
     }
 
     pub fn channel(&self) -> &Channel {
@@ -51,6 +95,9 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
+        if !self.fits(&properties) {
+            return Err(PublishError::TooLarge);
+        }
         let confirm = self
             .channel
             .basic_publish(

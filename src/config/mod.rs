@@ -119,6 +119,41 @@ pub struct ApiSettings {
     pub timeout: Duration,
 }
 
+impl ApiSettings {
+    /// What this configuration would send in clear over the network: the credentials go
+    /// to an `http://` URL of a host that is not this machine. One warning per URL.
+    pub fn cleartext_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if is_remote_http(&self.base_url) {
+            out.push(format!(
+                "api.base_url {} is http:// to another host: the bearer token is sent in clear (use https://)",
+                self.base_url
+            ));
+        }
+        if matches!(self.auth, Some(ApiAuth::Login { .. })) && is_remote_http(&self.auth_url) {
+            out.push(format!(
+                "api.auth_url {} is http:// to another host: the password is sent in clear (use https://)",
+                self.auth_url
+            ));
+        }
+        out
+    }
+}
+
+fn is_remote_http(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let host = u.host_str().unwrap_or("localhost");
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    u.scheme() == "http" && !loopback
+}
+
 /// One delay tier: the label exactly as configured (it names the queue) and its length.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DelayTier {

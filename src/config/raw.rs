@@ -478,10 +478,13 @@ impl RawRedis {
             ));
         }
         let prefix = self.key_prefix;
-        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        // Keys are also matched by patterns (`KEYS`, `SCAN MATCH` in runbooks): no glob
+        // characters, nothing that needs quoting.
+        let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/');
+        if prefix.is_empty() || prefix.len() > 128 || !prefix.chars().all(safe) {
             return Err(ConfigError::new(
                 "redis.key_prefix",
-                format!("{prefix:?} must be non-empty without spaces"),
+                format!("{prefix:?} must be 1-128 characters of A-Z a-z 0-9 _ - . : /"),
             ));
         }
         Ok(RedisSettings {
@@ -550,6 +553,15 @@ impl RawRetry {
                 return Err(ConfigError::new(
                     "retry.delays",
                     format!("{:?}: a delay tier must be longer than 0", tier.label),
+                ));
+            }
+            if tier.delay.as_millis() > u128::from(u32::MAX) {
+                return Err(ConfigError::new(
+                    "retry.delays",
+                    format!(
+                        "{:?} is longer than RabbitMQ accepts as a queue TTL (4294967295 ms, about 49 days)",
+                        tier.label
+                    ),
                 ));
             }
             if delays.iter().any(|t| t.label == tier.label) {

@@ -390,3 +390,24 @@ fn every_key_is_documented() {
         );
     }
 }
+
+#[test]
+fn credentials_sent_in_clear_are_named() {
+    let local =
+        Settings::from_toml("[api]\ntoken = \"t\"\nbase_url = \"http://127.0.0.1:8080/v3\"\n")
+            .expect("loads");
+    assert!(
+        local.api.cleartext_warnings().is_empty(),
+        "loopback is fine"
+    );
+    let remote = Settings::from_toml(
+        "[api]\nauth = \"login\"\nemail = \"a@b.c\"\npassword = \"p\"\nbase_url = \"http://api.example.com/v3\"\nauth_url = \"http://auth.example.com\"\n",
+    )
+    .expect("loads");
+    let warnings = remote.api.cleartext_warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("bearer token is sent in clear"));
+    assert!(warnings[1].contains("password is sent in clear"));
+    let default = Settings::from_toml(TOKEN).expect("loads");
+    assert!(default.api.cleartext_warnings().is_empty());
+}

@@ -99,6 +99,9 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
         Err(_) => Err("skipped: the login session needs Redis".into()),
     };
     report.line("api", api);
+    for warning in settings.api.cleartext_warnings() {
+        println!("WARN  {:<10} {warning}", "api");
+    }
     report
 }
 

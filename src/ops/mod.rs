@@ -37,6 +37,9 @@ pub enum OpsError {
         #[source]
         source: std::io::Error,
     },
+    /// The input holds no command.
+    #[error("nothing to send in {input}")]
+    NothingToSend { input: String },
     /// An output file cannot be written.
     #[error("{path}: {source}", path = .path.display())]
     Output {

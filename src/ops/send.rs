@@ -24,25 +24,27 @@ pub struct Item {
 }
 
 /// Split the input: a single JSON object (possibly pretty-printed over several lines) is
-/// one command; anything else is JSON lines, blank lines ignored.
-pub fn items(input: &str) -> Vec<Item> {
-    let trimmed = input.trim();
-    if trimmed.starts_with('{')
-        && trimmed.contains('\n')
-        && serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(trimmed).is_ok()
+/// one command; anything else is JSON lines, blank lines ignored. Bytes, not text: one line
+/// that is not UTF-8 is that line's problem, not the file's.
+pub fn items(input: &[u8]) -> Vec<Item> {
+    let trimmed = input.trim_ascii();
+    if trimmed.starts_with(b"{")
+        && trimmed.contains(&b'\n')
+        && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(trimmed).is_ok()
     {
         return vec![Item {
             line: 1,
-            body: trimmed.as_bytes().to_vec(),
+            body: trimmed.to_vec(),
         }];
     }
     input
-        .lines()
+        .split(|b| *b == b'\n')
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| Item {
-            line: i + 1,
-            body: l.trim().as_bytes().to_vec(),
+        .map(|(i, l)| (i + 1, l.trim_ascii()))
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(line, l)| Item {
+            line,
+            body: l.to_vec(),
         })
         .collect()
 }
@@ -67,11 +69,11 @@ pub async fn run(
     file: Option<&Path>,
     validate: bool,
 ) -> Result<SendSummary, OpsError> {
-    let mut input = String::new();
+    let mut input = Vec::new();
     let read = match file {
-        None => std::io::stdin().read_to_string(&mut input),
-        Some(p) if p == Path::new("-") => std::io::stdin().read_to_string(&mut input),
-        Some(p) => std::fs::File::open(p).and_then(|mut f| f.read_to_string(&mut input)),
+        None => std::io::stdin().read_to_end(&mut input),
+        Some(p) if p == Path::new("-") => std::io::stdin().read_to_end(&mut input),
+        Some(p) => std::fs::File::open(p).and_then(|mut f| f.read_to_end(&mut input)),
     };
     let source = file.map_or_else(|| "-".to_owned(), |p| p.display().to_string());
     read.map_err(|e| OpsError::Input {
@@ -79,13 +81,27 @@ pub async fn run(
         source: e,
     })?;
     let all = items(&input);
+    if all.is_empty() {
+        return Err(OpsError::NothingToSend { input: source });
+    }
     let mut invalid = 0usize;
     let mut to_send = Vec::with_capacity(all.len());
     for item in all {
-        if validate && let Err(e) = CreateGroup::parse(&item.body) {
-            eprintln!("{source}:{}: invalid command, not sent: {e}", item.line);
-            invalid += 1;
-            continue;
+        if validate {
+            let problem = match std::str::from_utf8(&item.body) {
+                Err(e) => Some(format!(
+                    "not UTF-8 (byte {} of the line), not sent",
+                    e.valid_up_to() + 1
+                )),
+                Ok(_) => CreateGroup::parse(&item.body)
+                    .err()
+                    .map(|e| format!("invalid command, not sent: {e}")),
+            };
+            if let Some(problem) = problem {
+                eprintln!("{source}:{}: {problem}", item.line);
+                invalid += 1;
+                continue;
+            }
         }
         to_send.push(item);
     }
@@ -183,12 +199,19 @@ mod tests {
 
     #[test]
     fn one_object_or_json_lines() {
-        let pretty = "{\n  \"org_unit_ext_id\": \"A\",\n  \"org_unit_name\": \"x\",\n  \"org_unit_parent_id\": 1\n}\n";
+        let pretty = b"{\n  \"org_unit_ext_id\": \"A\",\n  \"org_unit_name\": \"x\",\n  \"org_unit_parent_id\": 1\n}\n";
         assert_eq!(items(pretty).len(), 1);
-        let lines = "{\"a\":1}\n\n{\"b\":2}\nnot json\n";
+        let lines = b"{\"a\":1}\n\n{\"b\":2}\nnot json\n";
         let got = items(lines);
         assert_eq!(got.iter().map(|i| i.line).collect::<Vec<_>>(), [1, 3, 4]);
         assert_eq!(got[2].body, b"not json");
-        assert_eq!(items("{\"a\":1}").len(), 1);
+        assert_eq!(items(b"{\"a\":1}").len(), 1);
+        let latin1 = b"{\"a\":1}\ncaf\xe9\n{\"b\":2}\n";
+        assert_eq!(
+            items(latin1).len(),
+            3,
+            "one bad line does not hide the others"
+        );
+        assert!(items(b"\n \n").is_empty());
     }
 }

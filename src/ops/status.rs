@@ -6,6 +6,7 @@ use crate::app;
 use crate::command::ExtId;
 use crate::config::Settings;
 use crate::dedup::StoredRecord;
+use crate::text::printable;
 
 use super::OpsError;
 
@@ -19,11 +20,13 @@ pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> Result<boo
     };
     let store = app::dedup_store(settings).map_err(store_error)?;
     let status = store.status(&ext_id).await.map_err(store_error)?;
-    let known = status.record.is_some() || status.attempt_markers > 0;
+    let known =
+        status.record.is_some() || status.unreadable.is_some() || status.attempt_markers > 0;
     if as_json {
         let state = match &status.record {
             Some(StoredRecord::Created(_)) => "created",
             Some(StoredRecord::Claimed { .. }) => "claimed",
+            None if status.unreadable.is_some() => "unreadable",
             None if known => "attempted",
             None => "unknown",
         };
@@ -33,20 +36,21 @@ pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> Result<boo
             "record": status.record,
             "ttl_ms": status.ttl_ms,
             "post_attempts": status.attempt_markers,
+            "unreadable": status.unreadable,
         });
         println!("{out}");
     } else {
-        println!("ext_id:        {ext_id}");
+        println!("ext_id:        {}", printable(ext_id.as_str(), 160));
         match &status.record {
             Some(StoredRecord::Created(r)) => {
                 println!("state:         created");
                 println!("org_unit_id:   {}", r.org_unit_id);
-                println!("name:          {}", r.org_unit_name);
+                println!("name:          {}", printable(&r.org_unit_name, 300));
                 println!("parent:        {}", r.org_unit_parent_id);
-                println!("created_at:    {}", r.created_at);
+                println!("created_at:    {}", printable(&r.created_at, 64));
                 println!(
                     "api_request:   {}",
-                    r.api_request_id.as_deref().unwrap_or("-")
+                    printable(r.api_request_id.as_deref().unwrap_or("-"), 128)
                 );
                 if let Some(ms) = status.ttl_ms {
                     println!("forgotten in:  {}", human(ms));
@@ -54,11 +58,17 @@ pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> Result<boo
             }
             Some(StoredRecord::Claimed { owner, claimed_at }) => {
                 println!("state:         claimed (a worker is creating it now)");
-                println!("owner:         {owner}");
-                println!("claimed_at:    {claimed_at}");
+                println!("owner:         {}", printable(owner, 300));
+                println!("claimed_at:    {}", printable(claimed_at, 64));
                 if let Some(ms) = status.ttl_ms {
                     println!("lease left:    {}", human(ms));
                 }
+            }
+            None if status.unreadable.is_some() => {
+                println!(
+                    "state:         unreadable ({}; the worker replaces it on the next delivery)",
+                    status.unreadable.as_deref().unwrap_or_default()
+                );
             }
             None if known => println!(
                 "state:         attempted (no claim or record now: it failed or is waiting for a retry)"

@@ -44,6 +44,8 @@ enum Entry {
         record: CreatedRecord,
         until: Instant,
     },
+    /// A value this version cannot read.
+    Unreadable(String),
 }
 
 /// When an injected failure strikes: before the call has any effect, or after it took
@@ -124,6 +126,11 @@ impl FakeStore {
         );
     }
 
+    /// A record this version cannot read (another version's, or damaged).
+    pub fn put_unreadable(&self, ext_id: &ExtId, raw: &str) {
+        lock(&self.entries).insert(ext_id.clone(), Entry::Unreadable(raw.to_owned()));
+    }
+
     /// A created record kept an hour.
     pub fn put_created(&self, ext_id: &ExtId, record: CreatedRecord) {
         self.put_created_for(ext_id, record, Duration::from_secs(3600));
@@ -197,7 +204,7 @@ impl FakeStore {
             Some(Entry::Claimed { until, .. } | Entry::Created { until, .. }) => {
                 *until <= Instant::now()
             }
-            None => false,
+            Some(Entry::Unreadable(_)) | None => false,
         };
         if expired {
             entries.remove(ext_id);
@@ -216,10 +223,27 @@ impl DedupStore for FakeStore {
         self.call(StoreOp::Claim, || match self.live(ext_id) {
             Some(Entry::Created { record, .. }) => Claim::Created(record),
             Some(Entry::Claimed { owner, .. }) => Claim::HeldByOther { owner },
+            Some(Entry::Unreadable(raw)) => Claim::Unreadable { raw },
             None => {
                 self.claim_for(ext_id, owner, lease);
                 Claim::Acquired
             }
+        })
+    }
+
+    async fn replace_unreadable(
+        &self,
+        ext_id: &ExtId,
+        raw: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.call(StoreOp::Claim, || match self.live(ext_id) {
+            Some(Entry::Unreadable(seen)) if seen == raw => {
+                self.claim_for(ext_id, owner, lease);
+                true
+            }
+            _ => false,
         })
     }
 
@@ -248,6 +272,7 @@ impl DedupStore for FakeStore {
         self.call(StoreOp::Record, || match self.live(ext_id) {
             Some(Entry::Created { record, .. }) => RecordResult::Fenced(Some(record)),
             Some(Entry::Claimed { owner: o, .. }) if o != owner => RecordResult::Fenced(None),
+            Some(Entry::Unreadable(_)) => RecordResult::Fenced(None),
             _ => {
                 self.put_created_for(ext_id, record.clone(), ttl);
                 RecordResult::Written

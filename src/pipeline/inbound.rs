@@ -7,6 +7,7 @@
 pub struct Inbound {
     pub body: Vec<u8>,
     pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
@@ -23,6 +24,9 @@ pub struct Inbound {
     pub replay_count: u32,
     /// `x-first-failed-at`, kept across retries and replays.
     pub first_failed_at: Option<String>,
+    /// The message's dead letter was written by an earlier delivery (which then could not
+    /// publish the failure event): only the event is owed.
+    pub dead_lettered: bool,
 }
 
 impl Inbound {

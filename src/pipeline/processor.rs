@@ -107,7 +107,12 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             .and_then(Traceparent::parse)
             .map(|t| t.child())
             .unwrap_or_else(Traceparent::new_root);
-        let command = match CreateGroup::from_delivery(msg.content_type.as_deref(), &msg.body) {
+        let parsed = CreateGroup::from_delivery(
+            msg.content_type.as_deref(),
+            msg.content_encoding.as_deref(),
+            &msg.body,
+        );
+        let command = match parsed {
             Ok(c) => c,
             Err(invalid) => {
                 let ext_id = invalid.ext_id.as_ref().map(ExtId::to_string);
@@ -175,14 +180,50 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     reason: DelayReason::Claimed,
                 }
             }
-            Ok(Claim::Acquired) => {
-                let result = tokio::select! {
-                    r = self.provision(msg, command, trace, tries) => r,
-                    never = self.keep_lease(&command.ext_id, &owner, tries) => match never {},
-                };
-                self.settle(msg, command, &owner, tries, result).await
+            Ok(Claim::Acquired) => self.work(msg, command, trace, tries, &owner).await,
+            Ok(Claim::Unreadable { raw }) => {
+                // Written by another version, or damaged: it concerns this ext id only. Take
+                // it over (compare-and-set) and treat the group as possibly created.
+                tracing::error!(
+                    record_bytes = raw.len(),
+                    "unreadable dedup record; replacing it with a claim and reconciling through List"
+                );
+                match self
+                    .store
+                    .replace_unreadable(&command.ext_id, &raw, &owner, self.config.lease)
+                    .await
+                {
+                    Ok(true) => {
+                        tries.assume_attempted();
+                        self.work(msg, command, trace, tries, &owner).await
+                    }
+                    Ok(false) => Decision::Delay {
+                        tier: 0,
+                        attempts: msg.attempts,
+                        retries: msg.retries,
+                        deferrals: msg.deferrals.saturating_add(1),
+                        reason: DelayReason::Claimed,
+                    },
+                    Err(e) => self.park(msg, 0, SystemFault::Store(e.to_string())),
+                }
             }
         }
+    }
+
+    /// Holding the claim: provision while keeping the lease, then settle.
+    async fn work(
+        &self,
+        msg: &Inbound,
+        command: &CreateGroup,
+        trace: &Traceparent,
+        tries: &Tries,
+        owner: &str,
+    ) -> Decision {
+        let result = tokio::select! {
+            r = self.provision(msg, command, trace, tries) => r,
+            never = self.keep_lease(&command.ext_id, owner, tries) => match never {},
+        };
+        self.settle(msg, command, owner, tries, result).await
     }
 
     async fn settle(

@@ -40,6 +40,11 @@ pub(super) struct Tries {
 }
 
 impl Tries {
+    /// Treat an earlier POST as possible (List before posting), whatever the message says.
+    pub(super) fn assume_attempted(&self) {
+        self.may_have_reached.store(true, Ordering::SeqCst);
+    }
+
     pub(super) fn posts(&self) -> u32 {
         self.posts.load(Ordering::SeqCst)
     }
@@ -79,7 +84,8 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         trace: &Traceparent,
         tries: &Tries,
     ) -> Result<Provisioned, Disposition> {
-        let earlier = msg.may_have_been_attempted()
+        let earlier = tries.may_have_reached.load(Ordering::SeqCst)
+            || msg.may_have_been_attempted()
             || self
                 .store
                 .has_attempt(&command.ext_id)

@@ -40,6 +40,9 @@ pub enum Claim {
     Created(CreatedRecord),
     /// Another owner holds a live lease.
     HeldByOther { owner: String },
+    /// The record exists but cannot be read (written by another version, or damaged).
+    /// `raw` is what was found, for [`DedupStore::replace_unreadable`].
+    Unreadable { raw: String },
 }
 
 /// Result of recording a created group.
@@ -92,6 +95,15 @@ pub trait DedupStore: Send + Sync {
         owner: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+    /// Replace the unreadable record `raw` with a claim for `owner`, if it is still what is
+    /// stored (compare-and-set); `false` when it changed meanwhile.
+    fn replace_unreadable(
+        &self,
+        ext_id: &ExtId,
+        raw: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Extend our lease; `false` when it is no longer ours.
     fn renew(
         &self,

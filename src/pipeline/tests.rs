@@ -909,3 +909,37 @@ async fn a_record_whose_reply_was_lost_still_reports_the_group_once() {
     );
     assert_eq!(h.api().posts(), 1);
 }
+
+// --- a record this version cannot read -----------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_record_is_replaced_and_the_group_found_by_list() {
+    let h = Harness::new();
+    h.store()
+        .put_unreadable(&ext("UR-1"), "{\"state\":\"from-the-future\"}");
+    let id = h.api().seed(PARENT, "Group UR-1", Some("UR-1"));
+    let v = h.run(msg("UR-1")).await;
+    let event = created(&v);
+    assert_eq!(event.org_unit_id, id);
+    assert!(event.duplicate);
+    assert_eq!(
+        (h.api().posts(), h.api().lists()),
+        (0, 1),
+        "List first: no POST"
+    );
+    assert_eq!(
+        h.store().created(&ext("UR-1")).map(|r| r.org_unit_id),
+        Some(id),
+        "repaired"
+    );
+    assert!(!h.p.circuit().is_open(), "it concerns this ext id only");
+
+    h.store().put_unreadable(&ext("UR-2"), "garbage");
+    let v = h.run(msg("UR-2")).await;
+    assert!(
+        !created(&v).duplicate,
+        "nothing found: this delivery created it"
+    );
+    assert_eq!(h.api().groups_for("UR-2"), 1);
+    assert!(!h.p.circuit().is_open());
+}

@@ -7,6 +7,7 @@
 //! (or, when the broker refuses everything, opens the circuit).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
@@ -18,7 +19,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::amqp::headers::{self, HeaderUpdate};
-use crate::amqp::{PublishError, Publisher, short};
+use crate::amqp::{PublishError, PublishProbe, Publisher, short};
 use crate::pipeline::{
     Decision, DeferReason, DelayReason, Failure, InFlight, Inbound, Outcome, SystemFault, Verdict,
     truncate,
@@ -27,8 +28,20 @@ use crate::pipeline::{
 /// Why the publishes of a decision did not all go out.
 #[derive(Debug, thiserror::Error)]
 enum SettleError {
-    #[error(transparent)]
-    Publish(#[from] PublishError),
+    /// Publishing an event failed; `probe` can publish it again to test the fix.
+    #[error("{source}")]
+    Event {
+        #[source]
+        source: PublishError,
+        probe: Box<PublishProbe>,
+    },
+    /// Publishing a copy into `queue` (the DLQ or a delay tier) failed.
+    #[error("{source}")]
+    Copy {
+        #[source]
+        source: PublishError,
+        queue: String,
+    },
     /// Our own event could not be encoded (a bug; it concerns this message only).
     #[error("cannot encode the event: {0}")]
     Encode(#[source] serde_json::Error),
@@ -37,7 +50,16 @@ enum SettleError {
     NoTier(usize),
 }
 
-use super::Shared;
+impl SettleError {
+    fn publish_error(&self) -> Option<&PublishError> {
+        match self {
+            SettleError::Event { source, .. } | SettleError::Copy { source, .. } => Some(source),
+            SettleError::Encode(_) | SettleError::NoTier(_) => None,
+        }
+    }
+}
+
+use super::{Probe, Shared};
 
 /// Process one delivery end to end. `abort` (drain timeout) returns it to the queue
 /// unfinished; `broken` is how a task reports that the publish channel is gone.
@@ -50,7 +72,12 @@ pub(crate) async fn handle(
 ) {
     let started = Instant::now();
     let _in_flight = InFlight::start(shared.processor.recorder());
-    let inbound = headers::inbound(&delivery.data, &delivery.properties, delivery.redelivered);
+    let inbound = headers::inbound(
+        &delivery.data,
+        &delivery.properties,
+        delivery.redelivered,
+        &shared.counter_bounds,
+    );
     let span = tracing::info_span!(
         "delivery",
         ext_id = Empty,
@@ -63,6 +90,7 @@ pub(crate) async fn handle(
             tracing::Span::current().record("correlation_id", c.as_str());
         }
         let outcome = Executor {
+            dead_letter_written: AtomicBool::new(false),
             shared: &shared,
             publisher: &publisher,
             delivery: &delivery,
@@ -151,6 +179,9 @@ fn log_outcome(verdict: &Verdict, outcome: Outcome, started: Instant) {
 }
 
 struct Executor<'a> {
+    /// Set once this delivery's dead letter is written (a later failure must not write
+    /// another).
+    dead_letter_written: AtomicBool,
     shared: &'a Shared,
     publisher: &'a Publisher,
     delivery: &'a Delivery,
@@ -166,17 +197,29 @@ impl Executor<'_> {
                 self.publish_event(&self.shared.settings.topology.created_routing_key, event)
                     .await
             }
+            // The dead letter first, then its event. A message whose dead letter exists
+            // already (an earlier delivery wrote it, then could not publish the event) only
+            // owes the event: at most one dead letter per command, however often the event
+            // fails.
             Decision::DeadLetter {
                 failure,
                 event,
                 attempts,
-            } => match self.dead_letter_copy(failure, *attempts).await {
-                Ok(()) => {
-                    self.publish_event(&self.shared.settings.topology.failed_routing_key, event)
-                        .await
+            } => {
+                let copied = if self.inbound.dead_lettered {
+                    Ok(())
+                } else {
+                    self.dead_letter_copy(failure, *attempts).await
+                };
+                match copied {
+                    Ok(()) => {
+                        self.dead_letter_written.store(true, Ordering::SeqCst);
+                        self.publish_event(&self.shared.settings.topology.failed_routing_key, event)
+                            .await
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             Decision::Delay {
                 tier,
                 attempts,
@@ -198,34 +241,38 @@ impl Executor<'_> {
     /// first delay tier if the broker still takes publishes, else return it to the queue.
     async fn recover(&self, error: SettleError) -> Outcome {
         tracing::error!(error = %error, "publishing the outcome failed");
-        match &error {
+        match error.publish_error() {
             // The channel is gone (or not in confirm mode): nothing more can be settled on
             // it; the session restarts on a new one and the broker redelivers.
-            SettleError::Publish(PublishError::Channel(_) | PublishError::NoConfirms) => {
+            Some(PublishError::Channel(_) | PublishError::NoConfirms) => {
                 self.broken.cancel();
                 return Outcome::Failed;
             }
             // The broker refuses or cannot route what we publish: a fault of the system that
-            // every delivery will hit.
-            SettleError::Publish(PublishError::Unroutable { .. } | PublishError::Nacked { .. }) => {
+            // every delivery will hit. The circuit's probe tests exactly this publish.
+            Some(PublishError::Unroutable { .. } | PublishError::Nacked { .. }) => {
+                let probe = match &error {
+                    SettleError::Event { probe, .. } => Probe::Publish(probe.clone()),
+                    SettleError::Copy { queue, .. } => Probe::Queue(queue.clone()),
+                    _ => Probe::Queue(self.shared.settings.topology.dead_letter_queue.clone()),
+                };
+                self.shared.set_probe(probe);
                 self.shared
                     .processor
                     .circuit()
                     .trip(SystemFault::Publish(error.to_string()));
             }
             // Only this message is concerned: park it, keep the session and the circuit.
-            SettleError::Encode(_) | SettleError::NoTier(_) => {}
+            Some(PublishError::TooLarge) | None => {}
         }
         let is_delay = matches!(self.verdict.decision, Decision::Delay { .. });
         if !is_delay {
             let fault = DelayReason::Parked(SystemFault::Publish(error.to_string()));
             let parked = self
-                .delay_copy(
-                    0,
-                    self.inbound.attempts,
-                    self.inbound.retries,
+                .park_copy(
                     self.inbound.deferrals.saturating_add(1),
                     &fault,
+                    self.dead_letter_written.load(Ordering::SeqCst),
                 )
                 .await;
             match parked {
@@ -266,25 +313,37 @@ impl Executor<'_> {
     ) -> Result<(), SettleError> {
         let body = serde_json::to_vec(event).map_err(SettleError::Encode)?;
         let event_name = routing_key_event_name(&self.verdict.decision);
-        let properties = self.event_properties(event_name);
-        let topology = &self.shared.settings.topology;
-        self.publisher
-            .publish(
-                &topology.event_exchange,
-                routing_key,
-                &body,
-                properties.clone(),
-                true,
-            )
-            .await?;
+        let probe = PublishProbe {
+            exchange: self.shared.settings.topology.event_exchange.clone(),
+            routing_key: routing_key.to_owned(),
+            body,
+            properties: self.event_properties(event_name),
+        };
+        if let Err(source) = self.publisher.publish_probe(&probe).await {
+            return Err(SettleError::Event {
+                source,
+                probe: Box::new(probe),
+            });
+        }
         if let Some(reply_to) = &self.inbound.reply_to {
-            // Best effort: a requester's reply queue may be gone; the event itself is out.
-            if let Err(e) = self
+            if self.shared.own_queues.contains(reply_to) {
+                // The default exchange would deliver into our own work, delay or dead-letter
+                // queue: a bogus command or a planted dead letter.
+                tracing::warn!(
+                    reply_to = %crate::text::printable(reply_to, 255),
+                    "reply_to names a queue of the worker's own topology; no reply sent"
+                );
+            } else if let Err(e) = self
                 .publisher
-                .publish("", reply_to, &body, properties, false)
+                .publish("", reply_to, &probe.body, probe.properties, false)
                 .await
             {
-                tracing::warn!(error = %e, reply_to = %reply_to, "could not send the event to reply_to");
+                // Best effort: a requester's reply queue may be gone; the event itself is out.
+                tracing::warn!(
+                    error = %e,
+                    reply_to = %crate::text::printable(reply_to, 255),
+                    "could not send the event to reply_to"
+                );
             }
         }
         Ok(())
@@ -339,18 +398,63 @@ impl Executor<'_> {
         if let Some(status) = failure.http_status {
             update = update.int(headers::X_HTTP_STATUS, u32::from(status));
         }
-        let properties = update.apply(&self.delivery.properties);
         let topology = &self.shared.settings.topology;
-        self.publisher
-            .publish(
-                &topology.dead_letter_exchange,
-                &topology.dead_letter_queue,
-                &self.delivery.data,
-                properties,
-                true,
-            )
-            .await?;
-        Ok(())
+        self.publish_copy(
+            &topology.dead_letter_exchange,
+            &topology.dead_letter_queue,
+            &topology.dead_letter_queue,
+            update,
+        )
+        .await
+    }
+
+    /// Publish a copy of the delivery with `update`'s headers: bounded so it fits a frame;
+    /// if it still does not fit, or the broker refuses it, a minimal copy (body and the
+    /// worker's headers) — one odd message never takes the session down.
+    async fn publish_copy(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        queue: &str,
+        update: HeaderUpdate,
+    ) -> Result<(), SettleError> {
+        let full = update.clone().apply(&self.delivery.properties);
+        let first = if self.publisher.fits(&full) {
+            self.publisher
+                .publish(exchange, routing_key, &self.delivery.data, full, true)
+                .await
+        } else {
+            Err(PublishError::TooLarge)
+        };
+        let result = match first {
+            Err(e @ (PublishError::TooLarge | PublishError::Nacked { .. })) => {
+                tracing::warn!(error = %e, queue, "the copy was refused; sending a minimal copy");
+                let minimal = update.apply_minimal(&self.delivery.properties);
+                self.publisher
+                    .publish(exchange, routing_key, &self.delivery.data, minimal, true)
+                    .await
+            }
+            other => other,
+        };
+        result.map_err(|source| SettleError::Copy {
+            source,
+            queue: queue.to_owned(),
+        })
+    }
+
+    /// Park the delivery in the first tier after its outcome could not be published,
+    /// recording whether its dead letter was written already.
+    async fn park_copy(
+        &self,
+        deferrals: u32,
+        reason: &DelayReason,
+        dead_lettered: bool,
+    ) -> Result<(), SettleError> {
+        let mut update = self.counters(self.inbound.attempts, self.inbound.retries, deferrals);
+        if dead_lettered {
+            update = update.text(headers::X_DEAD_LETTERED_AT, &crate::clock::now_rfc3339());
+        }
+        self.copy_to_tier(0, update, reason).await
     }
 
     async fn delay_copy(
@@ -361,14 +465,28 @@ impl Executor<'_> {
         deferrals: u32,
         reason: &DelayReason,
     ) -> Result<(), SettleError> {
+        let update = self.counters(attempts, retries, deferrals);
+        self.copy_to_tier(tier, update, reason).await
+    }
+
+    fn counters(&self, attempts: u32, retries: u32, deferrals: u32) -> HeaderUpdate {
+        HeaderUpdate::default()
+            .int(headers::X_ATTEMPTS, attempts)
+            .int(headers::X_RETRIES, retries)
+            .int(headers::X_DEFERRALS, deferrals)
+    }
+
+    async fn copy_to_tier(
+        &self,
+        tier: usize,
+        update: HeaderUpdate,
+        reason: &DelayReason,
+    ) -> Result<(), SettleError> {
         let settings = &self.shared.settings;
         let Some(delay) = settings.retry.delays.get(tier) else {
             return Err(SettleError::NoTier(tier));
         };
-        let mut update = HeaderUpdate::default()
-            .int(headers::X_ATTEMPTS, attempts)
-            .int(headers::X_RETRIES, retries)
-            .int(headers::X_DEFERRALS, deferrals);
+        let mut update = update;
         if let DelayReason::Retry { .. } = reason {
             let now = crate::clock::now_rfc3339();
             update = update
@@ -378,12 +496,8 @@ impl Executor<'_> {
                 )
                 .text(headers::X_LAST_FAILED_AT, &now);
         }
-        let properties = update.apply(&self.delivery.properties);
         let queue = settings.topology.delay_queue(delay);
-        self.publisher
-            .publish("", &queue, &self.delivery.data, properties, true)
-            .await?;
-        Ok(())
+        self.publish_copy("", &queue, &queue, update).await
     }
 }
 

@@ -11,14 +11,18 @@
 mod execute;
 mod session;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::PublishProbe;
+use crate::amqp::headers::CounterBounds;
+use crate::amqp::topology::Topology;
 use crate::app::{self, AppError};
 use crate::config::Settings;
 use crate::convirza::ConvirzaClient;
@@ -38,6 +42,35 @@ pub(crate) struct Shared {
     pub worker_id: String,
     /// A broker session is established (readiness).
     pub connected: Arc<AtomicBool>,
+    /// The queues of our own topology: a `reply_to` naming one is refused.
+    pub own_queues: HashSet<String>,
+    /// How far the counters on a delivery are believed.
+    pub counter_bounds: CounterBounds,
+    /// What the circuit's probe must test when a publish fault opened it.
+    probe: Mutex<Option<Probe>>,
+}
+
+/// The probe of a publish fault: test what failed, not something else.
+#[derive(Debug, Clone)]
+pub(crate) enum Probe {
+    /// Publish this event again (consumers dedupe on the ext id; a repeat is harmless).
+    Publish(Box<PublishProbe>),
+    /// The queue a copy could not reach must exist.
+    Queue(String),
+}
+
+impl Shared {
+    pub fn set_probe(&self, probe: Probe) {
+        *self.probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(probe);
+    }
+
+    pub fn probe(&self) -> Option<Probe> {
+        self.probe.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn clear_probe(&self) {
+        *self.probe.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,11 +160,28 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
     .with_recorder(metrics.clone());
     let circuit = processor.circuit().clone();
     let connected = Arc::new(AtomicBool::new(false));
+    let own_queues = Topology::new(&settings.topology, &settings.retry.delays)
+        .queues
+        .into_iter()
+        .map(|q| q.name)
+        .collect();
+    let counter_bounds = CounterBounds {
+        delay_queues: settings
+            .retry
+            .delays
+            .iter()
+            .map(|t| settings.topology.delay_queue(t))
+            .collect(),
+        max_tries: settings.retry.max_tries,
+    };
     let shared = Arc::new(Shared {
         settings,
         processor,
         worker_id,
         connected: connected.clone(),
+        own_queues,
+        counter_bounds,
+        probe: Mutex::new(None),
     });
     let shutdown = CancellationToken::new();
     let (consuming_tx, consuming) = watch::channel(false);
@@ -172,6 +222,7 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 /// The `run` subcommand: start, wait for SIGTERM/SIGINT, drain. Returns once the worker
 /// has stopped; an error only when it could not start.
 pub async fn run(settings: Settings) -> Result<(), StartError> {
+    let stop = crate::shutdown::listen();
     tracing::info!(
         version = crate::VERSION,
         api = %settings.api.base_url,
@@ -180,8 +231,11 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
         prefetch = settings.amqp.prefetch,
         "worker starting"
     );
+    for warning in settings.api.cleartext_warnings() {
+        tracing::warn!("{warning}");
+    }
     let handle = start(settings)?;
-    crate::shutdown::signal().await;
+    stop.await;
     tracing::info!("shutdown requested; draining");
     handle.shutdown();
     handle.join().await;

@@ -25,11 +25,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::{self, Publisher, topology::Topology};
+use crate::amqp::{self, PublishError, Publisher, topology::Topology};
 use crate::pipeline::{ApiError, CircuitState, DedupStore, GroupApi, StoreError};
 use crate::retry::RetryPolicy;
 
-use super::{Shared, execute};
+use super::{Probe, Shared, execute};
 
 /// A broker step that did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +129,8 @@ async fn session(
     tracing::info!(amqp = %settings.amqp.url, "connected to the broker; topology declared");
     shared.connected.store(true, Ordering::SeqCst);
 
-    let publisher = Publisher::new(publish_channel);
+    let publisher =
+        Publisher::new(publish_channel).with_frame_max(conn.configuration().frame_max());
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
     let broken = CancellationToken::new();
@@ -138,7 +139,7 @@ async fn session(
 
     let result: Result<(), SessionError> = 'session: loop {
         if circuit.is_open() {
-            match wait_for_close(shared, shutdown, &broken).await {
+            match wait_for_close(shared, &conn, &publisher, shutdown, &broken).await {
                 Wait::Closed => {}
                 Wait::Shutdown => break 'session Ok(()),
                 Wait::Broken => break 'session Err(SessionError::PublishChannel),
@@ -295,6 +296,8 @@ enum Wait {
 /// Probe after each cool-down until the probe succeeds and the circuit closes.
 async fn wait_for_close(
     shared: &Shared,
+    conn: &lapin::Connection,
+    publisher: &Publisher,
     shutdown: &CancellationToken,
     broken: &CancellationToken,
 ) -> Wait {
@@ -311,8 +314,9 @@ async fn wait_for_close(
             return Wait::Closed;
         }
         probes += 1;
-        match probe(shared).await {
+        match probe(shared, conn, publisher).await {
             Ok(()) => {
+                shared.clear_probe();
                 circuit.close();
                 return Wait::Closed;
             }
@@ -331,11 +335,24 @@ enum ProbeError {
     Store(#[source] StoreError),
     #[error("api: {0}")]
     Api(#[source] ApiError),
+    #[error("publish: {0}")]
+    Publish(#[source] PublishError),
+    #[error("queue {queue}: {source}")]
+    Queue {
+        queue: String,
+        #[source]
+        source: StepError,
+    },
 }
 
-/// The circuit's probe: Redis answers and the API accepts our credentials (a read-only
-/// call that creates nothing).
-async fn probe(shared: &Shared) -> Result<(), ProbeError> {
+/// The circuit's probe: Redis answers, the API accepts our credentials (a read-only call
+/// that creates nothing), and — when a publish fault opened the circuit — that publish goes
+/// through now (or the queue it could not reach exists).
+async fn probe(
+    shared: &Shared,
+    conn: &lapin::Connection,
+    publisher: &Publisher,
+) -> Result<(), ProbeError> {
     shared
         .processor
         .store()
@@ -347,5 +364,24 @@ async fn probe(shared: &Shared) -> Result<(), ProbeError> {
         .api()
         .probe()
         .await
-        .map_err(ProbeError::Api)
+        .map_err(ProbeError::Api)?;
+    match shared.probe() {
+        None => Ok(()),
+        Some(Probe::Publish(p)) => publisher
+            .publish_probe(&p)
+            .await
+            .map_err(ProbeError::Publish),
+        Some(Probe::Queue(queue)) => {
+            // A passive declare of a missing queue closes its channel: use a fresh one.
+            let checked = async {
+                let channel = step("open channel", conn.create_channel()).await?;
+                let found = step("queue.declare", amqp::ready_count(&channel, &queue)).await;
+                let _ = channel.close(200, ShortString::from("probe done")).await;
+                found.map(|_| ())
+            };
+            checked
+                .await
+                .map_err(|source| ProbeError::Queue { queue, source })
+        }
+    }
 }

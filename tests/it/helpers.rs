@@ -449,6 +449,7 @@ impl TestEnv {
                     .message_id()
                     .as_ref()
                     .map(|m| m.as_str().to_owned()),
+                properties: d.properties.clone(),
             });
             d.ack(BasicAckOptions::default())
                 .await
@@ -554,6 +555,7 @@ pub struct DeadLetter {
     pub first_failed_at: Option<String>,
     pub worker_version: Option<String>,
     pub message_id: Option<String>,
+    pub properties: BasicProperties,
 }
 
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ mod core;
 mod deploy;
 mod faults;
 mod helpers;
+mod hostile;
 mod layout;
 mod ops;
 mod pipeline;

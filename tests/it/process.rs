@@ -192,16 +192,29 @@ pub async fn cli_with_stdin(
 
 /// Run the worker binary with only `env` in its environment (no test world: for
 /// configuration errors), outside the repository so `config/default.toml` cannot leak in.
+/// It must exit within 30 s (a configuration that should have been refused would
+/// otherwise start a worker that never stops).
 pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = std::process::Command::new(BIN);
     cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .current_dir(std::env::temp_dir());
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().expect("binary runs")
+    let mut child = cmd.spawn().expect("binary runs");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("{args:?} did not exit within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
 }
 
 /// `<bin> <args> --help`, which must succeed (so the subcommand exists).

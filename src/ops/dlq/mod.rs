@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::amqp::headers;
 use crate::config::Settings;
+use crate::text::printable;
 
 use super::OpsError;
 
@@ -55,10 +56,10 @@ pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
             settings.topology.dead_letter_queue
         );
         for (kind, n) in &by_kind {
-            println!("  {kind:<24} {n}");
+            println!("  {:<24} {n}", printable(kind, 64));
         }
         if let Some(o) = oldest {
-            println!("  oldest first failure     {o}");
+            println!("  oldest first failure     {}", printable(&o, 64));
         }
     }
     Ok(())
@@ -79,22 +80,23 @@ pub async fn peek(settings: &Settings, limit: usize, as_json: bool) -> Result<()
             println!("{j}");
             continue;
         }
+        // Everything below comes from the message: escaped and bounded for the terminal.
         println!(
             "#{} kind={} http={} attempts={} replays={} ext_id={} first_failed={}",
             l.position,
-            l.kind,
+            printable(&l.kind, 64),
             j["http_status"],
             j["attempts"],
             j["replay_count"],
-            l.ext_id.as_deref().unwrap_or("-"),
-            j["first_failed_at"].as_str().unwrap_or("-"),
+            printable(l.ext_id.as_deref().unwrap_or("-"), 160),
+            printable(j["first_failed_at"].as_str().unwrap_or("-"), 64),
         );
         if let Some(m) = j["error_message"].as_str() {
-            println!("   reason: {m}");
+            println!("   reason: {}", printable(m, 400));
         }
         let body = j["body"]
             .as_str()
-            .map_or_else(|| "(binary, see --json)".to_owned(), |b| cut(b, 300));
+            .map_or_else(|| "(binary, see --json)".to_owned(), |b| printable(b, 300));
         println!("   body:   {body}");
     };
     let total = reader.total_in_queue;
@@ -143,13 +145,5 @@ pub async fn export(settings: &Settings, out: &Path) -> Result<(), OpsError> {
             let _ = std::fs::remove_file(&tmp);
             Err(e)
         }
-    }
-}
-
-fn cut(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_owned()
-    } else {
-        format!("{}…", text.chars().take(max).collect::<String>())
     }
 }

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use crate::amqp::headers::{self, header_string, header_u32};
 use crate::config::Settings;
 use crate::ops::{BROKER_TIMEOUT, OpsError, connect};
+use crate::text::printable;
 
 use super::json::table_to_json;
 
@@ -51,12 +52,13 @@ impl DeadLetter {
     }
 
     /// `#3 kind=rejected ext_id=ORG-1`: how replay reports a message.
+    /// Escaped and bounded: it is printed to a terminal.
     pub fn describe(&self) -> String {
         format!(
             "#{} kind={} ext_id={}",
             self.position,
-            self.kind,
-            self.ext_id.as_deref().unwrap_or("-")
+            printable(&self.kind, 64),
+            printable(self.ext_id.as_deref().unwrap_or("-"), 160)
         )
     }
 

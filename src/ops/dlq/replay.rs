@@ -164,6 +164,7 @@ fn replay_properties(original: &BasicProperties, replay_count: u32) -> BasicProp
         headers::X_HTTP_STATUS,
         headers::X_LAST_FAILED_AT,
         headers::X_DELIVERY_COUNT,
+        headers::X_DEAD_LETTERED_AT,
         "x-death",
         "x-first-death-exchange",
         "x-first-death-queue",
@@ -196,8 +197,9 @@ pub async fn replay_command(
 ) -> Result<ReplaySummary, OpsError> {
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
+    let signal = crate::shutdown::listen();
     let watcher = tokio::spawn(async move {
-        crate::shutdown::signal().await;
+        signal.await;
         eprintln!("interrupted: finishing the current message, returning the rest");
         on_signal.cancel();
     });
