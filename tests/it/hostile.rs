@@ -49,8 +49,8 @@ async fn an_oversized_header_costs_only_its_own_message() {
         .await;
     let (bodies, exts) = commands("BIG", 50);
     // Invalid body, and one header just under what the broker accepts in a frame (131,072
-    // bytes): any header the worker adds to a copy would overflow it.
-    let big = AMQPValue::LongString(LongString::from("h".repeat(130_000)));
+    // bytes, the copy must fit too): any header the worker adds to a copy overflows it.
+    let big = AMQPValue::LongString(LongString::from("h".repeat(130_950)));
     env.send_raw(
         b"not json",
         BasicProperties::default()
