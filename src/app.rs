@@ -3,6 +3,7 @@
 //! here, so a client is configured in exactly one place.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{ApiAuth, ConfigError, Settings};
 use crate::convirza::{Auth, BuildError, ConvirzaClient, LoginSession};
@@ -20,6 +21,10 @@ pub enum AppError {
     #[error(transparent)]
     Client(#[from] BuildError),
 }
+
+/// How long after `api.timeout` a POST of a delivery that never settled is taken to have
+/// ended: the API may still commit a request whose client gave up.
+pub const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
 
 /// `host:pid`: names this process in claims, lock owners and broker connections.
 pub fn worker_id() -> String {
@@ -82,5 +87,8 @@ pub fn processor_config(settings: &Settings, worker_id: &str) -> ProcessorConfig
         ttl: settings.dedup.ttl,
         worker_id: worker_id.to_owned(),
         failure_threshold: settings.circuit.failure_threshold,
+        api_timeout: settings.api.timeout,
+        takeover_margin: TAKEOVER_MARGIN,
+        verify_unknown: settings.dedup.verify_unknown,
     }
 }

@@ -22,7 +22,9 @@ use futures_util::future::BoxFuture;
 
 use crate::command::ExtId;
 use crate::convirza::{TokenPair, TokenStore};
-use crate::pipeline::{Claim, CreatedRecord, DedupStore, RecordResult, StoreError};
+use crate::pipeline::{
+    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError,
+};
 
 /// What a `group` key holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +82,20 @@ end
 return 0
 ";
 
+// Closing the attempt marker (`open = false`, keeping its expiry) says: the delivery
+// that posted has settled, none of its POSTs is in the air any more.
+const CLOSE_MARKER: &str = r"
+local function close_marker(key)
+  local raw = redis.pcall('GET', key)
+  if type(raw) ~= 'string' then return end
+  local ok, m = pcall(cjson.decode, raw)
+  if ok and type(m) == 'table' and m.open then
+    m.open = false
+    redis.call('SET', key, cjson.encode(m), 'KEEPTTL')
+  end
+end
+";
+
 const RECORD_CREATED: &str = r"
 local v = redis.pcall('GET', KEYS[1])
 if type(v) == 'table' then return 'fenced' end
@@ -89,6 +105,7 @@ if v then
   if not (ok and d.state == 'claimed' and d.owner == ARGV[1]) then return 'fenced' end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+close_marker(KEYS[2])
 return 'ok'
 ";
 
@@ -98,6 +115,7 @@ if v and type(v) ~= 'table' then
   local ok, d = pcall(cjson.decode, v)
   if ok and d.state == 'claimed' and d.owner == ARGV[1] then
     redis.call('DEL', KEYS[1])
+    if ARGV[2] == '1' then close_marker(KEYS[2]) end
     return 1
   end
 end
@@ -111,15 +129,52 @@ end
 return 0
 ";
 
-// An unreadable marker (not a number, another type) still means "an attempt was made".
+// Only while the caller holds the claim (so a worker that lost it never posts). The
+// marker is JSON: {count, at (the server's clock, ms), open, posted: [[parent, name], ...]};
+// an older marker (a plain count) or an unreadable one still counts as an attempt.
 const MARK_ATTEMPT: &str = r"
-local n = redis.pcall('INCR', KEYS[1])
-if type(n) == 'table' then
-  redis.call('DEL', KEYS[1])
-  n = redis.call('INCR', KEYS[1])
+local g = redis.pcall('GET', KEYS[1])
+if type(g) ~= 'string' then return 0 end
+local okg, d = pcall(cjson.decode, g)
+if not (okg and type(d) == 'table' and d.state == 'claimed' and d.owner == ARGV[1]) then
+  return 0
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return n
+local m = {count = 0, posted = {}}
+local raw = redis.pcall('GET', KEYS[2])
+if type(raw) == 'string' then
+  local ok, old = pcall(cjson.decode, raw)
+  if ok and type(old) == 'table' then m = old
+  elseif ok and type(old) == 'number' then m.count = old
+  else m.count = 1 end
+elseif type(raw) == 'table' then
+  redis.call('DEL', KEYS[2])
+  m.count = 1
+end
+if type(m.posted) ~= 'table' then m.posted = {} end
+m.count = (tonumber(m.count) or 0) + 1
+local t = redis.call('TIME')
+m.at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+m.open = true
+local seen = false
+for _, p in ipairs(m.posted) do
+  if p[1] == ARGV[3] and p[2] == ARGV[4] then seen = true end
+end
+if not seen then
+  table.insert(m.posted, {ARGV[3], ARGV[4]})
+  while #m.posted > 5 do table.remove(m.posted, 1) end
+end
+redis.call('SET', KEYS[2], cjson.encode(m), 'PX', ARGV[2])
+return 1
+";
+
+// The marker and the server's clock, so its age is measured on one clock for all workers.
+const READ_ATTEMPT: &str = r"
+local raw = redis.pcall('GET', KEYS[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if type(raw) == 'table' then return {'\0unreadable', now} end
+if not raw then return {false, now} end
+return {raw, now}
 ";
 
 #[derive(Clone)]
@@ -132,6 +187,7 @@ pub struct RedisStore {
     record_created: Script,
     release: Script,
     mark_attempt: Script,
+    read_attempt: Script,
     unlock: Script,
 }
 
@@ -168,9 +224,10 @@ impl RedisStore {
             claim: Script::new(CLAIM),
             replace_unreadable: Script::new(REPLACE_UNREADABLE),
             renew: Script::new(RENEW),
-            record_created: Script::new(RECORD_CREATED),
-            release: Script::new(RELEASE),
+            record_created: Script::new(&format!("{CLOSE_MARKER}{RECORD_CREATED}")),
+            release: Script::new(&format!("{CLOSE_MARKER}{RELEASE}")),
             mark_attempt: Script::new(MARK_ATTEMPT),
+            read_attempt: Script::new(READ_ATTEMPT),
             unlock: Script::new(UNLOCK),
         })
     }
@@ -221,7 +278,7 @@ impl RedisStore {
             // An unreadable marker still records that an attempt was made.
             attempt_markers: match (attempt_kind.as_str(), attempts) {
                 ("none", _) => 0,
-                (_, Some(n)) => n.parse().unwrap_or(1),
+                (_, Some(text)) => u64::from(parse_marker(&text, 0).count),
                 (_, None) => 1,
             },
         })
@@ -319,6 +376,7 @@ impl DedupStore for RedisStore {
         let answer: String = self
             .record_created
             .key(self.group_key(ext_id))
+            .key(self.attempt_key(ext_id))
             .arg(owner)
             .arg(value)
             .arg(millis(ttl))
@@ -335,35 +393,51 @@ impl DedupStore for RedisStore {
         }
     }
 
-    async fn release(&self, ext_id: &ExtId, owner: &str) -> Result<(), StoreError> {
+    async fn release(&self, ext_id: &ExtId, owner: &str, settled: bool) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = self
             .release
             .key(self.group_key(ext_id))
-            .arg(owner)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
-        Ok(())
-    }
-
-    async fn mark_attempt(&self, ext_id: &ExtId, ttl: Duration) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = self
-            .mark_attempt
             .key(self.attempt_key(ext_id))
-            .arg(millis(ttl))
+            .arg(owner)
+            .arg(if settled { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await
             .map_err(store_err)?;
         Ok(())
     }
 
-    async fn has_attempt(&self, ext_id: &ExtId) -> Result<bool, StoreError> {
+    async fn mark_attempt(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        posting: Posting<'_>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        conn.exists(self.attempt_key(ext_id))
+        let marked: i64 = self
+            .mark_attempt
+            .key(self.group_key(ext_id))
+            .key(self.attempt_key(ext_id))
+            .arg(owner)
+            .arg(millis(ttl))
+            .arg(posting.parent.to_string())
+            .arg(posting.name)
+            .invoke_async(&mut conn)
             .await
-            .map_err(store_err)
+            .map_err(store_err)?;
+        Ok(marked == 1)
+    }
+
+    async fn attempt(&self, ext_id: &ExtId) -> Result<Option<AttemptMarker>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (raw, now): (Option<String>, i64) = self
+            .read_attempt
+            .key(self.attempt_key(ext_id))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        Ok(raw.map(|text| parse_marker(&text, now)))
     }
 
     /// `PING`: readiness checks and the circuit's probe.
@@ -374,6 +448,55 @@ impl DedupStore for RedisStore {
             .await
             .map_err(store_err)?;
         Ok(())
+    }
+}
+
+/// The marker as the scripts write it.
+#[derive(Deserialize)]
+struct StoredMarker {
+    #[serde(default)]
+    count: u32,
+    #[serde(default)]
+    at: i64,
+    #[serde(default)]
+    open: bool,
+    #[serde(default, deserialize_with = "lenient_posted")]
+    posted: Vec<(String, String)>,
+}
+
+/// cjson writes an empty list as `{}`.
+fn lenient_posted<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(String, String)>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .filter_map(|i| serde_json::from_value(i).ok())
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// A marker of any shape: a JSON marker, an older plain count, or something unreadable
+/// (which still says an attempt was made, and is treated as possibly in the air).
+fn parse_marker(text: &str, now_ms: i64) -> AttemptMarker {
+    if let Ok(m) = serde_json::from_str::<StoredMarker>(text) {
+        return AttemptMarker {
+            count: m.count.max(1),
+            age: Duration::from_millis(u64::try_from(now_ms.saturating_sub(m.at)).unwrap_or(0)),
+            open: m.open,
+            posted: m
+                .posted
+                .into_iter()
+                .filter_map(|(parent, name)| Some((parent.parse().ok()?, name)))
+                .collect(),
+        };
+    }
+    AttemptMarker {
+        count: text.trim().parse().unwrap_or(1).max(1),
+        age: Duration::MAX,
+        open: false,
+        posted: Vec::new(),
     }
 }
 

@@ -6,7 +6,8 @@
 //!   `provisioner_api_request_duration_seconds{operation}`, `provisioner_retries_total`,
 //!   `provisioner_deferrals_total{reason}`, `provisioner_in_flight`,
 //!   `provisioner_circuit_open`, `provisioner_dedup_hits_total`,
-//!   `provisioner_dead_letters_total{kind}`, `provisioner_build_info{version}`;
+//!   `provisioner_dead_letters_total{kind}`, `provisioner_orphaned_groups_total`,
+//!   `provisioner_build_info{version}`;
 //! - label values come from closed, typed sets (outcomes, failure kinds, deferral
 //!   reasons, operations, HTTP status codes), so cardinality stays bounded, and every
 //!   value of a closed set is exported from the start (at 0), so alerts see the series
@@ -106,6 +107,7 @@ pub struct Metrics {
     deferrals: Family<ReasonLabels, Counter>,
     retries: Counter,
     dedup_hits: Counter,
+    orphans: Counter,
     in_flight: Gauge<i64, AtomicI64>,
     circuit_open: Gauge<i64, AtomicI64>,
     api_requests: Family<RequestLabels, Counter>,
@@ -127,6 +129,7 @@ impl Metrics {
             deferrals: Family::default(),
             retries: Counter::default(),
             dedup_hits: Counter::default(),
+            orphans: Counter::default(),
             in_flight: Gauge::default(),
             circuit_open: Gauge::default(),
             api_requests: Family::default(),
@@ -180,6 +183,11 @@ impl Metrics {
             "dedup_hits",
             "Commands answered from the Redis created record, without an API call",
             m.dedup_hits.clone(),
+        );
+        registry.register(
+            "orphaned_groups",
+            "Groups created for an ext id that already had another one recorded (remove them: see the runbook)",
+            m.orphans.clone(),
         );
         registry.register(
             "dead_letters",
@@ -252,6 +260,10 @@ impl Recorder for Metrics {
     fn in_flight(&self, delta: i64) {
         self.in_flight.inc_by(delta);
     }
+
+    fn orphan(&self) {
+        self.orphans.inc();
+    }
 }
 
 #[cfg(test)]
@@ -291,6 +303,7 @@ mod tests {
             "provisioner_in_flight 1",
             "provisioner_circuit_open 1",
             "provisioner_dedup_hits_total 1",
+            "provisioner_orphaned_groups_total 0",
             "provisioner_dead_letters_total{kind=\"rejected\"} 1",
             "provisioner_dead_letters_total{kind=\"name_conflict\"} 0",
             "# TYPE provisioner_api_request_duration_seconds histogram",

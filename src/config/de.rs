@@ -84,6 +84,28 @@ pub fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     d.deserialize_any(V)
 }
 
+/// A boolean, from a TOML boolean or `true`/`false` in the environment.
+pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = bool;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("true or false")
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+            match v.trim() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err(E::custom(format!("{v:?} is not true or false"))),
+            }
+        }
+    }
+    d.deserialize_any(V)
+}
+
 /// A number, from a TOML integer or float or a decimal string.
 pub fn number<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     struct V;

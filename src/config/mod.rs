@@ -183,6 +183,9 @@ pub struct CircuitSettings {
 pub struct DedupSettings {
     pub ttl: Duration,
     pub lease: Duration,
+    /// Before the first POST of an ext id the store knows nothing of, look for it among
+    /// all of the parent's children (for deployments that cannot trust Redis to keep data).
+    pub verify_unknown: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -89,6 +89,8 @@ struct RawDedup {
     ttl: Duration,
     #[serde(deserialize_with = "de::duration")]
     lease: Duration,
+    #[serde(deserialize_with = "de::boolean")]
+    verify_unknown: bool,
 }
 
 #[derive(Deserialize)]
@@ -385,6 +387,7 @@ impl Raw {
         let dedup = DedupSettings {
             ttl: at_least("dedup.ttl", self.dedup.ttl, Duration::from_secs(1))?,
             lease: at_least("dedup.lease", self.dedup.lease, Duration::from_millis(100))?,
+            verify_unknown: self.dedup.verify_unknown,
         };
         if dedup.ttl <= dedup.lease {
             return Err(ConfigError::new(

@@ -190,29 +190,61 @@ impl ConvirzaClient {
         trace: Option<&Traceparent>,
     ) -> Result<Vec<GroupSummary>, ApiError> {
         let mut found = Vec::new();
+        self.each_child(parent, Some(name.trim()), trace, |g| {
+            if names_match(&g.org_unit_name, name) {
+                found.push(g);
+            }
+            false
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// The direct child of `parent` carrying `ext_id`, among all its children.
+    pub async fn find_child_with_ext_id(
+        &self,
+        parent: i64,
+        ext_id: &str,
+        trace: Option<&Traceparent>,
+    ) -> Result<Option<GroupSummary>, ApiError> {
+        let mut found = None;
+        self.each_child(parent, None, trace, |g| {
+            if g.org_unit_ext_id.as_deref() == Some(ext_id) {
+                found = Some(g);
+                return true;
+            }
+            false
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// Page through the children of `parent` (optionally filtered by a partial name),
+    /// handing each to `visit` until it returns true or the listing ends.
+    async fn each_child(
+        &self,
+        parent: i64,
+        name: Option<&str>,
+        trace: Option<&Traceparent>,
+        mut visit: impl FnMut(GroupSummary) -> bool,
+    ) -> Result<(), ApiError> {
         let mut offset = 0u32;
         for _ in 0..MAX_LIST_PAGES {
             let page = self
-                .list_child_groups(
-                    Some(parent),
-                    Some(name.trim()),
-                    LIST_PAGE_SIZE,
-                    offset,
-                    trace,
-                )
+                .list_child_groups(Some(parent), name, LIST_PAGE_SIZE, offset, trace)
                 .await?;
             let n = page.groups.len() as u32;
-            found.extend(
-                page.groups
-                    .into_iter()
-                    .filter(|g| names_match(&g.org_unit_name, name)),
-            );
+            for g in page.groups {
+                if visit(g) {
+                    return Ok(());
+                }
+            }
             offset += n;
             let done = n == 0
                 || page.total.is_some_and(|t| u64::from(offset) >= t)
                 || (page.total.is_none() && n < LIST_PAGE_SIZE);
             if done {
-                return Ok(found);
+                return Ok(());
             }
         }
         Err(ApiError::Transient {

@@ -24,6 +24,15 @@ impl GroupApi for ConvirzaClient {
         ConvirzaClient::find_children_named(self, parent, name, trace).await
     }
 
+    async fn find_child_with_ext_id(
+        &self,
+        parent: i64,
+        ext_id: &str,
+        trace: Option<&Traceparent>,
+    ) -> Result<Option<GroupSummary>, ApiError> {
+        ConvirzaClient::find_child_with_ext_id(self, parent, ext_id, trace).await
+    }
+
     /// `GET /v3/groups/list?limit=1`: authenticated, read-only.
     async fn probe(&self) -> Result<(), ApiError> {
         self.list_child_groups(None, None, 1, 0, None)

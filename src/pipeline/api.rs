@@ -31,6 +31,16 @@ pub trait GroupApi: Send + Sync {
         trace: Option<&Traceparent>,
     ) -> impl Future<Output = Result<Vec<GroupSummary>, ApiError>> + Send;
 
+    /// The direct child of `parent` carrying `ext_id`, looked for among *all* its children
+    /// (every page, whatever their names): what finds a group whose name changed upstream
+    /// when nothing else remembers where it went. Costs one List call per page.
+    fn find_child_with_ext_id(
+        &self,
+        parent: i64,
+        ext_id: &str,
+        trace: Option<&Traceparent>,
+    ) -> impl Future<Output = Result<Option<GroupSummary>, ApiError>> + Send;
+
     /// A read-only authenticated call that creates nothing: the circuit's probe.
     fn probe(&self) -> impl Future<Output = Result<(), ApiError>> + Send;
 }

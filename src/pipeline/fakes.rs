@@ -16,7 +16,9 @@ use crate::traceparent::Traceparent;
 use super::api::{ApiError, Created, GroupApi, GroupSummary, names_match};
 use super::decision::{DeferReason, FailureKind, Outcome};
 use super::recorder::Recorder;
-use super::store::{Claim, CreatedRecord, DedupStore, RecordResult, StoreError};
+use super::store::{
+    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError,
+};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -48,6 +50,15 @@ enum Entry {
     Unreadable(String),
 }
 
+#[derive(Debug, Clone)]
+struct Marker {
+    count: u32,
+    at: Instant,
+    until: Instant,
+    open: bool,
+    posted: Vec<(i64, String)>,
+}
+
 /// When an injected failure strikes: before the call has any effect, or after it took
 /// effect (as a Redis reply lost to a timeout after the script ran).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +76,8 @@ struct Injected(StoreOp);
 #[derive(Default)]
 pub struct FakeStore {
     entries: Mutex<HashMap<ExtId, Entry>>,
-    /// Attempt markers: count and expiry (each mark renews the expiry, as `PEXPIRE` does).
-    attempts: Mutex<HashMap<ExtId, (u32, Instant)>>,
+    /// Attempt markers (each mark renews the expiry, as the script's `SET … PX` does).
+    attempts: Mutex<HashMap<ExtId, Marker>>,
     /// Operation → how many of its next calls fail (`u32::MAX`: all of them), and when.
     failing: Mutex<HashMap<StoreOp, (u32, When)>>,
     calls: Mutex<HashMap<StoreOp, u32>>,
@@ -146,17 +157,61 @@ impl FakeStore {
         );
     }
 
-    /// An attempt marker kept an hour.
+    /// A settled attempt marker kept an hour (an earlier delivery posted and ended).
     pub fn put_attempt(&self, ext_id: &ExtId) {
-        self.mark_for(ext_id, Duration::from_secs(3600));
+        self.put_marker(ext_id, false, &[]);
     }
 
-    fn mark_for(&self, ext_id: &ExtId, ttl: Duration) {
+    /// An attempt marker written just now, `open` if its delivery never settled, for the
+    /// `(parent, name)` pairs `posted`.
+    pub fn put_marker(&self, ext_id: &ExtId, open: bool, posted: &[(i64, &str)]) {
+        let now = Instant::now();
+        lock(&self.attempts).insert(
+            ext_id.clone(),
+            Marker {
+                count: 1,
+                at: now,
+                until: now + Duration::from_secs(3600),
+                open,
+                posted: posted.iter().map(|(p, n)| (*p, (*n).to_owned())).collect(),
+            },
+        );
+    }
+
+    fn mark_for(&self, ext_id: &ExtId, posting: Posting<'_>, ttl: Duration) {
+        let now = Instant::now();
         let mut attempts = lock(&self.attempts);
-        let entry = attempts
-            .entry(ext_id.clone())
-            .or_insert((0, Instant::now()));
-        *entry = (entry.0 + 1, Instant::now() + ttl);
+        let live = attempts.get(ext_id).filter(|m| m.until > now).cloned();
+        let mut m = live.unwrap_or(Marker {
+            count: 0,
+            at: now,
+            until: now,
+            open: true,
+            posted: Vec::new(),
+        });
+        m.count += 1;
+        m.at = now;
+        m.until = now + ttl;
+        m.open = true;
+        let pair = (posting.parent, posting.name.to_owned());
+        if !m.posted.contains(&pair) {
+            m.posted.push(pair);
+            if m.posted.len() > 5 {
+                m.posted.remove(0);
+            }
+        }
+        attempts.insert(ext_id.clone(), m);
+    }
+
+    fn close_marker(&self, ext_id: &ExtId) {
+        if let Some(m) = lock(&self.attempts).get_mut(ext_id) {
+            m.open = false;
+        }
+    }
+
+    /// Whether the marker says a delivery may still be posting.
+    pub fn marker_open(&self, ext_id: &ExtId) -> bool {
+        lock(&self.attempts).get(ext_id).is_some_and(|m| m.open)
     }
 
     pub fn created(&self, ext_id: &ExtId) -> Option<CreatedRecord> {
@@ -178,7 +233,7 @@ impl FakeStore {
     pub fn attempt_ttl(&self, ext_id: &ExtId) -> Option<Duration> {
         lock(&self.attempts)
             .get(ext_id)
-            .map(|(_, until)| until.saturating_duration_since(Instant::now()))
+            .map(|m| m.until.saturating_duration_since(Instant::now()))
             .filter(|left| !left.is_zero())
     }
 
@@ -192,7 +247,7 @@ impl FakeStore {
 
     pub fn attempt_markers(&self, ext_id: &ExtId) -> u32 {
         match lock(&self.attempts).get(ext_id) {
-            Some((n, until)) if *until > Instant::now() => *n,
+            Some(m) if m.until > Instant::now() => m.count,
             _ => 0,
         }
     }
@@ -275,26 +330,54 @@ impl DedupStore for FakeStore {
             Some(Entry::Unreadable(_)) => RecordResult::Fenced(None),
             _ => {
                 self.put_created_for(ext_id, record.clone(), ttl);
+                self.close_marker(ext_id);
                 RecordResult::Written
             }
         })
     }
 
-    async fn release(&self, ext_id: &ExtId, owner: &str) -> Result<(), StoreError> {
+    async fn release(&self, ext_id: &ExtId, owner: &str, settled: bool) -> Result<(), StoreError> {
         self.call(StoreOp::Release, || {
             let mut entries = lock(&self.entries);
             if matches!(entries.get(ext_id), Some(Entry::Claimed { owner: o, .. }) if o == owner) {
                 entries.remove(ext_id);
+                drop(entries);
+                if settled {
+                    self.close_marker(ext_id);
+                }
             }
         })
     }
 
-    async fn mark_attempt(&self, ext_id: &ExtId, ttl: Duration) -> Result<(), StoreError> {
-        self.call(StoreOp::MarkAttempt, || self.mark_for(ext_id, ttl))
+    async fn mark_attempt(
+        &self,
+        ext_id: &ExtId,
+        owner: &str,
+        posting: Posting<'_>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.call(StoreOp::MarkAttempt, || match self.live(ext_id) {
+            Some(Entry::Claimed { owner: o, .. }) if o == owner => {
+                self.mark_for(ext_id, posting, ttl);
+                true
+            }
+            _ => false,
+        })
     }
 
-    async fn has_attempt(&self, ext_id: &ExtId) -> Result<bool, StoreError> {
-        self.call(StoreOp::HasAttempt, || self.attempt_markers(ext_id) > 0)
+    async fn attempt(&self, ext_id: &ExtId) -> Result<Option<AttemptMarker>, StoreError> {
+        self.call(StoreOp::HasAttempt, || {
+            let now = Instant::now();
+            lock(&self.attempts)
+                .get(ext_id)
+                .filter(|m| m.until > now)
+                .map(|m| AttemptMarker {
+                    count: m.count,
+                    age: now - m.at,
+                    open: m.open,
+                    posted: m.posted.clone(),
+                })
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -459,6 +542,28 @@ impl GroupApi for FakeApi {
             .collect())
     }
 
+    async fn find_child_with_ext_id(
+        &self,
+        parent: i64,
+        ext_id: &str,
+        _trace: Option<&Traceparent>,
+    ) -> Result<Option<GroupSummary>, ApiError> {
+        self.list_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(e) = lock(&self.lists).pop_front() {
+            return Err(e);
+        }
+        Ok(lock(&self.groups)
+            .iter()
+            .find(|g| g.parent == parent && g.ext_id.as_deref() == Some(ext_id))
+            .map(|g| GroupSummary {
+                org_unit_id: g.id,
+                org_unit_ext_id: g.ext_id.clone(),
+                org_unit_name: g.name.clone(),
+                org_unit_parent_id: Some(g.parent),
+                org_unit_status: Some("active".into()),
+            }))
+    }
+
     async fn probe(&self) -> Result<(), ApiError> {
         Ok(())
     }
@@ -498,5 +603,8 @@ impl Recorder for CountingRecorder {
     }
     fn in_flight(&self, delta: i64) {
         self.add("in_flight".into(), delta);
+    }
+    fn orphan(&self) {
+        self.add("orphan".into(), 1);
     }
 }

@@ -55,4 +55,6 @@ pub use inbound::Inbound;
 pub use processor::{Processor, ProcessorConfig, Verdict};
 pub use reconcile::{Reconciled, reconcile};
 pub use recorder::{InFlight, NoRecorder, Recorder};
-pub use store::{Claim, CreatedRecord, DedupStore, RecordResult, StoreError};
+pub use store::{
+    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError,
+};

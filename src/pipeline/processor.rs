@@ -10,7 +10,9 @@
 //! - faults of the system become [`Decision::Delay`] with a deferral (and may open the
 //!   circuit), never a dead letter, and never cost the message an attempt.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::command::{CreateGroup, ExtId};
 use crate::retry::RetryPolicy;
@@ -32,12 +34,20 @@ pub struct ProcessorConfig {
     pub policy: RetryPolicy,
     /// Number of delay tiers (`retry.delays`).
     pub tiers: usize,
-    pub lease: std::time::Duration,
-    pub ttl: std::time::Duration,
+    pub lease: Duration,
+    pub ttl: Duration,
     /// Prefix of claim owner tokens, e.g. `host:pid`.
     pub worker_id: String,
     /// Consecutive transient API failures that open the circuit.
     pub failure_threshold: u32,
+    /// `api.timeout`: how long a POST may take before the client gives up on it.
+    pub api_timeout: Duration,
+    /// Added to `api_timeout` before a POST of a delivery that never settled is taken to
+    /// have ended (the API may commit a little after the client gave up).
+    pub takeover_margin: Duration,
+    /// `dedup.verify_unknown`: before the first POST of an ext id the store knows nothing
+    /// of, look for it among all of the parent's children.
+    pub verify_unknown: bool,
 }
 
 /// The result of processing one delivery: the decision plus what the outcome log line
@@ -59,6 +69,9 @@ pub struct Processor<S, A> {
     pub(super) config: ProcessorConfig,
     pub(super) circuit: Arc<Circuit>,
     pub(super) recorder: Arc<dyn Recorder>,
+    /// Claims held by deliveries in progress (owner → ext id), so a shutdown that cuts
+    /// them off can hand them back.
+    held: Mutex<HashMap<String, ExtId>>,
 }
 
 impl<S: DedupStore, A: GroupApi> Processor<S, A> {
@@ -70,7 +83,40 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             config,
             circuit,
             recorder: Arc::new(NoRecorder),
+            held: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Hand back the claims of every delivery still in progress (shutdown cut them off),
+    /// so the next delivery of each ext id need not wait out the lease. Their attempt
+    /// markers stay open: a POST that may be in the air is still waited out and looked up.
+    pub async fn release_held(&self) -> usize {
+        let held: Vec<(String, ExtId)> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (owner, ext_id) in &held {
+            if let Err(e) = self.store.release(ext_id, owner, false).await {
+                tracing::warn!(error = %e, ext_id = %ext_id, "could not hand back a claim; it expires with its lease");
+            }
+        }
+        held.len()
+    }
+
+    fn hold(&self, owner: &str, ext_id: &ExtId) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(owner.to_owned(), ext_id.clone());
+    }
+
+    fn unhold(&self, owner: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(owner);
     }
 
     /// Report to `recorder` (the worker's metrics).
@@ -219,11 +265,14 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         tries: &Tries,
         owner: &str,
     ) -> Decision {
+        self.hold(owner, &command.ext_id);
         let result = tokio::select! {
-            r = self.provision(msg, command, trace, tries) => r,
+            r = self.provision(msg, command, trace, tries, owner) => r,
             never = self.keep_lease(&command.ext_id, owner, tries) => match never {},
         };
-        self.settle(msg, command, owner, tries, result).await
+        let decision = self.settle(msg, command, owner, tries, result).await;
+        self.unhold(owner);
+        decision
     }
 
     async fn settle(
@@ -238,7 +287,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         let provisioned = match result {
             Ok(p) => p,
             Err(d) => {
-                if let Err(e) = self.store.release(&command.ext_id, owner).await {
+                if let Err(e) = self.store.release(&command.ext_id, owner, true).await {
                     tracing::warn!(error = %e, "could not release the claim; it expires with its lease");
                 }
                 return match d {
@@ -250,14 +299,25 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 };
             }
         };
+        // A group found by List may carry another name or parent than the command (it was
+        // created under what an earlier POST sent): the event and record say what exists.
+        let (name, parent) = match &provisioned.found {
+            Some(g) => (
+                g.org_unit_name.clone(),
+                g.org_unit_parent_id.unwrap_or(command.parent_id),
+            ),
+            None => (command.name.clone(), command.parent_id),
+        };
         let record = CreatedRecord {
             org_unit_id: provisioned.org_unit_id,
             created_at: crate::clock::now_rfc3339(),
             api_request_id: provisioned.api_request_id.clone(),
-            org_unit_name: command.name.clone(),
-            org_unit_parent_id: command.parent_id,
+            org_unit_name: name,
+            org_unit_parent_id: parent,
             fingerprint: fingerprint(command),
         };
+        let mut duplicate = provisioned.duplicate;
+        let mut reported = record.clone();
         match self
             .store
             .record_created(&command.ext_id, owner, &record, self.config.ttl)
@@ -267,11 +327,17 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             Ok(RecordResult::Fenced(Some(existing)))
                 if existing.org_unit_id != record.org_unit_id =>
             {
+                // Our POST landed after the claim was taken over and another group was
+                // recorded: two groups exist for one ext id. The recorded one stands (every
+                // other delivery reports it); ours is an orphan that someone must remove.
+                self.recorder.orphan();
                 tracing::error!(
-                    org_unit_id = record.org_unit_id,
+                    orphan_org_unit_id = record.org_unit_id,
                     recorded_org_unit_id = existing.org_unit_id,
-                    "another owner recorded a different group for this ext id"
+                    "orphaned group: created after the claim was lost, while another group is recorded for this ext id"
                 );
+                duplicate = true;
+                reported = existing;
             }
             Ok(RecordResult::Fenced(_)) => {
                 tracing::warn!("lease was taken over; the newer owner's record stands");
@@ -279,8 +345,10 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             // The group exists and the event says so; a later duplicate finds it by List.
             Err(e) => tracing::warn!(error = %e, "could not record the created group in Redis"),
         }
-        let mut event = CreatedEvent::new(msg, command, &record, provisioned.duplicate, attempts);
-        event.api_request_id = provisioned.api_request_id;
+        let mut event = CreatedEvent::new(msg, command, &reported, duplicate, attempts);
+        if reported.org_unit_id == record.org_unit_id {
+            event.api_request_id = provisioned.api_request_id;
+        }
         Decision::Created { event }
     }
 

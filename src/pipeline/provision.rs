@@ -1,11 +1,16 @@
 //! The provisioning loop of one claimed delivery: the in-process retry loop around one
-//! "try" (List when an earlier POST may have landed, attempt marker, POST, reconciliation
-//! of a rejection).
+//! "try" (look the group up when an earlier POST may have landed, attempt marker, POST,
+//! reconciliation of a rejection).
 //!
 //! Invariants:
-//! - an attempt marker is written before every POST, and whenever an earlier POST (of any
-//!   delivery) may have reached the API, the parent's children are listed first: a group
-//!   with our ext id is success and no POST is sent;
+//! - an attempt marker is written before every POST — atomically with a check that the
+//!   claim is still ours, so a worker that lost it never posts — and keeps the name and
+//!   parent posted;
+//! - whenever an earlier POST (of any delivery) may have reached the API, the group is
+//!   looked up first, under the command's name *and* every name and parent an earlier POST
+//!   used: a group with our ext id is success and no POST is sent;
+//! - a delivery that takes over from one that never settled (its marker is still open)
+//!   posts nothing until that one's POST must have ended (`api.timeout` plus a margin);
 //! - every 4xx rejection is reconciled against the listing before it is called a failure;
 //! - no POST after the lease was lost, or while the circuit is open; a 429 holds back every
 //!   API call of the worker, not just this one.
@@ -24,7 +29,7 @@ use super::disposition::{Disposition, disposition};
 use super::inbound::Inbound;
 use super::processor::Processor;
 use super::reconcile::{Reconciled, reconcile};
-use super::store::DedupStore;
+use super::store::{DedupStore, Posting};
 
 /// Per-delivery bookkeeping shared by the tries of one retry loop (and the lease keeper).
 #[derive(Default)]
@@ -35,6 +40,8 @@ pub(super) struct Tries {
     maybe_committed: AtomicU32,
     /// Whether some earlier POST (any delivery) may have reached the API.
     may_have_reached: AtomicBool,
+    /// Look the ext id up among all of the parent's children before the next POST.
+    scan_parent: AtomicBool,
     pub(super) lease_lost: AtomicBool,
     last_status: AtomicU32,
 }
@@ -73,7 +80,13 @@ pub(super) struct Provisioned {
     pub org_unit_id: i64,
     pub api_request_id: Option<String>,
     pub duplicate: bool,
+    /// The group as the listing showed it, when it was found rather than created by this
+    /// delivery's POST (its name may differ from the command's).
+    pub found: Option<GroupSummary>,
 }
+
+/// Where the group may be: `(parent, name)` pairs, the command's first.
+struct Lookups(Vec<(i64, String)>);
 
 impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     /// The in-process retry loop around [`Self::try_once`].
@@ -83,17 +96,48 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         command: &CreateGroup,
         trace: &Traceparent,
         tries: &Tries,
+        owner: &str,
     ) -> Result<Provisioned, Disposition> {
+        let store_fault =
+            |e: super::store::StoreError| Disposition::Pause(SystemFault::Store(e.to_string()));
+        let marker = self
+            .store
+            .attempt(&command.ext_id)
+            .await
+            .map_err(store_fault)?;
+        if let Some(m) = marker.as_ref().filter(|m| m.open) {
+            // The delivery that posted last never settled (crashed, frozen, cut off): its
+            // POST may still be in the air. Post nothing until it must have ended.
+            let must_end = self.config.api_timeout + self.config.takeover_margin;
+            if m.age < must_end {
+                let wait = must_end - m.age;
+                tracing::warn!(
+                    wait_ms = wait.as_millis() as u64,
+                    "an earlier POST for this ext id may still be in the air; waiting before looking it up"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let mut lookups = Lookups(vec![(command.parent_id, command.name.clone())]);
+        for (parent, name) in marker.iter().flat_map(|m| m.posted.iter()) {
+            let pair = (*parent, name.clone());
+            if !lookups.0.contains(&pair) {
+                lookups.0.push(pair);
+            }
+        }
+        // Nothing in the store about this ext id: with `dedup.verify_unknown`, look for it
+        // among all of the parent's children before the first POST (Redis may have lost it).
+        let unknown = marker.is_none() && !msg.may_have_been_attempted();
+        if unknown && self.config.verify_unknown {
+            tries.scan_parent.store(true, Ordering::SeqCst);
+        }
         let earlier = tries.may_have_reached.load(Ordering::SeqCst)
             || msg.may_have_been_attempted()
-            || self
-                .store
-                .has_attempt(&command.ext_id)
-                .await
-                .map_err(|e| Disposition::Pause(SystemFault::Store(e.to_string())))?;
+            || marker.is_some()
+            || tries.scan_parent.load(Ordering::SeqCst);
         tries.may_have_reached.store(earlier, Ordering::SeqCst);
         let policy = self.config.policy;
-        (|| self.try_once(command, trace, tries))
+        (|| self.try_once(command, trace, tries, owner, &lookups))
             .retry(policy)
             .sleep(tokio::time::sleep)
             .when(|d: &Disposition| matches!(d, Disposition::Retry(_)))
@@ -117,11 +161,12 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         command: &CreateGroup,
         trace: &Traceparent,
         tries: &Tries,
+        owner: &str,
+        lookups: &Lookups,
     ) -> Result<Provisioned, Disposition> {
         self.gate().await?;
         if tries.may_have_reached.load(Ordering::SeqCst) {
-            let children = self.list_children(command, trace, tries).await?;
-            match reconcile(command, children) {
+            match self.look_up(command, trace, tries, lookups).await? {
                 Reconciled::Found(group) => {
                     tracing::info!(
                         org_unit_id = group.org_unit_id,
@@ -131,6 +176,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                         org_unit_id: group.org_unit_id,
                         api_request_id: None,
                         duplicate: tries.found_is_duplicate(),
+                        found: Some(group),
                     });
                 }
                 Reconciled::NameTaken(other) => {
@@ -143,10 +189,20 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             return Err(Disposition::Pause(SystemFault::LeaseLost));
         }
         self.gate().await?;
-        self.store
-            .mark_attempt(&command.ext_id, self.config.ttl)
+        let posting = Posting {
+            parent: command.parent_id,
+            name: &command.name,
+        };
+        let marked = self
+            .store
+            .mark_attempt(&command.ext_id, owner, posting, self.config.ttl)
             .await
             .map_err(|e| Disposition::Pause(SystemFault::Store(e.to_string())))?;
+        if !marked {
+            // The claim is not ours any more: another owner may be posting.
+            tries.lease_lost.store(true, Ordering::SeqCst);
+            return Err(Disposition::Pause(SystemFault::LeaseLost));
+        }
         tries.may_have_reached.store(true, Ordering::SeqCst);
         tries.posts.fetch_add(1, Ordering::SeqCst);
         match self.api.create_group(command, Some(trace)).await {
@@ -158,6 +214,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     org_unit_id: created.org_unit_id,
                     api_request_id: created.request_id,
                     duplicate: false,
+                    found: None,
                 })
             }
             Err(e) => {
@@ -168,7 +225,8 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 match e {
                     ApiError::Rejected { .. } | ApiError::DuplicateName { .. } => {
                         self.circuit.record_success();
-                        self.reconcile_rejection(command, trace, tries, e).await
+                        self.reconcile_rejection(command, trace, tries, lookups, e)
+                            .await
                     }
                     other => Err(self.api_failure(other)),
                 }
@@ -183,10 +241,10 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         command: &CreateGroup,
         trace: &Traceparent,
         tries: &Tries,
+        lookups: &Lookups,
         rejection: ApiError,
     ) -> Result<Provisioned, Disposition> {
-        let children = self.list_children(command, trace, tries).await?;
-        match reconcile(command, children) {
+        match self.look_up(command, trace, tries, lookups).await? {
             Reconciled::Found(group) => {
                 tracing::info!(
                     org_unit_id = group.org_unit_id,
@@ -196,6 +254,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     org_unit_id: group.org_unit_id,
                     api_request_id: None,
                     duplicate: tries.found_is_duplicate(),
+                    found: Some(group),
                 })
             }
             Reconciled::NameTaken(other) => Err(name_conflict(
@@ -213,23 +272,64 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         }
     }
 
-    /// List the parent's children by name. A 4xx from List (e.g. the parent does not
-    /// exist) means nothing can be found there.
-    async fn list_children(
+    /// Look the group up: under the command's name, under every `(parent, name)` an
+    /// earlier POST used, and — once, when the store knew nothing and
+    /// `dedup.verify_unknown` is on — among all of the parent's children.
+    async fn look_up(
         &self,
         command: &CreateGroup,
         trace: &Traceparent,
         tries: &Tries,
-    ) -> Result<Vec<GroupSummary>, Disposition> {
-        match self
-            .api
-            .find_children_named(command.parent_id, &command.name, Some(trace))
-            .await
-        {
-            // Only a POST that the API answers ends a run of failures: a working List says
-            // nothing about whether groups can be created.
-            Ok(children) => Ok(children),
-            Err(ApiError::Rejected { .. } | ApiError::DuplicateName { .. }) => Ok(Vec::new()),
+        lookups: &Lookups,
+    ) -> Result<Reconciled, Disposition> {
+        let mut named = Vec::new();
+        let mut elsewhere = Vec::new();
+        for (i, (parent, name)) in lookups.0.iter().enumerate() {
+            let children = self
+                .listing(
+                    tries,
+                    self.api.find_children_named(*parent, name, Some(trace)),
+                )
+                .await?;
+            let hit = children
+                .iter()
+                .any(|g| g.org_unit_ext_id.as_deref() == Some(command.ext_id.as_str()));
+            if i == 0 {
+                named = children;
+            } else {
+                elsewhere.extend(children);
+            }
+            if hit {
+                break;
+            }
+        }
+        if tries.scan_parent.swap(false, Ordering::SeqCst) {
+            let found = self
+                .listing(
+                    tries,
+                    self.api.find_child_with_ext_id(
+                        command.parent_id,
+                        command.ext_id.as_str(),
+                        Some(trace),
+                    ),
+                )
+                .await?;
+            elsewhere.extend(found);
+        }
+        Ok(reconcile(command, named, elsewhere))
+    }
+
+    /// One listing call. A 4xx (e.g. the parent does not exist) means nothing can be found
+    /// there; only a POST the API answers ends a run of failures (a working List says
+    /// nothing about whether groups can be created).
+    async fn listing<T: Default>(
+        &self,
+        tries: &Tries,
+        call: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, Disposition> {
+        match call.await {
+            Ok(found) => Ok(found),
+            Err(ApiError::Rejected { .. } | ApiError::DuplicateName { .. }) => Ok(T::default()),
             Err(e) => {
                 tries.note_status(e.http_status());
                 Err(self.api_failure(e))

@@ -16,6 +16,8 @@ pub trait Recorder: Send + Sync {
     fn dedup_hit(&self);
     /// Deliveries being processed now went up (+1) or down (-1).
     fn in_flight(&self, delta: i64);
+    /// A group was created for an ext id that already had another one recorded.
+    fn orphan(&self);
 }
 
 /// Records nothing (a processor built without a recorder).
@@ -29,6 +31,7 @@ impl Recorder for NoRecorder {
     fn retry(&self) {}
     fn dedup_hit(&self) {}
     fn in_flight(&self, _: i64) {}
+    fn orphan(&self) {}
 }
 
 /// Counts a delivery in flight until dropped.

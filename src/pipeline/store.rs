@@ -45,6 +45,29 @@ pub enum Claim {
     Unreadable { raw: String },
 }
 
+/// The attempt marker of an ext id: written right before every POST (kept `dedup.ttl`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptMarker {
+    /// POSTs ever about to be sent.
+    pub count: u32,
+    /// Since the last one was about to be sent, by the store's clock (the same for every
+    /// worker).
+    pub age: Duration,
+    /// The delivery that last posted never settled (it crashed, froze, or was cut off at
+    /// shutdown): its POST may still be in the air.
+    pub open: bool,
+    /// `(parent, name)` actually posted, oldest first (the most recent few): a command
+    /// re-sent with another name or parent is still looked up where it was created.
+    pub posted: Vec<(i64, String)>,
+}
+
+/// What a POST is about to send, for the attempt marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Posting<'a> {
+    pub parent: i64,
+    pub name: &'a str,
+}
+
 /// Result of recording a created group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordResult {
@@ -111,8 +134,8 @@ pub trait DedupStore: Send + Sync {
         owner: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Compare-and-set claimed(owner) → created. Never overwrites another owner's lease or
-    /// an existing created record.
+    /// Compare-and-set claimed(owner) → created, closing the attempt marker. Never
+    /// overwrites another owner's lease or an existing created record.
     fn record_created(
         &self,
         ext_id: &ExtId,
@@ -120,20 +143,32 @@ pub trait DedupStore: Send + Sync {
         record: &CreatedRecord,
         ttl: Duration,
     ) -> impl Future<Output = Result<RecordResult, StoreError>> + Send;
-    /// Drop our claim (if still ours) so a later delivery can claim at once.
+    /// Drop our claim (if still ours) so a later delivery can claim at once. With
+    /// `settled`, our POSTs have all ended and the attempt marker is closed; without
+    /// (shutdown cut the work off), it stays open, so the next owner waits out a POST that
+    /// may still be in the air.
     fn release(
         &self,
         ext_id: &ExtId,
         owner: &str,
+        settled: bool,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Note that a POST is about to be sent (kept `ttl`).
+    /// Atomically, only while `owner` holds the claim: note that a POST of `posting` is
+    /// about to be sent (the marker is kept `ttl`, open until the delivery settles).
+    /// `false` when the claim is no longer ours: nothing was marked and nothing may be
+    /// posted.
     fn mark_attempt(
         &self,
         ext_id: &ExtId,
+        owner: &str,
+        posting: Posting<'_>,
         ttl: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Whether any POST was ever about to be sent for this ext id.
-    fn has_attempt(&self, ext_id: &ExtId) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// The attempt marker, if any POST was ever about to be sent for this ext id.
+    fn attempt(
+        &self,
+        ext_id: &ExtId,
+    ) -> impl Future<Output = Result<Option<AttemptMarker>, StoreError>> + Send;
     /// Whether the store answers at all: the circuit's probe.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -31,6 +31,9 @@ fn config() -> ProcessorConfig {
         ttl: Duration::from_secs(3600),
         worker_id: "test:1".into(),
         failure_threshold: 100,
+        api_timeout: Duration::from_secs(2),
+        takeover_margin: Duration::from_secs(1),
+        verify_unknown: false,
     }
 }
 
@@ -783,7 +786,7 @@ async fn a_post_that_lands_after_a_takeover_does_not_overwrite_the_new_owner() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_record_by_another_owner_stands() {
+async fn a_group_created_after_another_was_recorded_is_an_orphan() {
     let h = Harness::new();
     h.api().set_post_latency(Duration::from_secs(2));
     let theirs = CreatedRecord {
@@ -800,10 +803,20 @@ async fn a_record_by_another_owner_stands() {
         h.store().put_created(&ext("LL-3"), theirs.clone());
     };
     let (v, ()) = tokio::join!(work, record);
-    assert_ne!(
-        created(&v).org_unit_id,
-        9999,
-        "the event names the group we created"
+    let event = created(&v);
+    assert_eq!(
+        event.org_unit_id, 9999,
+        "the event names the recorded group"
+    );
+    assert!(
+        event.duplicate,
+        "this delivery did not create the recorded group"
+    );
+    assert_eq!(h.rec.get("orphan"), 1, "our group is reported as an orphan");
+    assert_eq!(
+        h.api().groups_for("LL-3"),
+        1,
+        "the orphan exists in the API"
     );
     assert_eq!(
         h.store().created(&ext("LL-3")),
@@ -942,4 +955,155 @@ async fn an_unreadable_record_is_replaced_and_the_group_found_by_list() {
     );
     assert_eq!(h.api().groups_for("UR-2"), 1);
     assert!(!h.p.circuit().is_open());
+}
+
+// --- takeovers, names that changed, Redis that forgot ------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_takeover_waits_out_a_post_that_may_still_be_in_the_air() {
+    let h = Harness::new();
+    // A delivery that never settled posted "Old name" just now; its group landed.
+    h.store()
+        .put_marker(&ext("TO-1"), true, &[(PARENT, "Old name")]);
+    let id = h.api().seed(PARENT, "Old name", Some("TO-1"));
+    let started = Instant::now();
+    let v = h.run(msg("TO-1")).await;
+    let must_end = config().api_timeout + config().takeover_margin;
+    assert!(started.elapsed() >= must_end, "{:?}", started.elapsed());
+    let event = created(&v);
+    assert_eq!(
+        event.org_unit_id, id,
+        "found under the name that was posted"
+    );
+    assert_eq!(
+        event.org_unit_name, "Old name",
+        "the event names the group as it is"
+    );
+    assert!(event.duplicate);
+    assert_eq!(h.api().posts(), 0);
+    assert_eq!(h.api().groups_for("TO-1"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_settled_marker_is_not_waited_for_but_its_names_are_looked_up() {
+    let h = Harness::new();
+    h.store()
+        .put_marker(&ext("TO-2"), false, &[(PARENT, "Old name")]);
+    let started = Instant::now();
+    let v = h.run(msg("TO-2")).await;
+    assert!(started.elapsed() < Duration::from_millis(10), "no wait");
+    assert!(
+        !created(&v).duplicate,
+        "nothing found: this delivery created it"
+    );
+    assert_eq!(
+        (h.api().posts(), h.api().lists()),
+        (1, 2),
+        "both names looked up"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renamed_command_finds_the_group_an_earlier_post_created() {
+    let h = Harness::new();
+    // The first delivery's POST commits, but its answer is lost and the retries fail.
+    h.api()
+        .script([Answer::CommitThen(ApiError::UnknownOutcome {
+            message: "timed out".into(),
+        })]);
+    h.api().fail_lists((0..3).map(|_| transient(503)));
+    let v = h.run(msg("RN-1")).await;
+    assert!(
+        matches!(v.decision, Decision::Delay { tier: 0, .. }),
+        "{v:?}"
+    );
+    // Upstream renames the command before it comes back.
+    let renamed = Inbound {
+        body: json!({"org_unit_ext_id": "RN-1", "org_unit_name": "Renamed", "org_unit_parent_id": PARENT})
+            .to_string()
+            .into_bytes(),
+        attempts: 1,
+        retries: 1,
+        ..Inbound::default()
+    };
+    let v = h.run(renamed).await;
+    let event = created(&v);
+    assert_eq!(
+        event.org_unit_name, "Group RN-1",
+        "found under the name that was posted"
+    );
+    assert_eq!(h.api().groups_for("RN-1"), 1, "no second group");
+    assert_eq!(h.api().posts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn verify_unknown_finds_a_group_redis_forgot_under_any_name() {
+    // Redis lost everything; upstream renamed the command meanwhile.
+    let lost = |verify_unknown| async move {
+        let h = Harness::with(ProcessorConfig {
+            verify_unknown,
+            ..config()
+        });
+        h.api().seed(PARENT, "Alpha", Some("CRM-42"));
+        let renamed = Inbound {
+            body: json!({"org_unit_ext_id": "CRM-42", "org_unit_name": "Alpha (renamed upstream)", "org_unit_parent_id": PARENT})
+                .to_string()
+                .into_bytes(),
+            ..Inbound::default()
+        };
+        let v = h.run(renamed).await;
+        (created(&v).clone(), h.api().groups_for("CRM-42"))
+    };
+    let (event, groups) = lost(true).await;
+    assert!(event.duplicate);
+    assert_eq!(event.org_unit_name, "Alpha");
+    assert_eq!(groups, 1, "with dedup.verify_unknown: found by ext id");
+    let (event, groups) = lost(false).await;
+    assert!(!event.duplicate);
+    assert_eq!(groups, 2, "without it, the documented gap: a second group");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_post_is_never_sent_once_the_claim_is_gone() {
+    let h = Harness::new();
+    h.api().script([Answer::Fail(transient(503))]);
+    h.api().set_post_latency(Duration::from_secs(1));
+    let work = h.run(msg("GONE-1"));
+    let steal = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        h.store()
+            .claim_for(&ext("GONE-1"), "newer/1", Duration::from_secs(30));
+    };
+    let (v, ()) = tokio::join!(work, steal);
+    assert_eq!(parked(&v), &SystemFault::LeaseLost);
+    assert_eq!(
+        h.api().posts(),
+        1,
+        "the retry found the claim gone before marking"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_hands_back_claims_but_keeps_the_marker_open() {
+    let h = Harness::new();
+    h.api().set_post_latency(Duration::from_secs(10));
+    let work = h.run(msg("SD-1"));
+    let cut = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(h.store().claimant(&ext("SD-1")).is_some());
+        assert_eq!(h.p.release_held().await, 1);
+    };
+    tokio::select! {
+        _ = work => panic!("the POST takes 10 s"),
+        () = cut => {}
+    }
+    assert_eq!(
+        h.store().claimant(&ext("SD-1")),
+        None,
+        "the claim is handed back"
+    );
+    assert!(
+        h.store().marker_open(&ext("SD-1")),
+        "the POST may be in the air"
+    );
 }

@@ -114,7 +114,11 @@ pub struct RequestRecord {
 pub struct SimStats {
     /// Groups created through `POST /v3/groups` (seeds excluded).
     pub groups_created: u64,
+    /// Create requests answered (or dropped) so far.
     pub create_requests: u64,
+    /// Create requests received so far, answered or not (latency still running).
+    #[serde(default)]
+    pub creates_received: u64,
     pub list_requests: u64,
     /// Groups per ext id, over created and seeded groups.
     pub per_ext_id: BTreeMap<String, u64>,
@@ -137,6 +141,7 @@ pub(crate) struct State {
     pub seq: u64,
     pub created: u64,
     pub create_requests: u64,
+    pub creates_received: u64,
     pub list_requests: u64,
     /// Issued access tokens and when they expire.
     pub access_tokens: HashMap<String, SystemTime>,
@@ -179,6 +184,7 @@ impl State {
             seq: 0,
             created: 0,
             create_requests: 0,
+            creates_received: 0,
             list_requests: 0,
             access_tokens: HashMap::new(),
             refresh_tokens: HashMap::new(),
@@ -259,6 +265,7 @@ impl State {
             refresh_reuse: self.refresh_reuse,
             groups_created: self.created,
             create_requests: self.create_requests,
+            creates_received: self.creates_received,
             list_requests: self.list_requests,
             per_ext_id,
             duplicated_ext_ids,

@@ -169,6 +169,7 @@ async fn create_group(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    sim.lock().creates_received += 1;
     apply_latency(&sim).await;
     let parsed: Option<serde_json::Map<String, Value>> = serde_json::from_slice(&body).ok();
     let ext_id = parsed

@@ -192,6 +192,10 @@ async fn session(
                 in_flight = tracker.len(),
                 "drain timeout: returning unfinished deliveries to the queue"
             );
+            // Hand their claims back first: the next delivery of each can go ahead at once
+            // (their attempt markers stay open, so a POST in the air is still waited out).
+            let released = shared.processor.release_held().await;
+            tracing::info!(released, "claims of unfinished deliveries handed back");
             abort.cancel();
             let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
         }

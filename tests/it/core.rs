@@ -46,6 +46,9 @@ impl Core {
                 ttl: Duration::from_secs(600),
                 worker_id: "test:1".into(),
                 failure_threshold: 100,
+                api_timeout: Duration::from_secs(2),
+                takeover_margin: Duration::from_millis(500),
+                verify_unknown: false,
             },
         );
         Core {

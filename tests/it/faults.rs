@@ -421,9 +421,11 @@ async fn deliveries_unfinished_at_the_drain_timeout_go_back_to_the_queue() {
     )
     .await;
 
-    // The API calls that were cut off may still land: the next worker lists before posting.
+    // The API calls that were cut off may still land: the next worker waits until they
+    // must have ended (its api.timeout plus a margin), then lists before posting.
     env.sim.sim.update_faults(|f| f.latency_ms = 0);
     settings.shutdown.drain_timeout = Duration::from_secs(10);
+    settings.api.timeout = Duration::from_secs(2);
     let again = env.spawn_worker_with(settings).await;
     all_done_exactly_once(&env, &mut tap, &exts, &exts, Duration::from_secs(60)).await;
     again.shutdown();

@@ -8,6 +8,7 @@ mod client;
 mod core;
 mod deploy;
 mod faults;
+mod guarantees;
 mod helpers;
 mod hostile;
 mod layout;
