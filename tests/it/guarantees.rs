@@ -110,8 +110,14 @@ async fn with_verify_unknown_a_renamed_command_after_redis_lost_its_data_finds_i
     .await;
     let first = tap.next(Duration::from_secs(20)).await;
     assert_eq!(first.body["duplicate"], false);
-    // Redis restarted without persistence: everything the worker knew is gone.
+    // Redis restarted without persistence: everything the worker knew is gone. The parent
+    // has 250 other children, so the lookup by ext id pages through them.
     delete_redis_prefix(&env.prefix).await;
+    for i in 0..250 {
+        env.sim
+            .sim
+            .seed_group(1000, &format!("Other {i}"), Some(&format!("OTHER-{i}")));
+    }
     let lists_before = env.sim.sim.stats().list_requests;
     env.send(&json!({"org_unit_ext_id": "CRM-42", "org_unit_name": "Alpha (renamed upstream)", "org_unit_parent_id": 1000}))
         .await;
@@ -123,8 +129,21 @@ async fn with_verify_unknown_a_renamed_command_after_redis_lost_its_data_finds_i
     assert_eq!(env.sim.sim.groups_for("CRM-42").len(), 1, "no second group");
     assert_eq!(
         env.sim.sim.stats().list_requests - lists_before,
-        2,
-        "the cost: the usual listing by name, plus the parent's children (one page here)"
+        1 + 1,
+        "the listing by name, plus the first page of children (where it was found)"
+    );
+    // The cost for every new ext id: the parent's children are paged through to the end.
+    let lists_before = env.sim.sim.stats().list_requests;
+    env.send(
+        &json!({"org_unit_ext_id": "NEW-1", "org_unit_name": "New", "org_unit_parent_id": 1000}),
+    )
+    .await;
+    let new = tap.next(Duration::from_secs(20)).await;
+    assert_eq!(new.body["duplicate"], false);
+    assert_eq!(
+        env.sim.sim.stats().list_requests - lists_before,
+        1 + 3,
+        "the listing by name, plus one call per 100 of the parent's 251 children"
     );
     w.stop().await;
     env.cleanup().await;
