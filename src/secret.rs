@@ -29,28 +29,54 @@ impl SecretUrl {
     }
 }
 
-/// `s` with the password of its userinfo (if any) replaced by `***`; text that is not a
-/// URL at all is replaced entirely.
+/// `s` with the password of its userinfo (if any) replaced by `***`, and the values of
+/// password-like query parameters (`pass=`, `password=`, …) too; text that is not a URL
+/// at all is replaced entirely. Written for URLs that may not even parse: a password may
+/// hold `@`, `/` or `?`, so the userinfo runs to the *last* `@` of the whole string.
 pub fn redact_url(s: &str) -> String {
     let Some(scheme_end) = s.find("://") else {
         return "[redacted]".to_owned();
     };
+    let scheme = &s[..scheme_end + 3];
     let rest = &s[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_owned()
-            };
-            format!("{}{}@{}", &s[..scheme_end + 3], masked, &rest[at + 1..])
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let mut out = String::from(scheme);
+    if let Some(info) = userinfo {
+        match info.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***@")),
+            // Only a user: still unknown whether it is one (`redis://secret@host`).
+            None => out.push_str(&format!("{info}@")),
         }
-        None => s.to_owned(),
     }
+    out.push_str(&redact_query(after));
+    out
+}
+
+/// `host/path?db=0&pass=x` → `host/path?db=0&pass=***`.
+fn redact_query(text: &str) -> String {
+    let Some((head, query)) = text.split_once('?') else {
+        return text.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if is_secret_param(k) => format!("{k}=***"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{head}?{}", params.join("&"))
+}
+
+fn is_secret_param(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "pass", "password", "passwd", "pwd", "secret", "token", "auth",
+    ]
+    .iter()
+    .any(|s| k == *s || k.ends_with(&format!("_{s}")))
 }
 
 impl PartialEq for SecretUrl {
@@ -94,5 +120,20 @@ mod tests {
         let user_only = SecretUrl::new("redis://default@host/0");
         assert_eq!(user_only.redacted(), "redis://default@host/0");
         assert_eq!(redact_url("not a url"), "[redacted]");
+        // Passwords holding the characters that end an authority, in URLs that may not
+        // parse at all.
+        assert_eq!(
+            redact_url("amqp://guest:SEC?RET@127.0.0.1:notaport/%2f"),
+            "amqp://guest:***@127.0.0.1:notaport/%2f"
+        );
+        assert_eq!(redact_url("redis://:SEC/RET@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(
+            redact_url("amqp://guest:pw@SEC/RET@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///tmp/r.sock?db=0&pass=s3cr3t"),
+            "redis+unix:///tmp/r.sock?db=0&pass=***"
+        );
     }
 }

@@ -5,7 +5,10 @@
 //!   `correlation_id` of the delivery) are flattened into each line next to the event's
 //!   own fields, so `jq 'select(.ext_id == "X")'` finds everything about one ext id;
 //! - initialised once per process, before anything logs; the filter comes from
-//!   `log.level` (validated by the config layer).
+//!   `log.level` (validated by the config layer);
+//! - other crates never log below `info`, whatever `log.level` asks: at `debug`/`trace`
+//!   the AMQP client prints its frames (the login with its password, message bodies with
+//!   phone numbers) and HTTP stacks their headers.
 
 use std::fmt;
 
@@ -13,27 +16,50 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{FilterExt, filter_fn};
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, LogSettings};
 
 pub fn init(settings: &LogSettings) {
-    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+    let filter = EnvFilter::try_new(&settings.level)
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .and(filter_fn(|meta| {
+            ours(meta.target()) || *meta.level() <= Level::INFO
+        }));
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = match settings.format {
-        LogFormat::Json => builder
-            .fmt_fields(JsonFields::new())
-            .event_format(FlatJson)
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stdout)
+                    .fmt_fields(JsonFields::new())
+                    .event_format(FlatJson)
+                    .with_filter(filter),
+            )
             .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Pretty => tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stdout)
+                    .with_filter(filter),
+            )
+            .try_init(),
     };
+}
+
+/// Log targets of this project (the library and its binaries).
+fn ours(target: &str) -> bool {
+    ["group_provisioner", "convirza_sim"]
+        .iter()
+        .any(|t| target == *t || target.starts_with(&format!("{t}::")))
 }
 
 /// Operator commands: warnings and errors only, to stderr, so stdout stays their output.

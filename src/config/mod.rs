@@ -308,21 +308,68 @@ impl Settings {
         if let Some(text) = &sources.toml {
             builder = builder.add_source(LowercaseKeys(File::from_str(text, FileFormat::Toml)));
         }
+        let env = match sources.env.clone() {
+            Some(map) => map,
+            None => process_env()?,
+        };
         builder = builder.add_source(
             Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
-                .source(sources.env.clone()),
+                .source(Some(env)),
         );
         let merged = builder.build().map_err(|e| {
             let origin = sources
                 .file
                 .as_ref()
                 .map_or_else(|| "--config".to_owned(), |p| p.display().to_string());
-            ConfigError::new(origin, e.to_string())
+            ConfigError::new(origin, parse_error_without_text(&e))
         })?;
         let raw: raw::Raw = serde_path_to_error::deserialize(merged).map_err(raw::key_error)?;
         raw.into_settings(sources.credentials)
+    }
+}
+
+/// The `PROVISIONER__…` variables of the process. A value that is not UTF-8 is an error
+/// naming the key, never showing the value (it may be a password).
+fn process_env() -> Result<HashMap<String, String>, ConfigError> {
+    let prefix = format!("{ENV_PREFIX}__");
+    let mut out = HashMap::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with(&prefix)) else {
+            continue;
+        };
+        let Some(value) = value.to_str() else {
+            let key = name[prefix.len()..].to_lowercase().replace("__", ".");
+            return Err(ConfigError::new(
+                key,
+                format!("{name} is not valid UTF-8 (its value is not shown)"),
+            ));
+        };
+        out.insert(name.to_owned(), value.to_owned());
+    }
+    Ok(out)
+}
+
+/// A file that does not parse, said in one line without quoting the file: the line that
+/// failed may hold a token. TOML errors come as "TOML parse error at line L, column C",
+/// an excerpt, and the reason; only the first and the last are kept.
+fn parse_error_without_text(e: &::config::ConfigError) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    match (lines.first(), lines.last()) {
+        (Some(first), Some(last)) if lines.len() > 1 && first.contains("parse error") => {
+            let reason = last.split(" in ").next().unwrap_or(last);
+            format!("{first}: {reason}")
+        }
+        _ => {
+            // Not a TOML excerpt: still one line, never more than the message's first.
+            lines.first().map_or_else(String::new, |l| (*l).to_owned())
+        }
     }
 }
 

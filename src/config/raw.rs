@@ -302,6 +302,25 @@ fn url(key: &str, value: &str, schemes: &[&str]) -> Result<String, ConfigError> 
     Ok(v.to_owned())
 }
 
+/// An HTTP URL of the API: credentials never go in it (they would print wherever the URL
+/// does, and the API authenticates with `api.token` or a login).
+fn api_url(key: &str, value: &str) -> Result<String, ConfigError> {
+    let v = url(key, value, &["http", "https"])?;
+    let parsed = reqwest::Url::parse(&v).map_err(|e| {
+        ConfigError::new(key, format!("{:?} is not a valid URL: {e}", redact_url(&v)))
+    })?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{:?} carries credentials; put them in api.token or api.email/api.password",
+                redact_url(&v)
+            ),
+        ));
+    }
+    Ok(v.trim_end_matches('/').to_owned())
+}
+
 /// An AMQP exchange, queue or routing key name: 1–255 bytes, no control characters.
 fn name(key: &str, value: &str) -> Result<String, ConfigError> {
     let trimmed = value.trim();
@@ -499,12 +518,8 @@ impl RawRedis {
 
 impl RawApi {
     fn into_settings(self, credentials: Credentials) -> Result<ApiSettings, ConfigError> {
-        let base_url = url("api.base_url", &self.base_url, &["http", "https"])?
-            .trim_end_matches('/')
-            .to_owned();
-        let auth_url = url("api.auth_url", &self.auth_url, &["http", "https"])?
-            .trim_end_matches('/')
-            .to_owned();
+        let base_url = api_url("api.base_url", &self.base_url)?;
+        let auth_url = api_url("api.auth_url", &self.auth_url)?;
         let timeout = at_least("api.timeout", self.timeout, Duration::from_millis(1))?;
         let auth = ApiAuth::from_raw(
             self.auth,

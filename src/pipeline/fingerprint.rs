@@ -1,8 +1,10 @@
 //! Fingerprints: which fields of a later duplicate differ from the command that created
 //! the group, without keeping the values.
 //!
-//! Invariant: only FNV-1a hashes of field values are stored (stable across builds), so
-//! addresses and phone numbers never reach Redis.
+//! Invariant: personal fields (address, city, zip, phone number) are not fingerprinted at
+//! all, and unknown fields only by name: what is stored are FNV-1a hashes (stable across
+//! builds) of the group's own, non-personal fields. A hash of a low-entropy value can be
+//! reversed by trying values, which is why nothing personal is hashed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,16 +21,21 @@ pub fn fingerprint(command: &CreateGroup) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The fields of `command` that differ from the command that created `record`.
+/// The fields of `command` that differ from the command that created `record`. Fields an
+/// older version fingerprinted and this one does not (personal ones) are not compared.
 pub fn differing_fields(command: &CreateGroup, record: &CreatedRecord) -> Vec<String> {
     let ours = fingerprint(command);
     ours.keys()
-        .chain(record.fingerprint.keys())
+        .chain(record.fingerprint.keys().filter(|k| !is_personal(k)))
         .filter(|k| ours.get(*k) != record.fingerprint.get(*k))
         .cloned()
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
+}
+
+fn is_personal(field: &str) -> bool {
+    crate::command::PII_FIELDS.contains(&field)
 }
 
 /// Log the differing fields of a duplicate, if any: the group is not changed, and whoever

@@ -84,6 +84,39 @@ fn http() -> reqwest::Client {
         .expect("http client")
 }
 
+/// A broker user with full permissions on `vhost` (management HTTP API); delete it with
+/// [`delete_user`].
+pub async fn create_user(name: &str, password: &str, vhost: &str) {
+    let c = http();
+    for (path, body) in [
+        (
+            format!("users/{name}"),
+            serde_json::json!({"password": password, "tags": ""}),
+        ),
+        (
+            format!("permissions/{vhost}/{name}"),
+            serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        ),
+    ] {
+        let r = c
+            .put(format!("{MANAGEMENT}/api/{path}"))
+            .basic_auth("guest", Some("guest"))
+            .json(&body)
+            .send()
+            .await
+            .expect("management API");
+        assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+    }
+}
+
+pub async fn delete_user(name: &str) {
+    let _ = http()
+        .delete(format!("{MANAGEMENT}/api/users/{name}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await;
+}
+
 /// Create a vhost with full permissions for guest (management HTTP API).
 pub async fn create_vhost(name: &str) {
     let c = http();
@@ -641,6 +674,11 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start(port: u16) -> RedisServer {
+        RedisServer::start_with(port, &[]).await
+    }
+
+    /// With extra `redis-server` arguments (e.g. `--requirepass`).
+    pub async fn start_with(port: u16, extra: &[&str]) -> RedisServer {
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -652,6 +690,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server runs (installed by scripts/services.sh)");

@@ -15,3 +15,4 @@ mod layout;
 mod ops;
 mod pipeline;
 mod process;
+mod secrets;
