@@ -36,7 +36,7 @@ impl ExtId {
         if chars == 0 {
             return Err(CommandError::field("org_unit_ext_id", "must not be empty"));
         }
-        if value.trim().is_empty() {
+        if crate::text::is_blank(value) {
             return Err(CommandError::field("org_unit_ext_id", "must not be blank"));
         }
         if chars > MAX_EXT_ID_CHARS {
@@ -78,14 +78,22 @@ pub enum CommandError {
     NotJson(String),
     #[error("body is JSON but not an object (got {0})")]
     NotAnObject(&'static str),
-    #[error("field {0:?} appears more than once")]
+    #[error("field \"{}\" appears more than once", shown_name(.0))]
     DuplicateField(String),
     #[error("{field}: {reason}")]
     Field { field: &'static str, reason: String },
     /// An unknown field (passed through to the API) that the API could not read.
-    #[error("{field}: {reason}")]
+    #[error("{}: {reason}", shown_name(.field))]
     Passthrough { field: String, reason: String },
 }
+
+/// A field name from the body as an error message shows it: escaped and bounded, since
+/// the message goes to logs, the failure event and the dead letter.
+fn shown_name(name: &str) -> String {
+    crate::text::printable(name, MAX_SHOWN_NAME_CHARS)
+}
+
+const MAX_SHOWN_NAME_CHARS: usize = 128;
 
 impl CommandError {
     fn field(field: &'static str, reason: impl Into<String>) -> Self {
@@ -168,6 +176,13 @@ impl CreateGroup {
         content_encoding: Option<&str>,
         body: &[u8],
     ) -> Result<CreateGroup, InvalidCommand> {
+        // Before anything reads the body (the ext id hint parses it).
+        if body.len() > MAX_BODY_BYTES {
+            return Err(InvalidCommand {
+                ext_id: None,
+                error: CommandError::TooLarge(body.len()),
+            });
+        }
         if let Some(enc) = content_encoding
             && !enc.trim().is_empty()
             && !enc.trim().eq_ignore_ascii_case("identity")
@@ -399,6 +414,13 @@ fn check_passthrough(field: &str, raw: &RawValue) -> Result<(), CommandError> {
         field: field.to_owned(),
         reason,
     };
+    // The name goes to the API as a key and to logs as a field name: no control
+    // characters (NUL included; no legitimate field has one).
+    if field.chars().any(char::is_control) {
+        return Err(reject(
+            "the field name contains a control character".to_owned(),
+        ));
+    }
     let value: serde_json::Value = serde_json::from_str(raw.get()).map_err(|e| {
         let text = without_position(&e);
         reject(if text.contains("recursion limit") {
@@ -466,7 +488,7 @@ fn build(ext_id: ExtId, fields: Fields) -> Result<CreateGroup, CommandError> {
         None => return Err(CommandError::field("org_unit_name", "is required")),
         Some(raw) => string_field("org_unit_name", raw)?,
     };
-    if name.trim().is_empty() {
+    if crate::text::is_blank(&name) {
         return Err(CommandError::field("org_unit_name", "must not be blank"));
     }
     let name_chars = name.chars().count();
@@ -771,6 +793,62 @@ mod tests {
             .expect_err("wrong type");
         assert_eq!(e.ext_id.map(|x| x.to_string()).as_deref(), Some("ORG-1"));
         assert!(matches!(e.error, CommandError::ContentType(_)));
+    }
+
+    #[test]
+    fn an_ext_id_or_name_that_shows_nothing_is_blank() {
+        for invisible in ["\u{200b}", " \u{feff}\u{2060} ", "\u{202e}\u{200d}"] {
+            let (_, field, reason) = field_error(
+                json!({"org_unit_ext_id": invisible, "org_unit_name": "n", "org_unit_parent_id": 1}),
+            );
+            assert_eq!(
+                (field.as_str(), reason.as_str()),
+                ("org_unit_ext_id", "must not be blank")
+            );
+            let (_, field, _) = field_error(
+                json!({"org_unit_ext_id": "E", "org_unit_name": invisible, "org_unit_parent_id": 1}),
+            );
+            assert_eq!(field, "org_unit_name");
+        }
+        // Visible text around a zero-width character is a real id.
+        assert!(parse(json!({"org_unit_ext_id": "a\u{200b}b", "org_unit_name": "n", "org_unit_parent_id": 1})).is_ok());
+    }
+
+    #[test]
+    fn unknown_field_names_with_control_characters_are_refused_and_shown_escaped() {
+        for name in ["a\u{0}b", "\u{1b}]0;owned\u{7}"] {
+            let mut v =
+                json!({"org_unit_ext_id": "E", "org_unit_name": "n", "org_unit_parent_id": 1});
+            v[name] = json!(1);
+            let e = parse(v).expect_err("refused");
+            assert_eq!(e.ext_id.as_ref().map(ExtId::as_str), Some("E"));
+            let text = e.to_string();
+            assert!(text.contains("control character"), "{text}");
+            assert!(!text.chars().any(char::is_control), "escaped: {text:?}");
+        }
+    }
+
+    #[test]
+    fn field_names_in_messages_are_bounded() {
+        let long = "k".repeat(30_000);
+        let body = format!(r#"{{"{long}": 1, "{long}": 2}}"#);
+        let text = CreateGroup::parse(body.as_bytes())
+            .expect_err("duplicate")
+            .to_string();
+        assert!(text.contains("appears more than once"), "{text}");
+        assert!(text.len() < 300, "{} bytes", text.len());
+    }
+
+    #[test]
+    fn an_oversized_body_is_refused_before_it_is_read() {
+        let body = vec![b'['; MAX_BODY_BYTES + 1];
+        let e = CreateGroup::from_delivery(Some("text/plain"), Some("gzip"), &body)
+            .expect_err("too large");
+        assert_eq!(
+            e.error,
+            CommandError::TooLarge(MAX_BODY_BYTES + 1),
+            "the size is the first check"
+        );
     }
 
     proptest! {

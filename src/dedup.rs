@@ -23,7 +23,7 @@ use futures_util::future::BoxFuture;
 use crate::command::ExtId;
 use crate::convirza::{TokenPair, TokenStore};
 use crate::pipeline::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError,
+    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
 };
 
 /// What a `group` key holds.
@@ -50,24 +50,29 @@ pub struct ExtIdStatus {
 // A key of another type (a hash, a list) is "unreadable", not an error of Redis: the
 // scripts read with `redis.pcall` and say so with a value that starts with NUL and names
 // the type.
+// Answers nil (claimed now), the value found (any bytes), or `{type}` for a key of
+// another type: the two cannot be confused whatever a value contains.
 const CLAIM: &str = r"
-local v = redis.pcall('GET', KEYS[1])
-if type(v) == 'table' and v.err then return '\0' .. redis.call('TYPE', KEYS[1]).ok end
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
+end
+if t ~= 'string' then return {t} end
+return redis.call('GET', KEYS[1])
 ";
 
+// ARGV[1] says what was seen: 'value' (ARGV[2] is the exact bytes) or 'type' (ARGV[2] is
+// the type name). Anything else stored meanwhile is left alone.
 const REPLACE_UNREADABLE: &str = r"
-local seen = ARGV[1]
-if string.sub(seen, 1, 1) == '\0' then
-  if '\0' .. redis.call('TYPE', KEYS[1]).ok ~= seen then return 0 end
+local t = redis.call('TYPE', KEYS[1]).ok
+if ARGV[1] == 'type' then
+  if t ~= ARGV[2] then return 0 end
   redis.call('DEL', KEYS[1])
-else
-  local v = redis.pcall('GET', KEYS[1])
-  if type(v) == 'table' or v ~= seen then return 0 end
+elseif t ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[2] then
+  return 0
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 return 1
 ";
 
@@ -253,18 +258,19 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(store_err)?;
-        let raw: Option<String> = match kind.as_str() {
+        // Bytes, not text: a value that is not UTF-8 is still reported, never an error.
+        let raw: Option<Vec<u8>> = match kind.as_str() {
             "string" => conn.get(&key).await.map_err(store_err)?,
             _ => None,
         };
         let ttl: i64 = conn.pttl(&key).await.map_err(store_err)?;
-        let attempts: Option<String> = match attempt_kind.as_str() {
+        let attempts: Option<Vec<u8>> = match attempt_kind.as_str() {
             "string" => conn.get(&attempt_key).await.map_err(store_err)?,
             _ => None,
         };
         let (record, unreadable) = match (kind.as_str(), raw) {
             ("none", _) => (None, None),
-            ("string", Some(text)) => match serde_json::from_str(&text) {
+            ("string", Some(bytes)) => match serde_json::from_slice(&bytes) {
                 Ok(record) => (Some(record), None),
                 Err(e) => (None, Some(format!("not a record of this version ({e})"))),
             },
@@ -278,7 +284,7 @@ impl RedisStore {
             // An unreadable marker still records that an attempt was made.
             attempt_markers: match (attempt_kind.as_str(), attempts) {
                 ("none", _) => 0,
-                (_, Some(text)) => u64::from(parse_marker(&text, 0).count),
+                (_, Some(bytes)) => u64::from(parse_marker(&bytes, 0).count),
                 (_, None) => 1,
             },
         })
@@ -304,7 +310,7 @@ impl DedupStore for RedisStore {
             owner: owner.to_owned(),
             claimed_at: crate::clock::now_rfc3339(),
         })?;
-        let existing: Option<String> = self
+        let existing: redis::Value = self
             .claim
             .key(self.group_key(ext_id))
             .arg(value)
@@ -313,19 +319,30 @@ impl DedupStore for RedisStore {
             .await
             .map_err(store_err)?;
         match existing {
-            None => Ok(Claim::Acquired),
-            Some(text) => match serde_json::from_str(&text) {
+            redis::Value::Nil => Ok(Claim::Acquired),
+            redis::Value::BulkString(bytes) => match serde_json::from_slice(&bytes) {
                 Ok(StoredRecord::Created(record)) => Ok(Claim::Created(record)),
                 Ok(StoredRecord::Claimed { owner, .. }) => Ok(Claim::HeldByOther { owner }),
-                Err(_) => Ok(Claim::Unreadable { raw: text }),
+                Err(_) => Ok(Claim::Unreadable(Unreadable::Value(bytes))),
             },
+            redis::Value::Array(items) => match items.as_slice() {
+                [redis::Value::BulkString(kind)] => Ok(Claim::Unreadable(Unreadable::WrongType(
+                    String::from_utf8_lossy(kind).into_owned(),
+                ))),
+                _ => Err(StoreError::Protocol(
+                    "unexpected answer to the claim".into(),
+                )),
+            },
+            _ => Err(StoreError::Protocol(
+                "unexpected answer to the claim".into(),
+            )),
         }
     }
 
     async fn replace_unreadable(
         &self,
         ext_id: &ExtId,
-        raw: &str,
+        found: &Unreadable,
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
@@ -334,10 +351,15 @@ impl DedupStore for RedisStore {
             owner: owner.to_owned(),
             claimed_at: crate::clock::now_rfc3339(),
         })?;
+        let (mode, seen): (&str, &[u8]) = match found {
+            Unreadable::Value(bytes) => ("value", bytes),
+            Unreadable::WrongType(kind) => ("type", kind.as_bytes()),
+        };
         let replaced: i64 = self
             .replace_unreadable
             .key(self.group_key(ext_id))
-            .arg(raw)
+            .arg(mode)
+            .arg(seen)
             .arg(value)
             .arg(millis(lease))
             .invoke_async(&mut conn)
@@ -431,13 +453,13 @@ impl DedupStore for RedisStore {
 
     async fn attempt(&self, ext_id: &ExtId) -> Result<Option<AttemptMarker>, StoreError> {
         let mut conn = self.conn.clone();
-        let (raw, now): (Option<String>, i64) = self
+        let (raw, now): (Option<Vec<u8>>, i64) = self
             .read_attempt
             .key(self.attempt_key(ext_id))
             .invoke_async(&mut conn)
             .await
             .map_err(store_err)?;
-        Ok(raw.map(|text| parse_marker(&text, now)))
+        Ok(raw.map(|bytes| parse_marker(&bytes, now)))
     }
 
     /// `PING`: readiness checks and the circuit's probe.
@@ -479,8 +501,8 @@ fn lenient_posted<'de, D: serde::Deserializer<'de>>(
 
 /// A marker of any shape: a JSON marker, an older plain count, or something unreadable
 /// (which still says an attempt was made, and is treated as possibly in the air).
-fn parse_marker(text: &str, now_ms: i64) -> AttemptMarker {
-    if let Ok(m) = serde_json::from_str::<StoredMarker>(text) {
+fn parse_marker(raw: &[u8], now_ms: i64) -> AttemptMarker {
+    if let Ok(m) = serde_json::from_slice::<StoredMarker>(raw) {
         return AttemptMarker {
             count: m.count.max(1),
             age: Duration::from_millis(u64::try_from(now_ms.saturating_sub(m.at)).unwrap_or(0)),
@@ -493,7 +515,11 @@ fn parse_marker(text: &str, now_ms: i64) -> AttemptMarker {
         };
     }
     AttemptMarker {
-        count: text.trim().parse().unwrap_or(1).max(1),
+        count: std::str::from_utf8(raw)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(1)
+            .max(1),
         age: Duration::MAX,
         open: false,
         posted: Vec::new(),
@@ -514,12 +540,12 @@ impl TokenStore for RedisStore {
     ) -> BoxFuture<'a, Result<Option<TokenPair>, StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let raw: Option<String> = conn
+            let raw: Option<Vec<u8>> = conn
                 .get(format!("{}:auth:{account}", self.prefix))
                 .await
                 .map_err(store_err)?;
             // An unreadable pair is as good as none: a fresh login replaces it.
-            Ok(raw.and_then(|text| serde_json::from_str(&text).ok()))
+            Ok(raw.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
         })
     }
 

@@ -29,9 +29,15 @@ pub fn printable(text: &str, max_chars: usize) -> String {
     out
 }
 
+/// Whether `text` shows nothing: only whitespace and invisible formatting characters.
+pub fn is_blank(text: &str) -> bool {
+    text.chars()
+        .all(|c| c.is_whitespace() || is_invisible_format(c))
+}
+
 /// Zero-width and bidirectional formatting characters: invisible, or able to reorder what
 /// is shown around them.
-fn is_invisible_format(c: char) -> bool {
+pub fn is_invisible_format(c: char) -> bool {
     matches!(
         u32::from(c),
         0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x2069 | 0xFEFF

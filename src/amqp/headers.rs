@@ -92,44 +92,44 @@ impl CounterBounds {
     /// `expired`, with a count): more tiers, or more than `max_tries` POSTs per pass, are
     /// not believed.
     fn bound(&self, headers: Option<&FieldTable>) -> (u32, u32) {
-        let (tiers, passes) = tier_expiries(headers, &self.delay_queues);
+        if !came_back_through_a_tier(headers, &self.delay_queues) {
+            return (0, 0);
+        }
+        let tiers = u32::try_from(self.delay_queues.len()).unwrap_or(u32::MAX);
         let retries = header_u32(headers, X_RETRIES).min(tiers);
-        let attempts = header_u32(headers, X_ATTEMPTS).min(self.max_tries.saturating_mul(passes));
-        (retries, attempts)
+        // Per delivery at most `max_tries` POSTs; a command is delivered once per tier and
+        // once more, and parking can repeat that: a generous ceiling, but a ceiling.
+        let ceiling = self
+            .max_tries
+            .saturating_mul(tiers.saturating_add(1))
+            .saturating_mul(10);
+        (retries, header_u32(headers, X_ATTEMPTS).min(ceiling))
     }
 
-    /// `x-dead-lettered-at` is believed only on a message that came back through a delay
-    /// tier (a parked copy of ours): anything else still gets its dead letter.
+    /// `x-dead-lettered-at` is believed only on a copy of ours that came back through a
+    /// delay tier: anything else still gets its dead letter.
     fn dead_lettered(&self, headers: Option<&FieldTable>) -> bool {
         header_string(headers, X_DEAD_LETTERED_AT).is_some()
-            && tier_expiries(headers, &self.delay_queues).1 > 0
+            && came_back_through_a_tier(headers, &self.delay_queues)
     }
 }
 
-/// From `x-death`: how many distinct delay-tier queues the message expired from, and how
-/// many times in all.
-fn tier_expiries(headers: Option<&FieldTable>, delay_queues: &[String]) -> (u32, u32) {
+/// Whether `x-death` shows the message expired out of one of our delay tiers: then it is
+/// a copy the worker itself put there, with counters the worker wrote (a copy never keeps
+/// the counters it was given). RabbitMQ 3.13+ rewrites `x-death` on every pass instead of
+/// accumulating it, so only *some* tier pass is asked for, not all of them.
+fn came_back_through_a_tier(headers: Option<&FieldTable>, delay_queues: &[String]) -> bool {
     let Some(AMQPValue::FieldArray(deaths)) = get(headers, "x-death") else {
-        return (0, 0);
+        return false;
     };
-    let mut seen: Vec<&str> = Vec::new();
-    let mut passes = 0u32;
-    for death in deaths.as_slice() {
+    deaths.as_slice().iter().any(|death| {
         let AMQPValue::FieldTable(t) = death else {
-            continue;
+            return false;
         };
         let queue = header_string(Some(t), "queue");
-        let reason = header_string(Some(t), "reason");
-        if let (Some(q), Some("expired")) = (queue, reason.as_deref())
-            && let Some(known) = delay_queues.iter().find(|d| **d == q)
-        {
-            passes = passes.saturating_add(header_u32(Some(t), "count").max(1));
-            if !seen.contains(&known.as_str()) {
-                seen.push(known.as_str());
-            }
-        }
-    }
-    (u32::try_from(seen.len()).unwrap_or(u32::MAX), passes)
+        header_string(Some(t), "reason").as_deref() == Some("expired")
+            && queue.is_some_and(|q| delay_queues.contains(&q))
+    })
 }
 
 /// What the core needs of a delivery, with the worker's counters bounded by `bounds`.
@@ -166,6 +166,21 @@ pub fn inbound(
 /// at most 1 KiB) and the short-string properties, a copy's content header stays far below
 /// any broker's frame size, however large the headers the publisher sent.
 pub const MAX_CARRIED_HEADER_BYTES: usize = 16 * 1024;
+/// Inherited headers a copy never drops to fit: the broker's record of the message's
+/// passes (what makes the worker believe its own counters) and the trace.
+const KEPT: [&str; 8] = [
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    TRACEPARENT,
+];
+/// Headers a copy never inherits: RabbitMQ's sender-selected distribution (`CC`/`BCC` name
+/// more queues to deliver to) and the mark only the worker sets on its own parked copies.
+const NOT_INHERITED: [&str; 3] = ["CC", "BCC", X_DEAD_LETTERED_AT];
 /// Names of inherited headers a copy left out (comma-separated, at most 1 KiB).
 pub const X_DROPPED_HEADERS: &str = "x-dropped-headers";
 /// The command's own `expiration`, kept for the record: a copy never expires with it.
@@ -213,6 +228,11 @@ impl HeaderUpdate {
             .unwrap_or_default();
         for (name, _) in &self.0 {
             headers.remove(*name);
+        }
+        // Never inherited: routing instructions (RabbitMQ would deliver the copy to every
+        // queue named there) and the marks only the worker may set on its own copies.
+        for name in NOT_INHERITED {
+            headers.remove(name);
         }
         let mut dropped: Vec<String> = match headers.remove(X_DROPPED_HEADERS) {
             Some(AMQPValue::LongString(d)) => String::from_utf8_lossy(d.as_bytes())
@@ -284,7 +304,11 @@ fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProp
     if let Some(v) = o.correlation_id() {
         p = p.with_correlation_id(v.clone());
     }
-    if let Some(v) = o.reply_to() {
+    // Direct reply-to is only valid on the channel that consumes it: the broker closes any
+    // other channel that publishes with it, so a copy never carries it.
+    if let Some(v) = o.reply_to()
+        && v.as_str() != "amq.rabbitmq.reply-to"
+    {
         p = p.with_reply_to(v.clone());
     }
     if let Some(v) = o.message_id() {
@@ -308,11 +332,12 @@ fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProp
 /// Drop the largest entries of `headers` until their encoded size is at most `budget`;
 /// returns the names dropped.
 fn bound(headers: &mut BTreeMap<ShortString, AMQPValue>, budget: usize) -> Vec<String> {
+    let mut total: usize = headers.iter().map(|(k, v)| entry_len(k, v)).sum();
     let mut sizes: Vec<(usize, ShortString)> = headers
         .iter()
+        .filter(|(k, _)| !KEPT.contains(&k.as_str()))
         .map(|(k, v)| (entry_len(k, v), k.clone()))
         .collect();
-    let mut total: usize = sizes.iter().map(|(n, _)| n).sum();
     sizes.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
     let mut dropped = Vec::new();
     for (size, name) in sizes {
@@ -574,12 +599,25 @@ mod bound_tests {
         t.insert(X_ATTEMPTS.into(), AMQPValue::LongLongInt(50));
         let m = inbound(
             b"{}",
-            &BasicProperties::default().with_headers(t),
+            &BasicProperties::default().with_headers(t.clone()),
             false,
             &bounds,
         );
-        assert_eq!(m.retries, 1, "one tier really passed");
-        assert_eq!(m.attempts, 24, "4 tries in each of 6 passes at most");
+        assert_eq!(m.retries, 2, "a copy of ours: its counters are believed");
+        assert_eq!(m.attempts, 50);
+        t.insert(X_ATTEMPTS.into(), AMQPValue::LongLongInt(1 << 40));
+        t.insert(X_RETRIES.into(), AMQPValue::LongLongInt(1 << 40));
+        let m = inbound(
+            b"{}",
+            &BasicProperties::default().with_headers(t.clone()),
+            false,
+            &bounds,
+        );
+        assert_eq!(
+            (m.retries, m.attempts),
+            (2, 4 * 3 * 10),
+            "within sane bounds"
+        );
 
         let mut forged = FieldTable::default();
         forged.insert(
@@ -598,5 +636,56 @@ mod bound_tests {
         let parked = BasicProperties::default().with_headers(forged);
         assert!(inbound(b"{}", &parked, false, &bounds).dead_lettered);
         assert_eq!(m.first_failed_at.as_deref(), Some("2026-11-26T12:00:00Z"));
+    }
+}
+
+#[cfg(test)]
+mod inherit_tests {
+    use super::*;
+
+    #[test]
+    fn routing_headers_and_our_marks_are_never_inherited_and_the_record_never_dropped() {
+        let mut t = FieldTable::default();
+        t.insert(
+            "CC".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::LongString("q".into())].into()),
+        );
+        t.insert(
+            "BCC".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::LongString("q".into())].into()),
+        );
+        t.insert(
+            X_DEAD_LETTERED_AT.into(),
+            AMQPValue::LongString("forged".into()),
+        );
+        // Many medium headers, more than the budget, and the broker's record of passes.
+        for i in 0..300 {
+            t.insert(
+                format!("h{i}").as_str().into(),
+                AMQPValue::LongString("v".repeat(100).into()),
+            );
+        }
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), AMQPValue::LongString("w.retry.5s".into()));
+        death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+        death.insert(
+            "padding".into(),
+            AMQPValue::LongString("p".repeat(500).into()),
+        );
+        t.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+        );
+        let copy = HeaderUpdate::default()
+            .int(X_ATTEMPTS, 1)
+            .apply(&BasicProperties::default().with_headers(t));
+        let h = copy.headers().as_ref().expect("headers");
+        assert!(!h.contains_key("CC") && !h.contains_key("BCC"));
+        assert!(
+            !h.contains_key(X_DEAD_LETTERED_AT),
+            "only the worker sets it"
+        );
+        assert!(h.contains_key("x-death"), "never dropped to fit");
+        assert!(table_len(h) < MAX_CARRIED_HEADER_BYTES + 2_048);
     }
 }

@@ -16,10 +16,27 @@ use lapin::{Connection, ConnectionProperties};
 
 pub use publisher::{PublishError, PublishProbe, Publisher};
 
-/// Open a connection named after the worker (visible in the management UI).
+/// The largest frame the worker agrees to (RabbitMQ's default). Whatever the broker is
+/// configured to allow, it bounds one message's properties, and so how deeply a hostile
+/// publisher can nest header tables (the client parses them recursively; the binary's
+/// thread stacks are sized for this bound).
+pub const MAX_FRAME_BYTES: u32 = 131_072;
+
+/// Open a connection named after the worker (visible in the management UI), with frames
+/// of at most [`MAX_FRAME_BYTES`] (or less if the URL's `frame_max` asks for less).
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    Connection::connect(url, props).await
+    let Ok(mut uri) = url.parse::<lapin::uri::AMQPUri>() else {
+        // Let the client say what is wrong with the URL, in its own error type.
+        return Connection::connect(url, props).await;
+    };
+    uri.query.frame_max = Some(
+        uri.query
+            .frame_max
+            .filter(|f| *f > 0)
+            .map_or(MAX_FRAME_BYTES, |f| f.min(MAX_FRAME_BYTES)),
+    );
+    Connection::connect_uri(uri, props).await
 }
 
 /// Publish one command to the command exchange: mandatory (it must reach the work queue)

@@ -98,7 +98,12 @@ pub async fn run(
                     .map(|e| format!("invalid command, not sent: {e}")),
             };
             if let Some(problem) = problem {
-                eprintln!("{source}:{}: {problem}", item.line);
+                eprintln!(
+                    "{}:{}: {}",
+                    crate::text::printable(&source.to_string(), 300),
+                    item.line,
+                    crate::text::printable(&problem, 1024)
+                );
                 invalid += 1;
                 continue;
             }

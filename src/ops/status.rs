@@ -67,7 +67,7 @@ pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> Result<boo
             None if status.unreadable.is_some() => {
                 println!(
                     "state:         unreadable ({}; the worker replaces it on the next delivery)",
-                    status.unreadable.as_deref().unwrap_or_default()
+                    printable(status.unreadable.as_deref().unwrap_or_default(), 300)
                 );
             }
             None if known => println!(

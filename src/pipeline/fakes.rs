@@ -17,7 +17,7 @@ use super::api::{ApiError, Created, GroupApi, GroupSummary, names_match};
 use super::decision::{DeferReason, FailureKind, Outcome};
 use super::recorder::Recorder;
 use super::store::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError,
+    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -47,7 +47,7 @@ enum Entry {
         until: Instant,
     },
     /// A value this version cannot read.
-    Unreadable(String),
+    Unreadable(Unreadable),
 }
 
 #[derive(Debug, Clone)]
@@ -139,7 +139,10 @@ impl FakeStore {
 
     /// A record this version cannot read (another version's, or damaged).
     pub fn put_unreadable(&self, ext_id: &ExtId, raw: &str) {
-        lock(&self.entries).insert(ext_id.clone(), Entry::Unreadable(raw.to_owned()));
+        lock(&self.entries).insert(
+            ext_id.clone(),
+            Entry::Unreadable(Unreadable::Value(raw.as_bytes().to_vec())),
+        );
     }
 
     /// A created record kept an hour.
@@ -278,7 +281,7 @@ impl DedupStore for FakeStore {
         self.call(StoreOp::Claim, || match self.live(ext_id) {
             Some(Entry::Created { record, .. }) => Claim::Created(record),
             Some(Entry::Claimed { owner, .. }) => Claim::HeldByOther { owner },
-            Some(Entry::Unreadable(raw)) => Claim::Unreadable { raw },
+            Some(Entry::Unreadable(found)) => Claim::Unreadable(found),
             None => {
                 self.claim_for(ext_id, owner, lease);
                 Claim::Acquired
@@ -289,12 +292,12 @@ impl DedupStore for FakeStore {
     async fn replace_unreadable(
         &self,
         ext_id: &ExtId,
-        raw: &str,
+        found: &Unreadable,
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
         self.call(StoreOp::Claim, || match self.live(ext_id) {
-            Some(Entry::Unreadable(seen)) if seen == raw => {
+            Some(Entry::Unreadable(seen)) if seen == *found => {
                 self.claim_for(ext_id, owner, lease);
                 true
             }

@@ -56,5 +56,5 @@ pub use processor::{Processor, ProcessorConfig, Verdict};
 pub use reconcile::{Reconciled, reconcile};
 pub use recorder::{InFlight, NoRecorder, Recorder};
 pub use store::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError,
+    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
 };

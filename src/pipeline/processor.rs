@@ -169,7 +169,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     http_status: None,
                     api_request_id: None,
                 };
-                tracing::warn!(error = %failure.message, "invalid command");
+                tracing::warn!(error = %crate::text::printable(&failure.message, 1024), "invalid command");
                 return Verdict {
                     decision: dead_letter(msg, ext_id.as_deref(), failure, msg.attempts),
                     correlation_id: msg.correlation_id_or(ext_id.as_deref()),
@@ -227,16 +227,16 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 }
             }
             Ok(Claim::Acquired) => self.work(msg, command, trace, tries, &owner).await,
-            Ok(Claim::Unreadable { raw }) => {
+            Ok(Claim::Unreadable(found)) => {
                 // Written by another version, or damaged: it concerns this ext id only. Take
                 // it over (compare-and-set) and treat the group as possibly created.
                 tracing::error!(
-                    record_bytes = raw.len(),
+                    found = %found.describe(),
                     "unreadable dedup record; replacing it with a claim and reconciling through List"
                 );
                 match self
                     .store
-                    .replace_unreadable(&command.ext_id, &raw, &owner, self.config.lease)
+                    .replace_unreadable(&command.ext_id, &found, &owner, self.config.lease)
                     .await
                 {
                     Ok(true) => {

@@ -40,9 +40,30 @@ pub enum Claim {
     Created(CreatedRecord),
     /// Another owner holds a live lease.
     HeldByOther { owner: String },
-    /// The record exists but cannot be read (written by another version, or damaged).
-    /// `raw` is what was found, for [`DedupStore::replace_unreadable`].
-    Unreadable { raw: String },
+    /// The record exists but cannot be read (written by another version, or damaged):
+    /// what was found, for [`DedupStore::replace_unreadable`].
+    Unreadable(Unreadable),
+}
+
+/// An unreadable record, exactly as found, so that replacing it is a compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreadable {
+    /// A value this version cannot parse: any bytes, not necessarily UTF-8.
+    Value(Vec<u8>),
+    /// A key of another type (a hash, a list…), named as Redis names it.
+    WrongType(String),
+}
+
+impl Unreadable {
+    /// For the log: what kind of thing was found and how big, never its content.
+    pub fn describe(&self) -> String {
+        match self {
+            Unreadable::Value(bytes) => format!("a value of {} bytes", bytes.len()),
+            Unreadable::WrongType(kind) => {
+                format!("a Redis {}", crate::text::printable(kind, 64))
+            }
+        }
+    }
 }
 
 /// The attempt marker of an ext id: written right before every POST (kept `dedup.ttl`).
@@ -98,6 +119,9 @@ pub enum StoreError {
     /// A value could not be encoded for storing (nothing was written).
     #[error("cannot encode a record: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The store answered something no script of ours returns (another server in its place?).
+    #[error("unexpected answer from the store: {0}")]
+    Protocol(String),
 }
 
 impl StoreError {
@@ -118,12 +142,12 @@ pub trait DedupStore: Send + Sync {
         owner: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
-    /// Replace the unreadable record `raw` with a claim for `owner`, if it is still what is
-    /// stored (compare-and-set); `false` when it changed meanwhile.
+    /// Replace the unreadable record `found` with a claim for `owner`, if it is still what
+    /// is stored (compare-and-set); `false` when it changed meanwhile.
     fn replace_unreadable(
         &self,
         ext_id: &ExtId,
-        raw: &str,
+        found: &Unreadable,
         owner: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;

@@ -450,10 +450,12 @@ impl Executor<'_> {
         reason: &DelayReason,
         dead_lettered: bool,
     ) -> Result<(), SettleError> {
-        let mut update = self.counters(self.inbound.attempts, self.inbound.retries, deferrals);
-        if dead_lettered {
-            update = update.text(headers::X_DEAD_LETTERED_AT, &crate::clock::now_rfc3339());
-        }
+        let update = self.counters(self.inbound.attempts, self.inbound.retries, deferrals);
+        let update = if dead_lettered && !self.inbound.dead_lettered {
+            update.text(headers::X_DEAD_LETTERED_AT, &crate::clock::now_rfc3339())
+        } else {
+            update
+        };
         self.copy_to_tier(0, update, reason).await
     }
 
@@ -469,11 +471,19 @@ impl Executor<'_> {
         self.copy_to_tier(tier, update, reason).await
     }
 
+    /// The worker's own headers on every copy it parks. A delivery whose dead letter is
+    /// written already keeps saying so on whatever copy follows (a full one or a minimal
+    /// one), so that however often it is parked, it never gets a second dead letter.
     fn counters(&self, attempts: u32, retries: u32, deferrals: u32) -> HeaderUpdate {
-        HeaderUpdate::default()
+        let update = HeaderUpdate::default()
             .int(headers::X_ATTEMPTS, attempts)
             .int(headers::X_RETRIES, retries)
-            .int(headers::X_DEFERRALS, deferrals)
+            .int(headers::X_DEFERRALS, deferrals);
+        if self.inbound.dead_lettered {
+            update.text(headers::X_DEAD_LETTERED_AT, &crate::clock::now_rfc3339())
+        } else {
+            update
+        }
     }
 
     async fn copy_to_tier(

@@ -317,12 +317,21 @@ async fn wait_for_close(
         if !circuit.is_open() {
             return Wait::Closed;
         }
+        // A session that lost its connection or publish channel while the circuit was open
+        // can never pass the probe: rebuild it rather than probe a dead channel forever.
+        if !conn.status().connected() || !publisher.channel().status().connected() {
+            return Wait::Broken;
+        }
         probes += 1;
         match probe(shared, conn, publisher).await {
             Ok(()) => {
                 shared.clear_probe();
                 circuit.close();
                 return Wait::Closed;
+            }
+            Err(ProbeError::Publish(PublishError::Channel(e))) => {
+                tracing::warn!(error = %e, "the probe's channel is gone; rebuilding the session");
+                return Wait::Broken;
             }
             // The state change was logged when the circuit opened; repeat only now and then.
             Err(e) if probes % 10 == 1 => {

@@ -446,6 +446,38 @@ impl TestEnv {
         names.len()
     }
 
+    /// Publish through the management HTTP API (the broker encodes the frames, so the
+    /// test's own client library is not what limits `headers_json`). Returns whether the
+    /// message was routed.
+    pub async fn publish_via_management(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &str,
+        headers_json: &str,
+    ) -> bool {
+        let request = format!(
+            r#"{{"properties":{{"delivery_mode":2,"headers":{headers_json}}},"routing_key":{},"payload":{},"payload_encoding":"string"}}"#,
+            Value::from(routing_key),
+            Value::from(body),
+        );
+        let r = http()
+            .post(format!(
+                "{MANAGEMENT}/api/exchanges/{}/{}/publish",
+                self.vhost,
+                urlencode(exchange)
+            ))
+            .basic_auth("guest", Some("guest"))
+            .header("content-type", "application/json")
+            .body(request)
+            .send()
+            .await
+            .expect("management API");
+        assert!(r.status().is_success(), "publish: {}", r.status());
+        let answer: Value = r.json().await.expect("json");
+        answer["routed"] == true
+    }
+
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.expect("channel");
         let n = group_provisioner::amqp::ready_count(&ch, queue)

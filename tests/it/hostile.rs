@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 use crate::process::{WorkerProcess, cli, stdout, worker_env};
+use group_provisioner::amqp::headers::header_string;
+use group_provisioner::sim::FailNext;
 
 fn commands(prefix: &str, n: usize) -> (Vec<Value>, HashSet<String>) {
     let bodies: Vec<Value> = (0..n)
@@ -167,30 +169,7 @@ fn header_value_of(p: &BasicProperties, name: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_failure_event_never_makes_a_second_dead_letter() {
     let env = TestEnv::new().await;
-    env.declare_topology().await;
-    // The only event consumer listens to group.created.
-    let queue = unique("created-only");
-    env.channel
-        .queue_declare(
-            ShortString::from(queue.as_str()),
-            lapin::options::QueueDeclareOptions {
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue");
-    env.channel
-        .queue_bind(
-            ShortString::from(queue.as_str()),
-            ShortString::from("provisioning.events"),
-            ShortString::from("group.created"),
-            lapin::options::QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    let queue = created_events_only(&env).await;
     let mut w = worker(&env, &[]).await;
     env.send_raw(b"not json", BasicProperties::default()).await;
     let circuit_open = w
@@ -224,16 +203,7 @@ async fn an_unroutable_failure_event_never_makes_a_second_dead_letter() {
 
     // Once someone listens, the circuit closes, the parked message comes back owing only
     // its event, and there is still exactly one dead letter.
-    env.channel
-        .queue_bind(
-            ShortString::from(queue.as_str()),
-            ShortString::from("provisioning.events"),
-            ShortString::from("group.create.failed"),
-            lapin::options::QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind failed events");
+    bind_events(&env, &queue, "group.create.failed").await;
     w.wait_line("the circuit to close", Duration::from_secs(30), |l| {
         l["circuit"] == "closed"
     })
@@ -254,28 +224,245 @@ async fn an_unroutable_failure_event_never_makes_a_second_dead_letter() {
     env.cleanup().await;
 }
 
-async fn write_raw_record(env: &TestEnv, ext_id: &str, how: &str) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_while_the_circuit_is_open_is_rebuilt_not_probed_forever() {
+    let env = TestEnv::new().await;
+    let queue = created_events_only(&env).await;
+    let mut w = worker(&env, &[]).await;
+    env.send_raw(b"not json", BasicProperties::default()).await;
+    w.wait_line(
+        "the circuit to open on the publish",
+        Duration::from_secs(20),
+        |l| l["circuit"] == "open" && l["fault"] == "publish",
+    )
+    .await;
+    // The consumer is cancelled while the circuit is open: nothing but the probe would
+    // notice the connection is gone.
+    assert!(env.close_worker_connections().await >= 1);
+    w.wait_line("the session to be rebuilt", Duration::from_secs(30), |l| {
+        l["message"] == "broker session lost; reconnecting"
+    })
+    .await;
+    w.wait_line("a new connection", Duration::from_secs(30), |l| {
+        l["message"] == "connected to the broker; topology declared"
+    })
+    .await;
+    bind_events(&env, &queue, "group.create.failed").await;
+    w.wait_line("the circuit to close", Duration::from_secs(30), |l| {
+        l["circuit"] == "closed"
+    })
+    .await;
+    w.wait_line(
+        "the parked message to settle",
+        Duration::from_secs(30),
+        |l| l["message"] == "outcome" && l["outcome"] == "dead_lettered",
+    )
+    .await;
+    env.wait_drained(1, Duration::from_secs(30)).await;
+    assert_eq!(env.drain_dlq().await.len(), 1, "exactly one dead letter");
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_headers_cost_only_their_message() {
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    let mut w = worker(&env, &[]).await;
+    // 15,000 levels of tables, and of arrays: far past what a default 2 MiB thread stack
+    // parses (the broker client aborted the whole process on the first one), within what
+    // a frame can carry. The deepest a frame allows (about 21,000 tables or 26,000 arrays)
+    // is measured against the release build in docs/deployment.md.
+    let depth = 15_000;
+    let nested = [
+        format!(
+            "{{\"deep\":{}1{}}}",
+            "{\"a\":".repeat(depth),
+            "}".repeat(depth)
+        ),
+        format!("{{\"deep\":{}1{}}}", "[".repeat(depth), "]".repeat(depth)),
+    ];
+    for (i, headers) in nested.iter().enumerate() {
+        let body = json!({"org_unit_ext_id": format!("DEEP-{i}"), "org_unit_name": "deep", "org_unit_parent_id": 4242});
+        assert!(
+            env.publish_via_management("provisioning", "group.create", &body.to_string(), headers)
+                .await,
+            "routed"
+        );
+    }
+    env.send(&json!({"org_unit_ext_id": "DEEP-OK", "org_unit_name": "after", "org_unit_parent_id": 1000}))
+        .await;
+    let events = tap.take(3, Duration::from_secs(60)).await;
+    let key_of = |ext: &str| {
+        events
+            .iter()
+            .find(|e| e.body["ext_id"] == ext)
+            .map(|e| e.routing_key.clone())
+    };
+    // 4242 is no parent the API knows: each deep command fails on its own merits.
+    for ext in ["DEEP-0", "DEEP-1"] {
+        assert_eq!(key_of(ext).as_deref(), Some("group.create.failed"), "{ext}");
+    }
+    assert_eq!(key_of("DEEP-OK").as_deref(), Some("group.created"));
+    let dead = env.drain_dlq().await;
+    assert_eq!(dead.len(), 2, "their dead letters");
+    for d in &dead {
+        assert!(
+            header_string(d.properties.headers().as_ref(), "x-dropped-headers")
+                .is_some_and(|h| h.contains("deep")),
+            "the nested header was left out of the copy"
+        );
+    }
+    assert!(
+        w.metric("provisioner_in_flight").await.is_some(),
+        "still serving"
+    );
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cc_headers_never_route_a_copy_anywhere_else() {
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    env.declare_topology().await;
+    let planted = unique("planted");
+    env.channel
+        .queue_declare(
+            ShortString::from(planted.as_str()),
+            lapin::options::QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("planted queue");
+    let work_queue = env.settings.topology.work_queue.clone();
+    // Sender-selected distribution: a copy published with these headers would also land in
+    // the planted queue and a second time in the work queue.
+    let cc = || {
+        let mut t = FieldTable::default();
+        for name in ["CC", "BCC"] {
+            t.insert(
+                name.into(),
+                AMQPValue::FieldArray(
+                    vec![
+                        AMQPValue::LongString(planted.as_str().into()),
+                        AMQPValue::LongString(work_queue.as_str().into()),
+                    ]
+                    .into(),
+                ),
+            );
+        }
+        BasicProperties::default().with_headers(t)
+    };
+    let mut w = worker(&env, &[]).await;
+    // One retried (every try of its first delivery fails: a delay-tier copy), one invalid
+    // (a dead letter).
+    env.sim
+        .sim
+        .update_faults(|f| f.fail_next = Some(FailNext::new(4, 503)));
+    env.send_raw(
+        json!({"org_unit_ext_id": "CC-1", "org_unit_name": "cc", "org_unit_parent_id": 1000})
+            .to_string()
+            .as_bytes(),
+        cc(),
+    )
+    .await;
+    env.send_raw(b"{\"org_unit_ext_id\": \"CC-2\"}", cc()).await;
+    let events = tap.take(2, Duration::from_secs(60)).await;
+    let key_of = |ext: &str| {
+        events
+            .iter()
+            .find(|e| e.body["ext_id"] == ext)
+            .map(|e| e.routing_key.clone())
+    };
+    assert_eq!(key_of("CC-1").as_deref(), Some("group.created"));
+    assert_eq!(key_of("CC-2").as_deref(), Some("group.create.failed"));
+    env.wait_drained(1, Duration::from_secs(30)).await;
+    assert_eq!(env.queue_depth(&planted).await, 0, "nothing planted");
+    assert_eq!(env.sim.sim.groups_for("CC-1").len(), 1);
+    // Each command settled once: no copy came back through the work queue a second time.
+    let mut outcomes: Vec<String> = w
+        .lines()
+        .iter()
+        .filter(|l| l["message"] == "outcome")
+        .map(|l| {
+            format!(
+                "{} {}",
+                l["ext_id"].as_str().unwrap_or("?"),
+                l["outcome"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        ["CC-1 created", "CC-1 deferred", "CC-2 dead_lettered"]
+    );
+    tap.assert_quiet(Duration::from_millis(300)).await;
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// Declare the topology and a queue that hears only `group.created` events: a failure
+/// event is then unroutable.
+async fn created_events_only(env: &TestEnv) -> String {
+    env.declare_topology().await;
+    let queue = unique("created-only");
+    env.channel
+        .queue_declare(
+            ShortString::from(queue.as_str()),
+            lapin::options::QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    bind_events(env, &queue, "group.created").await;
+    queue
+}
+
+async fn bind_events(env: &TestEnv, queue: &str, routing_key: &str) {
+    env.channel
+        .queue_bind(
+            ShortString::from(queue),
+            ShortString::from("provisioning.events"),
+            ShortString::from(routing_key),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+}
+
+/// Damage an ext id's records: `Some(bytes)` stores that value, `None` a hash in its place;
+/// the attempt marker gets bytes that are neither JSON nor UTF-8.
+async fn write_raw_record(env: &TestEnv, ext_id: &str, value: Option<&[u8]>) {
     let mut conn = redis_conn().await;
     let key = format!("{}:group:{ext_id}", env.prefix);
-    let _: () = match how {
-        "garbage" => redis::cmd("SET")
-            .arg(&key)
-            .arg("{\"state\":\"from-a-future-version\",\"x\":1}")
-            .query_async(&mut conn)
-            .await
-            .expect("set"),
-        _ => redis::cmd("HSET")
-            .arg(&key)
-            .arg("f")
-            .arg("v")
-            .query_async(&mut conn)
-            .await
-            .expect("hset"),
-    };
+    let _: () = match value {
+        Some(bytes) => {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(bytes)
+                .query_async(&mut conn)
+                .await
+        }
+        None => {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg("f")
+                .arg("v")
+                .query_async(&mut conn)
+                .await
+        }
+    }
+    .expect("write the damaged record");
     let attempt = format!("{}:attempt:{ext_id}", env.prefix);
     let _: () = redis::cmd("SET")
         .arg(&attempt)
-        .arg("not-a-number")
+        .arg(b"not-a-number\xff\xfe".as_slice())
         .query_async(&mut conn)
         .await
         .expect("set");
@@ -285,13 +472,32 @@ async fn write_raw_record(env: &TestEnv, ext_id: &str, how: &str) {
 async fn an_unreadable_dedup_record_concerns_only_its_ext_id() {
     let env = TestEnv::new().await;
     let mut tap = env.event_tap().await;
-    write_raw_record(&env, "COR-1", "garbage").await;
-    write_raw_record(&env, "COR-2", "wrong type").await;
+    let damaged: [(&str, Option<&[u8]>); 4] = [
+        (
+            "COR-1",
+            Some(b"{\"state\":\"from-a-future-version\",\"x\":1}"),
+        ),
+        ("COR-2", None),
+        // Not UTF-8 at all.
+        ("COR-3", Some(b"\xff\xfe{\"state\":\"created\"")),
+        // What an older marker of a key of another type looked like.
+        ("COR-4", Some(b"\0\0\0")),
+    ];
+    for (ext, value) in damaged {
+        write_raw_record(&env, ext, value).await;
+    }
+    // The operator can look at every one of them before the worker repairs it.
+    for (ext, _) in damaged {
+        let st = crate::process::cli(&env, &["status", ext, "--json"], &[]).await;
+        assert_eq!(st.status.code(), Some(0), "{ext}: {st:?}");
+        let status: Value = serde_json::from_slice(&st.stdout).expect("json");
+        assert_eq!(status["state"], "unreadable", "{ext}");
+    }
     // COR-2's group exists already: reconciliation must find it, not post again.
     let existing = env.sim.sim.seed_group(1000, "COR team 2", Some("COR-2"));
     let mut w = worker(&env, &[]).await;
     let (mut bodies, mut exts) = commands("OK", 20);
-    for (i, e) in ["COR-1", "COR-2"].iter().enumerate() {
+    for (i, (e, _)) in damaged.iter().enumerate() {
         bodies.push(json!({"org_unit_ext_id": e, "org_unit_name": format!("COR team {}", i + 1), "org_unit_parent_id": 1000}));
         exts.insert((*e).to_owned());
     }
@@ -303,17 +509,20 @@ async fn an_unreadable_dedup_record_concerns_only_its_ext_id() {
         .expect("COR-2");
     assert_eq!(cor2.body["org_unit_id"], existing);
     assert_eq!(cor2.body["duplicate"], true);
-    assert_eq!(env.sim.sim.groups_for("COR-1").len(), 1);
-    assert_eq!(env.sim.sim.groups_for("COR-2").len(), 1);
+    for (ext, _) in damaged {
+        assert_eq!(env.sim.sim.groups_for(ext).len(), 1, "{ext}");
+    }
     assert!(
         !w.lines().iter().any(|l| l["circuit"] == "open"),
         "Redis stayed up"
     );
-    // The records are repaired: a repeat is answered from Redis.
-    let st = crate::process::cli(&env, &["status", "COR-1", "--json"], &[]).await;
-    assert_eq!(st.status.code(), Some(0), "{st:?}");
-    let status: Value = serde_json::from_slice(&st.stdout).expect("json");
-    assert_eq!(status["state"], "created");
+    // The records are repaired.
+    for (ext, _) in damaged {
+        let st = crate::process::cli(&env, &["status", ext, "--json"], &[]).await;
+        assert_eq!(st.status.code(), Some(0), "{ext}: {st:?}");
+        let status: Value = serde_json::from_slice(&st.stdout).expect("json");
+        assert_eq!(status["state"], "created", "{ext}");
+    }
     w.stop().await;
     env.cleanup().await;
 }
