@@ -16,27 +16,32 @@ use lapin::{Connection, ConnectionProperties};
 
 pub use publisher::{PublishError, PublishProbe, Publisher};
 
-/// The largest frame the worker agrees to (RabbitMQ's default). Whatever the broker is
-/// configured to allow, it bounds one message's properties, and so how deeply a hostile
-/// publisher can nest header tables (the client parses them recursively; the binary's
-/// thread stacks are sized for this bound).
-pub const MAX_FRAME_BYTES: u32 = 131_072;
+/// Stack for every thread of the binary. The AMQP client parses header tables recursively
+/// on its I/O thread, and one frame can nest them as deep as its size allows (about 21,000
+/// tables or 26,000 arrays in RabbitMQ's default 128 KiB frame). A hostile header must
+/// cost its own message, not abort the process — and then every restart, since it is
+/// redelivered. Only the pages a thread touches are committed.
+pub const THREAD_STACK_BYTES: usize = 256 << 20;
 
-/// Open a connection named after the worker (visible in the management UI), with frames
-/// of at most [`MAX_FRAME_BYTES`] (or less if the URL's `frame_max` asks for less).
+/// Measured on the release build: the most deeply nested headers a frame can hold take at
+/// most this many bytes of stack per byte of frame to parse (under 64 MiB for 128 KiB).
+const STACK_BYTES_PER_FRAME_BYTE: u64 = 512;
+
+/// The largest `frame_max` whose most deeply nested headers this process's threads can
+/// parse: `RUST_MIN_STACK` (which the binary sets to [`THREAD_STACK_BYTES`] unless given).
+pub fn frame_max_covered() -> u64 {
+    let stack = std::env::var("RUST_MIN_STACK")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(THREAD_STACK_BYTES as u64);
+    stack / STACK_BYTES_PER_FRAME_BYTE
+}
+
+/// Open a connection named after the worker (visible in the management UI). The frame
+/// size is the broker's: anything the broker accepted must be readable here.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    let Ok(mut uri) = url.parse::<lapin::uri::AMQPUri>() else {
-        // Let the client say what is wrong with the URL, in its own error type.
-        return Connection::connect(url, props).await;
-    };
-    uri.query.frame_max = Some(
-        uri.query
-            .frame_max
-            .filter(|f| *f > 0)
-            .map_or(MAX_FRAME_BYTES, |f| f.min(MAX_FRAME_BYTES)),
-    );
-    Connection::connect_uri(uri, props).await
+    Connection::connect(url, props).await
 }
 
 /// Publish one command to the command exchange: mandatory (it must reach the work queue)

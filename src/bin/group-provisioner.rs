@@ -3,18 +3,14 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use group_provisioner::amqp::THREAD_STACK_BYTES;
 use group_provisioner::cli::{self, Cli, Command};
 use group_provisioner::telemetry;
 
-/// Stack for every thread: the broker client parses (and the worker copies and drops)
-/// message headers recursively, and one frame can nest tables some 20,000 levels deep. A
-/// hostile header must cost its message, not abort the process (and then every restart,
-/// since it is redelivered). Only the pages a thread touches are ever committed.
-const THREAD_STACK_BYTES: usize = 256 << 20;
-
 fn main() -> ExitCode {
     // Before any thread exists, so that every thread spawned later (the broker client's
-    // I/O thread among them) gets this stack size.
+    // I/O thread among them) gets this stack size: deeply nested headers are parsed, copied
+    // and dropped recursively (see `THREAD_STACK_BYTES`).
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         // SAFETY: single-threaded here; nothing reads the environment concurrently.
         unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK_BYTES.to_string()) };

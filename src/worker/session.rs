@@ -128,6 +128,16 @@ async fn session(
     };
     tracing::info!(amqp = %settings.amqp.url, "connected to the broker; topology declared");
     shared.connected.store(true, Ordering::SeqCst);
+    let frame_max = u64::from(conn.configuration().frame_max());
+    if frame_max > amqp::frame_max_covered() {
+        tracing::warn!(
+            frame_max,
+            covered = amqp::frame_max_covered(),
+            "the broker's frame_max lets a publisher nest headers deeper than this process's \
+             thread stacks can parse; lower frame_max or raise RUST_MIN_STACK (512 bytes per \
+             byte of frame_max)"
+        );
+    }
 
     let publisher =
         Publisher::new(publish_channel).with_frame_max(conn.configuration().frame_max());
