@@ -3,9 +3,17 @@
 //! Invariants: `/healthz` answers while the process runs; `/readyz` is 200 only when the
 //! broker session is up, a consumer is running, Redis answers and the circuit is closed —
 //! otherwise 503 with every failing reason, one per line.
+//!
+//! The endpoint may be reachable by anyone (images bind it on `0.0.0.0`), so no client can
+//! hold on to it: at most [`MAX_CONNECTIONS`] connections at once (a full house closes the
+//! oldest connection still waiting for its request), the request header must arrive within
+//! [`HEADER_READ_TIMEOUT`], a connection serves one request and lives at most
+//! [`CONNECTION_LIFETIME`]. A flood costs the flooder; the worker's own connections to the
+//! broker, Redis and the API keep their file descriptors, and probes keep their answers.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,8 +21,11 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 
 use crate::dedup::RedisStore;
 use crate::metrics::{self, Metrics};
@@ -77,12 +88,162 @@ async fn metrics(State(h): State<Health>) -> Response {
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
-/// Serve until `shutdown`.
+/// Connections served at once; more close the oldest one still waiting for its request.
+/// Probes and scrapes take a connection for milliseconds, so this is far above need and
+/// far below any file-descriptor limit.
+pub const MAX_CONNECTIONS: usize = 128;
+/// The whole request header must arrive within this (kubelet and Prometheus send it at
+/// once).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// No connection lives longer, however slowly its client reads the answer.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// Request line and headers, at most (hyper's smallest allowed buffer is 8 KiB).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// After a failed `accept` (out of file descriptors, say), wait this long before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Serve until `shutdown`, then close every connection.
 pub async fn serve(listener: tokio::net::TcpListener, health: Health, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(health))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "metrics endpoint stopped");
+    let metrics = health.metrics.clone();
+    let router = router(health);
+    let slots = Arc::new(Slots::default());
+    let mut accept_errors = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if accept_errors.is_multiple_of(100) {
+                    tracing::warn!(error = %e, failures = accept_errors + 1, "metrics endpoint: accept failed");
+                }
+                accept_errors += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        };
+        let (slot, shed) = slots.admit();
+        if shed {
+            metrics.http_connection_shed();
+        }
+        let (router, slots, stop) = (router.clone(), slots.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let id = slot.id;
+            serve_connection(stream, router, slot, stop).await;
+            slots.leave(id);
+        });
+    }
+    slots.close_all();
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    router: Router,
+    slot: Slot,
+    stop: CancellationToken,
+) {
+    let served = slot.served.clone();
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        served.store(true, Ordering::SeqCst);
+        router.clone().oneshot(request)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(false);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
+        () = slot.close.cancelled() => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// One open connection: whether its request arrived, and how to close it.
+#[derive(Clone)]
+struct Slot {
+    id: u64,
+    served: Arc<AtomicBool>,
+    close: CancellationToken,
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Slots {
+    open: Mutex<VecDeque<Slot>>,
+    next_id: AtomicU64,
+}
+
+impl Slots {
+    /// A slot for a new connection, and whether another connection was closed for it: the
+    /// oldest still waiting for its request, or else the oldest.
+    fn admit(&self) -> (Slot, bool) {
+        let slot = Slot {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            served: Arc::new(AtomicBool::new(false)),
+            close: CancellationToken::new(),
+        };
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shed = false;
+        if open.len() >= MAX_CONNECTIONS {
+            let victim = open
+                .iter()
+                .position(|s| !s.served.load(Ordering::SeqCst))
+                .unwrap_or(0);
+            if let Some(old) = open.remove(victim) {
+                old.close.cancel();
+                shed = true;
+            }
+        }
+        open.push_back(slot.clone());
+        (slot, shed)
+    }
+
+    fn leave(&self, id: u64) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = open.iter().position(|s| s.id == id) {
+            open.remove(i);
+        }
+    }
+
+    fn close_all(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in open.drain(..) {
+            slot.close.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_house_closes_the_oldest_connection_still_waiting_for_its_request() {
+        let slots = Slots::default();
+        let first: Vec<Slot> = (0..MAX_CONNECTIONS).map(|_| slots.admit().0).collect();
+        // The two oldest are being served; the third oldest is only waiting.
+        first[0].served.store(true, Ordering::SeqCst);
+        first[1].served.store(true, Ordering::SeqCst);
+        let (_, shed) = slots.admit();
+        assert!(shed);
+        assert!(first[2].close.is_cancelled(), "the oldest idle one goes");
+        assert!(!first[0].close.is_cancelled() && !first[1].close.is_cancelled());
+        assert_eq!(slots.open.lock().expect("lock").len(), MAX_CONNECTIONS);
+        // When every connection is being served, the oldest goes.
+        for s in slots.open.lock().expect("lock").iter() {
+            s.served.store(true, Ordering::SeqCst);
+        }
+        assert!(slots.admit().1);
+        assert!(first[0].close.is_cancelled());
+        // Leaving frees a place: no shedding below the cap.
+        slots.leave(first[1].id);
+        assert!(!slots.admit().1);
     }
 }

@@ -7,7 +7,7 @@
 //!   `provisioner_deferrals_total{reason}`, `provisioner_in_flight`,
 //!   `provisioner_circuit_open`, `provisioner_dedup_hits_total`,
 //!   `provisioner_dead_letters_total{kind}`, `provisioner_orphaned_groups_total`,
-//!   `provisioner_build_info{version}`;
+//!   `provisioner_http_connections_shed_total`, `provisioner_build_info{version}`;
 //! - label values come from closed, typed sets (outcomes, failure kinds, deferral
 //!   reasons, operations, HTTP status codes), so cardinality stays bounded, and every
 //!   value of a closed set is exported from the start (at 0), so alerts see the series
@@ -108,6 +108,7 @@ pub struct Metrics {
     retries: Counter,
     dedup_hits: Counter,
     orphans: Counter,
+    http_shed: Counter,
     in_flight: Gauge<i64, AtomicI64>,
     circuit_open: Gauge<i64, AtomicI64>,
     api_requests: Family<RequestLabels, Counter>,
@@ -130,6 +131,7 @@ impl Metrics {
             retries: Counter::default(),
             dedup_hits: Counter::default(),
             orphans: Counter::default(),
+            http_shed: Counter::default(),
             in_flight: Gauge::default(),
             circuit_open: Gauge::default(),
             api_requests: Family::default(),
@@ -188,6 +190,11 @@ impl Metrics {
             "orphaned_groups",
             "Groups created for an ext id that already had another one recorded (remove them: see the runbook)",
             m.orphans.clone(),
+        );
+        registry.register(
+            "http_connections_shed",
+            "Connections to this endpoint closed to make room (a flood of slow or idle clients)",
+            m.http_shed.clone(),
         );
         registry.register(
             "dead_letters",
@@ -266,6 +273,13 @@ impl Recorder for Metrics {
     }
 }
 
+impl Metrics {
+    /// The HTTP endpoint closed a connection to make room for another.
+    pub fn http_connection_shed(&self) {
+        self.http_shed.inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +318,7 @@ mod tests {
             "provisioner_circuit_open 1",
             "provisioner_dedup_hits_total 1",
             "provisioner_orphaned_groups_total 0",
+            "provisioner_http_connections_shed_total 0",
             "provisioner_dead_letters_total{kind=\"rejected\"} 1",
             "provisioner_dead_letters_total{kind=\"name_conflict\"} 0",
             "# TYPE provisioner_api_request_duration_seconds histogram",

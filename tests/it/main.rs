@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod core;
 mod deploy;
+mod endpoint;
 mod faults;
 mod guarantees;
 mod helpers;

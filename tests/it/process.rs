@@ -42,8 +42,26 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     pub fn spawn(env: &TestEnv, extra_env: &[(&str, &str)]) -> WorkerProcess {
         let mut cmd = env.command(BIN);
-        cmd.arg("run")
-            .env("PROVISIONER__LOG__LEVEL", "info")
+        cmd.arg("run");
+        WorkerProcess::start(cmd, extra_env)
+    }
+
+    /// The worker with at most `nofile` file descriptors, as in a container with the common
+    /// default of 1,024.
+    pub fn spawn_with_nofile(
+        env: &TestEnv,
+        extra_env: &[(&str, &str)],
+        nofile: u32,
+    ) -> WorkerProcess {
+        let mut cmd = env.command("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" run"))
+            .arg(BIN);
+        WorkerProcess::start(cmd, extra_env)
+    }
+
+    fn start(mut cmd: tokio::process::Command, extra_env: &[(&str, &str)]) -> WorkerProcess {
+        cmd.env("PROVISIONER__LOG__LEVEL", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
