@@ -24,8 +24,39 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use serde_json::Value;
 
 pub const SIM_TOKEN: &str = "sim-token";
-pub const AMQP_HOST: &str = "127.0.0.1:5672";
-pub const MANAGEMENT: &str = "http://127.0.0.1:15672";
+/// The broker under test: the machine's own (`127.0.0.1:5672`), or another one named by
+/// `GP_TEST_AMQP_HOST` and `GP_TEST_MANAGEMENT` (e.g. a RabbitMQ 4.x node on 5673/15673:
+/// `scripts/test.sh --rabbitmq4`).
+pub static AMQP_HOST: Endpoint = Endpoint::new("GP_TEST_AMQP_HOST", "127.0.0.1:5672");
+pub static MANAGEMENT: Endpoint = Endpoint::new("GP_TEST_MANAGEMENT", "http://127.0.0.1:15672");
+
+/// An address from the environment, or its default; formats as the address.
+pub struct Endpoint {
+    var: &'static str,
+    default: &'static str,
+    value: std::sync::OnceLock<String>,
+}
+
+impl Endpoint {
+    const fn new(var: &'static str, default: &'static str) -> Endpoint {
+        Endpoint {
+            var,
+            default,
+            value: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn get(&self) -> &str {
+        self.value
+            .get_or_init(|| std::env::var(self.var).unwrap_or_else(|_| self.default.to_owned()))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
+}
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 const VHOST_PREFIX: &str = "gp-test-";
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
-use crate::process::{cli, cli_with_stdin, json_lines, stderr, stdout};
+use crate::process::{cli, cli_measured, cli_with_stdin, json_lines, stderr, stdout};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -434,5 +434,94 @@ async fn readyz_follows_redis_and_metrics_count_what_happened() {
     .await;
     worker.shutdown();
     worker.join().await;
+    env.cleanup().await;
+}
+
+/// A DLQ far larger than the memory the tools may use: every tool reads it in bounded
+/// memory, and none of them reorders it, however often it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_tools_read_a_large_dlq_in_bounded_memory_and_keep_its_order() {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    // 1,200 dead letters of 100 KB: 120 MB.
+    let n = 1_200;
+    let padding = "p".repeat(100_000);
+    let mut confirms = Vec::new();
+    for i in 0..n {
+        let body =
+            json!({"org_unit_ext_id": format!("BIG-{i:04}"), "padding": padding}).to_string();
+        confirms.push(
+            env.channel
+                .basic_publish(
+                    "".into(),
+                    dlq.as_str().into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish"),
+        );
+        if confirms.len() == 100 {
+            for c in confirms.drain(..) {
+                c.await.expect("confirm");
+            }
+        }
+    }
+    for c in confirms.drain(..) {
+        c.await.expect("confirm");
+    }
+    assert_eq!(env.queue_depth(&dlq).await, n);
+
+    let limit = 64 << 20;
+    let ext_ids = |o: &std::process::Output| -> Vec<String> {
+        json_lines(o)
+            .iter()
+            .map(|l| l["ext_id"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    let expected = |k: usize| -> Vec<String> { (0..k).map(|i| format!("BIG-{i:04}")).collect() };
+    // Read it several ways, twice each: the order never changes.
+    for round in 0..2 {
+        let (peek, rss) = cli_measured(&env, &["dlq", "peek", "--limit", "1", "--json"]).await;
+        assert_eq!(peek.status.code(), Some(0), "{}", stderr(&peek));
+        assert_eq!(ext_ids(&peek), expected(1), "round {round}");
+        assert!(rss < limit, "peek --limit 1 peaked at {} MiB", rss >> 20);
+        eprintln!("dlq peek --limit 1 on 120 MB: {} MiB peak", rss >> 20);
+
+        let (peek, _) = cli_measured(&env, &["dlq", "peek", "--limit", "5", "--json"]).await;
+        assert_eq!(ext_ids(&peek), expected(5), "round {round}");
+
+        let (stats, rss) = cli_measured(&env, &["dlq", "stats", "--json"]).await;
+        assert_eq!(json_lines(&stats)[0]["count"], n, "{}", stderr(&stats));
+        assert!(rss < limit, "stats peaked at {} MiB", rss >> 20);
+
+        let out = std::env::temp_dir().join(format!("{}.jsonl", unique("export")));
+        let out_arg = out.display().to_string();
+        let (export, rss) = cli_measured(&env, &["dlq", "export", "--out", &out_arg]).await;
+        assert_eq!(export.status.code(), Some(0), "{}", stderr(&export));
+        assert!(rss < limit, "export peaked at {} MiB", rss >> 20);
+        let text = std::fs::read_to_string(&out).expect("export file");
+        let _ = std::fs::remove_file(&out);
+        let exported: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).expect("json")["ext_id"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned()
+            })
+            .collect();
+        let want = expected(n as usize);
+        let first_diff = exported.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(
+            exported.len() == want.len() && first_diff.is_none(),
+            "round {round}: export of {} lines, first difference at {first_diff:?}: {:?}",
+            exported.len(),
+            first_diff.map(|i| &exported[i.saturating_sub(2)..(i + 3).min(exported.len())])
+        );
+    }
+    assert_eq!(env.queue_depth(&dlq).await, n, "nothing removed");
     env.cleanup().await;
 }

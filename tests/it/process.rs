@@ -177,6 +177,42 @@ pub async fn cli(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> Output
     cli_with_stdin(env, args, extra, None).await
 }
 
+/// Run an operator command and report its peak resident memory (bytes), measured by the
+/// small `peak-rss` example program (a test binary cannot measure its own children).
+pub async fn cli_measured(env: &TestEnv, args: &[&str]) -> (Output, u64) {
+    let peak_rss = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("peak-rss")))
+        .expect("target directory");
+    if !peak_rss.exists() {
+        // `cargo test` builds examples; `cargo test --test integration …` does not.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let built = std::process::Command::new(cargo)
+            .args(["build", "--example", "peak-rss"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(
+            built.success() && peak_rss.exists(),
+            "cannot build the peak-rss example"
+        );
+    }
+    let mut cmd = env.command(&peak_rss.display().to_string());
+    cmd.arg(BIN).args(args).stdin(Stdio::null());
+    let output = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("finished in time")
+        .expect("peak-rss runs");
+    let text = String::from_utf8_lossy(&output.stderr);
+    let peak = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("peak_rss_bytes="))
+        .next_back()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("peak-rss reports");
+    (output, peak)
+}
+
 pub async fn cli_with_stdin(
     env: &TestEnv,
     args: &[&str],

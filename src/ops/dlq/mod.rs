@@ -43,7 +43,7 @@ pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
         }
     };
     let total = reader.total_in_queue;
-    reader.close(0).await;
+    reader.close().await;
     result?;
     if as_json {
         println!(
@@ -100,7 +100,7 @@ pub async fn peek(settings: &Settings, limit: usize, as_json: bool) -> Result<()
         println!("   body:   {body}");
     };
     let total = reader.total_in_queue;
-    reader.close(0).await;
+    reader.close().await;
     result?;
     if !as_json {
         println!("({shown} shown of {total}; nothing was removed)");
@@ -132,7 +132,7 @@ pub async fn export(settings: &Settings, out: &Path) -> Result<(), OpsError> {
         Ok(n)
     }
     .await;
-    reader.close(0).await;
+    reader.close().await;
     match result {
         Ok(n) => {
             eprintln!(

@@ -1,13 +1,25 @@
 //! Reading the DLQ without losing or reordering it: a pass consumes *without acking* as
-//! many messages as the queue held when it started, then closes its channel, and the
+//! many messages as the queue held when it started, then closes its channels, and the
 //! broker puts every unacked message back where it was.
+//!
+//! A pass always takes the *whole* queue, even to show one message: a quorum queue puts
+//! returned messages behind those returned before, so returning only the first few would
+//! move them behind the rest whenever the queue has been read before.
+//!
+//! Memory is bounded whatever the DLQ holds: the pass reads in windows of [`WINDOW`]
+//! messages (more for a very large DLQ, see [`MAX_WINDOWS`]), each on its own channel with
+//! a consumer of that prefetch, cancelled once its window is delivered — its messages stay
+//! unacked on that channel — and each message is dropped once handled. At the end the
+//! windows' channels are closed oldest first, so the broker puts the messages back in their
+//! order. (Windows as consumers of *one* channel would not do: a quorum queue returns the
+//! messages of a channel's consumers in no particular order.)
 
 use std::time::Duration;
 
 use base64::Engine;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use serde_json::{Value, json};
@@ -28,10 +40,12 @@ pub struct DeadLetter {
     /// from `x-death` (e.g. `broker:delivery_limit`).
     pub kind: String,
     pub delivery: Delivery,
+    /// The window (channel) it came on: its ack goes through [`DlqReader::ack`].
+    window: usize,
 }
 
 impl DeadLetter {
-    fn new(position: usize, delivery: Delivery) -> DeadLetter {
+    fn new(position: usize, delivery: Delivery, window: usize) -> DeadLetter {
         let h = delivery.properties.headers().as_ref();
         let kind = header_string(h, headers::X_ERROR_KIND)
             .or_else(|| broker_reason(h).map(|r| format!("broker:{r}")))
@@ -48,6 +62,7 @@ impl DeadLetter {
             ext_id,
             kind,
             delivery,
+            window,
         }
     }
 
@@ -116,25 +131,57 @@ fn broker_reason(h: Option<&FieldTable>) -> Option<String> {
     }
 }
 
-/// One pass over the DLQ. Messages are consumed (unlimited prefetch) and never acked
-/// unless moved, so the broker keeps them; closing the reader puts back everything not
-/// acked, in its original order. (`basic.get` would avoid the prefetch, but quorum queues
-/// return messages taken that way behind the ones never taken: the order would change.)
-/// Each message is dropped, still unacked, once handled, so only what the broker has sent
-/// ahead is buffered. The pass stops at the number of messages the queue held when it
-/// started, so newer arrivals are not read.
+/// How many messages the broker sends ahead of the reader: what a pass holds in memory.
+pub const WINDOW: usize = 64;
+/// At most this many windows (channels) per pass; a larger DLQ gets larger windows. Far
+/// below RabbitMQ's default `channel_max` (2,047).
+pub const MAX_WINDOWS: usize = 1_000;
+
+/// One pass over the DLQ. Messages are consumed and never acked unless moved, so the
+/// broker keeps them; closing the reader puts back everything not acked, in its original
+/// order. (`basic.get` would avoid consumers, but quorum queues return messages taken that
+/// way behind the ones never taken: the order would change.) Each message is dropped,
+/// still unacked, once handled, so only the current window is buffered. The pass stops at
+/// the number of messages the queue held when it started, so newer arrivals are not read.
 pub struct DlqReader {
     pub total_in_queue: u32,
+    /// The whole pass: every message the queue held at the start.
     wanted: usize,
+    /// How many of them [`DlqReader::next`] yields; the rest are read and dropped at close.
+    shown: usize,
     read: usize,
     queue: String,
-    consumer: Option<lapin::Consumer>,
+    window_size: usize,
+    window: Option<Window>,
+    /// The finished windows, oldest first, holding their unacked messages.
+    held: Vec<Held>,
+    /// Messages each window (by index) holds: delivered, not acked.
+    holding: Vec<usize>,
     conn: Connection,
     channel: Channel,
 }
 
+/// A finished window: its channel keeps its messages until the pass closes.
+struct Held {
+    channel: Channel,
+    index: usize,
+}
+
+/// The consumer of the current window, on its own channel.
+struct Window {
+    index: usize,
+    channel: Channel,
+    consumer: lapin::Consumer,
+    tag: String,
+    /// Deliveries still to come before the window is full.
+    left: usize,
+    /// Cancel sent: read what it still delivers until it ends.
+    cancelling: bool,
+}
+
 impl DlqReader {
-    /// Open a pass over at most `max` messages (all when `None`).
+    /// Open a pass that yields at most `max` messages (all when `None`); it takes the whole
+    /// queue all the same (see the module documentation).
     pub async fn open(settings: &Settings, max: Option<usize>) -> Result<DlqReader, OpsError> {
         let (conn, channel) = connect(settings, "dlq").await?;
         let queue = settings.topology.dead_letter_queue.clone();
@@ -145,89 +192,206 @@ impl DlqReader {
                 source,
                 hint: "",
             })?;
-        let wanted = max.map_or(total as usize, |m| m.min(total as usize));
-        let consumer = if wanted == 0 {
-            None
-        } else {
-            // Unlimited prefetch: every message of the pass stays unacked until we close.
-            channel.basic_qos(0, BasicQosOptions::default()).await?;
-            let tag = format!("group-provisioner-dlq-{}", uuid::Uuid::new_v4().simple());
-            Some(
-                channel
-                    .basic_consume(
-                        ShortString::from(queue.as_str()),
-                        ShortString::from(tag),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?,
-            )
+        let wanted = total as usize;
+        let channel_max = match conn.configuration().channel_max() {
+            0 => usize::from(u16::MAX),
+            n => usize::from(n),
         };
+        let max_windows = MAX_WINDOWS.min(channel_max.saturating_sub(8)).max(1);
         Ok(DlqReader {
             total_in_queue: total,
             wanted,
+            shown: max.map_or(wanted, |m| m.min(wanted)),
             read: 0,
             queue,
-            consumer,
+            window_size: WINDOW.max(wanted.div_ceil(max_windows)),
+            window: None,
+            held: Vec::new(),
+            holding: Vec::new(),
             conn,
             channel,
         })
     }
 
-    /// The confirm-mode channel the messages were read on (their acks go through it).
+    /// A channel and a consumer that the broker sends at most `size` messages (they stay
+    /// unacked).
+    async fn open_window(&self, size: usize) -> Result<Window, OpsError> {
+        let size = size.min(usize::from(u16::MAX));
+        let prefetch = u16::try_from(size).unwrap_or(u16::MAX);
+        let channel = self.conn.create_channel().await?;
+        // Per consumer (global QoS is refused by RabbitMQ 4.3 and unsupported by quorum
+        // queues).
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        let tag = format!("group-provisioner-dlq-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(self.queue.as_str()),
+                ShortString::from(tag.as_str()),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Window {
+            index: self.holding.len(),
+            channel,
+            consumer,
+            tag,
+            left: size,
+            cancelling: false,
+        })
+    }
+
+    /// The confirm-mode channel for publishing during the pass (a message's ack goes
+    /// through its own window's channel: `delivery.ack`).
     pub fn channel(&self) -> &Channel {
         &self.channel
     }
 
-    /// Messages of the pass not read yet.
+    /// Messages still to be yielded.
     pub fn remaining(&self) -> usize {
-        self.wanted.saturating_sub(self.read)
+        self.shown.saturating_sub(self.read)
     }
 
-    /// The next dead letter of the pass, or `None` at its end.
+    /// The next dead letter of the pass, or `None` once `max` were yielded or at its end.
     pub async fn next(&mut self) -> Result<Option<DeadLetter>, OpsError> {
-        if self.read >= self.wanted {
+        if self.read >= self.shown {
             return Ok(None);
         }
-        let Some(consumer) = self.consumer.as_mut() else {
-            return Ok(None);
-        };
-        match tokio::time::timeout(BROKER_TIMEOUT, consumer.next()).await {
-            Ok(Some(Ok(delivery))) => {
-                self.read += 1;
-                Ok(Some(DeadLetter::new(self.read, delivery)))
+        self.take().await
+    }
+
+    /// The next message of the whole pass.
+    async fn take(&mut self) -> Result<Option<DeadLetter>, OpsError> {
+        loop {
+            if self.read >= self.wanted {
+                return Ok(None);
             }
-            Ok(Some(Err(e))) => Err(e.into()),
-            // Someone else consumed meanwhile: the pass is what we got.
-            Ok(None) | Err(_) => Ok(None),
+            let mut window = match self.window.take() {
+                Some(w) => w,
+                None => {
+                    let left = self.wanted.saturating_sub(self.read);
+                    let w = self.open_window(self.window_size.min(left)).await?;
+                    self.holding.push(0);
+                    w
+                }
+            };
+            if window.left == 0 && !window.cancelling {
+                // A full window: no more for this consumer. Its messages stay unacked with
+                // the pass; a message it still sends (after a move freed a slot) is read
+                // before the next window starts, so the order holds.
+                window
+                    .channel
+                    .basic_cancel(
+                        ShortString::from(window.tag.as_str()),
+                        BasicCancelOptions::default(),
+                    )
+                    .await?;
+                window.cancelling = true;
+            }
+            match tokio::time::timeout(BROKER_TIMEOUT, window.consumer.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    window.left = window.left.saturating_sub(1);
+                    let index = window.index;
+                    if let Some(n) = self.holding.get_mut(index) {
+                        *n += 1;
+                    }
+                    self.window = Some(window);
+                    self.read += 1;
+                    return Ok(Some(DeadLetter::new(self.read, delivery, index)));
+                }
+                Ok(Some(Err(e))) => return Err(e.into()),
+                // The cancelled window is done: keep its channel (and messages), go on.
+                Ok(None) if window.cancelling => self.held.push(Held {
+                    channel: window.channel,
+                    index: window.index,
+                }),
+                // Someone else consumed meanwhile, or the queue is gone: the pass is what
+                // we got.
+                Ok(None) | Err(_) => return Ok(None),
+            }
         }
     }
 
-    /// Return every unacked message to the queue, in order, and wait (up to a few seconds)
-    /// until the broker shows them again, so a command run right after sees the whole DLQ.
-    /// `removed` is how many of the pass were acked (moved).
-    pub async fn close(self, removed: usize) {
+    /// Remove `letter` from the DLQ for good (it was moved elsewhere).
+    pub async fn ack(&mut self, letter: &DeadLetter) -> Result<(), lapin::Error> {
+        letter
+            .delivery
+            .ack(lapin::options::BasicAckOptions::default())
+            .await?;
+        if let Some(n) = self.holding.get_mut(letter.window) {
+            *n = n.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// Return every unacked message to the queue, in order: the windows' channels are
+    /// closed oldest first, each only once the broker shows the previous one's messages
+    /// back (so a command run right after sees the whole DLQ, in order).
+    pub async fn close(mut self) {
+        // Take the rest of the pass (dropping each message as it comes), so that the
+        // whole queue goes back in order.
+        while let Ok(Some(_)) = self.take().await {}
+        // No consumer may be left: it would be sent the messages the first windows give
+        // back, out of turn.
+        if let Some(mut w) = self.window.take() {
+            if !w.cancelling {
+                let _ = w
+                    .channel
+                    .basic_cancel(
+                        ShortString::from(w.tag.as_str()),
+                        BasicCancelOptions::default(),
+                    )
+                    .await;
+            }
+            while let Ok(Some(Ok(_))) =
+                tokio::time::timeout(BROKER_TIMEOUT, w.consumer.next()).await
+            {}
+            self.held.push(Held {
+                channel: w.channel,
+                index: w.index,
+            });
+        }
+        // Oldest window first, each once the previous one's messages are back: the broker
+        // puts each channel's messages behind those returned before.
+        let mut ready = self.ready().await;
+        for held in std::mem::take(&mut self.held) {
+            let _ = held
+                .channel
+                .close(200, ShortString::from("dlq pass done"))
+                .await;
+            let returned = self.holding.get(held.index).copied().unwrap_or(0);
+            if let (Some(before), true) = (ready, returned > 0) {
+                ready = self.wait_ready(before + returned).await;
+            }
+        }
         let _ = self
             .channel
             .close(200, ShortString::from("dlq pass done"))
             .await;
-        let expected = (self.total_in_queue as usize).saturating_sub(removed);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while let Ok(ch) = self.conn.create_channel().await {
-            let count = crate::amqp::ready_count(&ch, &self.queue)
-                .await
-                .map(|c| c as usize);
-            let _ = ch.close(200, ShortString::from("ok")).await;
-            // Quorum queues return held messages asynchronously after the channel closes.
-            if count.is_err()
-                || count.is_ok_and(|c| c >= expected)
-                || tokio::time::Instant::now() > deadline
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         let _ = self.conn.close(200, ShortString::from("done")).await;
+    }
+
+    /// Messages ready in the DLQ now (`None`: cannot tell).
+    async fn ready(&self) -> Option<usize> {
+        crate::amqp::ready_count(&self.channel, &self.queue)
+            .await
+            .ok()
+            .map(|c| c as usize)
+    }
+
+    /// Wait (a few seconds at most) until at least `expected` messages are ready; returns
+    /// what is ready then. Quorum queues take returned messages back asynchronously.
+    async fn wait_ready(&self, expected: usize) -> Option<usize> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let ready = self.ready().await?;
+            if ready >= expected || tokio::time::Instant::now() > deadline {
+                return Some(ready);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 

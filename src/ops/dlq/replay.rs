@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 
@@ -134,7 +133,7 @@ pub async fn replay(
             break;
         }
         summary.moved += 1;
-        if let Err(e) = letter.delivery.ack(BasicAckOptions::default()).await {
+        if let Err(e) = reader.ack(&letter).await {
             // Published but not acked: the dead letter returns to the DLQ as well. Replaying
             // it again is harmless (deduplication), so report and stop.
             result = Err(OpsError::ReplayAck {
@@ -147,9 +146,7 @@ pub async fn replay(
     }
     summary.interrupted = stop.is_cancelled();
     // What was not moved goes back, in order.
-    reader
-        .close(if filter.dry_run { 0 } else { summary.moved })
-        .await;
+    reader.close().await;
     result.map(|()| summary)
 }
 
