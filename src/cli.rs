@@ -92,9 +92,12 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Write every dead letter to a JSON-lines file for audit. Removes nothing.
-    #[command(after_help = "Example:\n  group-provisioner dlq export --out dlq-2026-11-26.jsonl")]
+    #[command(
+        after_help = "The file is written beside its target (owner-only) and renamed over it when complete.\nOnly a regular file or a new path is accepted; - writes to standard output.\n\nExamples:\n  group-provisioner dlq export --out dlq-2026-11-26.jsonl\n  group-provisioner dlq export --out - | gzip > dlq.jsonl.gz"
+    )]
     Export {
-        #[arg(long, value_name = "FILE.jsonl")]
+        /// Where to write: a regular file (replaced when complete), a new path, or -.
+        #[arg(long, value_name = "FILE.jsonl|-")]
         out: PathBuf,
     },
     /// Move matching dead letters back to the command exchange (confirmed publish, then ack).

@@ -525,3 +525,116 @@ async fn dlq_tools_read_a_large_dlq_in_bounded_memory_and_keep_its_order() {
     assert_eq!(env.queue_depth(&dlq).await, n, "nothing removed");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_export_writes_only_to_a_regular_file_a_new_path_or_stdout() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    for i in 0..2 {
+        env.channel
+            .basic_publish(
+                "".into(),
+                dlq.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                json!({"org_unit_ext_id": format!("EXP-{i}")})
+                    .to_string()
+                    .as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let dir = std::env::temp_dir().join(unique("export-dir"));
+    std::fs::create_dir(&dir).expect("dir");
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, "precious").expect("victim");
+    let export = |path: std::path::PathBuf| {
+        let env = &env;
+        async move {
+            let p = path.display().to_string();
+            cli(env, &["dlq", "export", "--out", &p], &[]).await
+        }
+    };
+
+    // Not regular files: refused with the reason, left as they are.
+    let link = dir.join("link.jsonl");
+    std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+    let fifo = dir.join("fifo.jsonl");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    for (path, kind) in [
+        (&link, "a symbolic link"),
+        (&fifo, "a named pipe"),
+        (&dir, "a directory"),
+    ] {
+        let o = export(path.clone()).await;
+        assert_eq!(o.status.code(), Some(2), "{kind}: {}", stderr(&o));
+        assert!(stderr(&o).contains(kind), "{}", stderr(&o));
+    }
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .expect("fifo")
+            .file_type()
+            .is_fifo()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "precious"
+    );
+
+    // A symbolic link planted where a temporary file might be written is never followed.
+    let out = dir.join("dlq.jsonl");
+    let planted = ["dlq.jsonl.tmp", "dlq.jsonl.jsonl.tmp", ".dlq.jsonl.tmp"];
+    for planted in planted {
+        std::os::unix::fs::symlink(&victim, dir.join(planted)).expect("plant");
+    }
+    let o = export(out.clone()).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "precious"
+    );
+    let lines = std::fs::read_to_string(&out).expect("export");
+    assert_eq!(lines.lines().count(), 2);
+    let mode = std::fs::metadata(&out).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "dead letters hold personal data");
+    // An existing regular file is replaced.
+    std::fs::write(&out, "old").expect("old");
+    assert_eq!(export(out.clone()).await.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&out)
+            .expect("export")
+            .lines()
+            .count(),
+        2
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp") && !planted.contains(&n.as_str()))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // `-` is standard output.
+    let o = cli(&env, &["dlq", "export", "--out", "-"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let ext: Vec<Value> = json_lines(&o).iter().map(|l| l["ext_id"].clone()).collect();
+    assert_eq!(ext, [json!("EXP-0"), json!("EXP-1")]);
+    assert_eq!(env.queue_depth(&dlq).await, 2, "nothing removed");
+    let _ = std::fs::remove_dir_all(&dir);
+    env.cleanup().await;
+}

@@ -108,42 +108,138 @@ pub async fn peek(settings: &Settings, limit: usize, as_json: bool) -> Result<()
     Ok(())
 }
 
+/// `dlq export --out FILE|-`: every dead letter as a JSON line, in queue order. A file is
+/// written to a new temporary file beside it (created exclusively, owner-only: dead letters
+/// hold personal data) and renamed over it when complete, so a half-written export never
+/// appears; only a regular file or a new path is accepted (never a device, a directory or
+/// a symbolic link). `-` writes to standard output.
 pub async fn export(settings: &Settings, out: &Path) -> Result<(), OpsError> {
-    let mut reader = DlqReader::open(settings, None).await?;
-    // Write next to the target, then rename: a half-written audit file never appears.
-    let tmp = out.with_extension("jsonl.tmp");
-    let result: Result<usize, OpsError> = async {
-        let io = |source| OpsError::Output {
+    if out.as_os_str() == "-" {
+        let mut stdout = std::io::BufWriter::new(std::io::stdout());
+        let (n, total) = write_pass(settings, &mut stdout, Path::new("standard output")).await?;
+        report_export(n, total, "standard output");
+        return Ok(());
+    }
+    check_export_target(out)?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".to_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| OpsError::Output { path, source }
+    };
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        // create_new: O_EXCL, which also refuses to follow a symbolic link planted there.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?
+    };
+    let mut writer = std::io::BufWriter::new(file);
+    let written = async {
+        let (n, total) = write_pass(settings, &mut writer, &tmp).await?;
+        let file = writer.into_inner().map_err(|e| OpsError::Output {
             path: tmp.clone(),
-            source,
-        };
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-        let mut n = 0;
-        while let Some(l) = reader.next().await? {
-            writeln!(file, "{}", l.to_json()).map_err(io)?;
-            n += 1;
-        }
-        file.flush().map_err(io)?;
-        drop(file);
-        std::fs::rename(&tmp, out).map_err(|source| OpsError::Output {
-            path: out.to_path_buf(),
-            source,
+            source: e.into_error(),
         })?;
-        Ok(n)
+        file.sync_all().map_err(io(&tmp))?;
+        // What is there now must still be a regular file or nothing.
+        check_export_target(out)?;
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        Ok((n, total))
     }
     .await;
-    reader.close().await;
-    match result {
-        Ok(n) => {
-            eprintln!(
-                "exported {n} dead letters to {} (nothing was removed)",
-                out.display()
-            );
+    match written {
+        Ok((n, total)) => {
+            report_export(n, total, &out.display().to_string());
             Ok(())
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)
         }
+    }
+}
+
+/// Refuse an export target that exists and is not a regular file (a device, a directory,
+/// a socket, a symbolic link — not followed).
+fn check_export_target(out: &Path) -> Result<(), OpsError> {
+    match std::fs::symlink_metadata(out) {
+        Ok(meta) if meta.file_type().is_file() => Ok(()),
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            let kind = if t.is_symlink() {
+                "a symbolic link"
+            } else if t.is_dir() {
+                "a directory"
+            } else if t.is_char_device() || t.is_block_device() {
+                "a device"
+            } else if t.is_fifo() {
+                "a named pipe"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            };
+            Err(OpsError::BadArgument(format!(
+                "--out {}: is {kind}; export writes only to a regular file, a new path, or - (standard output)",
+                out.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(OpsError::Output {
+            path: out.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// One pass written as JSON lines to `w`: (exported, what the DLQ held at the start).
+async fn write_pass(
+    settings: &Settings,
+    w: &mut impl Write,
+    path: &Path,
+) -> Result<(usize, u32), OpsError> {
+    let mut reader = DlqReader::open(settings, None).await?;
+    let io = |source| OpsError::Output {
+        path: path.to_path_buf(),
+        source,
+    };
+    let result = async {
+        let mut n = 0;
+        while let Some(l) = reader.next().await? {
+            writeln!(w, "{}", l.to_json()).map_err(io)?;
+            n += 1;
+        }
+        w.flush().map_err(io)?;
+        Ok(n)
+    }
+    .await;
+    let total = reader.total_in_queue;
+    reader.close().await;
+    result.map(|n| (n, total))
+}
+
+fn report_export(n: usize, total: u32, to: &str) {
+    if n < total as usize {
+        eprintln!(
+            "exported {n} of the {total} dead letters to {} (the DLQ changed during the export; nothing was removed)",
+            printable(to, 300)
+        );
+    } else {
+        eprintln!(
+            "exported {n} dead letters to {} (nothing was removed)",
+            printable(to, 300)
+        );
     }
 }
