@@ -6,7 +6,9 @@
 //!
 //! The endpoint may be reachable by anyone (images bind it on `0.0.0.0`), so no client can
 //! hold on to it: at most [`MAX_CONNECTIONS`] connections at once (a full house closes the
-//! oldest connection still waiting for its request), the request header must arrive within
+//! oldest connection still without a complete request; one whose request is already
+//! waiting when it is accepted — a probe's — is not a candidate), the request header must
+//! arrive within
 //! [`HEADER_READ_TIMEOUT`], a connection serves one request and lives at most
 //! [`CONNECTION_LIFETIME`]. A flood costs the flooder; the worker's own connections to the
 //! broker, Redis and the API keep their file descriptors, and probes keep their answers.
@@ -90,8 +92,8 @@ async fn metrics(State(h): State<Health>) -> Response {
 
 /// Connections served at once; more close the oldest one still waiting for its request.
 /// Probes and scrapes take a connection for milliseconds, so this is far above need and
-/// far below any file-descriptor limit.
-pub const MAX_CONNECTIONS: usize = 128;
+/// far below the common file-descriptor limit of 1,024.
+pub const MAX_CONNECTIONS: usize = 256;
 /// The whole request header must arrive within this (kubelet and Prometheus send it at
 /// once).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -108,6 +110,7 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health, shutdown: 
     let router = router(health);
     let slots = Arc::new(Slots::default());
     let mut accept_errors = 0u64;
+    let mut peek = vec![0u8; MAX_HEADER_BYTES];
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -126,7 +129,7 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health, shutdown: 
                 }
             }
         };
-        let (slot, shed) = slots.admit();
+        let (slot, shed) = slots.admit(request_waiting(&stream, &mut peek));
         if shed {
             metrics.http_connection_shed();
         }
@@ -165,6 +168,16 @@ async fn serve_connection(
     }
 }
 
+/// Whether a whole request header is already waiting on a just-accepted connection (a
+/// probe or a scrape sends it at once); never waits.
+fn request_waiting(stream: &tokio::net::TcpStream, buf: &mut [u8]) -> bool {
+    use futures_util::FutureExt as _;
+    match stream.peek(buf).now_or_never() {
+        Some(Ok(n)) => buf[..n].windows(4).any(|w| w == b"\r\n\r\n"),
+        _ => false,
+    }
+}
+
 /// One open connection: whether its request arrived, and how to close it.
 #[derive(Clone)]
 struct Slot {
@@ -181,12 +194,13 @@ struct Slots {
 }
 
 impl Slots {
-    /// A slot for a new connection, and whether another connection was closed for it: the
-    /// oldest still waiting for its request, or else the oldest.
-    fn admit(&self) -> (Slot, bool) {
+    /// A slot for a new connection (`requested`: its request is complete already), and
+    /// whether another connection was closed for it: the oldest still waiting for its
+    /// request, or else the oldest.
+    fn admit(&self, requested: bool) -> (Slot, bool) {
         let slot = Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            served: Arc::new(AtomicBool::new(false)),
+            served: Arc::new(AtomicBool::new(requested)),
             close: CancellationToken::new(),
         };
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -227,11 +241,11 @@ mod tests {
     #[test]
     fn a_full_house_closes_the_oldest_connection_still_waiting_for_its_request() {
         let slots = Slots::default();
-        let first: Vec<Slot> = (0..MAX_CONNECTIONS).map(|_| slots.admit().0).collect();
+        let first: Vec<Slot> = (0..MAX_CONNECTIONS).map(|_| slots.admit(false).0).collect();
         // The two oldest are being served; the third oldest is only waiting.
         first[0].served.store(true, Ordering::SeqCst);
         first[1].served.store(true, Ordering::SeqCst);
-        let (_, shed) = slots.admit();
+        let (_, shed) = slots.admit(false);
         assert!(shed);
         assert!(first[2].close.is_cancelled(), "the oldest idle one goes");
         assert!(!first[0].close.is_cancelled() && !first[1].close.is_cancelled());
@@ -240,10 +254,16 @@ mod tests {
         for s in slots.open.lock().expect("lock").iter() {
             s.served.store(true, Ordering::SeqCst);
         }
-        assert!(slots.admit().1);
+        assert!(slots.admit(false).1);
         assert!(first[0].close.is_cancelled());
         // Leaving frees a place: no shedding below the cap.
         slots.leave(first[1].id);
-        assert!(!slots.admit().1);
+        assert!(!slots.admit(false).1);
+        // A connection admitted with its request waiting is not a candidate.
+        let (probe, _) = slots.admit(true);
+        for _ in 0..MAX_CONNECTIONS * 2 {
+            slots.admit(false);
+        }
+        assert!(!probe.close.is_cancelled());
     }
 }
