@@ -5,10 +5,13 @@
 //! otherwise 503 with every failing reason, one per line.
 //!
 //! The endpoint may be reachable by anyone (images bind it on `0.0.0.0`), so no client can
-//! hold on to it: at most [`MAX_CONNECTIONS`] connections at once (a full house closes the
-//! oldest connection still without a complete request; one whose request is already
-//! waiting when it is accepted — a probe's — is not a candidate), the request header must
-//! arrive within
+//! hold on to it. The kernel hands a connection over only once its client has sent
+//! something ([`prepare_listener`]). At most [`MAX_CONNECTIONS`] connections at once: in a
+//! full house, a connection without its whole request is closed to make room once it has
+//! had [`ADMISSION_GRACE`]; a newcomer whose request is already waiting (a probe's, a
+//! scrape's) takes the place of the oldest such connection at once; a newcomer with only
+//! part of a request while every place is younger is closed. So a burst of connections
+//! cannot push out a probe about to be served. The request header must arrive within
 //! [`HEADER_READ_TIMEOUT`], a connection serves one request and lives at most
 //! [`CONNECTION_LIFETIME`]. A flood costs the flooder; the worker's own connections to the
 //! broker, Redis and the API keep their file descriptors, and probes keep their answers.
@@ -99,6 +102,9 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// No connection lives longer, however slowly its client reads the answer.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// A connection without a complete request keeps its place this long before a newcomer may
+/// take it (a real client sends its request within milliseconds of connecting).
+pub const ADMISSION_GRACE: Duration = Duration::from_millis(500);
 /// Request line and headers, at most (hyper's smallest allowed buffer is 8 KiB).
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// After a failed `accept` (out of file descriptors, say), wait this long before the next.
@@ -129,10 +135,15 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health, shutdown: 
                 }
             }
         };
-        let (slot, shed) = slots.admit(request_waiting(&stream, &mut peek));
+        let requested = request_waiting(&stream, &mut peek);
+        let (admitted, shed) = slots.admit(requested, std::time::Instant::now());
         if shed {
             metrics.http_connection_shed();
         }
+        // Refused: dropping the stream closes it.
+        let Some(slot) = admitted else {
+            continue;
+        };
         let (router, slots, stop) = (router.clone(), slots.clone(), shutdown.clone());
         tokio::spawn(async move {
             let id = slot.id;
@@ -168,20 +179,83 @@ async fn serve_connection(
     }
 }
 
+/// Connections the kernel may hold for us to accept.
+const ACCEPT_BACKLOG: libc::c_int = 4096;
+
+/// Set up the listening socket: a deep accept queue, and TCP_DEFER_ACCEPT — the kernel
+/// hands over a connection only once its client has sent something (or
+/// [`HEADER_READ_TIMEOUT`] has passed): a client that connects and says nothing costs no
+/// file descriptor of ours, and on every accepted connection a probe's request is already
+/// there to be seen. Linux only; elsewhere, and if refused, a no-op (the endpoint's other
+/// limits still hold).
+pub fn prepare_listener(listener: &std::net::TcpListener) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // And a deep accept queue (the kernel caps it at net.core.somaxconn): when a burst
+        // overflows it, the kernel drops the SYN of whoever comes next — a probe — which
+        // then waits a second to retry.
+        // SAFETY: listen() again on our listening socket only changes its backlog.
+        if unsafe { libc::listen(listener.as_raw_fd(), ACCEPT_BACKLOG) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "metrics endpoint: cannot deepen the accept queue");
+        }
+        let seconds: libc::c_int = HEADER_READ_TIMEOUT.as_secs().try_into().unwrap_or(2);
+        // SAFETY: a valid socket descriptor we own, and a c_int option value of the size
+        // given.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&seconds as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "metrics endpoint: TCP_DEFER_ACCEPT refused");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = listener;
+}
+
 /// Whether a whole request header is already waiting on a just-accepted connection (a
-/// probe or a scrape sends it at once); never waits.
+/// probe or a scrape sends it at once; with [`prepare_listener`] it is there when the
+/// connection is accepted); never waits.
 fn request_waiting(stream: &tokio::net::TcpStream, buf: &mut [u8]) -> bool {
-    use futures_util::FutureExt as _;
-    match stream.peek(buf).now_or_never() {
-        Some(Ok(n)) => buf[..n].windows(4).any(|w| w == b"\r\n\r\n"),
-        _ => false,
+    // Straight to the socket: tokio's readiness for a just-accepted stream is not known
+    // until its first event, so its own `peek` would say "nothing yet" though data is there.
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid socket descriptor we own and a buffer of the length given;
+        // MSG_PEEK leaves the data for hyper, MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(n)
+            .ok()
+            .and_then(|n| buf.get(..n))
+            .is_some_and(|seen| seen.windows(4).any(|w| w == b"\r\n\r\n"))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (stream, buf);
+        false
     }
 }
 
-/// One open connection: whether its request arrived, and how to close it.
+/// One open connection: when it was accepted, whether its request arrived, and how to
+/// close it.
 #[derive(Clone)]
 struct Slot {
     id: u64,
+    opened: std::time::Instant,
     served: Arc<AtomicBool>,
     close: CancellationToken,
 }
@@ -194,29 +268,38 @@ struct Slots {
 }
 
 impl Slots {
-    /// A slot for a new connection (`requested`: its request is complete already), and
-    /// whether another connection was closed for it: the oldest still waiting for its
-    /// request, or else the oldest.
-    fn admit(&self, requested: bool) -> (Slot, bool) {
+    /// Admit a new connection (`requested`: its request is complete already) at `now`:
+    /// its slot, or `None` when it is refused, and whether a connection was shed (closed
+    /// for it, or the refused newcomer itself).
+    fn admit(&self, requested: bool, now: std::time::Instant) -> (Option<Slot>, bool) {
         let slot = Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            opened: now,
             served: Arc::new(AtomicBool::new(requested)),
             close: CancellationToken::new(),
         };
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let mut shed = false;
-        if open.len() >= MAX_CONNECTIONS {
-            let victim = open
-                .iter()
-                .position(|s| !s.served.load(Ordering::SeqCst))
-                .unwrap_or(0);
-            if let Some(old) = open.remove(victim) {
-                old.close.cancel();
-                shed = true;
-            }
+        if open.len() < MAX_CONNECTIONS {
+            open.push_back(slot.clone());
+            return (Some(slot), false);
         }
-        open.push_back(slot.clone());
-        (slot, shed)
+        let waiting = |s: &Slot| !s.served.load(Ordering::SeqCst);
+        let victim = open
+            .iter()
+            .position(|s| waiting(s) && now.duration_since(s.opened) >= ADMISSION_GRACE)
+            .or_else(|| {
+                // A newcomer ready to be served goes before any connection still waiting,
+                // or else before the oldest; one with nothing to say waits its turn.
+                requested.then(|| open.iter().position(waiting).unwrap_or(0))
+            });
+        match victim.and_then(|i| open.remove(i)) {
+            Some(old) => {
+                old.close.cancel();
+                open.push_back(slot.clone());
+                (Some(slot), true)
+            }
+            None => (None, true),
+        }
     }
 
     fn leave(&self, id: u64) {
@@ -239,31 +322,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_full_house_closes_the_oldest_connection_still_waiting_for_its_request() {
+    fn a_full_house_makes_room_without_pushing_out_a_connection_about_to_be_served() {
         let slots = Slots::default();
-        let first: Vec<Slot> = (0..MAX_CONNECTIONS).map(|_| slots.admit(false).0).collect();
-        // The two oldest are being served; the third oldest is only waiting.
+        let t0 = std::time::Instant::now();
+        let first: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .filter_map(|_| slots.admit(false, t0).0)
+            .collect();
+        assert_eq!(first.len(), MAX_CONNECTIONS);
+        let count = || slots.open.lock().expect("lock").len();
+
+        // All young: a newcomer with nothing to say is refused, nobody is closed.
+        let (admitted, shed) = slots.admit(false, t0 + ADMISSION_GRACE / 2);
+        assert!(admitted.is_none() && shed);
+        assert!(first.iter().all(|s| !s.close.is_cancelled()));
+        // A newcomer whose request is waiting takes the oldest waiting one's place.
         first[0].served.store(true, Ordering::SeqCst);
-        first[1].served.store(true, Ordering::SeqCst);
-        let (_, shed) = slots.admit(false);
-        assert!(shed);
-        assert!(first[2].close.is_cancelled(), "the oldest idle one goes");
-        assert!(!first[0].close.is_cancelled() && !first[1].close.is_cancelled());
-        assert_eq!(slots.open.lock().expect("lock").len(), MAX_CONNECTIONS);
-        // When every connection is being served, the oldest goes.
-        for s in slots.open.lock().expect("lock").iter() {
-            s.served.store(true, Ordering::SeqCst);
-        }
-        assert!(slots.admit(false).1);
-        assert!(first[0].close.is_cancelled());
-        // Leaving frees a place: no shedding below the cap.
-        slots.leave(first[1].id);
-        assert!(!slots.admit(false).1);
-        // A connection admitted with its request waiting is not a candidate.
-        let (probe, _) = slots.admit(true);
-        for _ in 0..MAX_CONNECTIONS * 2 {
-            slots.admit(false);
+        let (probe, shed) = slots.admit(true, t0 + ADMISSION_GRACE / 2);
+        let probe = probe.expect("a ready newcomer is admitted");
+        assert!(shed && first[1].close.is_cancelled() && !first[0].close.is_cancelled());
+        assert_eq!(count(), MAX_CONNECTIONS);
+
+        // After the grace, any newcomer may take the oldest waiting one's place…
+        let later = t0 + ADMISSION_GRACE;
+        let (admitted, _) = slots.admit(false, later);
+        assert!(admitted.is_some() && first[2].close.is_cancelled());
+        // …but a burst never pushes out a young connection (the probe, or one that may
+        // be about to send its request).
+        let young = slots.admit(false, later).0;
+        for _ in 0..MAX_CONNECTIONS * 4 {
+            slots.admit(false, later + ADMISSION_GRACE / 10);
         }
         assert!(!probe.close.is_cancelled());
+        assert!(young.is_some_and(|y| !y.close.is_cancelled()));
+        assert_eq!(count(), MAX_CONNECTIONS);
+
+        // Leaving frees a place: no shedding below the cap.
+        slots.leave(probe.id);
+        let (admitted, shed) = slots.admit(false, later);
+        assert!(admitted.is_some() && !shed);
     }
 }

@@ -216,6 +216,7 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     let err = |source: std::io::Error| StartError::Metrics { addr, source };
     let std_listener = std::net::TcpListener::bind(addr).map_err(err)?;
     std_listener.set_nonblocking(true).map_err(err)?;
+    http::prepare_listener(&std_listener);
     tokio::net::TcpListener::from_std(std_listener).map_err(err)
 }
 

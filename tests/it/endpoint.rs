@@ -27,7 +27,8 @@ fn raise_nofile_limit() {
 }
 
 /// One slow client: connect, send part of a request header, never finish it; when the
-/// worker closes the connection, come back a moment later.
+/// worker closes the connection, come back two seconds later (so the flood lasts as long
+/// as the test, at some 500 new connections a second).
 async fn slow_client(addr: std::net::SocketAddr, stop: CancellationToken) -> u32 {
     let mut connections = 0;
     while !stop.is_cancelled() {
@@ -45,7 +46,7 @@ async fn slow_client(addr: std::net::SocketAddr, stop: CancellationToken) -> u32
             () = stop.cancelled() => {}
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
             () = stop.cancelled() => {}
         }
     }
@@ -99,7 +100,7 @@ async fn a_flood_of_slow_clients_neither_silences_probes_nor_parks_commands() {
             .get(format!("http://{addr}/healthz"))
             .send()
             .await
-            .unwrap_or_else(|e| panic!("probe {i} during the flood: {e}"));
+            .unwrap_or_else(|e| panic!("probe {i} during the flood: {e:?}"));
         assert!(
             answer.status().is_success(),
             "probe {i}: {}",
