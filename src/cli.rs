@@ -105,6 +105,12 @@ pub enum DlqCommand {
         after_help = "Messages that do not match stay in the DLQ, in order. Each replay adds 1 to\nx-replay-count and resets x-attempts; a message replayed --max-replays times is\nskipped (kept). Ctrl-C stops after the current message and returns the rest.\nReplays are safe: the worker never creates a group twice for one ext id.\n\nExamples:\n  group-provisioner dlq replay --kind rejected --dry-run\n  group-provisioner dlq replay --kind retries_exhausted --rate 20\n  group-provisioner dlq replay --ext-id ORG-2001"
     )]
     Replay(ops::dlq::ReplayFilter),
+    /// Give a DLQ declared by an earlier version this version's arguments, keeping every
+    /// dead letter and its order.
+    #[command(
+        after_help = "Needed once when `check` reports the DLQ as declared by an earlier version (the\ndlq tools refuse to read it: on RabbitMQ 4.x reading it could cost dead letters).\nThe dead letters are moved to <dlq>.migrating, the DLQ is deleted (only when empty)\nand declared anew, and they are moved back, in order. Workers may keep running: a\ndead letter they write meanwhile is parked and retried. If interrupted, run it again.\n\nExample:\n  group-provisioner dlq migrate"
+    )]
+    Migrate,
 }
 
 /// How the process ends. The codes are part of the operator interface (scripts and
@@ -219,6 +225,16 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             ops::dlq::export(&settings, &out).await,
             |()| Exit::Success,
         ),
+        Command::Dlq(DlqCommand::Migrate) => {
+            ops_result("dlq migrate", ops::dlq::migrate(&settings).await, |m| {
+                if m.already_current {
+                    println!("the DLQ already has this version's arguments; nothing to do");
+                } else {
+                    println!("migrated: {} dead letters kept, in order", m.moved);
+                }
+                Exit::Success
+            })
+        }
         Command::Dlq(DlqCommand::Replay(filter)) => ops_result(
             "dlq replay",
             ops::dlq::replay_command(&settings, &filter).await,

@@ -1,10 +1,16 @@
 //! The topology, declared idempotently at start (re-declaring is a no-op; a queue that
 //! exists with different arguments makes the broker refuse, which stops start-up with the
 //! broker's reason rather than running against a half-matching topology).
+//!
+//! One exception: a DLQ declared by an earlier version without its delivery limit
+//! ([`DLQ_DELIVERY_LIMIT`]) is used as it is and reported ([`Declared::legacy_dead_letter_queue`]),
+//! because the worker only ever publishes to it; what it puts at risk is inspection, which
+//! the `dlq` tools guard themselves (see `ops::dlq::reader`).
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
 
 use crate::config::{DelayTier, TopologySettings};
 
@@ -36,6 +42,42 @@ pub struct ExchangeSpec {
 pub struct Topology {
     pub exchanges: Vec<ExchangeSpec>,
     pub queues: Vec<QueueSpec>,
+    /// Which of `queues` is the DLQ.
+    pub dead_letter_queue: String,
+}
+
+/// The DLQ's own delivery limit. RabbitMQ 4.x gives every quorum queue a delivery limit of
+/// 20 when it has none, and counts every message a consumer hands back, which is how the
+/// `dlq` tools read without removing: without a limit of its own the DLQ would drop a dead
+/// letter after about 20 inspections. `-1` ("no limit" on 4.x) makes RabbitMQ 3.x drop every
+/// message at its first return, so the largest limit both read the same way.
+pub const DLQ_DELIVERY_LIMIT: i64 = 2_147_483_647;
+
+/// What a declaration found that it tolerated.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Declared {
+    /// The broker's words when the DLQ exists with other arguments than this version
+    /// declares (an earlier version declared it without [`DLQ_DELIVERY_LIMIT`]).
+    pub legacy_dead_letter_queue: Option<String>,
+}
+
+/// How the DLQ's arguments compare with this version's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterQueueState {
+    /// Declared with this version's arguments (or just created with them).
+    Current,
+    /// Exists with other arguments; the broker's words.
+    Legacy(String),
+}
+
+/// What to tell an operator about a DLQ declared by an earlier version, in plain words.
+pub fn legacy_dead_letter_queue_advice(queue: &str) -> String {
+    format!(
+        "dead-letter queue {queue:?} was declared by an earlier version without its own \
+         delivery limit: on RabbitMQ 4.x each `dlq` inspection spends one of the 20 \
+         deliveries the broker allows, after which it drops the dead letter; run \
+         `group-provisioner dlq migrate` (docs/operations.md \"Migrating the DLQ\")"
+    )
 }
 
 fn s(v: &str) -> ArgValue {
@@ -77,7 +119,10 @@ impl Topology {
             },
             QueueSpec {
                 name: t.dead_letter_queue.clone(),
-                arguments: vec![("x-queue-type", s("quorum"))],
+                arguments: vec![
+                    ("x-queue-type", s("quorum")),
+                    ("x-delivery-limit", ArgValue::Int(DLQ_DELIVERY_LIMIT)),
+                ],
                 bindings: vec![(t.dead_letter_exchange.clone(), t.dead_letter_queue.clone())],
             },
         ];
@@ -100,10 +145,48 @@ impl Topology {
                 bindings: Vec::new(),
             });
         }
-        Topology { exchanges, queues }
+        Topology {
+            exchanges,
+            queues,
+            dead_letter_queue: t.dead_letter_queue.clone(),
+        }
     }
 
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+    fn dead_letter_spec(&self) -> Option<&QueueSpec> {
+        self.queues
+            .iter()
+            .find(|q| q.name == self.dead_letter_queue)
+    }
+
+    /// Declare the DLQ alone, on a channel of its own (a refused declare closes its
+    /// channel), and say whether it has this version's arguments. A refusal for any other
+    /// reason than differing arguments is an error.
+    pub async fn dead_letter_queue_state(
+        &self,
+        conn: &Connection,
+    ) -> Result<DeadLetterQueueState, lapin::Error> {
+        let Some(spec) = self.dead_letter_spec() else {
+            return Ok(DeadLetterQueueState::Current);
+        };
+        let side = conn.create_channel().await?;
+        match declare_queue(&side, spec).await {
+            Ok(()) => {
+                let _ = side.close(200, ShortString::from("declared")).await;
+                Ok(DeadLetterQueueState::Current)
+            }
+            Err(e) => match differing_arguments(&e) {
+                Some(words) => Ok(DeadLetterQueueState::Legacy(words)),
+                None => Err(e),
+            },
+        }
+    }
+
+    pub async fn declare(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+    ) -> Result<Declared, lapin::Error> {
+        let mut declared = Declared::default();
         for exchange in &self.exchanges {
             let kind = match exchange.kind {
                 "topic" => ExchangeKind::Topic,
@@ -122,16 +205,15 @@ impl Topology {
                 .await?;
         }
         for queue in &self.queues {
-            channel
-                .queue_declare(
-                    ShortString::from(queue.name.as_str()),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    queue.field_table(),
-                )
-                .await?;
+            if queue.name == self.dead_letter_queue {
+                if let DeadLetterQueueState::Legacy(words) =
+                    self.dead_letter_queue_state(conn).await?
+                {
+                    declared.legacy_dead_letter_queue = Some(words);
+                }
+            } else {
+                declare_queue(channel, queue).await?;
+            }
             for (exchange, key) in &queue.bindings {
                 channel
                     .queue_bind(
@@ -144,8 +226,28 @@ impl Topology {
                     .await?;
             }
         }
-        Ok(())
+        Ok(declared)
     }
+}
+
+async fn declare_queue(channel: &Channel, queue: &QueueSpec) -> Result<(), lapin::Error> {
+    queue.declare(channel).await
+}
+
+/// The broker's words when it refused a declaration because the queue exists with another
+/// delivery limit (`PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' ...`). Any
+/// other difference (a classic DLQ, say) still stops start-up.
+fn differing_arguments(e: &lapin::Error) -> Option<String> {
+    let ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    let precondition = matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    );
+    let words = amqp.get_message().as_str();
+    (precondition && words.contains("inequivalent arg 'x-delivery-limit'"))
+        .then(|| words.to_owned())
 }
 
 impl Topology {
@@ -194,6 +296,21 @@ impl Topology {
 }
 
 impl QueueSpec {
+    /// Declare this queue (durable, with its arguments); its bindings are not declared.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        channel
+            .queue_declare(
+                ShortString::from(self.name.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                self.field_table(),
+            )
+            .await
+            .map(|_| ())
+    }
+
     pub fn field_table(&self) -> FieldTable {
         let mut table = FieldTable::default();
         for (k, v) in &self.arguments {

@@ -8,7 +8,7 @@ use lapin::ExchangeKind;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 
-use crate::amqp::topology::Topology;
+use crate::amqp::topology::{self, DeadLetterQueueState, Topology};
 use crate::app;
 use crate::config::Settings;
 use crate::pipeline::DedupStore;
@@ -55,16 +55,36 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
             report.line("rabbitmq", Ok::<_, String>(settings.amqp.url.to_string()));
             let topology = Topology::new(&settings.topology, &settings.retry.delays);
             if declare {
-                let declared = topology.declare(&channel).await.map(|()| {
-                    format!(
-                        "declared {} exchanges, {} queues",
-                        topology.exchanges.len(),
-                        topology.queues.len()
-                    )
-                });
-                report.line("topology", declared);
+                match topology.declare(&conn, &channel).await {
+                    Ok(declared) => {
+                        report.line(
+                            "topology",
+                            Ok::<_, String>(format!(
+                                "declared {} exchanges, {} queues",
+                                topology.exchanges.len(),
+                                topology.queues.len()
+                            )),
+                        );
+                        report_dead_letter_queue(
+                            &mut report,
+                            &topology,
+                            declared.legacy_dead_letter_queue.is_some(),
+                        );
+                    }
+                    Err(e) => report.line("topology", Err(e)),
+                }
             } else {
-                report.line("topology", verify(&conn, &topology).await);
+                let verified = verify(&conn, &topology).await;
+                let present = verified.is_ok();
+                report.line("topology", verified);
+                // Comparing arguments takes a declare (a no-op when they match).
+                if present && let Ok(state) = topology.dead_letter_queue_state(&conn).await {
+                    report_dead_letter_queue(
+                        &mut report,
+                        &topology,
+                        state != DeadLetterQueueState::Current,
+                    );
+                }
             }
             let _ = conn.close(200, ShortString::from("check done")).await;
         }
@@ -103,6 +123,21 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
         println!("WARN  {:<10} {warning}", "api");
     }
     report
+}
+
+/// A DLQ of an earlier version fails the check: dead letters are at risk on RabbitMQ 4.x.
+fn report_dead_letter_queue(report: &mut CheckReport, topology: &Topology, legacy: bool) {
+    let result = if legacy {
+        Err(topology::legacy_dead_letter_queue_advice(
+            &topology.dead_letter_queue,
+        ))
+    } else {
+        Ok(format!(
+            "{} keeps dead letters however often they are inspected",
+            topology.dead_letter_queue
+        ))
+    };
+    report.line("dlq", result);
 }
 
 /// `--no-declare`: every exchange and queue must already exist (passive declares, one

@@ -66,6 +66,10 @@ pub enum OpsError {
         source: lapin::Error,
         hint: &'static str,
     },
+    /// The DLQ was declared by an earlier version: reading it could cost dead letters on
+    /// RabbitMQ 4.x (see `dlq::reader`), so nothing was read.
+    #[error("nothing was read: {advice}")]
+    LegacyDeadLetterQueue { advice: String },
     #[error(transparent)]
     Publish(#[from] PublishError),
     /// Publishing line `line` of the input failed on the channel.

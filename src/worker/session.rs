@@ -239,9 +239,20 @@ async fn open(shared: &Shared) -> Result<(lapin::Connection, Channel, Channel), 
     .await
     .map_err(SessionError::Channel)?;
     let topology = Topology::new(&settings.topology, &settings.retry.delays);
-    step("declare topology", topology.declare(&publish_channel))
-        .await
-        .map_err(SessionError::Topology)?;
+    let declared = step(
+        "declare topology",
+        topology.declare(&conn, &publish_channel),
+    )
+    .await
+    .map_err(SessionError::Topology)?;
+    if declared.legacy_dead_letter_queue.is_some() {
+        // The worker only publishes to the DLQ, so it runs on; inspection is what is at risk.
+        tracing::warn!(
+            queue = %topology.dead_letter_queue,
+            "{}",
+            amqp::topology::legacy_dead_letter_queue_advice(&topology.dead_letter_queue)
+        );
+    }
     let consume_channel = step("open channel", conn.create_channel())
         .await
         .map_err(SessionError::Channel)?;

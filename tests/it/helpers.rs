@@ -301,7 +301,7 @@ impl TestEnv {
     /// Declare the topology exactly as the worker does (idempotent).
     pub async fn declare_topology(&self) {
         Topology::new(&self.settings.topology, &self.settings.retry.delays)
-            .declare(&self.channel)
+            .declare(&self.conn, &self.channel)
             .await
             .expect("topology");
     }

@@ -638,3 +638,174 @@ async fn dlq_export_writes_only_to_a_regular_file_a_new_path_or_stdout() {
     let _ = std::fs::remove_dir_all(&dir);
     env.cleanup().await;
 }
+
+/// Publish `ext_ids` straight into the DLQ as dead letters of kind `rejected`, in order.
+async fn plant_dead_letters(env: &TestEnv, ext_ids: &[String]) {
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    for e in ext_ids {
+        let body = json!({"org_unit_ext_id": e, "org_unit_name": format!("Team {e}"), "org_unit_parent_id": 1000})
+            .to_string();
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert("x-error-kind".into(), header_value("rejected"));
+        env.channel
+            .basic_publish(
+                "".into(),
+                dlq.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+}
+
+async fn dlq_order(env: &TestEnv) -> Vec<String> {
+    let o = cli(env, &["dlq", "peek", "--limit", "1000", "--json"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    json_lines(&o)
+        .iter()
+        .map(|l| l["ext_id"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+/// RabbitMQ 4.x gives a quorum queue without a delivery limit of its own a limit of 20 and
+/// counts every message a reader hands back: the DLQ must keep its dead letters however
+/// often operators look at them, on every supported broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_inspections_lose_and_reorder_no_dead_letter() {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    let exts: Vec<String> = (0..3).map(|i| format!("LOOK-{i}")).collect();
+    plant_dead_letters(&env, &exts).await;
+
+    for round in 0..50 {
+        let args: &[&str] = match round % 3 {
+            0 => &["dlq", "stats", "--json"],
+            1 => &["dlq", "peek", "--limit", "1"],
+            _ => &["dlq", "export", "--out", "-"],
+        };
+        let o = cli(&env, args, &[]).await;
+        assert_eq!(o.status.code(), Some(0), "round {round}: {}", stderr(&o));
+    }
+    assert_eq!(env.queue_depth(&dlq).await, 3, "nothing lost");
+    assert_eq!(dlq_order(&env).await, exts, "nothing reordered");
+
+    // And each still replays.
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    let o = cli(&env, &["dlq", "replay", "--kind", "rejected"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let created = events.take(3, T).await;
+    let mut got: Vec<_> = created
+        .iter()
+        .map(|e| (e.body["event"].clone(), e.body["ext_id"].clone()))
+        .collect();
+    got.sort_by_key(|(_, x)| x.to_string());
+    assert_eq!(
+        got,
+        exts.iter()
+            .map(|x| (json!("group.created"), json!(x)))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(env.queue_depth(&dlq).await, 0);
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
+
+/// A DLQ an earlier version declared (no delivery limit of its own) still works for the
+/// worker, `check` says what is wrong in plain words, and the tools refuse to read it, so
+/// no inspection can cost a dead letter on RabbitMQ 4.x.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_of_an_earlier_version_is_reported_and_never_inspected_to_death() {
+    let env = TestEnv::new().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    let mut old = lapin::types::FieldTable::default();
+    old.insert("x-queue-type".into(), header_value("quorum"));
+    env.channel
+        .queue_declare(
+            dlq.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            old,
+        )
+        .await
+        .expect("the DLQ as an earlier version declared it");
+    env.declare_topology().await;
+    let exts: Vec<String> = (0..2).map(|i| format!("OLD-{i}")).collect();
+    plant_dead_letters(&env, &exts).await;
+
+    let o = cli(&env, &["check"], &[]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let fail = stdout(&o)
+        .lines()
+        .find(|l| l.starts_with("FAIL  dlq"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no dlq line:\n{}", stdout(&o)));
+    assert!(
+        fail.contains("earlier version") && fail.contains("Migrating the DLQ"),
+        "{fail}"
+    );
+    let o = cli(&env, &["check", "--no-declare"], &[]).await;
+    assert!(
+        stdout(&o).lines().any(|l| l.starts_with("FAIL  dlq")),
+        "{}",
+        stdout(&o)
+    );
+
+    // The worker runs on it (it only publishes there).
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    env.send(&json!({"org_unit_ext_id": "OLD-NEW", "org_unit_name": "Team new", "org_unit_parent_id": 1000}))
+        .await;
+    assert_eq!(events.next(T).await.body["event"], "group.created");
+    worker.shutdown();
+    worker.join().await;
+
+    // Every reading command refuses, reads nothing and so returns nothing.
+    for args in [
+        &["dlq", "stats"][..],
+        &["dlq", "peek"],
+        &["dlq", "export", "--out", "-"],
+        &["dlq", "replay", "--kind", "rejected"],
+    ] {
+        for _ in 0..12 {
+            let o = cli(&env, args, &[]).await;
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+            assert!(
+                stderr(&o).contains("nothing was read") && stderr(&o).contains("Migrating the DLQ"),
+                "{}",
+                stderr(&o)
+            );
+        }
+    }
+    assert_eq!(env.queue_depth(&dlq).await, 2, "nothing lost");
+    // A message the broker delivered before carries its count; these were never delivered.
+    let letters = env.drain_dlq().await;
+    assert_eq!(letters.len(), 2);
+    for l in &letters {
+        let count = l
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned());
+        assert!(
+            matches!(
+                count,
+                None | Some(
+                    lapin::types::AMQPValue::LongLongInt(0) | lapin::types::AMQPValue::LongInt(0)
+                )
+            ),
+            "delivered before: {count:?}"
+        );
+    }
+    env.cleanup().await;
+}

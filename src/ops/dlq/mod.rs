@@ -1,10 +1,12 @@
-//! `dlq stats | peek | export | replay`: the dead-letter queue for operators.
+//! `dlq stats | peek | export | replay | migrate`: the dead-letter queue for operators.
 //!
 //! - `reader.rs` — a pass over the DLQ that loses and reorders nothing;
 //! - `replay.rs` — moving dead letters back (confirmed publish, then ack);
-//! - `json.rs` — dead letters as JSON for `peek --json` and `export`.
+//! - `json.rs` — dead letters as JSON for `peek --json` and `export`;
+//! - `migrate.rs` — re-declaring a DLQ of an earlier version without losing a letter.
 
 mod json;
+mod migrate;
 mod reader;
 mod replay;
 
@@ -21,6 +23,7 @@ use crate::text::printable;
 use super::OpsError;
 
 pub use json::amqp_to_json;
+pub use migrate::{Migration, migrate};
 pub use reader::{DeadLetter, DlqReader};
 pub use replay::{ReplayFilter, ReplaySummary, replay, replay_command};
 

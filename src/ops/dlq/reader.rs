@@ -13,6 +13,12 @@
 //! windows' channels are closed oldest first, so the broker puts the messages back in their
 //! order. (Windows as consumers of *one* channel would not do: a quorum queue returns the
 //! messages of a channel's consumers in no particular order.)
+//!
+//! Every return counts as a delivery. The DLQ this version declares has a delivery limit
+//! no inspection reaches; one declared by an earlier version has none of its own, and
+//! RabbitMQ 4.x drops its messages after 20 deliveries. Such a DLQ is not read at all: the
+//! pass is refused with the migration advice before it consumes anything (the client
+//! cannot tell the broker's version, and any return, even of a refused pass, counts).
 
 use std::time::Duration;
 
@@ -25,6 +31,7 @@ use lapin::{Channel, Connection};
 use serde_json::{Value, json};
 
 use crate::amqp::headers::{self, header_string, header_u32};
+use crate::amqp::topology::{self, DeadLetterQueueState, Topology};
 use crate::config::Settings;
 use crate::ops::{BROKER_TIMEOUT, OpsError, connect};
 use crate::text::printable;
@@ -192,6 +199,17 @@ impl DlqReader {
                 source,
                 hint: "",
             })?;
+        // A no-op declare when the DLQ has this version's arguments.
+        if let DeadLetterQueueState::Legacy(_) =
+            Topology::new(&settings.topology, &settings.retry.delays)
+                .dead_letter_queue_state(&conn)
+                .await?
+        {
+            let _ = conn.close(200, ShortString::from("legacy dlq")).await;
+            return Err(OpsError::LegacyDeadLetterQueue {
+                advice: topology::legacy_dead_letter_queue_advice(&queue),
+            });
+        }
         let wanted = total as usize;
         let channel_max = match conn.configuration().channel_max() {
             0 => usize::from(u16::MAX),
