@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: makes sure RabbitMQ and Redis run, then runs every test.
+# The whole test suite: makes sure RabbitMQ and Redis run, then runs every test against the
+# machine's RabbitMQ (3.x), then every broker-facing (integration) test again against a
+# RabbitMQ 4.x node (scripts/rabbitmq4.sh; GP_TEST_RABBITMQ4=skip leaves that out).
 # This is the command the README documents and .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,4 +9,13 @@ source scripts/services.sh
 ensure_services
 # Tests are I/O-bound (broker, Redis, simulator); 4 threads keep a 2-core machine busy
 # without crowding the broker.
-exec cargo test --locked -- --test-threads "${TEST_THREADS:-4}"
+threads=${TEST_THREADS:-4}
+echo "test: every test, against RabbitMQ on 127.0.0.1:5672"
+cargo test --locked -- --test-threads "$threads"
+if [ "${GP_TEST_RABBITMQ4:-}" = skip ]; then
+  echo "test: RabbitMQ 4.x run skipped (GP_TEST_RABBITMQ4=skip)"
+  exit 0
+fi
+scripts/rabbitmq4.sh start
+echo "test: integration tests again, against RabbitMQ 4.x on 127.0.0.1:5673"
+GP_TEST_RABBITMQ=4 cargo test --locked --test integration -- --test-threads "$threads"

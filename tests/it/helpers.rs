@@ -24,31 +24,44 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use serde_json::Value;
 
 pub const SIM_TOKEN: &str = "sim-token";
-/// The broker under test: the machine's own (`127.0.0.1:5672`), or another one named by
-/// `GP_TEST_AMQP_HOST` and `GP_TEST_MANAGEMENT` (e.g. a RabbitMQ 4.x node on 5673/15673:
-/// `scripts/test.sh --rabbitmq4`).
-pub static AMQP_HOST: Endpoint = Endpoint::new("GP_TEST_AMQP_HOST", "127.0.0.1:5672");
-pub static MANAGEMENT: Endpoint = Endpoint::new("GP_TEST_MANAGEMENT", "http://127.0.0.1:15672");
+/// The broker under test: the machine's own (`127.0.0.1:5672`); with `GP_TEST_RABBITMQ=4`,
+/// the RabbitMQ 4.x node `scripts/rabbitmq4.sh` runs beside it (5673, management 15673);
+/// or any other named by `GP_TEST_AMQP_HOST` and `GP_TEST_MANAGEMENT`.
+pub static AMQP_HOST: Endpoint =
+    Endpoint::new("GP_TEST_AMQP_HOST", "127.0.0.1:5672", "127.0.0.1:5673");
+pub static MANAGEMENT: Endpoint = Endpoint::new(
+    "GP_TEST_MANAGEMENT",
+    "http://127.0.0.1:15672",
+    "http://127.0.0.1:15673",
+);
 
 /// An address from the environment, or its default; formats as the address.
 pub struct Endpoint {
     var: &'static str,
     default: &'static str,
+    rabbitmq4: &'static str,
     value: std::sync::OnceLock<String>,
 }
 
 impl Endpoint {
-    const fn new(var: &'static str, default: &'static str) -> Endpoint {
+    const fn new(var: &'static str, default: &'static str, rabbitmq4: &'static str) -> Endpoint {
         Endpoint {
             var,
             default,
+            rabbitmq4,
             value: std::sync::OnceLock::new(),
         }
     }
 
     pub fn get(&self) -> &str {
-        self.value
-            .get_or_init(|| std::env::var(self.var).unwrap_or_else(|_| self.default.to_owned()))
+        self.value.get_or_init(|| {
+            std::env::var(self.var).unwrap_or_else(|_| {
+                match std::env::var("GP_TEST_RABBITMQ").as_deref() {
+                    Ok("4") => self.rabbitmq4.to_owned(),
+                    _ => self.default.to_owned(),
+                }
+            })
+        })
     }
 }
 
