@@ -48,7 +48,7 @@ export PROVISIONER__LOG__LEVEL=warn
 
 # Topology, and a queue bound to the events so they are routable.
 $BIN/group-provisioner check >/dev/null
-"${mgmt[@]}" -X PUT -d '{"durable":false}' "http://127.0.0.1:15672/api/queues/$vhost/bench.events" >/dev/null
+"${mgmt[@]}" -X PUT -d '{"durable":true}' "http://127.0.0.1:15672/api/queues/$vhost/bench.events" >/dev/null
 "${mgmt[@]}" -X POST -d '{"routing_key":"#"}' "http://127.0.0.1:15672/api/bindings/$vhost/e/provisioning.events/q/bench.events" >/dev/null
 
 python3 - "$N" > /tmp/gp-bench-$$.jsonl <<'PY'

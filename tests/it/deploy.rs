@@ -148,6 +148,11 @@ fn compose_names_only_real_binaries_keys_and_files() {
         }
     }
     assert_eq!(ours, 2, "the worker and the simulator run our image");
+    let broker = doc["services"]["rabbitmq"]["image"].as_str().unwrap_or("");
+    assert!(
+        broker.starts_with("rabbitmq:4."),
+        "a supported RabbitMQ (4.x), not {broker:?}"
+    );
     let worker = &doc["services"]["worker"];
     assert_eq!(worker["deploy"]["replicas"].as_i64(), Some(2));
     for dep in ["rabbitmq", "redis", "convirza-sim"] {

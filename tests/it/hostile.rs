@@ -330,7 +330,10 @@ async fn cc_headers_never_route_a_copy_anywhere_else() {
     env.channel
         .queue_declare(
             ShortString::from(planted.as_str()),
-            lapin::options::QueueDeclareOptions::default(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -411,8 +414,9 @@ async fn created_events_only(env: &TestEnv) -> String {
     env.channel
         .queue_declare(
             ShortString::from(queue.as_str()),
+            // Durable or exclusive: RabbitMQ 4.3 refuses transient non-exclusive queues.
             lapin::options::QueueDeclareOptions {
-                auto_delete: true,
+                exclusive: true,
                 ..Default::default()
             },
             FieldTable::default(),
