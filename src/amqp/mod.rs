@@ -44,6 +44,49 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     Connection::connect(url, props).await
 }
 
+/// How long one node of several may take to accept a connection before the next is tried.
+pub const NODE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why no node of `amqp.url` took a connection: each node (password masked) and its error.
+#[derive(Debug, thiserror::Error)]
+#[error("no broker node answered: {}", .0.iter().map(|(node, e)| format!("{node}: {e}")).collect::<Vec<_>>().join("; "))]
+pub struct NodesError(pub Vec<(String, String)>);
+
+/// Connect to one node of `nodes`, trying them in turn from `start` (wrapping round); the
+/// index of the node that answered comes back with the connection, so a caller can start
+/// after it next time.
+pub async fn connect_nodes(
+    nodes: &crate::config::AmqpNodes,
+    start: usize,
+    name: &str,
+) -> Result<(Connection, usize), NodesError> {
+    let urls = nodes.urls();
+    let mut failures = Vec::new();
+    for k in 0..urls.len() {
+        let i = (start + k) % urls.len();
+        let url = &urls[i];
+        match tokio::time::timeout(NODE_CONNECT_TIMEOUT, connect(url.expose(), name)).await {
+            Ok(Ok(conn)) => {
+                if urls.len() > 1 {
+                    tracing::info!(node = %url, "connected to broker node {} of {}", i + 1, urls.len());
+                }
+                return Ok((conn, i));
+            }
+            Ok(Err(e)) => failures.push((url.to_string(), e.to_string())),
+            Err(_) => failures.push((
+                url.to_string(),
+                format!("no answer within {NODE_CONNECT_TIMEOUT:?}"),
+            )),
+        }
+    }
+    Err(NodesError(failures))
+}
+
+/// A node to start from: replicas spread over the nodes instead of all taking the first.
+pub fn random_start(nodes: &crate::config::AmqpNodes) -> usize {
+    rand::random_range(0..nodes.urls().len())
+}
+
 /// Publish one command to the command exchange: mandatory (it must reach the work queue)
 /// and persistent. The returned future resolves to the broker's confirm.
 pub async fn publish_command(

@@ -20,6 +20,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 use super::duration::parse_duration;
 use super::{AuthMode, DelayTier, LogFormat};
+use crate::secret::SecretString;
 
 /// A keyword from a closed set, named in the error when it is not one of them.
 fn one_of<'de, D: Deserializer<'de>, T: Copy>(d: D, choices: &[(&str, T)]) -> Result<T, D::Error> {
@@ -228,4 +229,53 @@ pub fn delays<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DelayTier>, D::Erro
         }
     }
     d.deserialize_any(V(PhantomData))
+}
+
+/// URLs: a TOML list, or one string holding one URL or several separated by commas (the
+/// environment form). A comma splits only where the next URL starts (`scheme://`), so a
+/// comma inside a password never does.
+pub fn url_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<SecretString>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a URL, or a list of URLs")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(url) = seq.next_element::<String>()? {
+                out.push(SecretString::from(url));
+            }
+            Ok(out)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(split_urls(v).into_iter().map(SecretString::from).collect())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// `a,b` → `[a, b]` where `b` starts with `<scheme>://`; other commas stay.
+pub fn split_urls(v: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in v.split(',') {
+        let starts_url = part
+            .trim_start()
+            .split_once("://")
+            .is_some_and(|(scheme, _)| {
+                !scheme.is_empty()
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            });
+        match out.last_mut() {
+            Some(last) if !starts_url => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => out.push(part.trim().to_owned()),
+        }
+    }
+    out.retain(|u| !u.is_empty());
+    out
 }

@@ -70,8 +70,41 @@ pub struct Settings {
 
 #[derive(Debug, Clone)]
 pub struct AmqpSettings {
-    pub url: SecretUrl,
+    pub url: AmqpNodes,
     pub prefetch: u16,
+}
+
+/// `amqp.url`: one broker, or the nodes of one cluster, tried in turn. Never empty.
+#[derive(Debug, Clone)]
+pub struct AmqpNodes(Vec<SecretUrl>);
+
+impl AmqpNodes {
+    /// `None` when `urls` is empty.
+    pub fn new(urls: Vec<SecretUrl>) -> Option<AmqpNodes> {
+        (!urls.is_empty()).then_some(AmqpNodes(urls))
+    }
+
+    pub fn urls(&self) -> &[SecretUrl] {
+        &self.0
+    }
+
+    /// The first node (the only one, for most deployments).
+    pub fn first(&self) -> &SecretUrl {
+        &self.0[0]
+    }
+}
+
+/// Each node with its password masked, comma-separated.
+impl std::fmt::Display for AmqpNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]

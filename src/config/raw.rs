@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    AmqpSettings, ApiAuth, ApiSettings, AuthMode, CircuitSettings, ConfigError, Credentials,
-    DedupSettings, DelayTier, LogFormat, LogSettings, MetricsSettings, RedisSettings,
+    AmqpNodes, AmqpSettings, ApiAuth, ApiSettings, AuthMode, CircuitSettings, ConfigError,
+    Credentials, DedupSettings, DelayTier, LogFormat, LogSettings, MetricsSettings, RedisSettings,
     RetrySettings, Settings, ShutdownSettings, TopologySettings, de, format_duration,
 };
 use crate::secret::{ExposeSecret, SecretString, SecretUrl, redact_url};
@@ -31,7 +31,8 @@ pub(super) struct Raw {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAmqp {
-    url: SecretString,
+    #[serde(deserialize_with = "de::url_list")]
+    url: Vec<SecretString>,
     #[serde(deserialize_with = "de::integer")]
     prefetch: i64,
 }
@@ -472,15 +473,21 @@ impl Raw {
 
 impl RawAmqp {
     fn into_settings(self) -> Result<AmqpSettings, ConfigError> {
-        let url = url("amqp.url", self.url.expose_secret(), &["amqp", "amqps"])?;
-        if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
-            return Err(ConfigError::new(
-                "amqp.url",
-                format!("{:?} is not an AMQP URI: {e}", redact_url(&url)),
-            ));
+        let mut nodes = Vec::new();
+        for raw in &self.url {
+            let url = url("amqp.url", raw.expose_secret(), &["amqp", "amqps"])?;
+            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(ConfigError::new(
+                    "amqp.url",
+                    format!("{:?} is not an AMQP URI: {e}", redact_url(&url)),
+                ));
+            }
+            nodes.push(SecretUrl::new(url));
         }
+        let url = AmqpNodes::new(nodes)
+            .ok_or_else(|| ConfigError::new("amqp.url", "at least one broker URL is needed"))?;
         Ok(AmqpSettings {
-            url: SecretUrl::new(url),
+            url,
             prefetch: in_range("amqp.prefetch", self.prefetch, 1, i64::from(u16::MAX))?,
         })
     }

@@ -33,7 +33,11 @@ fn err(toml: &str) -> ConfigError {
 #[test]
 fn defaults_match_the_spec() {
     let s = Settings::from_toml(TOKEN).expect("defaults load");
-    assert_eq!(s.amqp.url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+    assert_eq!(
+        s.amqp.url.first().expose(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f"
+    );
+    assert_eq!(s.amqp.url.urls().len(), 1);
     assert_eq!(s.amqp.prefetch, 64);
     assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:6379/0");
     assert_eq!(s.redis.key_prefix, "provisioner");
@@ -96,6 +100,53 @@ fn toml_then_env_layering() {
     assert!(matches!(&s.api.auth, Some(ApiAuth::Token(t)) if t.expose_secret() == "file"));
     let labels: Vec<_> = s.retry.delays.iter().map(|t| t.label.clone()).collect();
     assert_eq!(labels, ["1s", "2s"]);
+}
+
+#[test]
+fn amqp_url_is_one_node_or_several() {
+    let nodes = |s: &Settings| -> Vec<String> {
+        s.amqp
+            .url
+            .urls()
+            .iter()
+            .map(|u| u.expose().to_owned())
+            .collect()
+    };
+    // The environment form: commas split where the next URL starts, not inside a password.
+    let s = with_env(&[(
+        "PROVISIONER__AMQP__URL",
+        "amqp://u:p,w@a:5672/v, amqps://u:p@b:5671/v,amqp://c/v",
+    )])
+    .expect("loads");
+    assert_eq!(
+        nodes(&s),
+        [
+            "amqp://u:p,w@a:5672/v",
+            "amqps://u:p@b:5671/v",
+            "amqp://c/v"
+        ]
+    );
+    // Shown without a password.
+    assert_eq!(
+        s.amqp.url.to_string(),
+        "amqp://u:***@a:5672/v, amqps://u:***@b:5671/v, amqp://c/v"
+    );
+    let s = Settings::from_toml(
+        "[amqp]\nurl = [\"amqp://a/v\", \"amqp://b/v\"]\n[api]\ntoken = \"t\"\n",
+    )
+    .expect("loads");
+    assert_eq!(nodes(&s), ["amqp://a/v", "amqp://b/v"]);
+    for (toml, reason) in [
+        ("[amqp]\nurl = []\n", "at least one"),
+        (
+            "[amqp]\nurl = [\"amqp://a/v\", \"http://b\"]\n",
+            "scheme amqp or amqps",
+        ),
+    ] {
+        let e = Settings::from_toml(&format!("{toml}[api]\ntoken = \"t\"\n")).expect_err(toml);
+        assert_eq!(e.key, "amqp.url", "{e}");
+        assert!(e.to_string().contains(reason), "{e}");
+    }
 }
 
 #[test]

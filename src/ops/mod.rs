@@ -50,12 +50,8 @@ pub enum OpsError {
     /// The broker did not answer in time (`url` has its password masked).
     #[error("{url}: no answer within {after:?}")]
     BrokerTimeout { url: String, after: Duration },
-    #[error("{url}: {source}")]
-    BrokerConnect {
-        url: String,
-        #[source]
-        source: lapin::Error,
-    },
+    #[error(transparent)]
+    BrokerConnect(crate::amqp::NodesError),
     #[error(transparent)]
     Broker(#[from] lapin::Error),
     /// A queue or exchange the command needs is missing or refused.
@@ -107,20 +103,14 @@ pub async fn connect(
     settings: &Settings,
     purpose: &str,
 ) -> Result<(Connection, Channel), OpsError> {
-    let url = settings.amqp.url.expose();
-    let conn = tokio::time::timeout(
-        BROKER_TIMEOUT,
-        crate::amqp::connect(url, &format!("group-provisioner {purpose}")),
+    let nodes = &settings.amqp.url;
+    let (conn, _) = crate::amqp::connect_nodes(
+        nodes,
+        crate::amqp::random_start(nodes),
+        &format!("group-provisioner {purpose}"),
     )
     .await
-    .map_err(|_| OpsError::BrokerTimeout {
-        url: settings.amqp.url.to_string(),
-        after: BROKER_TIMEOUT,
-    })?
-    .map_err(|source| OpsError::BrokerConnect {
-        url: settings.amqp.url.to_string(),
-        source,
-    })?;
+    .map_err(OpsError::BrokerConnect)?;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -13,7 +13,7 @@ mod session;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     pub counter_bounds: CounterBounds,
     /// What the circuit's probe must test when a publish fault opened it.
     probe: Mutex<Option<Probe>>,
+    /// The `amqp.url` node the next connection tries first: a random one at start (so
+    /// replicas spread), the next one after a session is lost.
+    pub node: AtomicUsize,
 }
 
 /// The probe of a publish fault: test what failed, not something else.
@@ -174,6 +177,7 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
             .collect(),
         max_tries: settings.retry.max_tries,
     };
+    let settings_nodes = settings.amqp.url.clone();
     let shared = Arc::new(Shared {
         settings,
         processor,
@@ -182,6 +186,7 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
         own_queues,
         counter_bounds,
         probe: Mutex::new(None),
+        node: AtomicUsize::new(crate::amqp::random_start(&settings_nodes)),
     });
     let shutdown = CancellationToken::new();
     let (consuming_tx, consuming) = watch::channel(false);

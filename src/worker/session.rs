@@ -43,7 +43,7 @@ pub enum StepError {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("cannot connect to the broker: {0}")]
-    Connect(#[source] StepError),
+    Connect(#[source] amqp::NodesError),
     #[error("broker channel error: {0}")]
     Channel(#[source] StepError),
     #[error("cannot declare the topology: {0}")]
@@ -88,6 +88,10 @@ pub(crate) async fn supervise(
             Ok(()) => break,
             Err(e) => {
                 consuming.send_replace(false);
+                // The next connection starts at the next node of `amqp.url`.
+                let nodes = shared.settings.amqp.url.urls().len();
+                let next = (shared.node.load(Ordering::SeqCst) + 1) % nodes;
+                shared.node.store(next, Ordering::SeqCst);
                 let wait = reconnect_delay(failures);
                 failures = failures.saturating_add(1);
                 tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker session lost; reconnecting");
@@ -126,7 +130,10 @@ async fn session(
         ready = open(shared) => ready?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    tracing::info!(amqp = %settings.amqp.url, "connected to the broker; topology declared");
+    tracing::info!(
+        amqp = %settings.amqp.url.urls()[shared.node.load(Ordering::SeqCst) % settings.amqp.url.urls().len()],
+        "connected to the broker; topology declared"
+    );
     shared.connected.store(true, Ordering::SeqCst);
     let frame_max = u64::from(conn.configuration().frame_max());
     if frame_max > amqp::frame_max_covered() {
@@ -220,15 +227,14 @@ async fn session(
 /// channel with the QoS set.
 async fn open(shared: &Shared) -> Result<(lapin::Connection, Channel, Channel), SessionError> {
     let settings = &shared.settings;
-    let conn = step(
-        "connect",
-        amqp::connect(
-            settings.amqp.url.expose(),
-            &format!("group-provisioner {}", shared.worker_id),
-        ),
+    let (conn, node) = amqp::connect_nodes(
+        &settings.amqp.url,
+        shared.node.load(Ordering::SeqCst),
+        &format!("group-provisioner {}", shared.worker_id),
     )
     .await
     .map_err(SessionError::Connect)?;
+    shared.node.store(node, Ordering::SeqCst);
     let publish_channel = step("open channel", conn.create_channel())
         .await
         .map_err(SessionError::Channel)?;

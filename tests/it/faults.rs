@@ -451,8 +451,7 @@ async fn shutdown_is_prompt_while_the_broker_does_not_answer() {
     let sim = spawn_sim().await;
     let prefix = unique("gp-hung");
     let mut settings = test_settings("unused", &prefix, &sim.base_url());
-    settings.amqp.url =
-        group_provisioner::secret::SecretUrl::new(format!("amqp://guest:guest@{addr}/%2f"));
+    settings.amqp.url = amqp_nodes(&[format!("amqp://guest:guest@{addr}/%2f")]);
     let worker = group_provisioner::worker::start(settings).expect("starts");
     // Wait until it is stuck in the AMQP handshake with the silent peer.
     tokio::time::timeout(Duration::from_secs(10), connected.recv())
@@ -471,4 +470,51 @@ async fn shutdown_is_prompt_while_the_broker_does_not_answer() {
         asked.elapsed()
     );
     accept.abort();
+}
+
+/// `amqp.url` with several nodes: an unreachable node is skipped, and when the node in use
+/// disappears mid-load the worker moves to another; nothing is lost or done twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_nodes_are_tried_in_turn_and_losing_one_costs_nothing() {
+    let env = TestEnv::new().await;
+    env.sim.sim.update_faults(|f| f.latency_ms = 50);
+    let mut tap = env.event_tap().await;
+    let a = TcpProxy::start(AMQP_HOST.get()).await;
+    let b = TcpProxy::start(AMQP_HOST.get()).await;
+    let closed = free_port();
+    let url = |addr: String| format!("amqp://guest:guest@{addr}/{}", env.vhost);
+    let nodes = amqp_nodes(&[
+        url(format!("127.0.0.1:{closed}")),
+        url(a.addr.to_string()),
+        url(b.addr.to_string()),
+    ]);
+
+    // From the unreachable first node to the next.
+    let (conn, node) = group_provisioner::amqp::connect_nodes(&nodes, 0, "nodes test")
+        .await
+        .expect("a node answers");
+    assert_eq!(node, 1, "the unreachable node is skipped");
+    let _ = conn.close(200, "done".into()).await;
+
+    let (bodies, exts) = commands("NODE", 300);
+    env.send_many(&bodies).await;
+    let mut settings = env.settings.clone();
+    settings.amqp.url = nodes;
+    let worker = env.spawn_worker_with(settings).await;
+    let rest = wait_events(&mut tap, 60, &exts).await;
+    let (used, other) = if a.open() > 0 { (&a, &b) } else { (&b, &a) };
+    assert!(
+        used.open() > 0,
+        "the worker is connected through one of the nodes"
+    );
+    let before = other.accepted();
+    used.cut();
+    all_done_exactly_once(&env, &mut tap, &rest, &exts, Duration::from_secs(90)).await;
+    assert!(
+        other.accepted() > before,
+        "the worker moved to the other node"
+    );
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
 }

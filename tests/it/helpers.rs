@@ -279,9 +279,12 @@ impl TestEnv {
         let prefix = unique("gp-test");
         let sim = spawn_sim_with(config).await;
         let settings = test_settings(&vhost, &prefix, &sim.base_url());
-        let conn = Connection::connect(settings.amqp.url.expose(), ConnectionProperties::default())
-            .await
-            .expect("test connection to the broker");
+        let conn = Connection::connect(
+            settings.amqp.url.first().expose(),
+            ConnectionProperties::default(),
+        )
+        .await
+        .expect("test connection to the broker");
         let channel = conn.create_channel().await.expect("channel");
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -586,7 +589,7 @@ impl TestEnv {
         cmd.current_dir(std::env::temp_dir())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PROVISIONER__AMQP__URL", s.amqp.url.expose())
+            .env("PROVISIONER__AMQP__URL", amqp_env(&s.amqp.url))
             .env("PROVISIONER__REDIS__URL", s.redis.url.expose())
             .env("PROVISIONER__REDIS__KEY_PREFIX", &s.redis.key_prefix)
             .env("PROVISIONER__API__BASE_URL", &s.api.base_url)
@@ -837,4 +840,98 @@ pub async fn collect_created(
 
 pub fn header_value(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text))
+}
+
+/// `amqp.url` as the environment carries it: the nodes, comma-separated.
+pub fn amqp_env(nodes: &group_provisioner::config::AmqpNodes) -> String {
+    nodes
+        .urls()
+        .iter()
+        .map(|u| u.expose())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `amqp.url` from plain URLs.
+pub fn amqp_nodes(urls: &[String]) -> group_provisioner::config::AmqpNodes {
+    group_provisioner::config::AmqpNodes::new(
+        urls.iter()
+            .map(|u| group_provisioner::secret::SecretUrl::new(u.clone()))
+            .collect(),
+    )
+    .expect("at least one node")
+}
+
+/// A TCP proxy on loopback in front of one address: two of them in front of one broker
+/// stand in for two nodes of a cluster, and [`TcpProxy::cut`] makes one disappear.
+pub struct TcpProxy {
+    pub addr: std::net::SocketAddr,
+    cut: tokio_util::sync::CancellationToken,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: &str) -> TcpProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = tokio_util::sync::CancellationToken::new();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let upstream = upstream.to_owned();
+        let (c, a, o) = (cut.clone(), accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    // Dropping the listener: the port refuses from now on.
+                    () = c.cancelled() => return,
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let (c, o, upstream) = (c.clone(), o.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    o.fetch_add(1, Ordering::SeqCst);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = c.cancelled() => {}
+                    }
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        TcpProxy {
+            addr,
+            cut,
+            accepted,
+            open,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The node disappears: every connection is dropped and the port refuses.
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut.cancel();
+    }
 }
