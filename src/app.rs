@@ -39,7 +39,7 @@ pub fn worker_id() -> String {
 
 /// The Redis store (connects lazily: building it never waits for Redis).
 pub fn dedup_store(settings: &Settings) -> Result<RedisStore, StoreError> {
-    RedisStore::new(settings.redis.url.expose(), &settings.redis.key_prefix)
+    RedisStore::from_settings(&settings.redis)
 }
 
 /// The API credentials, which `run` and `check` load as required.
@@ -91,4 +91,18 @@ pub fn processor_config(settings: &Settings, worker_id: &str) -> ProcessorConfig
         takeover_margin: TAKEOVER_MARGIN,
         verify_unknown: settings.dedup.verify_unknown,
     }
+}
+
+/// How the broker connections are protected (`check`, the start-up line).
+pub fn amqp_tls_state(settings: &Settings) -> String {
+    let urls = settings.amqp.url.urls().iter().map(|u| u.expose());
+    settings.amqp.tls.state("amqps", urls)
+}
+
+/// How the Redis connection is protected.
+pub fn redis_tls_state(settings: &Settings) -> String {
+    settings
+        .redis
+        .tls
+        .state("rediss", [settings.redis.url.expose()])
 }

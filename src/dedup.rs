@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use futures_util::future::BoxFuture;
 
 use crate::command::ExtId;
+use crate::config::{RedisSettings, TlsSettings};
 use crate::convirza::{TokenPair, TokenStore};
 use crate::pipeline::{
     AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
@@ -204,6 +205,28 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// A client for `url`; with a private CA or a client certificate when `tls` has them
+/// (`rediss://` only: the redis crate uses them for TLS connections).
+pub fn client(url: &str, tls: &TlsSettings) -> redis::RedisResult<redis::Client> {
+    if tls.is_default() {
+        return redis::Client::open(url);
+    }
+    redis::Client::build_with_tls(url, tls_certificates(tls))
+}
+
+/// The redis crate's form of `tls`. Its `root_cert` *replaces* the system's roots: a
+/// private CA is the one that signed the server.
+pub fn tls_certificates(tls: &TlsSettings) -> redis::TlsCertificates {
+    use secrecy::ExposeSecret;
+    redis::TlsCertificates {
+        client_tls: tls.client.as_ref().map(|c| redis::ClientTlsConfig {
+            client_cert: c.cert_pem.clone(),
+            client_key: c.key_pem.expose_secret().to_vec(),
+        }),
+        root_cert: tls.ca_pem.clone(),
+    }
+}
+
 fn store_err(e: redis::RedisError) -> StoreError {
     StoreError::unavailable(e)
 }
@@ -217,6 +240,16 @@ impl RedisStore {
     /// reconnects) in the background, and calls fail fast while Redis is away.
     pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url).map_err(store_err)?;
+        Self::with_client(client, prefix)
+    }
+
+    /// The store `settings` describe (TLS material included).
+    pub fn from_settings(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
+        let client = client(settings.url.expose(), &settings.tls).map_err(store_err)?;
+        Self::with_client(client, &settings.key_prefix)
+    }
+
+    fn with_client(client: redis::Client, prefix: &str) -> Result<RedisStore, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))

@@ -40,8 +40,40 @@ pub fn frame_max_covered() -> u64 {
 /// Open a connection named after the worker (visible in the management UI). The frame
 /// size is the broker's: anything the broker accepted must be readable here.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    connect_tls(url, name, &crate::config::TlsSettings::default()).await
+}
+
+/// [`connect`] with `amqp.tls`: a private CA is trusted beside the system's roots, and a
+/// client certificate is offered for mutual TLS (`amqps://` only).
+pub async fn connect_tls(
+    url: &str,
+    name: &str,
+    tls: &crate::config::TlsSettings,
+) -> Result<Connection, lapin::Error> {
+    use secrecy::ExposeSecret;
     let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    Connection::connect(url, props).await
+    if tls.is_default() {
+        return Connection::connect(url, props).await;
+    }
+    let config = lapin::tcp::OwnedTLSConfig {
+        identity: tls
+            .client
+            .as_ref()
+            .map(|c| lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: c.cert_pem.clone(),
+                key: c.key_pem.expose_secret().to_vec(),
+            }),
+        cert_chain: tls
+            .ca_pem
+            .as_ref()
+            .map(|pem| String::from_utf8_lossy(pem).into_owned()),
+    };
+    lapin::DefaultConnectionBuilder::new()?
+        .with_uri_str(url.to_owned())
+        .with_properties(props)
+        .with_tls_config(config)
+        .connect()
+        .await
 }
 
 /// How long one node of several may take to accept a connection before the next is tried.
@@ -57,6 +89,7 @@ pub struct NodesError(pub Vec<(String, String)>);
 /// after it next time.
 pub async fn connect_nodes(
     nodes: &crate::config::AmqpNodes,
+    tls: &crate::config::TlsSettings,
     start: usize,
     name: &str,
 ) -> Result<(Connection, usize), NodesError> {
@@ -65,7 +98,8 @@ pub async fn connect_nodes(
     for k in 0..urls.len() {
         let i = (start + k) % urls.len();
         let url = &urls[i];
-        match tokio::time::timeout(NODE_CONNECT_TIMEOUT, connect(url.expose(), name)).await {
+        match tokio::time::timeout(NODE_CONNECT_TIMEOUT, connect_tls(url.expose(), name, tls)).await
+        {
             Ok(Ok(conn)) => {
                 if urls.len() > 1 {
                     tracing::info!(node = %url, "connected to broker node {} of {}", i + 1, urls.len());

@@ -36,7 +36,17 @@ pub const ENV_PREFIX: &str = "PROVISIONER";
 pub const DEFAULTS_TOML: &str = include_str!("../../config/example.toml");
 /// Keys that exist but have no default (credentials; which are required depends on
 /// `api.auth`).
-pub const KEYS_WITHOUT_DEFAULT: [&str; 3] = ["api.token", "api.email", "api.password"];
+pub const KEYS_WITHOUT_DEFAULT: [&str; 9] = [
+    "api.token",
+    "api.email",
+    "api.password",
+    "amqp.tls.ca_file",
+    "amqp.tls.cert_file",
+    "amqp.tls.key_file",
+    "redis.tls.ca_file",
+    "redis.tls.cert_file",
+    "redis.tls.key_file",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config error: {key}: {reason}")]
@@ -72,6 +82,71 @@ pub struct Settings {
 pub struct AmqpSettings {
     pub url: AmqpNodes,
     pub prefetch: u16,
+    /// Used by `amqps://` nodes.
+    pub tls: TlsSettings,
+}
+
+/// `<section>.tls.*`: a private CA (trusted beside the system's roots) and a client
+/// certificate for mutual TLS, read and checked at start so a bad file stops start-up
+/// with the key's name.
+#[derive(Clone, Default)]
+pub struct TlsSettings {
+    pub ca_file: Option<PathBuf>,
+    /// PEM, one or more certificates.
+    pub ca_pem: Option<Vec<u8>>,
+    pub client: Option<ClientIdentity>,
+}
+
+/// A client certificate chain and its private key, both PEM.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub cert_file: PathBuf,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: secrecy::SecretSlice<u8>,
+}
+
+impl TlsSettings {
+    /// How connections to `urls` are protected, for `check` and the start-up line;
+    /// `scheme` is the TLS scheme (`amqps`, `rediss`).
+    pub fn state<'a>(&self, scheme: &str, urls: impl IntoIterator<Item = &'a str>) -> String {
+        let prefix = format!("{scheme}://");
+        let (tls, plain) = urls.into_iter().fold((0, 0), |(t, p), u| {
+            if u.starts_with(&prefix) {
+                (t + 1, p)
+            } else {
+                (t, p + 1)
+            }
+        });
+        match (tls, plain) {
+            (0, _) if self.is_default() => "no TLS".to_owned(),
+            (0, _) => format!("no TLS ({scheme}:// is needed for the TLS files to be used)"),
+            (_, 0) => format!("TLS: {}", self.describe()),
+            _ => format!("TLS on the {scheme}:// nodes only: {}", self.describe()),
+        }
+    }
+
+    /// Nothing configured: the system's roots, no client certificate.
+    pub fn is_default(&self) -> bool {
+        self.ca_pem.is_none() && self.client.is_none()
+    }
+
+    /// What `check` and the start-up line show: the files, never their contents.
+    pub fn describe(&self) -> String {
+        let ca = self.ca_file.as_ref().map_or_else(
+            || "system CAs".to_owned(),
+            |f| format!("CA {}", f.display()),
+        );
+        match &self.client {
+            Some(c) => format!("{ca}, client certificate {}", c.cert_file.display()),
+            None => ca,
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 /// `amqp.url`: one broker, or the nodes of one cluster, tried in turn. Never empty.
@@ -111,6 +186,8 @@ impl std::fmt::Display for AmqpNodes {
 pub struct RedisSettings {
     pub url: SecretUrl,
     pub key_prefix: String,
+    /// Used by `rediss://` URLs.
+    pub tls: TlsSettings,
 }
 
 /// `api.auth` as written in the configuration.

@@ -2,14 +2,16 @@
 //! its conversion into the typed [`Settings`]: ranges, URLs, names and the rules that tie
 //! keys together. Every check names its dotted key.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::{
-    AmqpNodes, AmqpSettings, ApiAuth, ApiSettings, AuthMode, CircuitSettings, ConfigError,
-    Credentials, DedupSettings, DelayTier, LogFormat, LogSettings, MetricsSettings, RedisSettings,
-    RetrySettings, Settings, ShutdownSettings, TopologySettings, de, format_duration,
+    AmqpNodes, AmqpSettings, ApiAuth, ApiSettings, AuthMode, CircuitSettings, ClientIdentity,
+    ConfigError, Credentials, DedupSettings, DelayTier, LogFormat, LogSettings, MetricsSettings,
+    RedisSettings, RetrySettings, Settings, ShutdownSettings, TlsSettings, TopologySettings, de,
+    format_duration,
 };
 use crate::secret::{ExposeSecret, SecretString, SecretUrl, redact_url};
 
@@ -33,6 +35,8 @@ pub(super) struct Raw {
 struct RawAmqp {
     #[serde(deserialize_with = "de::url_list")]
     url: Vec<SecretString>,
+    #[serde(default)]
+    tls: RawTls,
     #[serde(deserialize_with = "de::integer")]
     prefetch: i64,
 }
@@ -42,6 +46,85 @@ struct RawAmqp {
 struct RawRedis {
     url: SecretString,
     key_prefix: String,
+    #[serde(default)]
+    tls: RawTls,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+impl RawTls {
+    /// Read and check the files; `section` is `amqp` or `redis`, for the key names.
+    fn into_settings(self, section: &str) -> Result<TlsSettings, ConfigError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let key = |leaf: &str| format!("{section}.tls.{leaf}");
+        let read = |leaf: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                ConfigError::new(key(leaf), format!("cannot read {}: {e}", path.display()))
+            })
+        };
+        // The contents are never quoted: a key file is a secret, and a wrong file could be.
+        let certificates = |leaf: &str, path: &PathBuf, pem: &[u8]| {
+            let parsed: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+            match parsed {
+                Ok(certs) if !certs.is_empty() => Ok(()),
+                _ => Err(ConfigError::new(
+                    key(leaf),
+                    format!("{} holds no PEM certificate", path.display()),
+                )),
+            }
+        };
+        let ca_pem = match &self.ca_file {
+            Some(path) => {
+                let pem = read("ca_file", path)?;
+                certificates("ca_file", path, &pem)?;
+                Some(pem)
+            }
+            None => None,
+        };
+        let client = match (self.cert_file, self.key_file) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    key("key_file"),
+                    format!("is required with {}", key("cert_file")),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    key("cert_file"),
+                    format!("is required with {}", key("key_file")),
+                ));
+            }
+            (Some(cert_file), Some(key_file)) => {
+                let cert_pem = read("cert_file", &cert_file)?;
+                certificates("cert_file", &cert_file, &cert_pem)?;
+                let key_pem = read("key_file", &key_file)?;
+                if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
+                    return Err(ConfigError::new(
+                        key("key_file"),
+                        format!("{} holds no PEM private key", key_file.display()),
+                    ));
+                }
+                Some(ClientIdentity {
+                    cert_file,
+                    cert_pem,
+                    key_pem: key_pem.into(),
+                })
+            }
+        };
+        Ok(TlsSettings {
+            ca_file: self.ca_file,
+            ca_pem,
+            client,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -488,6 +571,7 @@ impl RawAmqp {
             .ok_or_else(|| ConfigError::new("amqp.url", "at least one broker URL is needed"))?;
         Ok(AmqpSettings {
             url,
+            tls: self.tls.into_settings("amqp")?,
             prefetch: in_range("amqp.prefetch", self.prefetch, 1, i64::from(u16::MAX))?,
         })
     }
@@ -519,6 +603,7 @@ impl RawRedis {
         Ok(RedisSettings {
             url: SecretUrl::new(url),
             key_prefix: prefix,
+            tls: self.tls.into_settings("redis")?,
         })
     }
 }

@@ -381,15 +381,106 @@ fn missing_explicit_file_is_an_error() {
     assert_eq!(e.key, "--config");
 }
 
+/// A CA certificate and a key, as PEM files in a fresh directory: (cert, key).
+fn pem_files() -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("gp-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).expect("write cert");
+    std::fs::write(&k, key.serialize_pem()).expect("write key");
+    (c, k)
+}
+
 /// Every key, with a value it accepts: its default, or a sample for keys without one.
 fn every_key() -> Vec<(String, String)> {
     let mut keys = defaults();
-    keys.extend(
-        KEYS_WITHOUT_DEFAULT
-            .iter()
-            .map(|k| ((*k).to_owned(), "ops@example.com".to_owned())),
-    );
+    let (cert, key) = pem_files();
+    keys.extend(KEYS_WITHOUT_DEFAULT.iter().map(|k| {
+        let sample = if k.ends_with("key_file") {
+            key.display().to_string()
+        } else if k.ends_with("_file") {
+            cert.display().to_string()
+        } else {
+            "ops@example.com".to_owned()
+        };
+        ((*k).to_owned(), sample)
+    }));
     keys
+}
+
+#[test]
+fn tls_files_are_read_at_start_and_never_quoted() {
+    let (cert, key) = pem_files();
+    let load = |extra: &str| {
+        Settings::from_toml(&format!(
+            "[api]\ntoken = \"t\"\n[amqp]\nurl = \"amqps://u:p@h/v\"\n[amqp.tls]\n{extra}"
+        ))
+    };
+    let s = load(&format!(
+        "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+        cert, cert, key
+    ))
+    .expect("loads");
+    assert!(s.amqp.tls.ca_pem.is_some() && s.amqp.tls.client.is_some());
+    assert!(s.redis.tls.is_default());
+    let shown = format!("{s:?}");
+    assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+    assert!(
+        s.amqp
+            .tls
+            .state("amqps", ["amqps://h/v"])
+            .starts_with("TLS: CA "),
+        "{}",
+        s.amqp.tls.state("amqps", ["amqps://h/v"])
+    );
+    assert!(
+        s.amqp
+            .tls
+            .state("amqps", ["amqp://h/v"])
+            .contains("amqps:// is needed")
+    );
+
+    // A secret that is not a certificate: named, never shown.
+    let secret = std::env::temp_dir().join(format!("gp-secret-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&secret, "hunter2-not-a-pem").expect("write");
+    for (extra, key_name, reason) in [
+        (
+            format!("ca_file = {secret:?}\n"),
+            "amqp.tls.ca_file",
+            "holds no PEM certificate",
+        ),
+        (
+            "ca_file = \"/nonexistent/ca.pem\"\n".to_owned(),
+            "amqp.tls.ca_file",
+            "cannot read",
+        ),
+        (
+            format!("cert_file = {cert:?}\n"),
+            "amqp.tls.key_file",
+            "is required with amqp.tls.cert_file",
+        ),
+        (
+            format!("key_file = {key:?}\n"),
+            "amqp.tls.cert_file",
+            "is required with amqp.tls.key_file",
+        ),
+        (
+            format!("cert_file = {cert:?}\nkey_file = {secret:?}\n"),
+            "amqp.tls.key_file",
+            "holds no PEM private key",
+        ),
+        (format!("ca = {cert:?}\n"), "amqp.tls.ca", "unknown"),
+    ] {
+        let e = load(&extra).expect_err(&extra);
+        assert_eq!(e.key, key_name, "{e}");
+        assert!(e.to_string().contains(reason), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
 }
 
 #[test]

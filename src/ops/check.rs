@@ -52,7 +52,14 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
             report.line("topology", Err("skipped: no broker connection"));
         }
         Ok((conn, channel)) => {
-            report.line("rabbitmq", Ok::<_, String>(settings.amqp.url.to_string()));
+            report.line(
+                "rabbitmq",
+                Ok::<_, String>(format!(
+                    "{}; {}",
+                    settings.amqp.url,
+                    app::amqp_tls_state(settings)
+                )),
+            );
             let topology = Topology::new(&settings.topology, &settings.retry.delays);
             if declare {
                 match topology.declare(&conn, &channel).await {
@@ -93,7 +100,11 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
     let store = app::dedup_store(settings);
     let redis = match &store {
         Ok(s) => match tokio::time::timeout(Duration::from_secs(5), s.ping()).await {
-            Ok(Ok(())) => Ok(settings.redis.url.to_string()),
+            Ok(Ok(())) => Ok(format!(
+                "{}; {}",
+                settings.redis.url,
+                app::redis_tls_state(settings)
+            )),
             Ok(Err(e)) => Err(format!("{}: {e}", settings.redis.url)),
             Err(_) => Err(format!("{}: no answer within 5s", settings.redis.url)),
         },

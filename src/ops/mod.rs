@@ -106,6 +106,7 @@ pub async fn connect(
     let nodes = &settings.amqp.url;
     let (conn, _) = crate::amqp::connect_nodes(
         nodes,
+        &settings.amqp.tls,
         crate::amqp::random_start(nodes),
         &format!("group-provisioner {purpose}"),
     )

@@ -229,6 +229,7 @@ async fn open(shared: &Shared) -> Result<(lapin::Connection, Channel, Channel), 
     let settings = &shared.settings;
     let (conn, node) = amqp::connect_nodes(
         &settings.amqp.url,
+        &settings.amqp.tls,
         shared.node.load(Ordering::SeqCst),
         &format!("group-provisioner {}", shared.worker_id),
     )

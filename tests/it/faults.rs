@@ -490,9 +490,10 @@ async fn broker_nodes_are_tried_in_turn_and_losing_one_costs_nothing() {
     ]);
 
     // From the unreachable first node to the next.
-    let (conn, node) = group_provisioner::amqp::connect_nodes(&nodes, 0, "nodes test")
-        .await
-        .expect("a node answers");
+    let (conn, node) =
+        group_provisioner::amqp::connect_nodes(&nodes, &Default::default(), 0, "nodes test")
+            .await
+            .expect("a node answers");
     assert_eq!(node, 1, "the unreachable node is skipped");
     let _ = conn.close(200, "done".into()).await;
 

@@ -17,3 +17,4 @@ mod ops;
 mod pipeline;
 mod process;
 mod secrets;
+mod tls;
