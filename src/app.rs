@@ -101,8 +101,13 @@ pub fn amqp_tls_state(settings: &Settings) -> String {
 
 /// How the Redis connection is protected.
 pub fn redis_tls_state(settings: &Settings) -> String {
-    settings
-        .redis
-        .tls
-        .state("rediss", [settings.redis.url.expose()])
+    let r = &settings.redis;
+    let urls: Vec<&str> = match r.mode {
+        crate::config::RedisMode::Standalone => vec![r.url.expose()],
+        crate::config::RedisMode::Sentinel => std::iter::once(r.url.expose())
+            .chain(r.nodes.iter().map(|n| n.expose()))
+            .collect(),
+        crate::config::RedisMode::Cluster => r.nodes.iter().map(|n| n.expose()).collect(),
+    };
+    r.tls.state("rediss", urls)
 }

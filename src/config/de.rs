@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 use super::duration::parse_duration;
-use super::{AuthMode, DelayTier, LogFormat};
+use super::{AuthMode, DelayTier, LogFormat, RedisMode};
 use crate::secret::SecretString;
 
 /// A keyword from a closed set, named in the error when it is not one of them.
@@ -38,6 +38,19 @@ fn one_of<'de, D: Deserializer<'de>, T: Copy>(d: D, choices: &[(&str, T)]) -> Re
 impl<'de> serde::Deserialize<'de> for AuthMode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AuthMode, D::Error> {
         one_of(d, &[("token", AuthMode::Token), ("login", AuthMode::Login)])
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RedisMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RedisMode, D::Error> {
+        one_of(
+            d,
+            &[
+                ("standalone", RedisMode::Standalone),
+                ("sentinel", RedisMode::Sentinel),
+                ("cluster", RedisMode::Cluster),
+            ],
+        )
     }
 }
 

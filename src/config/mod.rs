@@ -36,7 +36,9 @@ pub const ENV_PREFIX: &str = "PROVISIONER";
 pub const DEFAULTS_TOML: &str = include_str!("../../config/example.toml");
 /// Keys that exist but have no default (credentials; which are required depends on
 /// `api.auth`).
-pub const KEYS_WITHOUT_DEFAULT: [&str; 9] = [
+pub const KEYS_WITHOUT_DEFAULT: [&str; 11] = [
+    "redis.nodes",
+    "redis.sentinel_master",
     "api.token",
     "api.email",
     "api.password",
@@ -103,6 +105,28 @@ pub struct ClientIdentity {
     pub cert_file: PathBuf,
     pub cert_pem: Vec<u8>,
     pub key_pem: secrecy::SecretSlice<u8>,
+}
+
+impl RedisSettings {
+    /// Where the store is, passwords masked: for `check` and the start-up line.
+    pub fn describe(&self) -> String {
+        let nodes = || {
+            self.nodes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self.mode {
+            RedisMode::Standalone => self.url.to_string(),
+            RedisMode::Sentinel => format!(
+                "master {:?} via sentinels {}",
+                self.sentinel_master.as_deref().unwrap_or_default(),
+                nodes()
+            ),
+            RedisMode::Cluster => format!("cluster via {}", nodes()),
+        }
+    }
 }
 
 impl TlsSettings {
@@ -182,9 +206,25 @@ impl std::fmt::Display for AmqpNodes {
     }
 }
 
+/// `redis.mode`: how the store reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server (`redis.url`), or a managed endpoint that fails over behind one address.
+    Standalone,
+    /// The master that the sentinels of `redis.nodes` name `redis.sentinel_master`.
+    Sentinel,
+    /// A Redis Cluster, found from the seed nodes `redis.nodes`.
+    Cluster,
+}
+
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     pub url: SecretUrl,
+    pub mode: RedisMode,
+    /// Sentinel addresses or cluster seed nodes; empty in standalone mode.
+    pub nodes: Vec<SecretUrl>,
+    /// The master's name at the sentinels (sentinel mode).
+    pub sentinel_master: Option<String>,
     pub key_prefix: String,
     /// Used by `rediss://` URLs.
     pub tls: TlsSettings,

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::{
     AmqpNodes, AmqpSettings, ApiAuth, ApiSettings, AuthMode, CircuitSettings, ClientIdentity,
     ConfigError, Credentials, DedupSettings, DelayTier, LogFormat, LogSettings, MetricsSettings,
-    RedisSettings, RetrySettings, Settings, ShutdownSettings, TlsSettings, TopologySettings, de,
-    format_duration,
+    RedisMode, RedisSettings, RetrySettings, Settings, ShutdownSettings, TlsSettings,
+    TopologySettings, de, format_duration,
 };
 use crate::secret::{ExposeSecret, SecretString, SecretUrl, redact_url};
 
@@ -45,6 +45,10 @@ struct RawAmqp {
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: SecretString,
+    mode: RedisMode,
+    #[serde(default, deserialize_with = "de::url_list")]
+    nodes: Vec<SecretString>,
+    sentinel_master: Option<String>,
     key_prefix: String,
     #[serde(default)]
     tls: RawTls,
@@ -579,15 +583,15 @@ impl RawAmqp {
 
 impl RawRedis {
     fn into_settings(self) -> Result<RedisSettings, ConfigError> {
-        let url = url(
+        let redis_url = url(
             "redis.url",
             self.url.expose_secret(),
             &["redis", "rediss", "unix", "redis+unix"],
         )?;
-        if let Err(e) = redis::Client::open(url.as_str()) {
+        if let Err(e) = redis::Client::open(redis_url.as_str()) {
             return Err(ConfigError::new(
                 "redis.url",
-                format!("{:?} is not a Redis URL: {e}", redact_url(&url)),
+                format!("{:?} is not a Redis URL: {e}", redact_url(&redis_url)),
             ));
         }
         let prefix = self.key_prefix;
@@ -600,8 +604,47 @@ impl RawRedis {
                 format!("{prefix:?} must be 1-128 characters of A-Z a-z 0-9 _ - . : /"),
             ));
         }
+        let mut nodes = Vec::new();
+        for raw in &self.nodes {
+            let node = url("redis.nodes", raw.expose_secret(), &["redis", "rediss"])?;
+            if let Err(e) = redis::Client::open(node.as_str()) {
+                return Err(ConfigError::new(
+                    "redis.nodes",
+                    format!("{:?} is not a Redis URL: {e}", redact_url(&node)),
+                ));
+            }
+            nodes.push(SecretUrl::new(node));
+        }
+        let sentinel_master = self
+            .sentinel_master
+            .map(|m| m.trim().to_owned())
+            .filter(|m| !m.is_empty());
+        match self.mode {
+            RedisMode::Standalone => {}
+            RedisMode::Sentinel | RedisMode::Cluster if nodes.is_empty() => {
+                let what = if self.mode == RedisMode::Sentinel {
+                    "the sentinels' addresses (redis://host:26379)"
+                } else {
+                    "one or more cluster nodes (redis://host:port)"
+                };
+                return Err(ConfigError::new(
+                    "redis.nodes",
+                    format!("is required with this redis.mode: list {what}"),
+                ));
+            }
+            RedisMode::Sentinel if sentinel_master.is_none() => {
+                return Err(ConfigError::new(
+                    "redis.sentinel_master",
+                    "is required with redis.mode = \"sentinel\": the master's name at the sentinels",
+                ));
+            }
+            RedisMode::Sentinel | RedisMode::Cluster => {}
+        }
         Ok(RedisSettings {
-            url: SecretUrl::new(url),
+            url: SecretUrl::new(redis_url),
+            mode: self.mode,
+            nodes,
+            sentinel_master,
             key_prefix: prefix,
             tls: self.tls.into_settings("redis")?,
         })

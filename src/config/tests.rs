@@ -401,7 +401,9 @@ fn every_key() -> Vec<(String, String)> {
     let mut keys = defaults();
     let (cert, key) = pem_files();
     keys.extend(KEYS_WITHOUT_DEFAULT.iter().map(|k| {
-        let sample = if k.ends_with("key_file") {
+        let sample = if k.ends_with("nodes") {
+            "redis://127.0.0.1:26379".to_owned()
+        } else if k.ends_with("key_file") {
             key.display().to_string()
         } else if k.ends_with("_file") {
             cert.display().to_string()
@@ -411,6 +413,49 @@ fn every_key() -> Vec<(String, String)> {
         ((*k).to_owned(), sample)
     }));
     keys
+}
+
+#[test]
+fn redis_modes_need_their_nodes() {
+    let load =
+        |redis: &str| Settings::from_toml(&format!("[api]\ntoken = \"t\"\n[redis]\n{redis}"));
+    let s = load("mode = \"sentinel\"\nnodes = \"redis://:sp@a:26379,redis://b:26379\"\nsentinel_master = \"mymaster\"\n")
+        .expect("sentinel");
+    assert_eq!(s.redis.mode, RedisMode::Sentinel);
+    assert_eq!(s.redis.nodes.len(), 2);
+    assert_eq!(
+        s.redis.describe(),
+        "master \"mymaster\" via sentinels redis://:***@a:26379, redis://b:26379"
+    );
+    let c = load("mode = \"cluster\"\nnodes = [\"redis://a:7000\", \"redis://b:7001\"]\n")
+        .expect("cluster");
+    assert_eq!(
+        c.redis.describe(),
+        "cluster via redis://a:7000, redis://b:7001"
+    );
+    for (redis, key, reason) in [
+        ("mode = \"sentinel\"\n", "redis.nodes", "sentinels"),
+        (
+            "mode = \"sentinel\"\nnodes = \"redis://a:26379\"\n",
+            "redis.sentinel_master",
+            "is required",
+        ),
+        ("mode = \"cluster\"\n", "redis.nodes", "cluster nodes"),
+        (
+            "mode = \"cluster\"\nnodes = [\"http://a\"]\n",
+            "redis.nodes",
+            "scheme",
+        ),
+        (
+            "mode = \"replicated\"\n",
+            "redis.mode",
+            "not one of standalone, sentinel, cluster",
+        ),
+    ] {
+        let e = load(redis).expect_err(redis);
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.to_string().contains(reason), "{e}");
+    }
 }
 
 #[test]
@@ -507,7 +552,7 @@ fn every_key_has_a_reader() {
     })
     .expect("every documented key is known");
     assert_eq!(s.retry.delays.len(), 5);
-    assert_eq!(defaults().len(), 32, "a key was added or lost: document it");
+    assert_eq!(defaults().len(), 33, "a key was added or lost: document it");
 }
 
 /// The README table must list every key with its default, and `config/example.toml`

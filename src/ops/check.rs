@@ -102,11 +102,14 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
         Ok(s) => match tokio::time::timeout(Duration::from_secs(5), s.ping()).await {
             Ok(Ok(())) => Ok(format!(
                 "{}; {}",
-                settings.redis.url,
+                settings.redis.describe(),
                 app::redis_tls_state(settings)
             )),
-            Ok(Err(e)) => Err(format!("{}: {e}", settings.redis.url)),
-            Err(_) => Err(format!("{}: no answer within 5s", settings.redis.url)),
+            Ok(Err(e)) => Err(format!("{}: {e}", settings.redis.describe())),
+            Err(_) => Err(format!(
+                "{}: no answer within 5s",
+                settings.redis.describe()
+            )),
         },
         Err(e) => Err(e.to_string()),
     };

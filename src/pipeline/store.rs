@@ -1,5 +1,5 @@
 //! The dedup store port: claims with leases, created records and attempt markers. The
-//! Redis store in `dedup.rs` implements it; an in-memory fake in tests does too.
+//! Redis store in `dedup/` implements it; an in-memory fake in tests does too.
 //!
 //! Invariants every implementation keeps:
 //! - `claim` is atomic: it returns the created record, or another owner's live claim, or

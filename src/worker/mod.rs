@@ -234,7 +234,7 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
         api = %settings.api.base_url,
         amqp = %settings.amqp.url,
         amqp_tls = %crate::app::amqp_tls_state(&settings),
-        redis = %settings.redis.url,
+        redis = %settings.redis.describe(),
         redis_tls = %crate::app::redis_tls_state(&settings),
         prefetch = settings.amqp.prefetch,
         "worker starting"

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 use crate::process::{WorkerProcess, worker_env};
 
-fn commands(prefix: &str, n: usize) -> (Vec<Value>, HashSet<String>) {
+pub(crate) fn commands(prefix: &str, n: usize) -> (Vec<Value>, HashSet<String>) {
     let bodies: Vec<Value> = (0..n)
         .map(|i| json!({"org_unit_ext_id": format!("{prefix}-{i}"), "org_unit_name": format!("{prefix} team {i}"), "org_unit_parent_id": 1000}))
         .collect();
@@ -22,7 +22,7 @@ fn commands(prefix: &str, n: usize) -> (Vec<Value>, HashSet<String>) {
 }
 
 /// Each ext id has exactly one group in the API.
-fn assert_exactly_once(env: &TestEnv, exts: &HashSet<String>) {
+pub(crate) fn assert_exactly_once(env: &TestEnv, exts: &HashSet<String>) {
     let stats = env.sim.sim.stats();
     assert!(
         stats.duplicated_ext_ids.is_empty(),
@@ -41,7 +41,7 @@ fn assert_exactly_once(env: &TestEnv, exts: &HashSet<String>) {
 
 /// The remaining ext ids all get a `group.created`, the queues drain with nothing
 /// dead-lettered, and every ext id has exactly one group.
-async fn all_done_exactly_once(
+pub(crate) async fn all_done_exactly_once(
     env: &TestEnv,
     tap: &mut EventTap,
     remaining: &HashSet<String>,
@@ -54,7 +54,11 @@ async fn all_done_exactly_once(
 }
 
 /// Wait for `n` events and return the ext ids still to be created afterwards.
-async fn wait_events(tap: &mut EventTap, n: usize, exts: &HashSet<String>) -> HashSet<String> {
+pub(crate) async fn wait_events(
+    tap: &mut EventTap,
+    n: usize,
+    exts: &HashSet<String>,
+) -> HashSet<String> {
     let seen: HashSet<String> = tap
         .take(n, Duration::from_secs(60))
         .await

@@ -213,7 +213,7 @@ fn only_the_cli_wires_the_commands() {
 #[test]
 fn clients_are_built_in_app_only() {
     for (rel, code) in sources() {
-        let allowed = rel == "app.rs" || rel == "dedup.rs" || rel.starts_with("convirza/");
+        let allowed = rel == "app.rs" || rel.starts_with("dedup/") || rel.starts_with("convirza/");
         for constructor in [
             "RedisStore::new(",
             "ConvirzaClient::new(",

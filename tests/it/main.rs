@@ -16,5 +16,6 @@ mod layout;
 mod ops;
 mod pipeline;
 mod process;
+mod redis_modes;
 mod secrets;
 mod tls;

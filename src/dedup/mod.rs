@@ -14,6 +14,8 @@
 
 use std::time::Duration;
 
+mod conn;
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
@@ -21,11 +23,13 @@ use serde::{Deserialize, Serialize};
 use futures_util::future::BoxFuture;
 
 use crate::command::ExtId;
-use crate::config::{RedisSettings, TlsSettings};
+use crate::config::{RedisMode, RedisSettings, TlsSettings};
 use crate::convirza::{TokenPair, TokenStore};
 use crate::pipeline::{
     AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
 };
+use conn::RedisConn;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 
 /// What a `group` key holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,7 +189,8 @@ return {raw, now}
 
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
+    keys: KeyShape,
     prefix: String,
     claim: Script,
     replace_unreadable: Script,
@@ -227,6 +232,92 @@ pub fn tls_certificates(tls: &TlsSettings) -> redis::TlsCertificates {
     }
 }
 
+/// How an ext id's keys are named. A Redis Cluster runs a script only when all its keys
+/// are in one slot, so there each key carries a hash tag derived from the ext id (a hash,
+/// so an ext id holding `{` or `}` cannot break the tag); elsewhere the names stay as
+/// they always were, so existing records are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyShape {
+    /// `<prefix>:group:<ext_id>`
+    Plain,
+    /// `<prefix>:group:{<16 hex digits>}:<ext_id>`
+    HashTagged,
+}
+
+impl KeyShape {
+    pub fn key(self, prefix: &str, kind: &str, ext_id: &ExtId) -> String {
+        match self {
+            KeyShape::Plain => format!("{prefix}:{kind}:{ext_id}"),
+            KeyShape::HashTagged => format!(
+                "{prefix}:{kind}:{{{}}}:{ext_id}",
+                crate::hash::short_hash(ext_id.as_str().as_bytes())
+            ),
+        }
+    }
+}
+
+/// The sentinels of `redis.nodes`, asked for the master `redis.sentinel_master`; the master
+/// is reached with `redis.url`'s scheme (TLS or not), credentials and database.
+fn sentinel_client(settings: &RedisSettings) -> redis::RedisResult<SentinelClient> {
+    use redis::IntoConnectionInfo;
+    let master = settings.url.expose().into_connection_info()?;
+    let mut sentinels = Vec::new();
+    let mut sentinel_auth = None;
+    for node in &settings.nodes {
+        let info = node.expose().into_connection_info()?;
+        if sentinel_auth.is_none() && info.redis_settings().password().is_some() {
+            sentinel_auth = Some(info.redis_settings().clone());
+        }
+        sentinels.push(info.addr().clone());
+    }
+    let service = settings.sentinel_master.as_deref().unwrap_or_default();
+    let mut builder = SentinelClientBuilder::new(sentinels, service, SentinelServerType::Master)?
+        .set_client_to_redis_db(master.redis_settings().db());
+    if let Some(user) = master.redis_settings().username() {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = master.redis_settings().password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    if let Some(auth) = &sentinel_auth {
+        if let Some(user) = auth.username() {
+            builder = builder.set_client_to_sentinel_username(user);
+        }
+        if let Some(password) = auth.password() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    let tls_nodes = settings
+        .nodes
+        .iter()
+        .any(|n| n.expose().starts_with("rediss://"));
+    if matches!(master.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+        builder = builder
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_redis_certificates(tls_certificates(&settings.tls));
+    }
+    if tls_nodes {
+        builder = builder
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_certificates(tls_certificates(&settings.tls));
+    }
+    builder.build()
+}
+
+/// The cluster of the seed nodes `redis.nodes` (credentials from the first node's URL).
+fn cluster_client(settings: &RedisSettings) -> redis::RedisResult<redis::cluster::ClusterClient> {
+    let nodes: Vec<&str> = settings.nodes.iter().map(|n| n.expose()).collect();
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+        .connection_timeout(conn::TIMEOUT)
+        .response_timeout(conn::TIMEOUT);
+    if nodes.iter().any(|n| n.starts_with("rediss://")) {
+        builder = builder
+            .tls(redis::TlsMode::Secure)
+            .certs(tls_certificates(&settings.tls));
+    }
+    builder.build()
+}
+
 fn store_err(e: redis::RedisError) -> StoreError {
     StoreError::unavailable(e)
 }
@@ -243,10 +334,45 @@ impl RedisStore {
         Self::with_client(client, prefix)
     }
 
-    /// The store `settings` describe (TLS material included).
+    /// The store `settings` describe: its mode, nodes and TLS material.
     pub fn from_settings(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
-        let client = client(settings.url.expose(), &settings.tls).map_err(store_err)?;
-        Self::with_client(client, &settings.key_prefix)
+        let prefix = &settings.key_prefix;
+        match settings.mode {
+            RedisMode::Standalone => {
+                let client = client(settings.url.expose(), &settings.tls).map_err(store_err)?;
+                Self::with_client(client, prefix)
+            }
+            RedisMode::Sentinel => {
+                let sentinels = sentinel_client(settings).map_err(store_err)?;
+                let announcers = settings
+                    .nodes
+                    .iter()
+                    .map(|n| client(n.expose(), &settings.tls))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(store_err)?;
+                let db = redis::IntoConnectionInfo::into_connection_info(settings.url.expose())
+                    .map(|i| i.redis_settings().db())
+                    .unwrap_or(0);
+                Ok(Self::with_conn(
+                    RedisConn::Sentinel(conn::SentinelConn::new(
+                        sentinels,
+                        announcers,
+                        settings.sentinel_master.as_deref().unwrap_or_default(),
+                        db,
+                    )),
+                    prefix,
+                    KeyShape::Plain,
+                ))
+            }
+            RedisMode::Cluster => {
+                let cluster = cluster_client(settings).map_err(store_err)?;
+                Ok(Self::with_conn(
+                    RedisConn::Cluster(conn::LazyCluster::new(cluster)),
+                    prefix,
+                    KeyShape::HashTagged,
+                ))
+            }
+        }
     }
 
     fn with_client(client: redis::Client, prefix: &str) -> Result<RedisStore, StoreError> {
@@ -256,8 +382,17 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_err)?;
-        Ok(RedisStore {
+        Ok(Self::with_conn(
+            RedisConn::Standalone(conn),
+            prefix,
+            KeyShape::Plain,
+        ))
+    }
+
+    fn with_conn(conn: RedisConn, prefix: &str, keys: KeyShape) -> RedisStore {
+        RedisStore {
             conn,
+            keys,
             prefix: prefix.to_owned(),
             claim: Script::new(CLAIM),
             replace_unreadable: Script::new(REPLACE_UNREADABLE),
@@ -267,15 +402,15 @@ impl RedisStore {
             mark_attempt: Script::new(MARK_ATTEMPT),
             read_attempt: Script::new(READ_ATTEMPT),
             unlock: Script::new(UNLOCK),
-        })
+        }
     }
 
     pub fn group_key(&self, ext_id: &ExtId) -> String {
-        format!("{}:group:{}", self.prefix, ext_id)
+        self.keys.key(&self.prefix, "group", ext_id)
     }
 
     pub fn attempt_key(&self, ext_id: &ExtId) -> String {
-        format!("{}:attempt:{}", self.prefix, ext_id)
+        self.keys.key(&self.prefix, "attempt", ext_id)
     }
 
     /// Everything known about one ext id (read-only).
