@@ -84,6 +84,30 @@ async fn query(url: &str, cmd: &mut redis::Cmd) -> redis::RedisResult<redis::Val
     cmd.query_async(&mut conn).await
 }
 
+/// The login session's token pair and refresh lock, through `settings`' store.
+async fn token_store_works(settings: &group_provisioner::config::RedisSettings) {
+    use group_provisioner::convirza::{TokenPair, TokenStore};
+    let store = group_provisioner::dedup::RedisStore::from_settings(settings).expect("store");
+    let pair = TokenPair {
+        access_token: "a".into(),
+        refresh_token: "r".into(),
+        access_expires_at: 1,
+        refresh_expires_at: 2,
+        obtained_at: 0,
+    };
+    store
+        .save("ops@example.com", &pair, Duration::from_secs(60))
+        .await
+        .expect("save");
+    let loaded = store.load("ops@example.com").await.expect("load");
+    assert_eq!(loaded.map(|p| p.refresh_token), Some("r".to_owned()));
+    let ttl = Duration::from_secs(20);
+    assert!(store.try_lock("ops@example.com", "w1", ttl).await.expect("lock"));
+    assert!(!store.try_lock("ops@example.com", "w2", ttl).await.expect("held"));
+    store.unlock("ops@example.com", "w1").await.expect("unlock");
+    assert!(store.try_lock("ops@example.com", "w2", ttl).await.expect("free"));
+}
+
 fn scratch(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(unique(prefix));
     std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -148,6 +172,7 @@ async fn a_sentinel_failover_mid_load_is_followed_and_costs_nothing() {
     settings.redis.nodes = sentinels.iter().map(|s| SecretUrl::new(s.url())).collect();
     settings.redis.sentinel_master = Some("gp".to_owned());
     settings.redis.url = SecretUrl::new("redis://sentinel-named-master/0");
+    token_store_works(&settings.redis).await;
 
     // `check` finds the master through the sentinels.
     let sentinel_env: Vec<(String, String)> = vec![
