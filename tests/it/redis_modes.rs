@@ -102,10 +102,25 @@ async fn token_store_works(settings: &group_provisioner::config::RedisSettings) 
     let loaded = store.load("ops@example.com").await.expect("load");
     assert_eq!(loaded.map(|p| p.refresh_token), Some("r".to_owned()));
     let ttl = Duration::from_secs(20);
-    assert!(store.try_lock("ops@example.com", "w1", ttl).await.expect("lock"));
-    assert!(!store.try_lock("ops@example.com", "w2", ttl).await.expect("held"));
+    assert!(
+        store
+            .try_lock("ops@example.com", "w1", ttl)
+            .await
+            .expect("lock")
+    );
+    assert!(
+        !store
+            .try_lock("ops@example.com", "w2", ttl)
+            .await
+            .expect("held")
+    );
     store.unlock("ops@example.com", "w1").await.expect("unlock");
-    assert!(store.try_lock("ops@example.com", "w2", ttl).await.expect("free"));
+    assert!(
+        store
+            .try_lock("ops@example.com", "w2", ttl)
+            .await
+            .expect("free")
+    );
 }
 
 fn scratch(prefix: &str) -> PathBuf {
