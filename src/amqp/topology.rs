@@ -66,8 +66,11 @@ pub struct Declared {
 pub enum DeadLetterQueueState {
     /// Declared with this version's arguments (or just created with them).
     Current,
-    /// Exists with other arguments; the broker's words.
+    /// Exists exactly as an earlier version declared it (no delivery limit); the broker's
+    /// words.
     Legacy(String),
+    /// Could not be compared (the user may not declare it); why.
+    Unknown(String),
 }
 
 /// What to tell an operator about a DLQ declared by an earlier version, in plain words.
@@ -169,15 +172,39 @@ impl Topology {
             return Ok(DeadLetterQueueState::Current);
         };
         let side = conn.create_channel().await?;
-        match declare_queue(&side, spec).await {
+        let first = match declare_queue(&side, spec).await {
             Ok(()) => {
                 let _ = side.close(200, ShortString::from("declared")).await;
-                Ok(DeadLetterQueueState::Current)
+                return Ok(DeadLetterQueueState::Current);
             }
-            Err(e) => match differing_arguments(&e) {
-                Some(words) => Ok(DeadLetterQueueState::Legacy(words)),
-                None => Err(e),
-            },
+            Err(e) if access_refused(&e) => {
+                return Ok(DeadLetterQueueState::Unknown(e.to_string()));
+            }
+            Err(e) => e,
+        };
+        let Some(words) = differing_arguments(&first) else {
+            return Err(first);
+        };
+        // The broker names only the first argument that differs. The DLQ is an earlier
+        // version's only if it is exactly what that version declared: the same arguments
+        // without the delivery limit. Anything else (a TTL, a limit someone set) is a
+        // mismatch that stops start-up, as before.
+        let earlier = QueueSpec {
+            arguments: spec
+                .arguments
+                .iter()
+                .filter(|(k, _)| *k != "x-delivery-limit")
+                .cloned()
+                .collect(),
+            ..spec.clone()
+        };
+        let side = conn.create_channel().await?;
+        match declare_queue(&side, &earlier).await {
+            Ok(()) => {
+                let _ = side.close(200, ShortString::from("declared")).await;
+                Ok(DeadLetterQueueState::Legacy(words))
+            }
+            Err(_) => Err(first),
         }
     }
 
@@ -206,10 +233,13 @@ impl Topology {
         }
         for queue in &self.queues {
             if queue.name == self.dead_letter_queue {
-                if let DeadLetterQueueState::Legacy(words) =
-                    self.dead_letter_queue_state(conn).await?
-                {
-                    declared.legacy_dead_letter_queue = Some(words);
+                match self.dead_letter_queue_state(conn).await? {
+                    DeadLetterQueueState::Legacy(words) => {
+                        declared.legacy_dead_letter_queue = Some(words);
+                    }
+                    DeadLetterQueueState::Current => {}
+                    // Declaring is what the worker does; it needs the permission anyway.
+                    DeadLetterQueueState::Unknown(_) => declare_queue(channel, queue).await?,
                 }
             } else {
                 declare_queue(channel, queue).await?;
@@ -232,6 +262,15 @@ impl Topology {
 
 async fn declare_queue(channel: &Channel, queue: &QueueSpec) -> Result<(), lapin::Error> {
     queue.declare(channel).await
+}
+
+/// The user lacks the `configure` permission the comparing declaration needs.
+fn access_refused(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+    )
 }
 
 /// The broker's words when it refused a declaration because the queue exists with another

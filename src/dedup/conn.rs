@@ -15,16 +15,20 @@
 //! Invariants:
 //! - building a connection never waits for Redis: sentinel and cluster connect on first use
 //!   and again after a failure, and a call fails fast (with its timeout) while Redis is away;
-//! - a command is sent a second time only when it certainly did not run: the node refused
-//!   a write as a replica (`READONLY`, which happens before any effect), or no connection
-//!   could be made; never after a request may have reached a master.
+//! - standalone and sentinel: a command is sent a second time only when it certainly did
+//!   not run: the node refused a write as a replica (`READONLY`, which happens before any
+//!   effect), or no connection could be made; never after a request may have reached a
+//!   master. Cluster: the redis crate's cluster client also re-sends a command after a
+//!   connection error (it must, to follow a failover), so a script can run twice; each of
+//!   the store's scripts tolerates that (a repeated claim finds its own claim and defers
+//!   the command until the lease ends; a repeated attempt marker only makes the next
+//!   owner list before it posts; records are compare-and-set).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::SentinelClient;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 /// Connect and answer timeouts of every mode (Redis answers in microseconds; anything
@@ -34,9 +38,6 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 /// Sentinel mode: how long a master connection is used before the sentinels are asked
 /// again whether it is still the master.
 pub const MASTER_CHECK: Duration = Duration::from_secs(1);
-
-/// How long a `+switch-master` announcement outranks what the asked sentinel says.
-const ANNOUNCEMENT_TRUSTED: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub enum RedisConn {
@@ -80,7 +81,7 @@ impl ConnectionLike for RedisConn {
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Standalone(c) => c.get_db(),
-            RedisConn::Sentinel(c) => c.db,
+            RedisConn::Sentinel(c) => c.db(),
             RedisConn::Cluster(_) => 0,
         }
     }
@@ -101,21 +102,32 @@ fn refused_as_replica(e: &RedisError) -> bool {
 }
 
 /// The master as the sentinels name it, connected on first use and looked up again after
-/// a failure.
+/// a failure, an announcement, or [`MASTER_CHECK`].
+///
+/// The master is looked up with `SENTINEL GET-MASTER-ADDR-BY-NAME`, which names the
+/// promoted replica as soon as a failover promotes it (`SENTINEL MASTERS` keeps naming the
+/// old master until the failover ends, while the old master still takes writes that are
+/// then lost), and confirmed with `ROLE` on the node itself.
 #[derive(Clone)]
 pub struct SentinelConn {
-    sentinels: Arc<tokio::sync::Mutex<SentinelClient>>,
-    current: Arc<Mutex<Option<Master>>>,
-    /// One client per sentinel, for the `+switch-master` watch.
-    announcers: Arc<Vec<redis::Client>>,
+    inner: Arc<SentinelInner>,
+}
+
+struct SentinelInner {
+    /// One client per sentinel: lookups and the `+switch-master` watch.
+    sentinels: Vec<redis::Client>,
     /// The master's name at the sentinels.
-    service: Arc<str>,
-    /// The master a sentinel announced last (`host:port`) and when: until the sentinel
-    /// that is asked names it too (they learn of a failover one after the other), no other
-    /// is used.
-    announced: Arc<Mutex<Option<(String, std::time::Instant)>>>,
-    watching: Arc<std::sync::atomic::AtomicBool>,
+    service: String,
+    /// Builds a client for the master at `host:port` (scheme, credentials, database and
+    /// TLS from `redis.url` and `redis.tls`).
+    master_client: Box<dyn Fn(&str, u16) -> RedisResult<redis::Client> + Send + Sync>,
     db: i64,
+    current: Mutex<Option<Master>>,
+    /// One lookup at a time.
+    lookup: tokio::sync::Mutex<()>,
+    watching: std::sync::atomic::AtomicBool,
+    /// Announcements seen: a lookup that overlapped one does not count as a check.
+    announcements: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -123,69 +135,90 @@ struct Master {
     conn: MultiplexedConnection,
     /// `host:port`, as the sentinels named it.
     addr: String,
-    /// When the sentinels last confirmed it; `None` after they announced a switch.
+    /// When the sentinels last confirmed it; `None` after one announced a switch.
     checked: Option<std::time::Instant>,
 }
 
 impl SentinelConn {
     pub fn new(
-        sentinels: SentinelClient,
-        announcers: Vec<redis::Client>,
+        sentinels: Vec<redis::Client>,
         service: &str,
+        master_client: Box<dyn Fn(&str, u16) -> RedisResult<redis::Client> + Send + Sync>,
         db: i64,
     ) -> SentinelConn {
         SentinelConn {
-            sentinels: Arc::new(tokio::sync::Mutex::new(sentinels)),
-            current: Arc::new(Mutex::new(None)),
-            announcers: Arc::new(announcers),
-            service: Arc::from(service),
-            announced: Arc::new(Mutex::new(None)),
-            watching: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            db,
+            inner: Arc::new(SentinelInner {
+                sentinels,
+                service: service.to_owned(),
+                master_client,
+                db,
+                current: Mutex::new(None),
+                lookup: tokio::sync::Mutex::new(()),
+                watching: std::sync::atomic::AtomicBool::new(false),
+                announcements: std::sync::atomic::AtomicU64::new(0),
+            }),
         }
+    }
+
+    fn db(&self) -> i64 {
+        self.inner.db
     }
 
     /// Start the `+switch-master` watch (once, from inside the runtime). It ends when the
     /// store is gone.
     fn watch_switches(&self) {
-        if self.announcers.is_empty()
+        if self.inner.sentinels.is_empty()
             || self
+                .inner
                 .watching
                 .swap(true, std::sync::atomic::Ordering::SeqCst)
         {
             return;
         }
-        let current = Arc::downgrade(&self.current);
-        let announced = Arc::downgrade(&self.announced);
-        let service = self.service.clone();
-        let announcers = self.announcers.clone();
+        let inner = Arc::downgrade(&self.inner);
+        let sentinels = self.inner.sentinels.clone();
         tokio::spawn(async move {
             use futures_util::StreamExt;
-            for client in announcers.iter().cycle() {
-                if current.strong_count() == 0 {
+            for sentinel in sentinels.iter().cycle() {
+                if inner.strong_count() == 0 {
                     return;
                 }
-                if let Ok(mut pubsub) = client.get_async_pubsub().await
+                if let Ok(mut pubsub) = sentinel.get_async_pubsub().await
                     && pubsub.subscribe("+switch-master").await.is_ok()
                 {
                     let mut announcements = pubsub.on_message();
-                    while let Some(message) = announcements.next().await {
-                        // "<name> <old ip> <old port> <new ip> <new port>"
-                        let text: String = message.get_payload().unwrap_or_default();
-                        let parts: Vec<&str> = text.split_whitespace().collect();
-                        if parts.len() != 5 || parts[0] != &*service {
-                            continue;
-                        }
-                        let (Some(current), Some(announced)) =
-                            (current.upgrade(), announced.upgrade())
-                        else {
+                    let mut alive = tokio::time::interval(Duration::from_secs(5));
+                    loop {
+                        let message = tokio::select! {
+                            m = announcements.next() => match m {
+                                Some(m) => m,
+                                None => break,
+                            },
+                            // The store may be gone while no announcement comes.
+                            _ = alive.tick() => {
+                                if inner.strong_count() == 0 {
+                                    return;
+                                }
+                                continue;
+                            }
+                        };
+                        let Some(inner) = inner.upgrade() else {
                             return;
                         };
-                        let addr = format!("{}:{}", parts[3], parts[4]);
-                        tracing::info!(master = %addr, "a sentinel announced a new Redis master");
-                        *announced.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some((addr, std::time::Instant::now()));
-                        if let Some(m) = current.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+                        // "<name> <old ip> <old port> <new ip> <new port>"
+                        let text: String = message.get_payload().unwrap_or_default();
+                        if text.split_whitespace().next() != Some(inner.service.as_str()) {
+                            continue;
+                        }
+                        tracing::info!(announcement = %text, "a sentinel announced a new Redis master");
+                        inner
+                            .announcements
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if let Some(m) = inner
+                            .current
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_mut()
                         {
                             m.checked = None;
                         }
@@ -198,7 +231,8 @@ impl SentinelConn {
 
     /// The current master connection, if it was confirmed within [`MASTER_CHECK`].
     fn fresh(&self) -> Option<MultiplexedConnection> {
-        self.current
+        self.inner
+            .current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
@@ -207,7 +241,37 @@ impl SentinelConn {
     }
 
     fn forget(&self) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// `host:port` of the master, as the first sentinel that answers names it.
+    async fn ask_sentinels(&self) -> RedisResult<(String, u16)> {
+        let mut last = timeout_error("no sentinel answered");
+        for sentinel in &self.inner.sentinels {
+            let asked = async {
+                let mut conn = sentinel
+                    .get_multiplexed_async_connection_with_config(&connection_config())
+                    .await?;
+                redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(&self.inner.service)
+                    .query_async::<Option<(String, u16)>>(&mut conn)
+                    .await
+            };
+            match tokio::time::timeout(TIMEOUT * 2, asked).await {
+                Ok(Ok(Some(addr))) => return Ok(addr),
+                Ok(Ok(None)) => {
+                    last = RedisError::from((
+                        redis::ErrorKind::Client,
+                        "a sentinel does not know the master",
+                        self.inner.service.clone(),
+                    ));
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => last = timeout_error("asking a sentinel for the master"),
+            }
+        }
+        Err(last)
     }
 
     async fn connection(&self) -> RedisResult<MultiplexedConnection> {
@@ -215,31 +279,18 @@ impl SentinelConn {
             return Ok(c);
         }
         self.watch_switches();
-        // One lookup at a time; whoever waited may find it done.
-        let mut sentinels = self.sentinels.lock().await;
+        let _one = self.inner.lookup.lock().await;
         if let Some(c) = self.fresh() {
             return Ok(c);
         }
-        let master = tokio::time::timeout(TIMEOUT * 2, sentinels.async_get_client())
-            .await
-            .map_err(|_| timeout_error("asking the sentinels for the master"))??;
-        let addr = master.get_connection_info().addr().to_string();
-        {
-            let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
-            match announced.as_ref() {
-                Some((a, _)) if *a == addr => *announced = None,
-                Some((a, at)) if at.elapsed() < ANNOUNCEMENT_TRUSTED => {
-                    return Err(RedisError::from((
-                        redis::ErrorKind::Io,
-                        "the sentinels do not agree on the master yet",
-                        format!("announced {a}, asked sentinel names {addr}"),
-                    )));
-                }
-                Some(_) => *announced = None,
-                None => {}
-            }
-        }
+        let seen = self
+            .inner
+            .announcements
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let (host, port) = self.ask_sentinels().await?;
+        let addr = format!("{host}:{port}");
         let mut current = self
+            .inner
             .current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -247,12 +298,19 @@ impl SentinelConn {
         match &mut current {
             Some(m) if m.addr == addr => m.checked = Some(std::time::Instant::now()),
             _ => {
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(TIMEOUT))
-                    .set_response_timeout(Some(TIMEOUT));
-                let conn = master
-                    .get_multiplexed_async_connection_with_config(&config)
+                let mut conn = (self.inner.master_client)(&host, port)?
+                    .get_multiplexed_async_connection_with_config(&connection_config())
                     .await?;
+                // The node named must say it is a master: a sentinel that has not yet seen
+                // a failover could name a demoted one.
+                let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+                if !matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                    return Err(RedisError::from((
+                        redis::ErrorKind::Client,
+                        "the node the sentinels name is not a master (yet)",
+                        addr,
+                    )));
+                }
                 if current.is_some() {
                     tracing::warn!(master = %addr, "the sentinels name another Redis master; following it");
                 }
@@ -264,7 +322,19 @@ impl SentinelConn {
             }
         }
         let conn = current.as_ref().map(|m| m.conn.clone());
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = current;
+        let mut stored = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
+        *stored = current;
+        // An announcement that came while we asked: ask again next time.
+        if self
+            .inner
+            .announcements
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != seen
+            && let Some(m) = stored.as_mut()
+        {
+            m.checked = None;
+        }
+        drop(stored);
         conn.ok_or_else(|| timeout_error("connecting to the master"))
     }
 
@@ -310,6 +380,12 @@ impl SentinelConn {
             ok => ok,
         }
     }
+}
+
+fn connection_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT))
 }
 
 /// A cluster connection made on first use (and again after it failed).

@@ -29,7 +29,6 @@ use crate::pipeline::{
     AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
 };
 use conn::RedisConn;
-use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 
 /// What a `group` key holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,52 +255,26 @@ impl KeyShape {
     }
 }
 
-/// The sentinels of `redis.nodes`, asked for the master `redis.sentinel_master`; the master
-/// is reached with `redis.url`'s scheme (TLS or not), credentials and database.
-fn sentinel_client(settings: &RedisSettings) -> redis::RedisResult<SentinelClient> {
-    use redis::IntoConnectionInfo;
-    let master = settings.url.expose().into_connection_info()?;
-    let mut sentinels = Vec::new();
-    let mut sentinel_auth = None;
-    for node in &settings.nodes {
-        let info = node.expose().into_connection_info()?;
-        if sentinel_auth.is_none() && info.redis_settings().password().is_some() {
-            sentinel_auth = Some(info.redis_settings().clone());
-        }
-        sentinels.push(info.addr().clone());
-    }
-    let service = settings.sentinel_master.as_deref().unwrap_or_default();
-    let mut builder = SentinelClientBuilder::new(sentinels, service, SentinelServerType::Master)?
-        .set_client_to_redis_db(master.redis_settings().db());
-    if let Some(user) = master.redis_settings().username() {
-        builder = builder.set_client_to_redis_username(user);
-    }
-    if let Some(password) = master.redis_settings().password() {
-        builder = builder.set_client_to_redis_password(password);
-    }
-    if let Some(auth) = &sentinel_auth {
-        if let Some(user) = auth.username() {
-            builder = builder.set_client_to_sentinel_username(user);
-        }
-        if let Some(password) = auth.password() {
-            builder = builder.set_client_to_sentinel_password(password);
-        }
-    }
-    let tls_nodes = settings
-        .nodes
-        .iter()
-        .any(|n| n.expose().starts_with("rediss://"));
-    if matches!(master.addr(), redis::ConnectionAddr::TcpTls { .. }) {
-        builder = builder
-            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
-            .set_client_to_redis_certificates(tls_certificates(&settings.tls));
-    }
-    if tls_nodes {
-        builder = builder
-            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
-            .set_client_to_sentinel_certificates(tls_certificates(&settings.tls));
-    }
-    builder.build()
+/// `url` with its host and port replaced (the master the sentinels named keeps the
+/// scheme, credentials and database of `redis.url`).
+fn with_host(url: &str, host: &str, port: u16) -> String {
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return format!("redis://{host}:{port}");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let userinfo = authority
+        .rfind('@')
+        .map(|at| &authority[..=at])
+        .unwrap_or("");
+    format!("{scheme}://{userinfo}{host}:{port}{path}")
 }
 
 /// The cluster of the seed nodes `redis.nodes` (credentials from the first node's URL).
@@ -343,8 +316,7 @@ impl RedisStore {
                 Self::with_client(client, prefix)
             }
             RedisMode::Sentinel => {
-                let sentinels = sentinel_client(settings).map_err(store_err)?;
-                let announcers = settings
+                let sentinels = settings
                     .nodes
                     .iter()
                     .map(|n| client(n.expose(), &settings.tls))
@@ -352,12 +324,16 @@ impl RedisStore {
                     .map_err(store_err)?;
                 let db = redis::IntoConnectionInfo::into_connection_info(settings.url.expose())
                     .map(|i| i.redis_settings().db())
-                    .unwrap_or(0);
+                    .map_err(store_err)?;
+                let (url, tls) = (settings.url.clone(), settings.tls.clone());
+                let master_client = Box::new(move |host: &str, port: u16| {
+                    client(&with_host(url.expose(), host, port), &tls)
+                });
                 Ok(Self::with_conn(
                     RedisConn::Sentinel(conn::SentinelConn::new(
                         sentinels,
-                        announcers,
                         settings.sentinel_master.as_deref().unwrap_or_default(),
+                        master_client,
                         db,
                     )),
                     prefix,

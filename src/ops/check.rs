@@ -85,13 +85,31 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
                 let present = verified.is_ok();
                 report.line("topology", verified);
                 // Comparing arguments takes a declare (a no-op when they match).
-                if present && let Ok(state) = topology.dead_letter_queue_state(&conn).await {
-                    report_dead_letter_queue(
-                        &mut report,
-                        &topology,
-                        state != DeadLetterQueueState::Current,
-                    );
+                if present {
+                    match topology.dead_letter_queue_state(&conn).await {
+                        Ok(DeadLetterQueueState::Current) => {
+                            report_dead_letter_queue(&mut report, &topology, false);
+                        }
+                        Ok(DeadLetterQueueState::Legacy(_)) => {
+                            report_dead_letter_queue(&mut report, &topology, true);
+                        }
+                        Ok(DeadLetterQueueState::Unknown(why)) => println!(
+                            "WARN  {:<10} arguments of {} not compared ({why}): if an earlier version declared it, run `group-provisioner dlq migrate` with a user that may",
+                            "dlq", topology.dead_letter_queue
+                        ),
+                        Err(e) => report.line("dlq", Err(e)),
+                    }
                 }
+            }
+            if let Some((holding, waiting)) =
+                crate::ops::dlq::interrupted_migration(&conn, &topology).await
+            {
+                report.line(
+                    "dlq",
+                    Err(format!(
+                        "a dlq migrate was interrupted: {waiting} dead letters wait in {holding}; run `group-provisioner dlq migrate` again"
+                    )),
+                );
             }
             let _ = conn.close(200, ShortString::from("check done")).await;
         }

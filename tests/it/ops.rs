@@ -807,5 +807,102 @@ async fn a_dlq_of_an_earlier_version_is_reported_and_never_inspected_to_death() 
             "delivered before: {count:?}"
         );
     }
+
+    // The way out: `dlq migrate` keeps every letter, in order, and the DLQ is current,
+    // with a worker running and dead-lettering meanwhile.
+    let exts: Vec<String> = (0..30).map(|i| format!("MIG-{i:02}")).collect();
+    plant_dead_letters(&env, &exts).await;
+    let worker = env.spawn_worker().await;
+    let o = cli(&env, &["dlq", "migrate"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("migrated: 30 dead letters"),
+        "{}",
+        stdout(&o)
+    );
+    // A dead letter written after the migration lands behind the moved ones.
+    env.send(&json!({"org_unit_ext_id": "MIG-LATE", "org_unit_name": "Late", "org_unit_parent_id": 4242}))
+        .await;
+    wait_for("the late dead letter", T, || async {
+        (env.queue_depth(&dlq).await == 31).then_some(())
+    })
+    .await;
+    worker.shutdown();
+    worker.join().await;
+    let mut expected = exts.clone();
+    expected.push("MIG-LATE".to_owned());
+    assert_eq!(dlq_order(&env).await, expected);
+    let o = cli(&env, &["check"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).lines().any(|l| l.starts_with("ok    dlq")));
+    let o = cli(&env, &["dlq", "migrate"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("nothing to do"), "{}", stdout(&o));
+    let ch = env.conn.create_channel().await.expect("channel");
+    let holding = group_provisioner::amqp::ready_count(&ch, &format!("{dlq}.migrating")).await;
+    assert!(holding.is_err(), "holding queue left: {holding:?}");
+    env.cleanup().await;
+}
+
+/// An interrupted migration (the DLQ already deleted, the letters in the holding queue) is
+/// reported by `check` and finished by running `dlq migrate` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_dlq_migration_is_reported_and_resumed() {
+    let env = TestEnv::new().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    let holding = format!("{dlq}.migrating");
+    env.declare_topology().await;
+    // What a run killed after its first half leaves: no DLQ, the letters held.
+    env.channel
+        .queue_delete(dlq.as_str().into(), Default::default())
+        .await
+        .expect("delete dlq");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), header_value("quorum"));
+    env.channel
+        .queue_declare(
+            holding.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("holding queue");
+    let exts: Vec<String> = (0..5).map(|i| format!("HELD-{i}")).collect();
+    for e in &exts {
+        env.channel
+            .basic_publish(
+                "".into(),
+                holding.as_str().into(),
+                Default::default(),
+                json!({"org_unit_ext_id": e}).to_string().as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let o = cli(&env, &["check"], &[]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).lines().any(|l| l.starts_with("FAIL  dlq")
+            && l.contains("interrupted")
+            && l.contains("5 dead letters")),
+        "{}",
+        stdout(&o)
+    );
+    let o = cli(&env, &["dlq", "migrate"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("migrated: 5 dead letters"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(dlq_order(&env).await, exts);
+    let o = cli(&env, &["check"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     env.cleanup().await;
 }

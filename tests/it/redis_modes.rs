@@ -237,6 +237,21 @@ async fn a_sentinel_failover_mid_load_is_followed_and_costs_nothing() {
     .await;
     all_done_exactly_once(&env, &mut tap, &rest, &exts, Duration::from_secs(90)).await;
     assert!(worker.is_consuming(), "the same worker, still consuming");
+    // The sentinels demote the old master (it answers READONLY from then on).
+    wait_for(
+        "the old master demoted",
+        Duration::from_secs(60),
+        || async {
+            let info = query(&master.url(), redis::cmd("INFO").arg("replication")).await;
+            let text = match info {
+                Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+                Ok(redis::Value::VerbatimString { text, .. }) => text,
+                _ => String::new(),
+            };
+            text.contains("role:slave").then_some(())
+        },
+    )
+    .await;
 
     // Now on the new master: the next commands are recorded there.
     let (bodies, after) = commands("AFTER", 50);

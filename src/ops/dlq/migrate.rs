@@ -1,25 +1,32 @@
 //! `dlq migrate`: give a DLQ declared by an earlier version this version's arguments.
 //!
-//! A queue's arguments cannot change, so the DLQ is emptied into a holding queue
-//! (`<dlq>.migrating`, declared with the new arguments), deleted only if empty, declared
-//! anew, and filled back from the holding queue.
+//! A queue's arguments cannot change, so the DLQ is unbound (no new dead letter reaches
+//! it), emptied into a holding queue (`<dlq>.migrating`, declared with the new arguments),
+//! deleted once it is empty, declared anew with its binding, and filled back from the
+//! holding queue, which is then deleted once empty.
 //!
 //! Invariants:
-//! - a dead letter is acked where it was only after its copy is confirmed where it goes,
-//!   so a crash at any point loses nothing (at worst one message is there twice);
-//! - messages are moved one at a time by one reader, so the order is kept, and taken with
-//!   `basic.get` and acked, never handed back, so no delivery count is spent;
-//! - running it again resumes: a holding queue left by an interrupted run is emptied back;
-//! - dead letters that arrive meanwhile are kept: the old DLQ is deleted only when empty
-//!   (otherwise they are moved too), and while the DLQ does not exist the worker's dead
-//!   letters are unroutable, which it answers by parking the command and trying later.
+//! - a dead letter is acked where it was only after its copy is confirmed where it goes
+//!   (published mandatory), so a crash at any point loses nothing (at worst one message is
+//!   in both queues);
+//! - messages are moved one at a time by one reader, so their order is kept, and taken
+//!   with `basic.get` and acked, never handed back, so no delivery count is spent;
+//! - a queue is deleted only when the broker shows it empty, with no consumer and while
+//!   nothing can route to it (quorum queues do not support `if-empty`);
+//! - one migration at a time: an exclusive queue `<dlq>.migrating.lock` is the run's lock;
+//! - running it again resumes: a holding queue left by an interrupted run is emptied back
+//!   (`check` reports one);
+//! - dead letters written while the DLQ is unbound or missing are not lost: a worker's
+//!   copy is unroutable, so the worker parks the command and dead-letters it later; the
+//!   broker's own dead-lettering is at-least-once and retries. Such dead letters may end
+//!   up before the moved ones.
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
-use lapin::types::ShortString;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 
 use crate::amqp::Publisher;
-use crate::amqp::topology::{DeadLetterQueueState, Topology};
+use crate::amqp::topology::{DeadLetterQueueState, QueueSpec, Topology};
 use crate::config::Settings;
 use crate::ops::{OpsError, connect};
 
@@ -32,67 +39,156 @@ pub struct Migration {
     pub moved: u64,
 }
 
+fn holding_name(topology: &Topology) -> String {
+    format!("{}.migrating", topology.dead_letter_queue)
+}
+
+/// A holding queue an interrupted migration left, and how many dead letters wait in it.
+pub async fn interrupted_migration(
+    conn: &Connection,
+    topology: &Topology,
+) -> Option<(String, u32)> {
+    let holding = holding_name(topology);
+    let (ready, _) = counts(conn, &holding).await.ok().flatten()?;
+    Some((holding, ready))
+}
+
 pub async fn migrate(settings: &Settings) -> Result<Migration, OpsError> {
     let (conn, channel) = connect(settings, "dlq migrate").await?;
+    let result = run(settings, &conn, channel).await;
+    let _ = conn.close(200, ShortString::from("done")).await;
+    result
+}
+
+async fn run(
+    settings: &Settings,
+    conn: &Connection,
+    channel: Channel,
+) -> Result<Migration, OpsError> {
     let topology = Topology::new(&settings.topology, &settings.retry.delays);
     let dlq = topology.dead_letter_queue.clone();
-    let holding = format!("{dlq}.migrating");
-    let holding_spec = topology
+    let holding = holding_name(&topology);
+    let spec = topology
         .queues
         .iter()
         .find(|q| q.name == dlq)
-        .map(|q| crate::amqp::topology::QueueSpec {
-            name: holding.clone(),
-            arguments: q.arguments.clone(),
-            bindings: Vec::new(),
-        })
+        .cloned()
         .ok_or_else(|| OpsError::BadArgument(format!("no dead-letter queue named {dlq:?}")))?;
+    take_lock(&channel, &dlq).await?;
 
     let mut migration = Migration::default();
-    let mut channel = channel;
-    if let DeadLetterQueueState::Legacy(_) = topology.dead_letter_queue_state(&conn).await? {
-        holding_spec.declare(&channel).await?;
-        loop {
-            migration.moved += move_all(&channel, &dlq, &holding).await?;
-            match channel
-                .queue_delete(
-                    ShortString::from(dlq.as_str()),
-                    QueueDeleteOptions {
-                        if_empty: true,
-                        ..QueueDeleteOptions::default()
-                    },
-                )
-                .await
-            {
-                Ok(_) => break,
-                // A dead letter arrived after the last move: the refusal closed the
-                // channel; move it too.
-                Err(_) => channel = confirm_channel(&conn).await?,
+    // Passive first: the comparing declaration would create a DLQ that an interrupted run
+    // deleted, and it must be created with its binding, below.
+    let dlq_exists = counts(conn, &dlq).await?.is_some();
+    let legacy = dlq_exists
+        && match topology.dead_letter_queue_state(conn).await? {
+            DeadLetterQueueState::Current => false,
+            DeadLetterQueueState::Legacy(_) => true,
+            DeadLetterQueueState::Unknown(why) => {
+                return Err(OpsError::BadArgument(format!(
+                    "cannot compare the arguments of {dlq:?} ({why}): run it with a user that may configure the DLQ"
+                )));
             }
-        }
-    } else if !exists(&conn, &holding).await? {
-        let _ = conn.close(200, ShortString::from("done")).await;
+        };
+    if !legacy && dlq_exists && counts(conn, &holding).await?.is_none() {
         migration.already_current = true;
         return Ok(migration);
     }
-    // The DLQ anew (and everything else, as the worker declares it), then back.
-    topology.declare(&conn, &channel).await?;
+    if legacy {
+        QueueSpec {
+            name: holding.clone(),
+            arguments: spec.arguments.clone(),
+            bindings: Vec::new(),
+        }
+        .declare(&channel)
+        .await?;
+        for (exchange, key) in &spec.bindings {
+            channel
+                .queue_unbind(
+                    ShortString::from(dlq.as_str()),
+                    ShortString::from(exchange.as_str()),
+                    ShortString::from(key.as_str()),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        migration.moved += move_all(&channel, &dlq, &holding).await?;
+        delete_when_empty(conn, &channel, &dlq).await?;
+    }
+    // The DLQ anew, bound (and the rest of the topology, as the worker declares it).
+    topology.declare(conn, &channel).await?;
     let back = move_all(&channel, &holding, &dlq).await?;
     if migration.moved == 0 {
-        // Resuming an interrupted run: what is coming back is what it had moved.
+        // Resuming an interrupted run: what comes back is what it had moved.
         migration.moved = back;
     }
-    channel
-        .queue_delete(
-            ShortString::from(holding.as_str()),
-            QueueDeleteOptions {
-                if_empty: true,
-                ..QueueDeleteOptions::default()
-            },
-        )
-        .await?;
-    let _ = conn.close(200, ShortString::from("done")).await;
+    delete_when_empty(conn, &channel, &holding).await?;
     Ok(migration)
+}
+
+/// Hold `<dlq>.migrating.lock`, exclusive to this connection: a second run is refused.
+async fn take_lock(channel: &Channel, dlq: &str) -> Result<(), OpsError> {
+    let lock = format!("{dlq}.migrating.lock");
+    channel
+        .queue_declare(
+            ShortString::from(lock.as_str()),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            OpsError::BadArgument(format!(
+                "another `dlq migrate` is running (it holds {lock:?}): {e}"
+            ))
+        })
+}
+
+/// (ready, consumers) of `queue`, or `None` if it does not exist.
+async fn counts(conn: &Connection, queue: &str) -> Result<Option<(u32, u32)>, OpsError> {
+    let side = conn.create_channel().await?;
+    let declared = side
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => {
+            let _ = side.close(200, ShortString::from("ok")).await;
+            Ok(Some((q.message_count(), q.consumer_count())))
+        }
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Delete `queue`, which nothing routes to any more, once it is empty and unconsumed.
+async fn delete_when_empty(
+    conn: &Connection,
+    channel: &Channel,
+    queue: &str,
+) -> Result<(), OpsError> {
+    match counts(conn, queue).await? {
+        None => Ok(()),
+        Some((0, 0)) => {
+            channel
+                .queue_delete(ShortString::from(queue), QueueDeleteOptions::default())
+                .await?;
+            Ok(())
+        }
+        Some((ready, consumers)) => Err(OpsError::BadArgument(format!(
+            "{queue:?} still holds {ready} ready messages and has {consumers} consumers (is something reading it?); nothing was deleted: stop that reader and run `dlq migrate` again"
+        ))),
+    }
 }
 
 /// Move every message of `from` to `to`, one at a time, in order.
@@ -112,27 +208,6 @@ async fn move_all(channel: &Channel, from: &str, to: &str) -> Result<u64, OpsErr
         moved += 1;
     }
     Ok(moved)
-}
-
-async fn confirm_channel(conn: &Connection) -> Result<Channel, OpsError> {
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
-}
-
-/// Whether `queue` exists (a passive declare on a channel of its own).
-async fn exists(conn: &Connection, queue: &str) -> Result<bool, OpsError> {
-    let side = conn.create_channel().await?;
-    match crate::amqp::ready_count(&side, queue).await {
-        Ok(_) => {
-            let _ = side.close(200, ShortString::from("ok")).await;
-            Ok(true)
-        }
-        Err(e) if is_not_found(&e) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn is_not_found(e: &lapin::Error) -> bool {

@@ -23,7 +23,7 @@ use crate::text::printable;
 use super::OpsError;
 
 pub use json::amqp_to_json;
-pub use migrate::{Migration, migrate};
+pub use migrate::{Migration, interrupted_migration, migrate};
 pub use reader::{DeadLetter, DlqReader};
 pub use replay::{ReplayFilter, ReplaySummary, replay, replay_command};
 

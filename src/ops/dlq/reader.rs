@@ -200,15 +200,21 @@ impl DlqReader {
                 hint: "",
             })?;
         // A no-op declare when the DLQ has this version's arguments.
-        if let DeadLetterQueueState::Legacy(_) =
-            Topology::new(&settings.topology, &settings.retry.delays)
-                .dead_letter_queue_state(&conn)
-                .await?
+        match Topology::new(&settings.topology, &settings.retry.delays)
+            .dead_letter_queue_state(&conn)
+            .await?
         {
-            let _ = conn.close(200, ShortString::from("legacy dlq")).await;
-            return Err(OpsError::LegacyDeadLetterQueue {
-                advice: topology::legacy_dead_letter_queue_advice(&queue),
-            });
+            DeadLetterQueueState::Current => {}
+            DeadLetterQueueState::Legacy(_) => {
+                let _ = conn.close(200, ShortString::from("legacy dlq")).await;
+                return Err(OpsError::LegacyDeadLetterQueue {
+                    advice: topology::legacy_dead_letter_queue_advice(&queue),
+                });
+            }
+            // A user without `configure` cannot compare; reading is what it asked for.
+            DeadLetterQueueState::Unknown(why) => eprintln!(
+                "warning: the arguments of {queue:?} could not be compared ({why}); if an earlier version declared it, reading it on RabbitMQ 4.x can cost dead letters: run `group-provisioner dlq migrate` with a user that may"
+            ),
         }
         let wanted = total as usize;
         let channel_max = match conn.configuration().channel_max() {
