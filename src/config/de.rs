@@ -282,13 +282,17 @@ pub fn split_urls(v: &str) -> Vec<String> {
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
             });
         match out.last_mut() {
-            Some(last) if !starts_url => {
+            // An empty part is its own (empty) entry, which the caller refuses: a stray
+            // comma must not become part of the URL before it.
+            Some(last) if !starts_url && !part.trim().is_empty() && !last.is_empty() => {
                 last.push(',');
                 last.push_str(part);
             }
             _ => out.push(part.trim().to_owned()),
         }
     }
-    out.retain(|u| !u.is_empty());
+    if out.len() == 1 && out[0].is_empty() {
+        out.clear();
+    }
     out
 }

@@ -65,8 +65,8 @@ struct RawTls {
 impl RawTls {
     /// Read and check the files; `section` is `amqp` or `redis`, for the key names.
     fn into_settings(self, section: &str) -> Result<TlsSettings, ConfigError> {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let key = |leaf: &str| format!("{section}.tls.{leaf}");
         let read = |leaf: &str, path: &PathBuf| {
             std::fs::read(path).map_err(|e| {
@@ -110,10 +110,24 @@ impl RawTls {
                 let cert_pem = read("cert_file", &cert_file)?;
                 certificates("cert_file", &cert_file, &cert_pem)?;
                 let key_pem = read("key_file", &key_file)?;
-                if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
+                let Ok(private) = PrivateKeyDer::from_pem_slice(&key_pem) else {
                     return Err(ConfigError::new(
                         key("key_file"),
                         format!("{} holds no PEM private key", key_file.display()),
+                    ));
+                };
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+                    .filter_map(Result::ok)
+                    .collect();
+                let provider = rustls::crypto::aws_lc_rs::default_provider();
+                if let Err(e) = rustls::sign::CertifiedKey::from_der(chain, private, &provider) {
+                    return Err(ConfigError::new(
+                        key("key_file"),
+                        format!(
+                            "{} is not the key of {} ({e})",
+                            key_file.display(),
+                            cert_file.display()
+                        ),
                     ));
                 }
                 Some(ClientIdentity {
@@ -390,6 +404,37 @@ fn url(key: &str, value: &str, schemes: &[&str]) -> Result<String, ConfigError> 
     Ok(v.to_owned())
 }
 
+/// Entry `index` of a list of `count` URLs. With several entries, an error names the entry
+/// by number and never quotes it: splitting a comma-separated value inside an unencoded
+/// password would leave a piece of the password without the `@` that redaction keys on.
+fn list_url(
+    key: &str,
+    index: usize,
+    count: usize,
+    value: &str,
+    schemes: &[&str],
+) -> Result<String, ConfigError> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::new(
+            key,
+            format!("entry {} of {count} is empty (a stray comma?)", index + 1),
+        ));
+    }
+    if count == 1 {
+        return url(key, value, schemes);
+    }
+    url(key, value, schemes).map_err(|_| {
+        ConfigError::new(
+            key,
+            format!(
+                "entry {} of {count} is not a valid URL with scheme {} (not shown: it may hold a password; percent-encode , @ / : in passwords)",
+                index + 1,
+                schemes.join(" or ")
+            ),
+        )
+    })
+}
+
 /// An HTTP URL of the API: credentials never go in it (they would print wherever the URL
 /// does, and the API authenticates with `api.token` or a login).
 fn api_url(key: &str, value: &str) -> Result<String, ConfigError> {
@@ -561,12 +606,24 @@ impl Raw {
 impl RawAmqp {
     fn into_settings(self) -> Result<AmqpSettings, ConfigError> {
         let mut nodes = Vec::new();
-        for raw in &self.url {
-            let url = url("amqp.url", raw.expose_secret(), &["amqp", "amqps"])?;
+        let count = self.url.len();
+        for (i, raw) in self.url.iter().enumerate() {
+            let url = list_url(
+                "amqp.url",
+                i,
+                count,
+                raw.expose_secret(),
+                &["amqp", "amqps"],
+            )?;
             if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                let shown = if count == 1 {
+                    format!("{:?}", redact_url(&url))
+                } else {
+                    format!("entry {} of {count}", i + 1)
+                };
                 return Err(ConfigError::new(
                     "amqp.url",
-                    format!("{:?} is not an AMQP URI: {e}", redact_url(&url)),
+                    format!("{shown} is not an AMQP URI: {e}"),
                 ));
             }
             nodes.push(SecretUrl::new(url));
@@ -605,8 +662,15 @@ impl RawRedis {
             ));
         }
         let mut nodes = Vec::new();
-        for raw in &self.nodes {
-            let node = url("redis.nodes", raw.expose_secret(), &["redis", "rediss"])?;
+        let count = self.nodes.len();
+        for (i, raw) in self.nodes.iter().enumerate() {
+            let node = list_url(
+                "redis.nodes",
+                i,
+                count,
+                raw.expose_secret(),
+                &["redis", "rediss"],
+            )?;
             if let Err(e) = redis::Client::open(node.as_str()) {
                 return Err(ConfigError::new(
                     "redis.nodes",

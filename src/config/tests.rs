@@ -136,6 +136,17 @@ fn amqp_url_is_one_node_or_several() {
     )
     .expect("loads");
     assert_eq!(nodes(&s), ["amqp://a/v", "amqp://b/v"]);
+    // A stray comma, or one inside an unencoded password: refused, never quoted.
+    for (value, reason) in [
+        ("amqp://h1/%2f,", "entry 2 of 2 is empty"),
+        ("amqp://h1/%2f,,amqp://h2/%2f", "entry 2 of 3 is empty"),
+        ("amqp://u:p,w://x@h/v", "entry 1 of 2 is not a valid URL"),
+    ] {
+        let e = with_env(&[("PROVISIONER__AMQP__URL", value)]).expect_err(value);
+        assert_eq!(e.key, "amqp.url", "{e}");
+        assert!(e.to_string().contains(reason), "{value}: {e}");
+        assert!(!e.to_string().contains("u:p"), "{e}");
+    }
     for (toml, reason) in [
         ("[amqp]\nurl = []\n", "at least one"),
         (
@@ -490,6 +501,7 @@ fn tls_files_are_read_at_start_and_never_quoted() {
             .contains("amqps:// is needed")
     );
 
+    let (_, other_key) = pem_files();
     // A secret that is not a certificate: named, never shown.
     let secret = std::env::temp_dir().join(format!("gp-secret-{}", uuid::Uuid::new_v4().simple()));
     std::fs::write(&secret, "hunter2-not-a-pem").expect("write");
@@ -520,6 +532,11 @@ fn tls_files_are_read_at_start_and_never_quoted() {
             "holds no PEM private key",
         ),
         (format!("ca = {cert:?}\n"), "amqp.tls.ca", "unknown"),
+        (
+            format!("cert_file = {cert:?}\nkey_file = {other_key:?}\n"),
+            "amqp.tls.key_file",
+            "is not the key of",
+        ),
     ] {
         let e = load(&extra).expect_err(&extra);
         assert_eq!(e.key, key_name, "{e}");

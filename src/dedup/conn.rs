@@ -108,6 +108,9 @@ fn refused_as_replica(e: &RedisError) -> bool {
 /// promoted replica as soon as a failover promotes it (`SENTINEL MASTERS` keeps naming the
 /// old master until the failover ends, while the old master still takes writes that are
 /// then lost), and confirmed with `ROLE` on the node itself.
+/// Builds a client for the master at `host:port`.
+pub type MasterClient = Box<dyn Fn(&str, u16) -> RedisResult<redis::Client> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct SentinelConn {
     inner: Arc<SentinelInner>,
@@ -120,7 +123,7 @@ struct SentinelInner {
     service: String,
     /// Builds a client for the master at `host:port` (scheme, credentials, database and
     /// TLS from `redis.url` and `redis.tls`).
-    master_client: Box<dyn Fn(&str, u16) -> RedisResult<redis::Client> + Send + Sync>,
+    master_client: MasterClient,
     db: i64,
     current: Mutex<Option<Master>>,
     /// One lookup at a time.
@@ -143,7 +146,7 @@ impl SentinelConn {
     pub fn new(
         sentinels: Vec<redis::Client>,
         service: &str,
-        master_client: Box<dyn Fn(&str, u16) -> RedisResult<redis::Client> + Send + Sync>,
+        master_client: MasterClient,
         db: i64,
     ) -> SentinelConn {
         SentinelConn {

@@ -13,8 +13,6 @@ use crate::app;
 use crate::config::Settings;
 use crate::pipeline::DedupStore;
 
-use super::connect;
-
 /// How many items failed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CheckReport {
@@ -46,19 +44,22 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
     let mut report = CheckReport::default();
     report.line("config", Ok::<_, String>(config_source.to_owned()));
 
-    match connect(settings, "check").await {
+    match super::connect_node(settings, "check").await {
         Err(e) => {
             report.line("rabbitmq", Err(e));
             report.line("topology", Err("skipped: no broker connection"));
         }
-        Ok((conn, channel)) => {
+        Ok((conn, channel, node)) => {
+            let urls = settings.amqp.url.urls();
+            let reached = match urls.get(node) {
+                Some(url) if urls.len() > 1 => {
+                    format!("{url} (node {} of {} answered)", node + 1, urls.len())
+                }
+                _ => settings.amqp.url.to_string(),
+            };
             report.line(
                 "rabbitmq",
-                Ok::<_, String>(format!(
-                    "{}; {}",
-                    settings.amqp.url,
-                    app::amqp_tls_state(settings)
-                )),
+                Ok::<_, String>(format!("{reached}; {}", app::amqp_tls_state(settings))),
             );
             let topology = Topology::new(&settings.topology, &settings.retry.delays);
             if declare {

@@ -47,9 +47,6 @@ pub enum OpsError {
         #[source]
         source: std::io::Error,
     },
-    /// The broker did not answer in time (`url` has its password masked).
-    #[error("{url}: no answer within {after:?}")]
-    BrokerTimeout { url: String, after: Duration },
     #[error(transparent)]
     BrokerConnect(crate::amqp::NodesError),
     #[error(transparent)]
@@ -103,8 +100,18 @@ pub async fn connect(
     settings: &Settings,
     purpose: &str,
 ) -> Result<(Connection, Channel), OpsError> {
+    connect_node(settings, purpose)
+        .await
+        .map(|(conn, channel, _)| (conn, channel))
+}
+
+/// [`connect`], and which node of `amqp.url` answered (its index).
+pub async fn connect_node(
+    settings: &Settings,
+    purpose: &str,
+) -> Result<(Connection, Channel, usize), OpsError> {
     let nodes = &settings.amqp.url;
-    let (conn, _) = crate::amqp::connect_nodes(
+    let (conn, node) = crate::amqp::connect_nodes(
         nodes,
         &settings.amqp.tls,
         crate::amqp::random_start(nodes),
@@ -116,5 +123,5 @@ pub async fn connect(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    Ok((conn, channel))
+    Ok((conn, channel, node))
 }
