@@ -906,3 +906,49 @@ async fn an_interrupted_dlq_migration_is_reported_and_resumed() {
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     env.cleanup().await;
 }
+
+/// What RabbitMQ 4.3 refuses, the worker never uses: global QoS, and queues that are
+/// neither durable nor exclusive. Checked on the broker's own view of a running worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_uses_no_global_qos_and_no_transient_queue() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker().await;
+    let get = |path: String| async move {
+        let list: Vec<Value> = reqwest::Client::new()
+            .get(format!("{MANAGEMENT}/api/{path}"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some(list)
+    };
+    // The management API's statistics lag: wait until it shows the consuming channel.
+    let channels = wait_for("the worker's channels", T, || async {
+        get(format!("vhosts/{}/channels", env.vhost))
+            .await
+            .filter(|c| c.iter().any(|ch| ch["prefetch_count"] == 32))
+    })
+    .await;
+    for ch in &channels {
+        assert_eq!(
+            ch["global_prefetch_count"], 0,
+            "global QoS on {}",
+            ch["name"]
+        );
+    }
+    let queues = get(format!("queues/{}", env.vhost)).await.expect("queues");
+    assert!(!queues.is_empty());
+    for q in &queues {
+        assert!(
+            q["durable"] == true || q["exclusive"] == true,
+            "transient non-exclusive queue {}",
+            q["name"]
+        );
+    }
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
