@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
+# The contract's Python example publisher is run by the tests.
+python3 -c 'import pika' 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'pika==1.4.4'
 # Tests are I/O-bound (broker, Redis, simulator); 4 threads keep a 2-core machine busy
 # without crowding the broker.
 threads=${TEST_THREADS:-4}

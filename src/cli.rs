@@ -62,6 +62,14 @@ pub enum Command {
         #[arg(long)]
         no_validate: bool,
     },
+    /// Print the JSON Schema (2020-12) of the command or of an event (docs/contract.md).
+    #[command(
+        after_help = "Examples:\n  group-provisioner schema command > command.schema.json\n  group-provisioner schema created\n  group-provisioner schema failed"
+    )]
+    Schema {
+        #[arg(value_enum)]
+        which: SchemaKind,
+    },
     /// What the dedup store knows of one ext id (exit 0 when known, 1 when unknown).
     #[command(
         after_help = "States: created (org_unit_id, when, API request id), claimed (a worker is on it:\nowner and lease left), attempted (POSTs were made but nothing is recorded now),\nunknown.\n\nExample:\n  group-provisioner status ORG-2001 --json"
@@ -72,6 +80,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which schema `schema` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SchemaKind {
+    /// The command body (published to provisioning / group.create).
+    Command,
+    /// The group.created event.
+    Created,
+    /// The group.create.failed event.
+    Failed,
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +270,15 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             ops::send::run(&settings, file.as_deref(), !no_validate).await,
             |summary| success_if(summary.all_sent()),
         ),
+        Command::Schema { which } => {
+            let schema = match which {
+                SchemaKind::Command => crate::contract::COMMAND_SCHEMA,
+                SchemaKind::Created => crate::contract::CREATED_SCHEMA,
+                SchemaKind::Failed => crate::contract::FAILED_SCHEMA,
+            };
+            print!("{schema}");
+            Exit::Success
+        }
         Command::Status { ext_id, json } => ops_result(
             "status",
             ops::status::run(&settings, &ext_id, json).await,

@@ -1,7 +1,7 @@
 //! The "create group" command, parsed once into typed values.
 //!
 //! Invariants:
-//! - a [`CreateGroup`] only exists if every rule of §3 held, so nothing downstream
+//! - a [`CreateGroup`] only exists if every rule of docs/contract.md §2 held, so nothing downstream
 //!   re-validates;
 //! - fields the worker does not know are kept as the exact JSON text they arrived in and
 //!   are sent to the API unchanged (the API has undocumented settings fields);

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;
+pub mod contract;
 pub mod convirza;
 pub mod dedup;
 pub mod hash;

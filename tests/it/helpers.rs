@@ -695,11 +695,13 @@ impl EventTap {
             .unwrap_or_else(|_| panic!("no event within {deadline:?}"))
             .expect("event stream open")
             .expect("event delivery");
-        Event {
+        let event = Event {
             routing_key: delivery.routing_key.as_str().to_owned(),
             body: serde_json::from_slice(&delivery.data).expect("event is JSON"),
             properties: delivery.properties,
-        }
+        };
+        assert_fits_its_schema(&event);
+        event
     }
 
     pub async fn take(&mut self, n: usize, deadline: Duration) -> Vec<Event> {
@@ -934,4 +936,41 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.cut.cancel();
     }
+}
+
+/// Every event a test captures must fit its schema in `docs/schemas/`: the contract and
+/// the code cannot drift apart without a test failing.
+pub fn assert_fits_its_schema(event: &Event) {
+    static CREATED: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    static FAILED: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let validator = match event.routing_key.as_str() {
+        "group.created" => CREATED.get_or_init(|| schema_validator("group.created.schema.json")),
+        "group.create.failed" => {
+            FAILED.get_or_init(|| schema_validator("group.create.failed.schema.json"))
+        }
+        other => panic!("an event with routing key {other:?} is not in the contract"),
+    };
+    let errors: Vec<String> = validator
+        .iter_errors(&event.body)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{} does not fit its schema: {errors:?}\n{}",
+        event.routing_key,
+        event.body
+    );
+}
+
+/// A validator for one of `docs/schemas/` (formats such as `date-time` checked too).
+pub fn schema_validator(file: &str) -> jsonschema::Validator {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/schemas")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let schema: Value = serde_json::from_str(&text).expect("schema is JSON");
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{} is not a valid schema: {e}", path.display()))
 }
