@@ -43,6 +43,9 @@ def main() -> int:
     except pika.exceptions.NackError:
         print("not sent: the broker refused it", file=sys.stderr)
         return 1
+    except pika.exceptions.ChannelClosedByBroker as e:
+        print(f"not sent: the broker closed the channel ({e}); does the exchange exist?", file=sys.stderr)
+        return 1
     finally:
         connection.close()
     print(f"sent {ext_id} as message {message_id}")

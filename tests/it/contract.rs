@@ -100,6 +100,8 @@ fn invalid_commands_are_refused_by_the_worker_and_where_expressible_by_the_schem
         ),
         ("invisible-only ext id", with("org_unit_ext_id", json!("\u{200b}\u{feff}")), false),
         ("NUL in city", with("city", json!("a\u{0}b")), false),
+        ("1000.0 as the parent", with("org_unit_parent_id", json!(1000.0)), false),
+        ("zero-width-space name", with("org_unit_name", json!("\u{200b}")), false),
         (
             "70 KiB body",
             with("pad", json!("x".repeat(70 * 1024))),
