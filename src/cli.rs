@@ -62,6 +62,9 @@ pub enum Command {
         #[arg(long)]
         no_validate: bool,
     },
+    /// Events nobody was bound for (kept in the unrouted-events queue).
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Print the JSON Schema (2020-12) of the command or of an event (docs/contract.md).
     #[command(
         after_help = "Examples:\n  group-provisioner schema command > command.schema.json\n  group-provisioner schema created\n  group-provisioner schema failed"
@@ -80,6 +83,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Publish the events kept in the unrouted-events queue to the event exchange again
+    /// (confirmed, mandatory, then acked); the rest stay, in order.
+    #[command(
+        after_help = "Run it once a queue is bound to the event exchange for the events' routing keys.\nAn event that still has no queue comes back to the unrouted queue (counted as came_back).\n\nExamples:\n  group-provisioner events replay-unrouted --dry-run\n  group-provisioner events replay-unrouted --event group.create.failed\n  group-provisioner events replay-unrouted --ext-id ORG-2001"
+    )]
+    ReplayUnrouted(ops::events::UnroutedFilter),
 }
 
 /// Which schema `schema` prints.
@@ -269,6 +282,22 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             "send",
             ops::send::run(&settings, file.as_deref(), !no_validate).await,
             |summary| success_if(summary.all_sent()),
+        ),
+        Command::Events(EventsCommand::ReplayUnrouted(filter)) => ops_result(
+            "events replay-unrouted",
+            ops::events::replay_unrouted(&settings, &filter).await,
+            |summary| {
+                let verb = if filter.dry_run {
+                    "would move"
+                } else {
+                    "moved"
+                };
+                println!(
+                    "{verb} {}, kept {}, came back {}",
+                    summary.moved, summary.kept, summary.came_back
+                );
+                Exit::Success
+            },
         ),
         Command::Schema { which } => {
             let schema = match which {

@@ -111,6 +111,7 @@ pub struct Metrics {
     http_shed: Counter,
     in_flight: Gauge<i64, AtomicI64>,
     circuit_open: Gauge<i64, AtomicI64>,
+    unrouted_events: Gauge<i64, AtomicI64>,
     api_requests: Family<RequestLabels, Counter>,
     api_durations: Family<OperationLabels, Histogram, fn() -> Histogram>,
 }
@@ -134,6 +135,7 @@ impl Metrics {
             http_shed: Counter::default(),
             in_flight: Gauge::default(),
             circuit_open: Gauge::default(),
+            unrouted_events: Gauge::default(),
             api_requests: Family::default(),
             api_durations: Family::new_with_constructor(duration_histogram),
             registry: Registry::default(),
@@ -180,6 +182,11 @@ impl Metrics {
             "circuit_open",
             "1 while the circuit is open (consumption paused)",
             m.circuit_open.clone(),
+        );
+        registry.register(
+            "unrouted_events",
+            "Events waiting in the unrouted-events queue: no queue was bound for them (bind one, then events replay-unrouted)",
+            m.unrouted_events.clone(),
         );
         registry.register(
             "dedup_hits",
@@ -275,6 +282,11 @@ impl Recorder for Metrics {
 
 impl Metrics {
     /// The HTTP endpoint closed a connection to make room for another.
+    /// The unrouted-events queue's depth, as the worker last saw it.
+    pub fn set_unrouted_events(&self, n: u32) {
+        self.unrouted_events.set(i64::from(n));
+    }
+
     pub fn http_connection_shed(&self) {
         self.http_shed.inc();
     }

@@ -159,6 +159,18 @@ pub async fn ready_count(channel: &lapin::Channel, queue: &str) -> Result<u32, l
     Ok(declared.message_count())
 }
 
+/// The broker said the queue or exchange does not exist.
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+            )
+    )
+}
+
 /// A short string from any text: at most 255 bytes, cut at a character boundary.
 pub fn short(text: &str) -> ShortString {
     let mut end = text.len().min(255);

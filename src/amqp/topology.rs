@@ -33,8 +33,9 @@ pub enum ArgValue {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExchangeSpec {
     pub name: String,
-    /// `topic` or `direct`.
+    /// `topic`, `direct` or `fanout`.
     pub kind: &'static str,
+    pub arguments: Vec<(&'static str, ArgValue)>,
 }
 
 /// Everything the worker declares, in declaration order.
@@ -44,6 +45,10 @@ pub struct Topology {
     pub queues: Vec<QueueSpec>,
     /// Which of `queues` is the DLQ.
     pub dead_letter_queue: String,
+    /// Which of `exchanges` carries the events, and the name of its alternate exchange
+    /// and queue.
+    pub event_exchange: String,
+    pub unrouted_events: String,
 }
 
 /// The DLQ's own delivery limit. RabbitMQ 4.x gives every quorum queue a delivery limit of
@@ -59,6 +64,10 @@ pub struct Declared {
     /// The broker's words when the DLQ exists with other arguments than this version
     /// declares (an earlier version declared it without [`DLQ_DELIVERY_LIMIT`]).
     pub legacy_dead_letter_queue: Option<String>,
+    /// The broker's words when the event exchange exists without the alternate exchange
+    /// (an earlier version declared it): unless a policy sets one, an event no queue is
+    /// bound for comes back to the worker.
+    pub legacy_event_exchange: Option<String>,
 }
 
 /// How the DLQ's arguments compare with this version's.
@@ -83,6 +92,16 @@ pub fn legacy_dead_letter_queue_advice(queue: &str) -> String {
     )
 }
 
+/// What to tell an operator about an event exchange an earlier version declared (no
+/// alternate exchange). Whether a policy sets one cannot be seen from a client.
+pub fn legacy_event_exchange_advice(exchange: &str, unrouted: &str) -> String {
+    format!(
+        "event exchange {exchange:?} was declared by an earlier version without an alternate \
+         exchange: unless a policy sets `alternate-exchange` to {unrouted:?}, an event no queue \
+         is bound for stops the worker; see docs/operations.md \"Events nobody is bound for\""
+    )
+}
+
 fn s(v: &str) -> ArgValue {
     ArgValue::Str(v.to_owned())
 }
@@ -93,14 +112,24 @@ impl Topology {
             ExchangeSpec {
                 name: t.command_exchange.clone(),
                 kind: "topic",
+                arguments: Vec::new(),
             },
             ExchangeSpec {
                 name: t.dead_letter_exchange.clone(),
                 kind: "direct",
+                arguments: Vec::new(),
+            },
+            // An event no queue is bound for goes to the alternate exchange and waits in
+            // its queue, instead of coming back to the worker (which would have to stop).
+            ExchangeSpec {
+                name: t.unrouted_events.clone(),
+                kind: "fanout",
+                arguments: Vec::new(),
             },
             ExchangeSpec {
                 name: t.event_exchange.clone(),
                 kind: "topic",
+                arguments: vec![("alternate-exchange", s(&t.unrouted_events))],
             },
         ];
         let mut queues = vec![
@@ -148,10 +177,17 @@ impl Topology {
                 bindings: Vec::new(),
             });
         }
+        queues.push(QueueSpec {
+            name: t.unrouted_events.clone(),
+            arguments: vec![("x-queue-type", s("quorum"))],
+            bindings: vec![(t.unrouted_events.clone(), String::new())],
+        });
         Topology {
             exchanges,
             queues,
             dead_letter_queue: t.dead_letter_queue.clone(),
+            event_exchange: t.event_exchange.clone(),
+            unrouted_events: t.unrouted_events.clone(),
         }
     }
 
@@ -215,21 +251,22 @@ impl Topology {
     ) -> Result<Declared, lapin::Error> {
         let mut declared = Declared::default();
         for exchange in &self.exchanges {
-            let kind = match exchange.kind {
-                "topic" => ExchangeKind::Topic,
-                _ => ExchangeKind::Direct,
-            };
-            channel
-                .exchange_declare(
-                    ShortString::from(exchange.name.as_str()),
-                    kind,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
+            if exchange.name == self.event_exchange && !exchange.arguments.is_empty() {
+                // On a channel of its own: an earlier version's exchange (no alternate
+                // exchange) is refused, and the refusal closes the channel.
+                let side = conn.create_channel().await?;
+                match declare_exchange(&side, exchange).await {
+                    Ok(()) => {
+                        let _ = side.close(200, ShortString::from("declared")).await;
+                    }
+                    Err(e) => match differing_argument(&e, "alternate-exchange") {
+                        Some(words) => declared.legacy_event_exchange = Some(words),
+                        None => return Err(e),
                     },
-                    FieldTable::default(),
-                )
-                .await?;
+                }
+                continue;
+            }
+            declare_exchange(channel, exchange).await?;
         }
         for queue in &self.queues {
             if queue.name == self.dead_letter_queue {
@@ -260,6 +297,25 @@ impl Topology {
     }
 }
 
+async fn declare_exchange(channel: &Channel, exchange: &ExchangeSpec) -> Result<(), lapin::Error> {
+    let kind = match exchange.kind {
+        "topic" => ExchangeKind::Topic,
+        "fanout" => ExchangeKind::Fanout,
+        _ => ExchangeKind::Direct,
+    };
+    channel
+        .exchange_declare(
+            ShortString::from(exchange.name.as_str()),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            args_table(&exchange.arguments),
+        )
+        .await
+}
+
 async fn declare_queue(channel: &Channel, queue: &QueueSpec) -> Result<(), lapin::Error> {
     queue.declare(channel).await
 }
@@ -277,6 +333,11 @@ fn access_refused(e: &lapin::Error) -> bool {
 /// delivery limit (`PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' ...`). Any
 /// other difference (a classic DLQ, say) still stops start-up.
 fn differing_arguments(e: &lapin::Error) -> Option<String> {
+    differing_argument(e, "x-delivery-limit")
+}
+
+/// The broker's words when it refused a declaration because argument `name` differs.
+fn differing_argument(e: &lapin::Error, name: &str) -> Option<String> {
     let ErrorKind::ProtocolError(amqp) = e.kind() else {
         return None;
     };
@@ -285,39 +346,44 @@ fn differing_arguments(e: &lapin::Error) -> Option<String> {
         AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
     );
     let words = amqp.get_message().as_str();
-    (precondition && words.contains("inequivalent arg 'x-delivery-limit'"))
+    (precondition && words.contains(&format!("inequivalent arg '{name}'")))
         .then(|| words.to_owned())
+}
+
+fn args_json(arguments: &[(&'static str, ArgValue)]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = arguments
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                ArgValue::Str(s) => serde_json::Value::from(s.as_str()),
+                ArgValue::Int(n) => serde_json::Value::from(*n),
+            };
+            ((*k).to_owned(), v)
+        })
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 impl Topology {
     /// The topology as a RabbitMQ definitions document (management plugin format), for
     /// `deploy/rabbitmq/definitions.json`.
     pub fn to_definitions(&self, vhost: &str) -> serde_json::Value {
-        use serde_json::{Map, Value, json};
+        use serde_json::{Value, json};
         let exchanges: Vec<Value> = self
             .exchanges
             .iter()
             .map(|e| {
                 json!({"name": e.name, "vhost": vhost, "type": e.kind, "durable": true,
-                       "auto_delete": false, "internal": false, "arguments": {}})
+                       "auto_delete": false, "internal": false,
+                       "arguments": args_json(&e.arguments)})
             })
             .collect();
         let queues: Vec<Value> = self
             .queues
             .iter()
             .map(|q| {
-                let args: Map<String, Value> = q
-                    .arguments
-                    .iter()
-                    .map(|(k, v)| {
-                        let v = match v {
-                            ArgValue::Str(s) => Value::from(s.as_str()),
-                            ArgValue::Int(n) => Value::from(*n),
-                        };
-                        ((*k).to_owned(), v)
-                    })
-                    .collect();
-                json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": false, "arguments": args})
+                json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": false,
+                       "arguments": args_json(&q.arguments)})
             })
             .collect();
         let bindings: Vec<Value> = self
@@ -332,6 +398,18 @@ impl Topology {
             .collect();
         json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
     }
+}
+
+fn args_table(arguments: &[(&'static str, ArgValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in arguments {
+        let value = match v {
+            ArgValue::Str(text) => AMQPValue::LongString(LongString::from(text.as_str())),
+            ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+        };
+        table.insert(ShortString::from(*k), value);
+    }
+    table
 }
 
 impl QueueSpec {
@@ -351,15 +429,7 @@ impl QueueSpec {
     }
 
     pub fn field_table(&self) -> FieldTable {
-        let mut table = FieldTable::default();
-        for (k, v) in &self.arguments {
-            let value = match v {
-                ArgValue::Str(text) => AMQPValue::LongString(LongString::from(text.as_str())),
-                ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
-            };
-            table.insert(ShortString::from(*k), value);
-        }
-        table
+        args_table(&self.arguments)
     }
 }
 
@@ -404,6 +474,7 @@ mod tests {
                 "provisioning.group.create.retry.2m",
                 "provisioning.group.create.retry.10m",
                 "provisioning.group.create.retry.30m",
+                "provisioning.events.unrouted",
             ]
         );
         let ttl = t.queues[4]

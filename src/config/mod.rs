@@ -368,6 +368,9 @@ pub struct TopologySettings {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub event_exchange: String,
+    /// The event exchange's alternate exchange (fanout) and the quorum queue behind it,
+    /// one name for both: events no queue is bound for are kept there.
+    pub unrouted_events: String,
     pub created_routing_key: String,
     pub failed_routing_key: String,
     /// Quorum `x-delivery-limit` of the work queue: deliveries the broker allows before it

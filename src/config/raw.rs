@@ -224,6 +224,7 @@ struct RawTopology {
     dead_letter_exchange: String,
     dead_letter_queue: String,
     event_exchange: String,
+    unrouted_events: String,
     created_routing_key: String,
     failed_routing_key: String,
     #[serde(deserialize_with = "de::integer")]
@@ -818,6 +819,7 @@ impl RawTopology {
             )?,
             dead_letter_queue: name("topology.dead_letter_queue", &self.dead_letter_queue)?,
             event_exchange: name("topology.event_exchange", &self.event_exchange)?,
+            unrouted_events: name("topology.unrouted_events", &self.unrouted_events)?,
             created_routing_key: name("topology.created_routing_key", &self.created_routing_key)?,
             failed_routing_key: name("topology.failed_routing_key", &self.failed_routing_key)?,
             delivery_limit: in_range("topology.delivery_limit", self.delivery_limit, 1, 1_000_000)?,

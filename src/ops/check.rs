@@ -65,6 +65,16 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
             if declare {
                 match topology.declare(&conn, &channel).await {
                     Ok(declared) => {
+                        if declared.legacy_event_exchange.is_some() {
+                            println!(
+                                "WARN  {:<10} {}",
+                                "events",
+                                topology::legacy_event_exchange_advice(
+                                    &topology.event_exchange,
+                                    &topology.unrouted_events
+                                )
+                            );
+                        }
                         report.line(
                             "topology",
                             Ok::<_, String>(format!(
@@ -101,6 +111,23 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
                         Err(e) => report.line("dlq", Err(e)),
                     }
                 }
+            }
+            // Events nobody is bound for: the worker goes on, but someone is missing them.
+            if let Ok(Some(waiting)) =
+                crate::ops::queue_depth(&conn, &topology.unrouted_events).await
+            {
+                let unrouted = if waiting == 0 {
+                    Ok(format!(
+                        "no unrouted events in {}",
+                        topology.unrouted_events
+                    ))
+                } else {
+                    Err(format!(
+                        "{waiting} events nobody is bound for wait in {}: bind a queue to {} for both routing keys, then run `group-provisioner events replay-unrouted`",
+                        topology.unrouted_events, topology.event_exchange
+                    ))
+                };
+                report.line("events", unrouted);
             }
             if let Some((holding, waiting)) =
                 crate::ops::dlq::interrupted_migration(&conn, &topology).await

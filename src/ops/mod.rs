@@ -8,6 +8,7 @@
 
 pub mod check;
 pub mod dlq;
+pub mod events;
 pub mod send;
 pub mod status;
 
@@ -93,6 +94,20 @@ pub enum OpsError {
         #[source]
         source: PublishError,
     },
+}
+
+/// Messages ready in `queue`, or `None` if it does not exist (a passive declare on a channel
+/// of its own).
+pub async fn queue_depth(conn: &Connection, queue: &str) -> Result<Option<u32>, OpsError> {
+    let side = conn.create_channel().await?;
+    match crate::amqp::ready_count(&side, queue).await {
+        Ok(n) => {
+            let _ = side.close(200, lapin::types::ShortString::from("ok")).await;
+            Ok(Some(n))
+        }
+        Err(e) if crate::amqp::is_not_found(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A short-lived broker connection for one operator command.

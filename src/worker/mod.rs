@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub counter_bounds: CounterBounds,
     /// What the circuit's probe must test when a publish fault opened it.
     probe: Mutex<Option<Probe>>,
+    /// The process's metrics (the session reports the unrouted-events queue's depth).
+    pub metrics: Arc<Metrics>,
     /// The `amqp.url` node the next connection tries first: a random one at start (so
     /// replicas spread), the next one after a session is lost.
     pub node: AtomicUsize,
@@ -187,6 +189,7 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
         counter_bounds,
         probe: Mutex::new(None),
         node: AtomicUsize::new(crate::amqp::random_start(&settings_nodes)),
+        metrics: metrics.clone(),
     });
     let shutdown = CancellationToken::new();
     let (consuming_tx, consuming) = watch::channel(false);

@@ -66,6 +66,18 @@ const RECONNECT: RetryPolicy = RetryPolicy {
     max_retry_after: Duration::ZERO,
 };
 
+/// How often the session reads the unrouted-events queue's depth.
+const UNROUTED_POLL: Duration = Duration::from_secs(5);
+
+/// Aborts its task when dropped (when the session ends, however it ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Connecting or declaring longer than this is treated as a hung broker.
 const BROKER_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the drain timeout, how long the nacks of the unfinished deliveries may take.
@@ -151,6 +163,22 @@ async fn session(
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
     let broken = CancellationToken::new();
+    // The unrouted-events queue's depth, for the metric and its alert; ends with the session.
+    let watch_unrouted = {
+        let channel = conn.create_channel().await.ok();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Some(channel) = channel else { return };
+            let queue = shared.settings.topology.unrouted_events.clone();
+            // A passive declare of a missing queue closes the channel: then there is
+            // nothing to watch until the next session declares it again.
+            while let Ok(n) = amqp::ready_count(&channel, &queue).await {
+                shared.metrics.set_unrouted_events(n);
+                tokio::time::sleep(UNROUTED_POLL).await;
+            }
+        })
+    };
+    let _stop_watch = AbortOnDrop(watch_unrouted);
     let circuit = shared.processor.circuit().clone();
     let mut circuit_rx = circuit.subscribe();
 
@@ -252,6 +280,14 @@ async fn open(shared: &Shared) -> Result<(lapin::Connection, Channel, Channel), 
     )
     .await
     .map_err(SessionError::Topology)?;
+    if let Some(words) = &declared.legacy_event_exchange {
+        tracing::warn!(
+            exchange = %topology.event_exchange,
+            broker = %words,
+            "{}",
+            amqp::topology::legacy_event_exchange_advice(&topology.event_exchange, &topology.unrouted_events)
+        );
+    }
     if declared.legacy_dead_letter_queue.is_some() {
         // The worker only publishes to the DLQ, so it runs on; inspection is what is at risk.
         tracing::warn!(

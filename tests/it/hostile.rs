@@ -406,9 +406,22 @@ async fn cc_headers_never_route_a_copy_anywhere_else() {
     env.cleanup().await;
 }
 
-/// Declare the topology and a queue that hears only `group.created` events: a failure
-/// event is then unroutable.
+/// Declare the topology as an earlier version did (an event exchange without alternate
+/// exchange, and no policy) and a queue that hears only `group.created` events: a failure
+/// event is then unroutable and comes back to the worker.
 async fn created_events_only(env: &TestEnv) -> String {
+    env.channel
+        .exchange_declare(
+            env.settings.topology.event_exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the event exchange as an earlier version declared it");
     env.declare_topology().await;
     let queue = unique("created-only");
     env.channel

@@ -9,6 +9,7 @@ mod contract;
 mod core;
 mod deploy;
 mod endpoint;
+mod events;
 mod faults;
 mod guarantees;
 mod helpers;

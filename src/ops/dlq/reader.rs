@@ -190,8 +190,19 @@ impl DlqReader {
     /// Open a pass that yields at most `max` messages (all when `None`); it takes the whole
     /// queue all the same (see the module documentation).
     pub async fn open(settings: &Settings, max: Option<usize>) -> Result<DlqReader, OpsError> {
-        let (conn, channel) = connect(settings, "dlq").await?;
         let queue = settings.topology.dead_letter_queue.clone();
+        Self::open_queue(settings, &queue, max).await
+    }
+
+    /// A pass over `queue` (the DLQ, or another queue read the same way, such as the
+    /// unrouted events). The DLQ's arguments are checked first (module documentation).
+    pub async fn open_queue(
+        settings: &Settings,
+        queue: &str,
+        max: Option<usize>,
+    ) -> Result<DlqReader, OpsError> {
+        let (conn, channel) = connect(settings, "dlq").await?;
+        let queue = queue.to_owned();
         let total = crate::amqp::ready_count(&channel, &queue)
             .await
             .map_err(|source| OpsError::Topology {
@@ -200,21 +211,23 @@ impl DlqReader {
                 hint: "",
             })?;
         // A no-op declare when the DLQ has this version's arguments.
-        match Topology::new(&settings.topology, &settings.retry.delays)
-            .dead_letter_queue_state(&conn)
-            .await?
-        {
-            DeadLetterQueueState::Current => {}
-            DeadLetterQueueState::Legacy(_) => {
-                let _ = conn.close(200, ShortString::from("legacy dlq")).await;
-                return Err(OpsError::LegacyDeadLetterQueue {
-                    advice: topology::legacy_dead_letter_queue_advice(&queue),
-                });
+        if queue == settings.topology.dead_letter_queue {
+            match Topology::new(&settings.topology, &settings.retry.delays)
+                .dead_letter_queue_state(&conn)
+                .await?
+            {
+                DeadLetterQueueState::Current => {}
+                DeadLetterQueueState::Legacy(_) => {
+                    let _ = conn.close(200, ShortString::from("legacy dlq")).await;
+                    return Err(OpsError::LegacyDeadLetterQueue {
+                        advice: topology::legacy_dead_letter_queue_advice(&queue),
+                    });
+                }
+                // A user without `configure` cannot compare; reading is what it asked for.
+                DeadLetterQueueState::Unknown(why) => eprintln!(
+                    "warning: the arguments of {queue:?} could not be compared ({why}); if an earlier version declared it, reading it on RabbitMQ 4.x can cost dead letters: run `group-provisioner dlq migrate` with a user that may"
+                ),
             }
-            // A user without `configure` cannot compare; reading is what it asked for.
-            DeadLetterQueueState::Unknown(why) => eprintln!(
-                "warning: the arguments of {queue:?} could not be compared ({why}); if an earlier version declared it, reading it on RabbitMQ 4.x can cost dead letters: run `group-provisioner dlq migrate` with a user that may"
-            ),
         }
         let wanted = total as usize;
         let channel_max = match conn.configuration().channel_max() {

@@ -1,0 +1,117 @@
+//! `events replay-unrouted`: publish the events kept in the unrouted-events queue (no queue
+//! was bound for them) to the event exchange again, once consumers have bound theirs.
+//!
+//! Invariants: the same pass as the DLQ tools (nothing lost or reordered; what is not
+//! moved stays, in order); each event is published with its own routing key and
+//! properties, mandatory and confirmed, and only then acked. An event that still has no
+//! queue goes through the alternate exchange back into the unrouted queue: the summary
+//! counts those as `came_back`.
+
+use lapin::types::ShortString;
+
+use crate::amqp::Publisher;
+use crate::amqp::headers::{self, header_string};
+use crate::config::Settings;
+use crate::ops::OpsError;
+
+use super::dlq::DlqReader;
+
+/// Which unrouted events to replay (command-line options).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct UnroutedFilter {
+    /// Only the events of this ext id.
+    #[arg(long)]
+    pub ext_id: Option<String>,
+    /// Only events with this routing key (e.g. group.create.failed).
+    #[arg(long, value_name = "ROUTING_KEY")]
+    pub event: Option<String>,
+    /// Move at most N events.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Show what would move; move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UnroutedSummary {
+    /// Published to the event exchange again (or, with --dry-run, would be).
+    pub moved: usize,
+    /// Not matching, or beyond --limit: left where they were, in order.
+    pub kept: usize,
+    /// Of the moved, how many the unrouted queue holds again after the pass beyond the
+    /// kept ones: still no queue bound for them (or new unrouted events meanwhile).
+    pub came_back: u32,
+}
+
+pub async fn replay_unrouted(
+    settings: &Settings,
+    filter: &UnroutedFilter,
+) -> Result<UnroutedSummary, OpsError> {
+    let queue = settings.topology.unrouted_events.clone();
+    let mut reader = DlqReader::open_queue(settings, &queue, None).await?;
+    let publisher = Publisher::new(reader.channel().clone());
+    let mut summary = UnroutedSummary::default();
+    let mut result = Ok(());
+    loop {
+        let event = match reader.next().await {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        let d = &event.delivery;
+        let routing_key = d.routing_key.as_str().to_owned();
+        let ext_id = header_string(d.properties.headers().as_ref(), headers::EXT_ID);
+        let matches = filter
+            .ext_id
+            .as_deref()
+            .is_none_or(|x| ext_id.as_deref() == Some(x))
+            && filter.event.as_deref().is_none_or(|k| routing_key == k)
+            && filter.limit.is_none_or(|l| summary.moved < l);
+        if !matches {
+            summary.kept += 1;
+            continue;
+        }
+        if filter.dry_run {
+            println!(
+                "would replay {} {}",
+                crate::text::printable(&routing_key, 64),
+                crate::text::printable(ext_id.as_deref().unwrap_or("(no ext id)"), 128)
+            );
+            summary.moved += 1;
+            continue;
+        }
+        if let Err(e) = publisher
+            .publish(
+                &settings.topology.event_exchange,
+                &routing_key,
+                &d.data,
+                d.properties.clone(),
+                true,
+            )
+            .await
+        {
+            result = Err(e.into());
+            break;
+        }
+        if let Err(e) = reader.ack(&event).await {
+            result = Err(e.into());
+            break;
+        }
+        summary.moved += 1;
+    }
+    let kept_total = reader.remaining() + summary.kept;
+    reader.close().await;
+    result?;
+    if !filter.dry_run && summary.moved > 0 {
+        let (conn, _) = super::connect(settings, "events").await?;
+        if let Some(depth) = super::queue_depth(&conn, &queue).await? {
+            summary.came_back = depth.saturating_sub(u32::try_from(kept_total).unwrap_or(u32::MAX));
+        }
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+    Ok(summary)
+}
