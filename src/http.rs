@@ -78,6 +78,17 @@ pub fn router(health: Health) -> Router {
 async fn readyz(State(h): State<Health>) -> Response {
     let reasons = h.not_ready().await;
     if reasons.is_empty() {
+        // Ready all the same: the worker goes on; someone is missing these events.
+        let unrouted = h.metrics.unrouted_events();
+        if unrouted > 0 {
+            return (
+                StatusCode::OK,
+                format!(
+                    "ready\nwarning: {unrouted} events nobody is bound for wait in the unrouted-events queue (bind a queue, then events replay-unrouted)\n"
+                ),
+            )
+                .into_response();
+        }
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (

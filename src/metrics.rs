@@ -283,6 +283,11 @@ impl Recorder for Metrics {
 impl Metrics {
     /// The HTTP endpoint closed a connection to make room for another.
     /// The unrouted-events queue's depth, as the worker last saw it.
+    pub fn unrouted_events(&self) -> i64 {
+        self.unrouted_events.get()
+    }
+
+    /// The unrouted-events queue's depth, as the worker last saw it.
     pub fn set_unrouted_events(&self, n: u32) {
         self.unrouted_events.set(i64::from(n));
     }

@@ -95,6 +95,14 @@ async fn an_event_nobody_is_bound_for_is_kept_and_the_worker_goes_on() {
         stdout(&o)
     );
 
+    // Ready all the same, and it says why someone should look.
+    let readyz = reqwest::get(format!("http://{}/readyz", worker.metrics_addr()))
+        .await
+        .expect("readyz");
+    assert_eq!(readyz.status().as_u16(), 200);
+    let body = readyz.text().await.unwrap_or_default();
+    assert!(body.contains("3 events nobody is bound for"), "{body}");
+
     // Replaying before anyone is bound for them: they come back, nothing is lost.
     let o = cli(&env, &["events", "replay-unrouted"], &[]).await;
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
