@@ -117,8 +117,9 @@ pub enum DlqCommand {
     /// Show dead letters (body and reason headers) in queue order. Removes nothing.
     #[command(after_help = "Example:\n  group-provisioner dlq peek --limit 5")]
     Peek {
-        #[arg(long, default_value_t = 10)]
-        limit: usize,
+        /// How many to show: a positive number, or all.
+        #[arg(long, default_value = "10", value_parser = ops::dlq::kinds::parse_limit)]
+        limit: ops::dlq::kinds::Limit,
         /// One JSON object per line (the export format).
         #[arg(long)]
         json: bool,
@@ -137,6 +138,12 @@ pub enum DlqCommand {
         after_help = "Messages that do not match stay in the DLQ, in order. Each replay adds 1 to\nx-replay-count and resets x-attempts; a message replayed --max-replays times is\nskipped (kept). Ctrl-C stops after the current message and returns the rest.\nReplays are safe: the worker never creates a group twice for one ext id.\n\nExamples:\n  group-provisioner dlq replay --kind rejected --dry-run\n  group-provisioner dlq replay --kind retries_exhausted --rate 20\n  group-provisioner dlq replay --ext-id ORG-2001"
     )]
     Replay(ops::dlq::ReplayFilter),
+    /// Remove dead letters that will never succeed (e.g. an invalid command already resent
+    /// fixed), after writing them to --export FILE (or with --yes).
+    #[command(
+        after_help = "Only matching dead letters are removed; the rest stay, in order. With --export, the\nfile is written (owner-only, synced) before anything is removed, and only the dead\nletters written to it are removed.\n\nExamples:\n  group-provisioner dlq discard --kind invalid_command --older-than 7d --dry-run\n  group-provisioner dlq discard --ext-id ORG-2001 --export discarded-ORG-2001.jsonl\n  group-provisioner dlq discard --kind name_conflict --yes"
+    )]
+    Discard(ops::dlq::DiscardFilter),
     /// Give a DLQ declared by an earlier version this version's arguments, keeping every
     /// dead letter and its order.
     #[command(
@@ -249,7 +256,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
         }
         Command::Dlq(DlqCommand::Peek { limit, json }) => ops_result(
             "dlq peek",
-            ops::dlq::peek(&settings, limit, json).await,
+            ops::dlq::peek(&settings, limit.max(), json).await,
             |()| Exit::Success,
         ),
         Command::Dlq(DlqCommand::Export { out }) => ops_result(
@@ -267,6 +274,19 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                 Exit::Success
             })
         }
+        Command::Dlq(DlqCommand::Discard(filter)) => ops_result(
+            "dlq discard",
+            ops::dlq::discard(&settings, &filter).await,
+            |s| {
+                let verb = if filter.dry_run {
+                    "would discard"
+                } else {
+                    "discarded"
+                };
+                println!("{verb} {}, kept {}", s.discarded, s.kept);
+                Exit::Success
+            },
+        ),
         Command::Dlq(DlqCommand::Replay(filter)) => ops_result(
             "dlq replay",
             ops::dlq::replay_command(&settings, &filter).await,

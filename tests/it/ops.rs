@@ -641,12 +641,22 @@ async fn dlq_export_writes_only_to_a_regular_file_a_new_path_or_stdout() {
 
 /// Publish `ext_ids` straight into the DLQ as dead letters of kind `rejected`, in order.
 async fn plant_dead_letters(env: &TestEnv, ext_ids: &[String]) {
+    let letters: Vec<(String, &str)> = ext_ids.iter().map(|e| (e.clone(), "rejected")).collect();
+    plant_dead_letters_of(env, &letters).await;
+}
+
+/// Dead letters (ext id, x-error-kind) straight into the DLQ, in order.
+async fn plant_dead_letters_of(env: &TestEnv, letters: &[(String, &str)]) {
     let dlq = env.settings.topology.dead_letter_queue.clone();
-    for e in ext_ids {
+    for (e, kind) in letters {
         let body = json!({"org_unit_ext_id": e, "org_unit_name": format!("Team {e}"), "org_unit_parent_id": 1000})
             .to_string();
         let mut headers = lapin::types::FieldTable::default();
-        headers.insert("x-error-kind".into(), header_value("rejected"));
+        headers.insert("x-error-kind".into(), header_value(kind));
+        headers.insert(
+            "x-last-failed-at".into(),
+            header_value("2026-01-01T00:00:00Z"),
+        );
         env.channel
             .basic_publish(
                 "".into(),
@@ -952,5 +962,114 @@ async fn the_worker_uses_no_global_qos_and_no_transient_queue() {
     }
     worker.shutdown();
     worker.join().await;
+    env.cleanup().await;
+}
+
+/// `dlq discard` removes only what it was asked to and wrote down first; the rest stay in
+/// order. `--kind` and `--limit` values are checked; `peek --limit all` shows everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_discard_removes_only_what_it_wrote_down_and_keeps_the_rest_in_order() {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    let mut letters = Vec::new();
+    for i in 0..3 {
+        letters.push((format!("INV-{i}"), "invalid_command"));
+        letters.push((format!("REJ-{i}"), "rejected"));
+    }
+    plant_dead_letters_of(&env, &letters).await;
+
+    // Refused: no copy and no --yes; a typo in --kind; a zero limit.
+    let o = cli(&env, &["dlq", "discard", "--kind", "invalid_command"], &[]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--export FILE"), "{}", stderr(&o));
+    let o = cli(
+        &env,
+        &["dlq", "discard", "--kind", "rejceted", "--yes"],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("known: invalid_command, rejected"),
+        "{}",
+        stderr(&o)
+    );
+    let o = cli(&env, &["dlq", "peek", "--limit", "0"], &[]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(env.queue_depth(&dlq).await, 6);
+
+    // A dry run, then the real thing with a copy.
+    let o = cli(
+        &env,
+        &[
+            "dlq",
+            "discard",
+            "--kind",
+            "invalid_command",
+            "--older-than",
+            "1d",
+            "--dry-run",
+        ],
+        &[],
+    )
+    .await;
+    assert!(
+        stdout(&o).contains("would discard 3, kept 3"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(env.queue_depth(&dlq).await, 6);
+    let copy = std::env::temp_dir().join(format!("{}.jsonl", unique("discarded")));
+    let o = cli(
+        &env,
+        &[
+            "dlq",
+            "discard",
+            "--kind",
+            "invalid_command",
+            "--export",
+            copy.to_str().expect("path"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("discarded 3, kept 3"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let written = std::fs::read_to_string(&copy).expect("the copy");
+    let kinds: Vec<Value> = written
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("JSON line")["kind"].clone())
+        .collect();
+    assert_eq!(kinds, vec![json!("invalid_command"); 3]);
+    let _ = std::fs::remove_file(&copy);
+    assert_eq!(dlq_order(&env).await, ["REJ-0", "REJ-1", "REJ-2"]);
+
+    // Nothing younger than the age given is touched; --yes removes without a copy.
+    let o = cli(
+        &env,
+        &["dlq", "discard", "--older-than", "100000d", "--yes"],
+        &[],
+    )
+    .await;
+    assert!(stdout(&o).contains("discarded 0, kept 3"), "{}", stdout(&o));
+    let o = cli(&env, &["dlq", "discard", "--ext-id", "REJ-1", "--yes"], &[]).await;
+    assert!(stdout(&o).contains("discarded 1, kept 2"), "{}", stdout(&o));
+    assert_eq!(dlq_order(&env).await, ["REJ-0", "REJ-2"]);
+
+    // peek shows everything with `all`, and no JSON nulls in its text.
+    let o = cli(&env, &["dlq", "peek", "--limit", "all"], &[]).await;
+    let text = stdout(&o);
+    assert!(text.contains("(2 shown of 2"), "{text}");
+    assert!(!text.contains("null"), "{text}");
+    assert!(
+        text.contains("http=- ") && text.contains("message_id=(none)"),
+        "{text}"
+    );
     env.cleanup().await;
 }

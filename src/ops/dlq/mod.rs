@@ -3,9 +3,13 @@
 //! - `reader.rs` — a pass over the DLQ that loses and reorders nothing;
 //! - `replay.rs` — moving dead letters back (confirmed publish, then ack);
 //! - `json.rs` — dead letters as JSON for `peek --json` and `export`;
-//! - `migrate.rs` — re-declaring a DLQ of an earlier version without losing a letter.
+//! - `migrate.rs` — re-declaring a DLQ of an earlier version without losing a letter;
+//! - `discard.rs` — removing dead letters that will never succeed, after a copy;
+//! - `kinds.rs` — the `--kind` and `--limit` values the tools accept.
 
+mod discard;
 mod json;
+pub mod kinds;
 mod migrate;
 mod reader;
 mod replay;
@@ -22,6 +26,7 @@ use crate::text::printable;
 
 use super::OpsError;
 
+pub use discard::{DiscardFilter, DiscardSummary, discard};
 pub use json::amqp_to_json;
 pub use migrate::{Migration, interrupted_migration, migrate};
 pub use reader::{DeadLetter, DlqReader};
@@ -68,8 +73,12 @@ pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
     Ok(())
 }
 
-pub async fn peek(settings: &Settings, limit: usize, as_json: bool) -> Result<(), OpsError> {
-    let mut reader = DlqReader::open(settings, Some(limit)).await?;
+pub async fn peek(
+    settings: &Settings,
+    limit: Option<usize>,
+    as_json: bool,
+) -> Result<(), OpsError> {
+    let mut reader = DlqReader::open(settings, limit).await?;
     let mut shown = 0;
     let result = loop {
         let l = match reader.next().await {
@@ -84,14 +93,22 @@ pub async fn peek(settings: &Settings, limit: usize, as_json: bool) -> Result<()
             continue;
         }
         // Everything below comes from the message: escaped and bounded for the terminal.
+        let http = j["http_status"]
+            .as_u64()
+            .map_or_else(|| "-".to_owned(), |s| s.to_string());
+        let message_id = l
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map_or_else(|| "(none)".to_owned(), |m| printable(m.as_str(), 128));
         println!(
-            "#{} kind={} http={} attempts={} replays={} ext_id={} first_failed={}",
+            "#{} kind={} http={http} attempts={} replays={} ext_id={} message_id={message_id} first_failed={}",
             l.position,
             printable(&l.kind, 64),
-            j["http_status"],
             j["attempts"],
             j["replay_count"],
-            printable(l.ext_id.as_deref().unwrap_or("-"), 160),
+            shown_ext_id(l.ext_id.as_deref()),
             printable(j["first_failed_at"].as_str().unwrap_or("-"), 64),
         );
         if let Some(m) = j["error_message"].as_str() {
@@ -111,6 +128,16 @@ pub async fn peek(settings: &Settings, limit: usize, as_json: bool) -> Result<()
     Ok(())
 }
 
+/// An ext id as the text output shows it: one spelling for a missing one, quotes for an
+/// empty one, escaped and bounded otherwise.
+pub(crate) fn shown_ext_id(ext_id: Option<&str>) -> String {
+    match ext_id {
+        None => "(none)".to_owned(),
+        Some("") => "\"\"".to_owned(),
+        Some(x) => printable(x, 160),
+    }
+}
+
 /// `dlq export --out FILE|-`: every dead letter as a JSON line, in queue order. A file is
 /// written to a new temporary file beside it (created exclusively, owner-only: dead letters
 /// hold personal data) and renamed over it when complete, so a half-written export never
@@ -123,53 +150,86 @@ pub async fn export(settings: &Settings, out: &Path) -> Result<(), OpsError> {
         report_export(n, total, "standard output");
         return Ok(());
     }
-    check_export_target(out)?;
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "export".to_owned());
-    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| OpsError::Output { path, source }
-    };
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        // create_new: O_EXCL, which also refuses to follow a symbolic link planted there.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?
-    };
-    let mut writer = std::io::BufWriter::new(file);
-    let written = async {
-        let (n, total) = write_pass(settings, &mut writer, &tmp).await?;
-        let file = writer.into_inner().map_err(|e| OpsError::Output {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(io(&tmp))?;
-        // What is there now must still be a regular file or nothing.
-        check_export_target(out)?;
-        std::fs::rename(&tmp, out).map_err(io(out))?;
-        Ok((n, total))
-    }
-    .await;
-    match written {
+    let mut file = SafeFile::create(out)?;
+    match write_pass(settings, &mut file.writer, &file.tmp).await {
         Ok((n, total)) => {
+            file.finish()?;
             report_export(n, total, &out.display().to_string());
             Ok(())
         }
         Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
+            file.abort();
             Err(e)
         }
+    }
+}
+
+/// A file written beside its target and renamed over it only when complete: created
+/// exclusively (never through a symbolic link), owner-only (dead letters hold personal
+/// data), synced before the rename; only a regular file or a new path is replaced.
+pub(crate) struct SafeFile {
+    pub writer: std::io::BufWriter<std::fs::File>,
+    pub tmp: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+impl SafeFile {
+    pub fn create(out: &Path) -> Result<SafeFile, OpsError> {
+        check_export_target(out)?;
+        let dir = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "export".to_owned());
+        let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            // create_new: O_EXCL, which also refuses to follow a symbolic link planted there.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|source| OpsError::Output {
+                    path: tmp.clone(),
+                    source,
+                })?
+        };
+        Ok(SafeFile {
+            writer: std::io::BufWriter::new(file),
+            tmp,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Sync, then put it in place of the target.
+    pub fn finish(self) -> Result<(), OpsError> {
+        let SafeFile { writer, tmp, out } = self;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpsError::Output { path, source }
+        };
+        let done = (|| {
+            let file = writer.into_inner().map_err(|e| OpsError::Output {
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?;
+            file.sync_all().map_err(io(&tmp))?;
+            // What is there now must still be a regular file or nothing.
+            check_export_target(&out)?;
+            std::fs::rename(&tmp, &out).map_err(io(&out))
+        })();
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        done
+    }
+
+    pub fn abort(self) {
+        let _ = std::fs::remove_file(&self.tmp);
     }
 }
 

@@ -22,10 +22,10 @@ pub struct ReplayFilter {
     pub ext_id: Option<String>,
     /// Only this x-error-kind (invalid_command, rejected, name_conflict, retries_exhausted,
     /// or broker:<reason> for messages the broker dead-lettered, e.g. broker:delivery_limit).
-    #[arg(long)]
+    #[arg(long, value_parser = super::kinds::parse_kind)]
     pub kind: Option<String>,
     /// Move at most N messages.
-    #[arg(long)]
+    #[arg(long, value_parser = super::kinds::parse_count)]
     pub limit: Option<usize>,
     /// At most R messages per second (e.g. 20 or 20/s).
     #[arg(long, value_parser = parse_rate)]
@@ -192,6 +192,11 @@ pub async fn replay_command(
     settings: &Settings,
     filter: &ReplayFilter,
 ) -> Result<ReplaySummary, OpsError> {
+    if filter.kind.as_deref() == Some("invalid_command") && !filter.dry_run {
+        eprintln!(
+            "warning: an invalid_command dead letter holds the same bytes that failed: replayed, it fails again (fix the publisher and send a corrected command; `dlq discard` removes the old one)"
+        );
+    }
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     let signal = crate::shutdown::listen();

@@ -1,0 +1,190 @@
+//! `dlq discard`: remove dead letters that will never succeed, never without a copy unless
+//! told so.
+//!
+//! Invariants:
+//! - with `--export FILE`, a first pass writes every matching dead letter to the file
+//!   (synced, renamed into place); only then a second pass removes exactly those: a letter
+//!   is acked only if one with the same content was exported (position and the broker's
+//!   delivery count aside; letters that arrived or changed between the passes stay);
+//! - without `--export`, nothing is removed unless `--yes` is given; `--dry-run` removes
+//!   nothing and needs neither;
+//! - what is not removed stays in the DLQ, in order (the same passes as the other tools).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use crate::amqp::headers;
+use crate::config::Settings;
+use crate::ops::OpsError;
+
+use super::reader::{DeadLetter, DlqReader};
+use super::{SafeFile, kinds};
+
+/// Which dead letters `dlq discard` removes (its command-line options).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DiscardFilter {
+    /// Only this ext id.
+    #[arg(long)]
+    pub ext_id: Option<String>,
+    /// Only this x-error-kind (invalid_command, rejected, name_conflict, retries_exhausted,
+    /// unknown, or broker:<reason>).
+    #[arg(long, value_parser = kinds::parse_kind)]
+    pub kind: Option<String>,
+    /// Only dead letters dead-lettered longer ago than this (e.g. 7d, 12h), by their
+    /// x-last-failed-at header; letters without it are kept.
+    #[arg(long, value_parser = parse_age)]
+    pub older_than: Option<Duration>,
+    /// Remove at most N.
+    #[arg(long, value_parser = kinds::parse_count)]
+    pub limit: Option<usize>,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Write the dead letters to this JSON-lines file first (as `dlq export` does); only
+    /// those written are removed.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub export: Option<PathBuf>,
+    /// Remove without writing them anywhere first.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+fn parse_age(text: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a duration such as 12h or 7d"))
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DiscardSummary {
+    pub discarded: usize,
+    pub kept: usize,
+}
+
+impl DiscardFilter {
+    fn matches(&self, letter: &DeadLetter, now: SystemTime) -> bool {
+        self.ext_id
+            .as_deref()
+            .is_none_or(|x| letter.ext_id.as_deref() == Some(x))
+            && self.kind.as_deref().is_none_or(|k| letter.kind == k)
+            && self.older_than.is_none_or(|age| {
+                letter
+                    .header(headers::X_LAST_FAILED_AT)
+                    .and_then(|t| crate::clock::parse_rfc3339(&t))
+                    .and_then(|at| now.duration_since(at).ok())
+                    .is_some_and(|elapsed| elapsed >= age)
+            })
+    }
+}
+
+/// What makes a dead letter the same one in two passes: its JSON form without what the
+/// passes themselves change (its position, the broker's delivery count).
+fn identity(letter: &DeadLetter) -> String {
+    let mut j = letter.to_json();
+    if let Some(o) = j.as_object_mut() {
+        o.remove("position");
+    }
+    if let Some(h) = j.get_mut("headers").and_then(|h| h.as_object_mut()) {
+        h.remove("x-delivery-count");
+    }
+    j.to_string()
+}
+
+/// Remove matching dead letters (module documentation).
+pub async fn discard(
+    settings: &Settings,
+    filter: &DiscardFilter,
+) -> Result<DiscardSummary, OpsError> {
+    if !filter.dry_run && filter.export.is_none() && !filter.yes {
+        return Err(OpsError::BadArgument(
+            "dlq discard removes dead letters for good: give --export FILE to keep a copy first, or --yes to remove them without one (--dry-run shows what would go)".into(),
+        ));
+    }
+    let now = SystemTime::now();
+    // The exported lines, counted: the second pass removes exactly these.
+    let mut exported: Option<HashMap<String, usize>> = None;
+    if let (Some(path), false) = (&filter.export, filter.dry_run) {
+        let mut file = SafeFile::create(path)?;
+        let mut lines = HashMap::new();
+        let written = async {
+            let mut reader = DlqReader::open(settings, None).await?;
+            let mut n = 0;
+            let result = loop {
+                match reader.next().await {
+                    Ok(Some(l))
+                        if filter.limit.is_none_or(|max| n < max) && filter.matches(&l, now) =>
+                    {
+                        let line = l.to_json().to_string();
+                        if let Err(source) = writeln!(file.writer, "{line}") {
+                            break Err(OpsError::Output {
+                                path: file.tmp.clone(),
+                                source,
+                            });
+                        }
+                        *lines.entry(identity(&l)).or_insert(0) += 1;
+                        n += 1;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            reader.close().await;
+            result
+        }
+        .await;
+        match written {
+            Ok(()) => file.finish()?,
+            Err(e) => {
+                file.abort();
+                return Err(e);
+            }
+        }
+        exported = Some(lines);
+    }
+
+    let mut reader = DlqReader::open(settings, None).await?;
+    let mut summary = DiscardSummary::default();
+    let result = loop {
+        let letter = match reader.next().await {
+            Ok(Some(l)) => l,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        let wanted = filter.limit.is_none_or(|max| summary.discarded < max)
+            && filter.matches(&letter, now)
+            && match exported.as_mut() {
+                None => true,
+                Some(lines) => match lines.get_mut(&identity(&letter)) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        true
+                    }
+                    _ => false,
+                },
+            };
+        if !wanted {
+            summary.kept += 1;
+            continue;
+        }
+        if filter.dry_run {
+            println!(
+                "would discard #{} kind={} ext_id={}",
+                letter.position,
+                crate::text::printable(&letter.kind, 64),
+                super::shown_ext_id(letter.ext_id.as_deref())
+            );
+            summary.discarded += 1;
+            continue;
+        }
+        if let Err(e) = reader.ack(&letter).await {
+            break Err(e.into());
+        }
+        summary.discarded += 1;
+    };
+    summary.kept += reader.remaining();
+    reader.close().await;
+    result.map(|()| summary)
+}
