@@ -324,6 +324,67 @@ fn kubernetes_manifests_fit_the_worker() {
     }
 }
 
+/// RabbitMQ's documented Prometheus metric names the dashboard may use (rabbitmq_prometheus,
+/// per-object metrics).
+const RABBITMQ_METRICS: [&str; 3] = [
+    "rabbitmq_queue_messages",
+    "rabbitmq_queue_messages_ready",
+    "rabbitmq_queue_messages_unacked",
+];
+
+#[test]
+fn the_grafana_dashboard_parses_and_uses_only_metrics_that_exist() {
+    let metrics = group_provisioner::metrics::Metrics::new();
+    metrics.api_request(
+        group_provisioner::convirza::Operation::CreateGroup,
+        Some(201),
+        Duration::from_millis(5),
+    );
+    let exported = metrics.render(false);
+    let names: HashSet<&str> = exported
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let dashboard: Value =
+        serde_json::from_str(&read("deploy/grafana/group-provisioner.json")).expect("JSON");
+    assert_eq!(dashboard["uid"], "group-provisioner");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut used = BTreeSet::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("provisioner_") {
+                    assert!(names.contains(word), "dashboard uses unknown metric {word}");
+                    used.insert(word.to_owned());
+                } else if word.starts_with("rabbitmq_") {
+                    assert!(
+                        RABBITMQ_METRICS.contains(&word),
+                        "not a documented RabbitMQ metric: {word}"
+                    );
+                    used.insert(word.to_owned());
+                }
+            }
+        }
+    }
+    for needed in [
+        "provisioner_commands_total",
+        "provisioner_api_request_duration_seconds_bucket",
+        "provisioner_api_requests_total",
+        "provisioner_circuit_open",
+        "provisioner_in_flight",
+        "provisioner_retries_total",
+        "provisioner_deferrals_total",
+        "provisioner_unrouted_events",
+        "rabbitmq_queue_messages",
+    ] {
+        assert!(used.contains(needed), "no panel shows {needed}");
+    }
+}
+
 async fn import_definitions(vhost: &str, definitions: &Value) {
     let r = reqwest::Client::new()
         .post(format!("{MANAGEMENT}/api/definitions/{vhost}"))
