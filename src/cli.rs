@@ -70,6 +70,7 @@ pub enum Command {
         after_help = "Examples:\n  group-provisioner schema command > command.schema.json\n  group-provisioner schema created\n  group-provisioner schema failed"
     )]
     Schema {
+        /// Which body: command, created or failed.
         #[arg(value_enum)]
         which: SchemaKind,
     },
@@ -78,6 +79,7 @@ pub enum Command {
         after_help = "States: created (org_unit_id, when, API request id), claimed (a worker is on it:\nowner and lease left), attempted (POSTs were made but nothing is recorded now),\nunknown.\n\nExample:\n  group-provisioner status ORG-2001 --json"
     )]
     Status {
+        /// The ext id (org_unit_ext_id) to look up.
         ext_id: String,
         /// One JSON object instead of text.
         #[arg(long)]
@@ -111,6 +113,7 @@ pub enum DlqCommand {
     /// Count dead letters, by x-error-kind. Removes nothing.
     #[command(after_help = "Example:\n  group-provisioner dlq stats --json")]
     Stats {
+        /// One JSON object: count, by_kind, oldest.
         #[arg(long)]
         json: bool,
     },
@@ -339,6 +342,30 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every subcommand and every option says what it is for in `--help`.
+    #[test]
+    fn every_option_has_help() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && path.contains(' ') && !path.ends_with(" help") {
+                missing.push(format!("{path}: no description"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
 
     #[test]
     fn exit_codes_are_the_documented_ones() {

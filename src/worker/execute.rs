@@ -161,8 +161,10 @@ fn log_outcome(verdict: &Verdict, outcome: Outcome, started: Instant) {
         } => (*attempts, None, Some(failure.kind.as_str()), None),
         Decision::Delay { tier, attempts, .. } => (*attempts, None, None, Some(*tier)),
     };
-    let reason = match &verdict.decision {
-        Decision::Delay { reason, .. } => Some(reason.log_label()),
+    let reason = match (&verdict.decision, outcome) {
+        (Decision::Delay { reason, .. }, _) => Some(reason.log_label()),
+        // The outcome could not be published: the delivery was parked (circuit: publish).
+        (_, Outcome::Deferred) => Some("publish"),
         _ => None,
     };
     tracing::info!(

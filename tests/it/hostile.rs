@@ -220,6 +220,16 @@ async fn an_unroutable_failure_event_never_makes_a_second_dead_letter() {
     })
     .await;
     assert_eq!(env.drain_dlq().await.len(), 1, "exactly one dead letter");
+    // The delivery parked after the publish fault says why, like every outcome line.
+    let deferred: Vec<Value> = w
+        .lines()
+        .into_iter()
+        .filter(|l| l["message"] == "outcome" && l["outcome"] == "deferred")
+        .collect();
+    assert!(!deferred.is_empty(), "the parked delivery's outcome line");
+    for l in &deferred {
+        assert!(l["reason"].is_string(), "outcome without a reason: {l}");
+    }
     w.stop().await;
     env.cleanup().await;
 }
