@@ -63,9 +63,17 @@ fn ours(target: &str) -> bool {
 }
 
 /// Operator commands: warnings and errors only, to stderr, so stdout stays their output.
+/// The AMQP client's own log lines are left out: a command reports its errors itself, and
+/// the client logs expected refusals (a channel the broker closed on purpose) as errors.
+/// Colour only on a terminal, and never with `NO_COLOR` set.
 pub fn init_for_cli() {
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new("warn"))
+        .with_env_filter(EnvFilter::new(
+            "warn,lapin=off,amq_protocol=off,amq_protocol_tcp=off,tcp_stream=off",
+        ))
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -795,6 +795,12 @@ async fn a_dlq_of_an_earlier_version_is_reported_and_never_inspected_to_death() 
                 "{}",
                 stderr(&o)
             );
+            // Only the command's own words: no client library lines, no colour codes.
+            assert!(
+                !stderr(&o).contains('\u{1b}') && !stderr(&o).contains("lapin"),
+                "{}",
+                stderr(&o)
+            );
         }
     }
     assert_eq!(env.queue_depth(&dlq).await, 2, "nothing lost");
