@@ -21,7 +21,13 @@ use crate::worker::StartError;
     version,
     about = "Creates Convirza groups from RabbitMQ commands, effectively once per external id.",
     after_help = "Configuration: defaults, then the TOML file, then PROVISIONER__SECTION__KEY \
-environment variables (e.g. PROVISIONER__API__TOKEN). See README.md for every key."
+environment variables (e.g. PROVISIONER__API__TOKEN). See README.md for every key.\n\n\
+Exit codes (every subcommand):\n  \
+0    done (check: every item passed; status: the ext id is known)\n  \
+1    the command ran and something failed (a check item, a send, the broker); status: unknown ext id\n  \
+2    usage: a configuration error, a bad argument, an unreadable input file\n  \
+3    status: the dedup store cannot be reached\n  \
+130  interrupted by a signal before the end (dlq replay)"
 )]
 pub struct Cli {
     /// TOML configuration file (default: config/default.toml if it exists).
@@ -344,6 +350,35 @@ mod tests {
     use super::*;
 
     /// Every subcommand and every option says what it is for in `--help`.
+    /// The exit-code table in `--help` names every code `Exit` can return.
+    #[test]
+    fn help_lists_every_exit_code() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for exit in [
+            Exit::Success,
+            Exit::Failure,
+            Exit::Unknown,
+            Exit::Usage,
+            Exit::Unavailable,
+            Exit::Interrupted,
+        ] {
+            let code = exit.code();
+            assert!(
+                help.lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{code} "))),
+                "exit code {code} is not in --help:\n{help}"
+            );
+        }
+        let readme = include_str!("../README.md");
+        for code in ["| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 130 |"] {
+            assert!(
+                readme.contains(code),
+                "README lacks the exit code row {code}"
+            );
+        }
+    }
+
     #[test]
     fn every_option_has_help() {
         use clap::CommandFactory;
