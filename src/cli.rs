@@ -53,6 +53,9 @@ pub enum Command {
         /// Only verify that the topology exists; declare nothing.
         #[arg(long)]
         no_declare: bool,
+        /// One JSON object: {"ok", "failed", "items": [{"status", "item", "detail"}]}.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect and replay the dead-letter queue.
     #[command(subcommand)]
@@ -67,6 +70,9 @@ pub enum Command {
         /// Send lines even if they are not valid commands (the worker dead-letters them).
         #[arg(long)]
         no_validate: bool,
+        /// The summary as one JSON object: {"sent", "invalid", "failed"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Events nobody was bound for (kept in the unrouted-events queue).
     #[command(subcommand)]
@@ -247,7 +253,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                 Exit::Failure
             }
         },
-        Command::Check { no_declare } => {
+        Command::Check { no_declare, json } => {
             let source = match &cli.config {
                 Some(p) => p.display().to_string(),
                 None if std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH).is_file() => {
@@ -255,7 +261,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                 }
                 None => "defaults and environment".to_owned(),
             };
-            let report = ops::check::run(&settings, &source, !no_declare).await;
+            let report = ops::check::run(&settings, &source, !no_declare, json).await;
             success_if(report.failed == 0)
         }
         Command::Dlq(DlqCommand::Stats { json }) => {
@@ -287,12 +293,19 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             "dlq discard",
             ops::dlq::discard(&settings, &filter).await,
             |s| {
-                let verb = if filter.dry_run {
-                    "would discard"
+                if filter.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"dry_run": filter.dry_run, "discarded": s.discarded, "kept": s.kept})
+                    );
                 } else {
-                    "discarded"
-                };
-                println!("{verb} {}, kept {}", s.discarded, s.kept);
+                    let verb = if filter.dry_run {
+                        "would discard"
+                    } else {
+                        "discarded"
+                    };
+                    println!("{verb} {}, kept {}", s.discarded, s.kept);
+                }
                 Exit::Success
             },
         ),
@@ -307,24 +320,48 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                 }
             },
         ),
-        Command::Send { file, no_validate } => ops_result(
+        Command::Send {
+            file,
+            no_validate,
+            json,
+        } => ops_result(
             "send",
             ops::send::run(&settings, file.as_deref(), !no_validate).await,
-            |summary| success_if(summary.all_sent()),
+            |s| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"sent": s.sent, "invalid": s.invalid, "failed": s.failed})
+                    );
+                } else {
+                    println!(
+                        "sent {}, invalid {}, failed {}",
+                        s.sent, s.invalid, s.failed
+                    );
+                }
+                success_if(s.all_sent())
+            },
         ),
         Command::Events(EventsCommand::ReplayUnrouted(filter)) => ops_result(
             "events replay-unrouted",
             ops::events::replay_unrouted(&settings, &filter).await,
             |summary| {
-                let verb = if filter.dry_run {
-                    "would move"
+                if filter.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"dry_run": filter.dry_run, "moved": summary.moved, "kept": summary.kept, "came_back": summary.came_back})
+                    );
                 } else {
-                    "moved"
-                };
-                println!(
-                    "{verb} {}, kept {}, came back {}",
-                    summary.moved, summary.kept, summary.came_back
-                );
+                    let verb = if filter.dry_run {
+                        "would move"
+                    } else {
+                        "moved"
+                    };
+                    println!(
+                        "{verb} {}, kept {}, came back {}",
+                        summary.moved, summary.kept, summary.came_back
+                    );
+                }
                 Exit::Success
             },
         ),

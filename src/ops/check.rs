@@ -13,20 +13,52 @@ use crate::app;
 use crate::config::Settings;
 use crate::pipeline::DedupStore;
 
-/// How many items failed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// The items checked. As text, each line is printed as it is known; with `--json`, one
+/// object at the end: `{"ok", "failed", "items": [{"status", "item", "detail"}]}`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CheckReport {
     pub failed: usize,
+    json: bool,
+    items: Vec<(&'static str, String, String)>,
 }
 
 impl CheckReport {
     fn line(&mut self, item: &str, result: Result<String, impl Display>) {
         match result {
-            Ok(detail) => println!("ok    {item:<10} {detail}"),
+            Ok(detail) => self.push("ok", item, detail),
             Err(reason) => {
                 self.failed += 1;
-                println!("FAIL  {item:<10} {reason}");
+                self.push("FAIL", item, reason.to_string());
             }
+        }
+    }
+
+    /// Worth knowing, not a failure.
+    fn warn(&mut self, item: &str, detail: String) {
+        self.push("WARN", item, detail);
+    }
+
+    fn push(&mut self, status: &'static str, item: &str, detail: String) {
+        if !self.json {
+            println!("{status:<5} {item:<10} {detail}");
+        }
+        self.items.push((status, item.to_owned(), detail));
+    }
+
+    /// With `--json`: the one object, printed once everything is known.
+    fn finish(&self) {
+        if self.json {
+            let items: Vec<serde_json::Value> = self
+                .items
+                .iter()
+                .map(|(status, item, detail)| {
+                    serde_json::json!({"status": status.to_ascii_lowercase(), "item": item, "detail": detail})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"ok": self.failed == 0, "failed": self.failed, "items": items})
+            );
         }
     }
 }
@@ -40,8 +72,16 @@ enum VerifyError {
     Broker(#[from] lapin::Error),
 }
 
-pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> CheckReport {
-    let mut report = CheckReport::default();
+pub async fn run(
+    settings: &Settings,
+    config_source: &str,
+    declare: bool,
+    json: bool,
+) -> CheckReport {
+    let mut report = CheckReport {
+        json,
+        ..CheckReport::default()
+    };
     report.line("config", Ok::<_, String>(config_source.to_owned()));
 
     match super::connect_node(settings, "check").await {
@@ -66,13 +106,12 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
                 match topology.declare(&conn, &channel).await {
                     Ok(declared) => {
                         if declared.legacy_event_exchange.is_some() {
-                            println!(
-                                "WARN  {:<10} {}",
+                            report.warn(
                                 "events",
                                 topology::legacy_event_exchange_advice(
                                     &topology.event_exchange,
-                                    &topology.unrouted_events
-                                )
+                                    &topology.unrouted_events,
+                                ),
                             );
                         }
                         report.line(
@@ -104,9 +143,12 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
                         Ok(DeadLetterQueueState::Legacy(_)) => {
                             report_dead_letter_queue(&mut report, &topology, true);
                         }
-                        Ok(DeadLetterQueueState::Unknown(why)) => println!(
-                            "WARN  {:<10} arguments of {} not compared ({why}): if an earlier version declared it, run `group-provisioner dlq migrate` with a user that may",
-                            "dlq", topology.dead_letter_queue
+                        Ok(DeadLetterQueueState::Unknown(why)) => report.warn(
+                            "dlq",
+                            format!(
+                                "arguments of {} not compared ({why}): if an earlier version declared it, run `group-provisioner dlq migrate` with a user that may",
+                                topology.dead_letter_queue
+                            ),
                         ),
                         Err(e) => report.line("dlq", Err(e)),
                     }
@@ -180,8 +222,9 @@ pub async fn run(settings: &Settings, config_source: &str, declare: bool) -> Che
     };
     report.line("api", api);
     for warning in settings.api.cleartext_warnings() {
-        println!("WARN  {:<10} {warning}", "api");
+        report.warn("api", warning);
     }
+    report.finish();
     report
 }
 

@@ -31,6 +31,9 @@ pub struct UnroutedFilter {
     /// Show what would move; move nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// The summary as one JSON object: {"dry_run", "moved", "kept", "came_back"}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -76,11 +79,13 @@ pub async fn replay_unrouted(
             continue;
         }
         if filter.dry_run {
-            println!(
-                "would replay {} {}",
-                crate::text::printable(&routing_key, 64),
-                crate::text::printable(ext_id.as_deref().unwrap_or("(no ext id)"), 128)
-            );
+            if !filter.json {
+                println!(
+                    "would replay {} {}",
+                    crate::text::printable(&routing_key, 64),
+                    crate::text::printable(ext_id.as_deref().unwrap_or("(no ext id)"), 128)
+                );
+            }
             summary.moved += 1;
             continue;
         }

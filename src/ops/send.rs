@@ -111,7 +111,6 @@ pub async fn run(
         to_send.push(item);
     }
     let (sent, failed) = publish(settings, &to_send).await?;
-    println!("sent {sent}, invalid {invalid}, failed {failed}");
     Ok(SendSummary {
         sent,
         invalid,

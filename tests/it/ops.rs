@@ -1079,3 +1079,72 @@ async fn dlq_discard_removes_only_what_it_wrote_down_and_keeps_the_rest_in_order
     );
     env.cleanup().await;
 }
+
+/// What a script calls answers with one JSON object with stable keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_facing_commands_answer_with_one_json_object() {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let one = |o: &std::process::Output| -> Value {
+        let lines = json_lines(o);
+        assert_eq!(lines.len(), 1, "one object: {}", stdout(o));
+        lines[0].clone()
+    };
+
+    let o = cli(&env, &["check", "--json"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let check = one(&o);
+    assert_eq!(check["ok"], true);
+    assert_eq!(check["failed"], 0);
+    let items = check["items"].as_array().expect("items");
+    for item in [
+        "config", "rabbitmq", "topology", "dlq", "events", "redis", "api",
+    ] {
+        assert!(
+            items
+                .iter()
+                .any(|i| i["item"] == item && i["status"] == "ok"),
+            "{item}: {check}"
+        );
+    }
+
+    let command =
+        json!({"org_unit_ext_id": "JSON-1", "org_unit_name": "J", "org_unit_parent_id": 1000});
+    let o = cli_with_stdin(
+        &env,
+        &["send", "--json", "-"],
+        &[],
+        Some(&format!("{command}\nnot json\n")),
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "one line was invalid");
+    assert_eq!(one(&o), json!({"sent": 1, "invalid": 1, "failed": 0}));
+
+    plant_dead_letters(&env, &["J-1".to_owned(), "J-2".to_owned()]).await;
+    let o = cli(
+        &env,
+        &["dlq", "replay", "--kind", "rejected", "--dry-run", "--json"],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        one(&o),
+        json!({"dry_run": true, "moved": 2, "skipped": 0, "kept": 0, "interrupted": false})
+    );
+    let o = cli(
+        &env,
+        &["dlq", "discard", "--ext-id", "J-1", "--yes", "--json"],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        one(&o),
+        json!({"dry_run": false, "discarded": 1, "kept": 1})
+    );
+    let o = cli(&env, &["events", "replay-unrouted", "--json"], &[]).await;
+    assert_eq!(
+        one(&o),
+        json!({"dry_run": false, "moved": 0, "kept": 0, "came_back": 0})
+    );
+    env.cleanup().await;
+}

@@ -49,6 +49,9 @@ pub struct DiscardFilter {
     /// Remove without writing them anywhere first.
     #[arg(long)]
     pub yes: bool,
+    /// The summary as one JSON object: {"dry_run", "discarded", "kept"}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_age(text: &str) -> Result<Duration, String> {
@@ -170,12 +173,14 @@ pub async fn discard(
             continue;
         }
         if filter.dry_run {
-            println!(
-                "would discard #{} kind={} ext_id={}",
-                letter.position,
-                crate::text::printable(&letter.kind, 64),
-                super::shown_ext_id(letter.ext_id.as_deref())
-            );
+            if !filter.json {
+                println!(
+                    "would discard #{} kind={} ext_id={}",
+                    letter.position,
+                    crate::text::printable(&letter.kind, 64),
+                    super::shown_ext_id(letter.ext_id.as_deref())
+                );
+            }
             summary.discarded += 1;
             continue;
         }

@@ -36,6 +36,9 @@ pub struct ReplayFilter {
     /// Skip messages already replayed this many times.
     #[arg(long, default_value_t = 5)]
     pub max_replays: u32,
+    /// The summary as one JSON object: {"dry_run", "moved", "skipped", "kept", "interrupted"}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -107,7 +110,9 @@ pub async fn replay(
         }
         if filter.dry_run {
             summary.moved += 1;
-            println!("would replay {}", letter.describe());
+            if !filter.json {
+                println!("would replay {}", letter.describe());
+            }
             continue;
         }
         if let Some(i) = interval {
@@ -208,6 +213,13 @@ pub async fn replay_command(
     let result = replay(settings, filter, stop).await;
     watcher.abort();
     let s = result?;
+    if filter.json {
+        println!(
+            "{}",
+            serde_json::json!({"dry_run": filter.dry_run, "moved": s.moved, "skipped": s.skipped, "kept": s.kept, "interrupted": s.interrupted})
+        );
+        return Ok(s);
+    }
     let verb = if filter.dry_run {
         "would move"
     } else {
