@@ -146,7 +146,8 @@ async fn two_worker_processes_the_same_ext_id_fifty_times_make_one_group() {
 async fn redis_stopped_for_ten_seconds_under_load() {
     let env = TestEnv::new().await;
     env.sim.sim.update_faults(|f| f.latency_ms = 20);
-    let port = free_port();
+    // Restarted on the same port below: one no other bind in the suite can take meanwhile.
+    let port = stable_port();
     let mut redis = RedisServer::start(port).await;
     let url = redis.url();
     let url: &'static str = Box::leak(url.into_boxed_str());

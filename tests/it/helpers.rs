@@ -739,6 +739,23 @@ fn urlencode(text: &str) -> String {
 }
 
 /// A port nothing listens on right now.
+/// A free port below the kernel's ephemeral range (32768–60999 by default), for a server
+/// that is stopped and started again on the same port: while it is down, no port-0 bind or
+/// outgoing connection elsewhere in the suite can take it.
+pub fn stable_port() -> u16 {
+    loop {
+        let port = 20_000 + (rand_u16() % 10_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    u16::from_le_bytes([bytes[0], bytes[1]])
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -775,21 +792,43 @@ impl RedisServer {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server runs (installed by scripts/services.sh)");
-        wait_for(
-            "redis-server to accept",
+        let server = RedisServer {
+            port,
+            child: Some(child),
+        };
+        // Answering on the port is not enough: it must be this process (another one may
+        // hold the port, and then this redis-server has exited).
+        let pid = server.child.as_ref().map(std::process::Child::id);
+        let password = extra
+            .iter()
+            .position(|a| *a == "--requirepass")
+            .and_then(|i| extra.get(i + 1))
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        let answered = wait_for(
+            "redis-server to answer",
             Duration::from_secs(10),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
+            || async {
+                let client =
+                    redis::Client::open(format!("redis://{password}127.0.0.1:{port}/0")).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let info: String = redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut conn)
                     .await
-                    .ok()
-                    .map(|_| ())
+                    .ok()?;
+                info.lines()
+                    .find_map(|l| l.strip_prefix("process_id:"))
+                    .and_then(|p| p.trim().parse::<u32>().ok())
             },
         )
         .await;
-        RedisServer {
-            port,
-            child: Some(child),
-        }
+        assert_eq!(
+            Some(answered),
+            pid,
+            "port {port} is answered by another redis-server (port taken?)"
+        );
+        server
     }
 
     pub fn url(&self) -> String {

@@ -371,7 +371,8 @@ async fn get(url: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_redis_and_metrics_count_what_happened() {
     let mut env = TestEnv::new().await;
-    let port = free_port();
+    // Restarted on the same port below: one no other bind in the suite can take meanwhile.
+    let port = stable_port();
     let mut redis = RedisServer::start(port).await;
     env.settings.redis.url = group_provisioner::secret::SecretUrl::new(redis.url());
     let mut events = env.event_tap().await;
