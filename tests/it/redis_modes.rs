@@ -23,7 +23,9 @@ struct Node {
 
 impl Node {
     async fn start(dir: &std::path::Path, name: &str, config: &str, sentinel: bool) -> Node {
-        let port = free_port();
+        // Below the ephemeral range: a cluster node also listens on a bus port, and the
+        // default (port + 10,000) is invalid above 55,535.
+        let port = stable_port();
         let file = dir.join(format!("{name}.conf"));
         std::fs::write(
             &file,
@@ -288,7 +290,8 @@ async fn a_redis_cluster_loses_a_master_mid_load_and_costs_nothing() {
                 &dir,
                 &format!("node-{i}"),
                 &format!(
-                    "cluster-enabled yes\ncluster-config-file nodes-{i}.conf\ncluster-node-timeout 2000\ncluster-replica-validity-factor 0\n"
+                    "cluster-enabled yes\ncluster-port {}\ncluster-config-file nodes-{i}.conf\ncluster-node-timeout 2000\ncluster-replica-validity-factor 0\n",
+                    stable_port()
                 ),
                 false,
             )
