@@ -96,14 +96,29 @@ pub enum OpsError {
     },
 }
 
-/// Messages ready in `queue`, or `None` if it does not exist (a passive declare on a channel
-/// of its own).
+/// Messages ready in `queue`, or `None` if it does not exist.
 pub async fn queue_depth(conn: &Connection, queue: &str) -> Result<Option<u32>, OpsError> {
+    Ok(queue_counts(conn, queue).await?.map(|(ready, _)| ready))
+}
+
+/// (ready, consumers) of `queue`, or `None` if it does not exist (a passive declare on a
+/// channel of its own: the refusal closes it).
+pub async fn queue_counts(conn: &Connection, queue: &str) -> Result<Option<(u32, u32)>, OpsError> {
     let side = conn.create_channel().await?;
-    match crate::amqp::ready_count(&side, queue).await {
-        Ok(n) => {
+    let declared = side
+        .queue_declare(
+            lapin::types::ShortString::from(queue),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => {
             let _ = side.close(200, lapin::types::ShortString::from("ok")).await;
-            Ok(Some(n))
+            Ok(Some((q.message_count(), q.consumer_count())))
         }
         Err(e) if crate::amqp::is_not_found(&e) => Ok(None),
         Err(e) => Err(e.into()),

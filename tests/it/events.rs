@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::types::{FieldTable, ShortString};
 use serde_json::json;
 
 use crate::helpers::*;
@@ -12,38 +11,11 @@ use crate::process::{cli, stdout};
 
 const T: Duration = Duration::from_secs(20);
 
-/// A durable queue bound to the event exchange for one routing key only.
-async fn queue_for(env: &TestEnv, routing_key: &str) -> String {
-    let queue = unique("only");
-    env.channel
-        .queue_declare(
-            ShortString::from(queue.as_str()),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue");
-    env.channel
-        .queue_bind(
-            ShortString::from(queue.as_str()),
-            ShortString::from(env.settings.topology.event_exchange.as_str()),
-            ShortString::from(routing_key),
-            lapin::options::QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    queue
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_nobody_is_bound_for_is_kept_and_the_worker_goes_on() {
     let env = TestEnv::new().await;
     env.declare_topology().await;
-    let created = queue_for(&env, "group.created").await;
+    let created = env.event_queue("group.created").await;
     let unrouted = env.settings.topology.unrouted_events.clone();
     let worker = env.spawn_worker().await;
 
@@ -114,7 +86,7 @@ async fn an_event_nobody_is_bound_for_is_kept_and_the_worker_goes_on() {
     assert_eq!(env.queue_depth(&unrouted).await, 3);
 
     // A consumer binds the failure key; a dry run moves nothing; then they are delivered.
-    let failed = queue_for(&env, "group.create.failed").await;
+    let failed = env.event_queue("group.create.failed").await;
     let o = cli(&env, &["events", "replay-unrouted", "--dry-run"], &[]).await;
     assert!(stdout(&o).contains("would move 3"), "{}", stdout(&o));
     assert_eq!(env.queue_depth(&unrouted).await, 3);
@@ -175,18 +147,7 @@ async fn an_event_nobody_is_bound_for_is_kept_and_the_worker_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_exchange_of_an_earlier_version_is_reported() {
     let env = TestEnv::new().await;
-    env.channel
-        .exchange_declare(
-            env.settings.topology.event_exchange.as_str().into(),
-            lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the event exchange as an earlier version declared it");
+    env.declare_legacy_event_exchange().await;
     let mut events = env.event_tap().await;
     let o = cli(&env, &["check"], &[]).await;
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));

@@ -322,6 +322,50 @@ impl TestEnv {
             .expect("topology");
     }
 
+    /// The event exchange as an earlier version declared it: no alternate exchange, so an
+    /// event no queue is bound for comes back to the worker.
+    pub async fn declare_legacy_event_exchange(&self) {
+        self.channel
+            .exchange_declare(
+                ShortString::from(self.settings.topology.event_exchange.as_str()),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the event exchange as an earlier version declared it");
+    }
+
+    /// A durable queue bound to the event exchange for one routing key only.
+    pub async fn event_queue(&self, routing_key: &str) -> String {
+        let queue = unique("events-only");
+        self.channel
+            .queue_declare(
+                ShortString::from(queue.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        self.channel
+            .queue_bind(
+                ShortString::from(queue.as_str()),
+                ShortString::from(self.settings.topology.event_exchange.as_str()),
+                ShortString::from(routing_key),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        queue
+    }
+
     /// A queue bound to every event, declared before commands are sent.
     pub async fn event_tap(&self) -> EventTap {
         self.declare_topology().await;

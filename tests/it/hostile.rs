@@ -420,34 +420,9 @@ async fn cc_headers_never_route_a_copy_anywhere_else() {
 /// exchange, and no policy) and a queue that hears only `group.created` events: a failure
 /// event is then unroutable and comes back to the worker.
 async fn created_events_only(env: &TestEnv) -> String {
-    env.channel
-        .exchange_declare(
-            env.settings.topology.event_exchange.as_str().into(),
-            lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the event exchange as an earlier version declared it");
+    env.declare_legacy_event_exchange().await;
     env.declare_topology().await;
-    let queue = unique("created-only");
-    env.channel
-        .queue_declare(
-            ShortString::from(queue.as_str()),
-            // Durable or exclusive: RabbitMQ 4.3 refuses transient non-exclusive queues.
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue");
-    bind_events(env, &queue, "group.created").await;
-    queue
+    env.event_queue("group.created").await
 }
 
 async fn bind_events(env: &TestEnv, queue: &str, routing_key: &str) {
