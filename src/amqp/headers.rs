@@ -286,6 +286,41 @@ impl HeaderUpdate {
     }
 }
 
+/// The properties of a message moved as it is (`dlq migrate`, `events replay-unrouted`):
+/// every header kept, unbounded (the broker took the message with them), but never the
+/// routing instructions (`CC`/`BCC` would deliver the copy to every queue they name; they
+/// are named in `x-dropped-headers`), and `expiration`/`user_id` kept in headers as on
+/// every copy.
+pub fn republishable(original: &BasicProperties) -> BasicProperties {
+    let mut headers: BTreeMap<ShortString, AMQPValue> = original
+        .headers()
+        .as_ref()
+        .map(|t| t.inner().clone())
+        .unwrap_or_default();
+    let dropped: Vec<String> = ["CC", "BCC"]
+        .into_iter()
+        .filter(|name| headers.remove(*name).is_some())
+        .map(str::to_owned)
+        .collect();
+    let mut extra = Vec::new();
+    if !dropped.is_empty() {
+        extra.push((X_DROPPED_HEADERS, dropped_list(&dropped)));
+    }
+    if let Some(expiration) = original.expiration() {
+        extra.push((X_ORIGINAL_EXPIRATION, expiration.as_str().to_owned()));
+    }
+    if let Some(user) = original.user_id() {
+        extra.push((X_ORIGINAL_USER_ID, user.as_str().to_owned()));
+    }
+    for (name, value) in extra {
+        headers.insert(
+            ShortString::from(name),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    }
+    copy_properties(original, FieldTable::from(headers))
+}
+
 /// Every property of `original` but `expiration` and `user_id`, with `headers`, persistent.
 fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
     let mut p = BasicProperties::default()

@@ -94,7 +94,7 @@ pub async fn replay_unrouted(
                 &settings.topology.event_exchange,
                 &routing_key,
                 &d.data,
-                d.properties.clone(),
+                headers::republishable(&d.properties),
                 true,
             )
             .await

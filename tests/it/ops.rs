@@ -1149,3 +1149,89 @@ async fn script_facing_commands_answer_with_one_json_object() {
     );
     env.cleanup().await;
 }
+
+/// A hostile dead letter (a header as large as the broker takes, odd properties) in a DLQ
+/// of an earlier version: `dlq migrate` keeps it, byte for byte, and the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_migrate_keeps_a_hostile_dead_letter_intact() {
+    let env = TestEnv::new().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    let mut old = lapin::types::FieldTable::default();
+    old.insert("x-queue-type".into(), header_value("quorum"));
+    env.channel
+        .queue_declare(
+            dlq.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            old,
+        )
+        .await
+        .expect("the DLQ as an earlier version declared it");
+    env.declare_topology().await;
+    plant_dead_letters(&env, &["H-0".to_owned()]).await;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("x-error-kind".into(), header_value("rejected"));
+    headers.insert("x-huge".into(), header_value(&"h".repeat(100_000)));
+    // Sender-selected distribution: a copy published with this would also land there.
+    let planted = env.event_queue("nothing-routes-here").await;
+    headers.insert(
+        "CC".into(),
+        lapin::types::AMQPValue::FieldArray(vec![header_value(&planted)].into()),
+    );
+    env.channel
+        .basic_publish(
+            "".into(),
+            dlq.as_str().into(),
+            Default::default(),
+            b"\xff\xfe not UTF-8",
+            lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_expiration("3600000".into())
+                .with_reply_to("provisioning.group.create".into())
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    plant_dead_letters(&env, &["H-2".to_owned()]).await;
+
+    let o = cli(&env, &["dlq", "migrate"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("migrated: 3 dead letters"),
+        "{}",
+        stdout(&o)
+    );
+    let letters = env.drain_dlq().await;
+    assert_eq!(letters.len(), 3);
+    assert_eq!(letters[1].body, b"\xff\xfe not UTF-8".to_vec());
+    let huge = letters[1]
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-huge").cloned());
+    assert!(
+        matches!(huge, Some(lapin::types::AMQPValue::LongString(ref v)) if v.as_bytes().len() == 100_000),
+        "the header is gone"
+    );
+    // One is from planting it (the broker honoured CC on our own publish); a migration's
+    // copies add none.
+    assert_eq!(
+        env.queue_depth(&planted).await,
+        1,
+        "CC routed a copy elsewhere"
+    );
+    assert_eq!(
+        env.queue_depth(&env.settings.topology.work_queue).await,
+        0,
+        "the reply_to or CC fed a dead letter back as a command"
+    );
+    for (letter, ext) in [(&letters[0], "H-0"), (&letters[2], "H-2")] {
+        let body: Value = serde_json::from_slice(&letter.body).expect("JSON");
+        assert_eq!(body["org_unit_ext_id"], ext);
+    }
+    env.cleanup().await;
+}

@@ -6,6 +6,8 @@
 //! holding queue, which is then deleted once empty.
 //!
 //! Invariants:
+//! - a copy keeps every header but `CC`/`BCC` (which would route it to other queues), and
+//!   keeps `expiration`/`user_id` only as headers (see `headers::republishable`);
 //! - a dead letter is acked where it was only after its copy is confirmed where it goes
 //!   (published mandatory), so a crash at any point loses nothing (at worst one message is
 //!   in both queues);
@@ -25,10 +27,10 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, Queu
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 
-use crate::amqp::Publisher;
 use crate::amqp::topology::{DeadLetterQueueState, QueueSpec, Topology};
+use crate::amqp::{Publisher, headers};
 use crate::config::Settings;
-use crate::ops::{OpsError, connect};
+use crate::ops::{OpsError, connect, queue_counts};
 
 /// What a migration did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -49,7 +51,7 @@ pub async fn interrupted_migration(
     topology: &Topology,
 ) -> Option<(String, u32)> {
     let holding = holding_name(topology);
-    let (ready, _) = counts(conn, &holding).await.ok().flatten()?;
+    let (ready, _) = queue_counts(conn, &holding).await.ok().flatten()?;
     Some((holding, ready))
 }
 
@@ -79,7 +81,7 @@ async fn run(
     let mut migration = Migration::default();
     // Passive first: the comparing declaration would create a DLQ that an interrupted run
     // deleted, and it must be created with its binding, below.
-    let dlq_exists = counts(conn, &dlq).await?.is_some();
+    let dlq_exists = queue_counts(conn, &dlq).await?.is_some();
     let legacy = dlq_exists
         && match topology.dead_letter_queue_state(conn).await? {
             DeadLetterQueueState::Current => false,
@@ -90,7 +92,7 @@ async fn run(
                 )));
             }
         };
-    if !legacy && dlq_exists && counts(conn, &holding).await?.is_none() {
+    if !legacy && dlq_exists && queue_counts(conn, &holding).await?.is_none() {
         migration.already_current = true;
         return Ok(migration);
     }
@@ -148,36 +150,13 @@ async fn take_lock(channel: &Channel, dlq: &str) -> Result<(), OpsError> {
         })
 }
 
-/// (ready, consumers) of `queue`, or `None` if it does not exist.
-async fn counts(conn: &Connection, queue: &str) -> Result<Option<(u32, u32)>, OpsError> {
-    let side = conn.create_channel().await?;
-    let declared = side
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(q) => {
-            let _ = side.close(200, ShortString::from("ok")).await;
-            Ok(Some((q.message_count(), q.consumer_count())))
-        }
-        Err(e) if is_not_found(&e) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Delete `queue`, which nothing routes to any more, once it is empty and unconsumed.
 async fn delete_when_empty(
     conn: &Connection,
     channel: &Channel,
     queue: &str,
 ) -> Result<(), OpsError> {
-    match counts(conn, queue).await? {
+    match queue_counts(conn, queue).await? {
         None => Ok(()),
         Some((0, 0)) => {
             channel
@@ -202,21 +181,10 @@ async fn move_all(channel: &Channel, from: &str, to: &str) -> Result<u64, OpsErr
         let d = &message.delivery;
         // Mandatory: a copy that reaches no queue is an error, and the original stays.
         publisher
-            .publish("", to, &d.data, d.properties.clone(), true)
+            .publish("", to, &d.data, headers::republishable(&d.properties), true)
             .await?;
         d.ack(BasicAckOptions::default()).await?;
         moved += 1;
     }
     Ok(moved)
-}
-
-fn is_not_found(e: &lapin::Error) -> bool {
-    matches!(
-        e.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(
-                amqp.kind(),
-                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
-            )
-    )
 }
