@@ -292,18 +292,7 @@ fn kubernetes_manifests_fit_the_worker() {
     // Alert rules only use metrics the worker exports.
     // Every family observed once, so each exports its samples (OpenMetrics names a
     // counter `x` in `# TYPE` and `x_total` in its samples: alerts use the samples).
-    let metrics = group_provisioner::metrics::Metrics::new();
-    metrics.api_request(
-        group_provisioner::convirza::Operation::CreateGroup,
-        Some(201),
-        Duration::from_millis(5),
-    );
-    let exported = metrics.render(false);
-    let names: HashSet<&str> = exported
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
+    let names = exported_metric_names();
     let rules = &yaml("deploy/kubernetes/prometheus-rules.yaml")[0];
     let mut used = BTreeSet::new();
     for rule in rules["spec"]["groups"][0]["rules"].as_vec().expect("rules") {
@@ -324,6 +313,24 @@ fn kubernetes_manifests_fit_the_worker() {
     }
 }
 
+/// Every metric name the worker's `/metrics` exports (histograms with a sample, so their
+/// `_bucket`/`_sum`/`_count` series appear).
+fn exported_metric_names() -> HashSet<String> {
+    let metrics = group_provisioner::metrics::Metrics::new();
+    metrics.api_request(
+        group_provisioner::convirza::Operation::CreateGroup,
+        Some(201),
+        Duration::from_millis(5),
+    );
+    metrics
+        .render(false)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// RabbitMQ's documented Prometheus metric names the dashboard may use (rabbitmq_prometheus,
 /// per-object metrics).
 const RABBITMQ_METRICS: [&str; 3] = [
@@ -334,18 +341,7 @@ const RABBITMQ_METRICS: [&str; 3] = [
 
 #[test]
 fn the_grafana_dashboard_parses_and_uses_only_metrics_that_exist() {
-    let metrics = group_provisioner::metrics::Metrics::new();
-    metrics.api_request(
-        group_provisioner::convirza::Operation::CreateGroup,
-        Some(201),
-        Duration::from_millis(5),
-    );
-    let exported = metrics.render(false);
-    let names: HashSet<&str> = exported
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
+    let names = exported_metric_names();
     let dashboard: Value =
         serde_json::from_str(&read("deploy/grafana/group-provisioner.json")).expect("JSON");
     assert_eq!(dashboard["uid"], "group-provisioner");

@@ -640,6 +640,23 @@ async fn dlq_export_writes_only_to_a_regular_file_a_new_path_or_stdout() {
     env.cleanup().await;
 }
 
+/// The DLQ as an earlier version declared it: quorum, no delivery limit of its own.
+async fn declare_legacy_dlq(env: &TestEnv) {
+    let mut old = lapin::types::FieldTable::default();
+    old.insert("x-queue-type".into(), header_value("quorum"));
+    env.channel
+        .queue_declare(
+            env.settings.topology.dead_letter_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            old,
+        )
+        .await
+        .expect("the DLQ as an earlier version declared it");
+}
+
 /// Publish `ext_ids` straight into the DLQ as dead letters of kind `rejected`, in order.
 async fn plant_dead_letters(env: &TestEnv, ext_ids: &[String]) {
     let letters: Vec<(String, &str)> = ext_ids.iter().map(|e| (e.clone(), "rejected")).collect();
@@ -737,19 +754,7 @@ async fn fifty_inspections_lose_and_reorder_no_dead_letter() {
 async fn a_dlq_of_an_earlier_version_is_reported_and_never_inspected_to_death() {
     let env = TestEnv::new().await;
     let dlq = env.settings.topology.dead_letter_queue.clone();
-    let mut old = lapin::types::FieldTable::default();
-    old.insert("x-queue-type".into(), header_value("quorum"));
-    env.channel
-        .queue_declare(
-            dlq.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..lapin::options::QueueDeclareOptions::default()
-            },
-            old,
-        )
-        .await
-        .expect("the DLQ as an earlier version declared it");
+    declare_legacy_dlq(&env).await;
     env.declare_topology().await;
     let exts: Vec<String> = (0..2).map(|i| format!("OLD-{i}")).collect();
     plant_dead_letters(&env, &exts).await;
@@ -1156,19 +1161,7 @@ async fn script_facing_commands_answer_with_one_json_object() {
 async fn dlq_migrate_keeps_a_hostile_dead_letter_intact() {
     let env = TestEnv::new().await;
     let dlq = env.settings.topology.dead_letter_queue.clone();
-    let mut old = lapin::types::FieldTable::default();
-    old.insert("x-queue-type".into(), header_value("quorum"));
-    env.channel
-        .queue_declare(
-            dlq.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            old,
-        )
-        .await
-        .expect("the DLQ as an earlier version declared it");
+    declare_legacy_dlq(&env).await;
     env.declare_topology().await;
     plant_dead_letters(&env, &["H-0".to_owned()]).await;
     let mut headers = lapin::types::FieldTable::default();
