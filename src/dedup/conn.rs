@@ -430,11 +430,15 @@ impl LazyCluster {
         Ok(conn)
     }
 
-    /// The cluster connection re-discovers slots by itself; only a connection that can
-    /// no longer reach any node is dropped, to be made anew.
+    /// The cluster connection re-discovers slots by itself; a connection that failed at the
+    /// transport (dropped, refused, timed out) is dropped all the same and made anew from
+    /// the seed nodes, so a slot map stuck on a dead master cannot outlive one call.
     fn forget_after<T>(&self, result: &RedisResult<T>) {
         if let Err(e) = result
-            && (e.is_connection_dropped() || e.is_connection_refusal())
+            && (e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+                || e.is_io_error())
         {
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
