@@ -4,7 +4,12 @@
 //! Keys (prefix `redis.key_prefix`):
 //! - `<prefix>:group:<ext_id>` — JSON, either `{"state":"claimed","owner":…}` with the
 //!   lease as its expiry, or `{"state":"created","org_unit_id":…}` kept `dedup.ttl`;
-//! - `<prefix>:attempt:<ext_id>` — count of POSTs ever about to be sent, kept `dedup.ttl`.
+//! - `<prefix>:attempt:<ext_id>` — the attempt marker: POSTs ever about to be sent, when
+//!   the last one was, whether its delivery settled, and what was posted; kept `dedup.ttl`;
+//! - `<prefix>:outcome:<ext_id>` — the last outcome (JSON), kept `dedup.ttl`: a report for
+//!   `status`, never read by the worker;
+//! - `<prefix>:message:<message_id>` — the last outcome of an invalid command, by its
+//!   message id (it may have no valid ext id), kept `dedup.ttl`.
 //!
 //! Invariants:
 //! - every transition is one Lua script, so it is atomic: claim-or-read, renew-if-owner,
@@ -26,7 +31,8 @@ use crate::command::ExtId;
 use crate::config::{RedisMode, RedisSettings, TlsSettings};
 use crate::convirza::{TokenPair, TokenStore};
 use crate::pipeline::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
+    AttemptMarker, Claim, CreatedRecord, DedupStore, LastOutcome, OutcomeKey, Posting,
+    RecordResult, StoreError, Unreadable,
 };
 use conn::RedisConn;
 
@@ -49,22 +55,31 @@ pub struct ExtIdStatus {
     pub ttl_ms: Option<i64>,
     /// POSTs ever about to be sent for this ext id.
     pub attempt_markers: u64,
+    /// What the last delivery ended as, if it is still kept (and readable).
+    pub last_outcome: Option<LastOutcome>,
 }
 
 // A key of another type (a hash, a list) is "unreadable", not an error of Redis: the
 // scripts read with `redis.pcall` and say so with a value that starts with NUL and names
 // the type.
 // Answers nil (claimed now), the value found (any bytes), or `{type}` for a key of
-// another type: the two cannot be confused whatever a value contains.
-const CLAIM: &str = r"
+// another type: the two cannot be confused whatever a value contains. A created record
+// found makes ARGV[3] (this delivery as a duplicate) the last outcome in KEYS[2]; the
+// prefix test is enough because the record is only ever written by this program, and a
+// miss costs only that report.
+const CLAIM: &str = r#"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return false
 end
 if t ~= 'string' then return {t} end
-return redis.call('GET', KEYS[1])
-";
+local v = redis.call('GET', KEYS[1])
+if string.sub(v, 1, 19) == '{"state":"created",' then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+end
+return v
+"#;
 
 // ARGV[1] says what was seen: 'value' (ARGV[2] is the exact bytes) or 'type' (ARGV[2] is
 // the type name). Anything else stored meanwhile is left alone.
@@ -115,6 +130,7 @@ if v then
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 close_marker(KEYS[2])
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
 return 'ok'
 ";
 
@@ -245,11 +261,16 @@ pub enum KeyShape {
 
 impl KeyShape {
     pub fn key(self, prefix: &str, kind: &str, ext_id: &ExtId) -> String {
+        self.key_of(prefix, kind, ext_id.as_str())
+    }
+
+    /// The key of `kind` for any name (an ext id, a message id).
+    pub fn key_of(self, prefix: &str, kind: &str, name: &str) -> String {
         match self {
-            KeyShape::Plain => format!("{prefix}:{kind}:{ext_id}"),
+            KeyShape::Plain => format!("{prefix}:{kind}:{name}"),
             KeyShape::HashTagged => format!(
-                "{prefix}:{kind}:{{{}}}:{ext_id}",
-                crate::hash::short_hash(ext_id.as_str().as_bytes())
+                "{prefix}:{kind}:{{{}}}:{name}",
+                crate::hash::short_hash(name.as_bytes())
             ),
         }
     }
@@ -389,6 +410,32 @@ impl RedisStore {
         self.keys.key(&self.prefix, "attempt", ext_id)
     }
 
+    pub fn outcome_key(&self, key: OutcomeKey<'_>) -> String {
+        match key {
+            OutcomeKey::ExtId(ext_id) => self.keys.key(&self.prefix, "outcome", ext_id),
+            OutcomeKey::MessageId(id) => self.keys.key_of(&self.prefix, "message", id),
+        }
+    }
+
+    /// The last outcome kept under `key`; `None` when there is none or it cannot be read
+    /// (a report only: an unreadable one is as good as none).
+    pub async fn last_outcome(
+        &self,
+        key: OutcomeKey<'_>,
+    ) -> Result<Option<LastOutcome>, StoreError> {
+        let mut conn = self.conn.clone();
+        let kind: String = redis::cmd("TYPE")
+            .arg(self.outcome_key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(store_err)?;
+        if kind != "string" {
+            return Ok(None);
+        }
+        let raw: Option<Vec<u8>> = conn.get(self.outcome_key(key)).await.map_err(store_err)?;
+        Ok(raw.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+    }
+
     /// Everything known about one ext id (read-only).
     pub async fn status(&self, ext_id: &ExtId) -> Result<ExtIdStatus, StoreError> {
         let mut conn = self.conn.clone();
@@ -421,7 +468,9 @@ impl RedisStore {
             (other, _) => (None, Some(format!("a Redis {other}, not a string"))),
         };
         let known = record.is_some() || unreadable.is_some();
+        let last_outcome = self.last_outcome(OutcomeKey::ExtId(ext_id)).await?;
         Ok(ExtIdStatus {
+            last_outcome,
             ttl_ms: Some(ttl).filter(|t| known && *t >= 0),
             record,
             unreadable,
@@ -448,17 +497,23 @@ impl DedupStore for RedisStore {
         ext_id: &ExtId,
         owner: &str,
         lease: Duration,
+        duplicate: &LastOutcome,
+        ttl: Duration,
     ) -> Result<Claim, StoreError> {
         let mut conn = self.conn.clone();
         let value = record_json(&StoredRecord::Claimed {
             owner: owner.to_owned(),
             claimed_at: crate::clock::now_rfc3339(),
         })?;
+        let duplicate = serde_json::to_string(duplicate).map_err(StoreError::Encode)?;
         let existing: redis::Value = self
             .claim
             .key(self.group_key(ext_id))
+            .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
             .arg(value)
             .arg(millis(lease))
+            .arg(duplicate)
+            .arg(millis(ttl))
             .invoke_async(&mut conn)
             .await
             .map_err(store_err)?;
@@ -535,17 +590,21 @@ impl DedupStore for RedisStore {
         ext_id: &ExtId,
         owner: &str,
         record: &CreatedRecord,
+        outcome: &LastOutcome,
         ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
         let mut conn = self.conn.clone();
         let value = record_json(&StoredRecord::Created(record.clone()))?;
+        let outcome = serde_json::to_string(outcome).map_err(StoreError::Encode)?;
         let answer: String = self
             .record_created
             .key(self.group_key(ext_id))
             .key(self.attempt_key(ext_id))
+            .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
             .arg(owner)
             .arg(value)
             .arg(millis(ttl))
+            .arg(outcome)
             .invoke_async(&mut conn)
             .await
             .map_err(store_err)?;
@@ -604,6 +663,19 @@ impl DedupStore for RedisStore {
             .await
             .map_err(store_err)?;
         Ok(raw.map(|bytes| parse_marker(&bytes, now)))
+    }
+
+    async fn record_outcome(
+        &self,
+        key: OutcomeKey<'_>,
+        outcome: &LastOutcome,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let text = serde_json::to_string(outcome).map_err(StoreError::Encode)?;
+        conn.pset_ex::<_, _, ()>(self.outcome_key(key), text, millis(ttl))
+            .await
+            .map_err(store_err)
     }
 
     /// `PING`: readiness checks and the circuit's probe.

@@ -15,9 +15,11 @@ use crate::traceparent::Traceparent;
 
 use super::api::{ApiError, Created, GroupApi, GroupSummary, names_match};
 use super::decision::{DeferReason, FailureKind, Outcome};
+use super::last_outcome::LastOutcome;
 use super::recorder::Recorder;
 use super::store::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
+    AttemptMarker, Claim, CreatedRecord, DedupStore, OutcomeKey, Posting, RecordResult, StoreError,
+    Unreadable,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -33,6 +35,7 @@ pub enum StoreOp {
     Release,
     MarkAttempt,
     HasAttempt,
+    Outcome,
     Ping,
 }
 
@@ -81,6 +84,8 @@ pub struct FakeStore {
     /// Operation → how many of its next calls fail (`u32::MAX`: all of them), and when.
     failing: Mutex<HashMap<StoreOp, (u32, When)>>,
     calls: Mutex<HashMap<StoreOp, u32>>,
+    /// Last outcomes by ext id (`ext:<id>`) or message id (`msg:<id>`).
+    outcomes: Mutex<HashMap<String, LastOutcome>>,
 }
 
 impl FakeStore {
@@ -240,6 +245,15 @@ impl FakeStore {
             .filter(|left| !left.is_zero())
     }
 
+    /// The last outcome kept for `key`.
+    pub fn last_outcome(&self, key: OutcomeKey<'_>) -> Option<LastOutcome> {
+        lock(&self.outcomes).get(&outcome_key(key)).cloned()
+    }
+
+    fn put_outcome(&self, key: OutcomeKey<'_>, outcome: &LastOutcome) {
+        lock(&self.outcomes).insert(outcome_key(key), outcome.clone());
+    }
+
     /// The live claim's owner, if any.
     pub fn claimant(&self, ext_id: &ExtId) -> Option<String> {
         match lock(&self.entries).get(ext_id) {
@@ -277,9 +291,14 @@ impl DedupStore for FakeStore {
         ext_id: &ExtId,
         owner: &str,
         lease: Duration,
+        duplicate: &LastOutcome,
+        _ttl: Duration,
     ) -> Result<Claim, StoreError> {
         self.call(StoreOp::Claim, || match self.live(ext_id) {
-            Some(Entry::Created { record, .. }) => Claim::Created(record),
+            Some(Entry::Created { record, .. }) => {
+                self.put_outcome(OutcomeKey::ExtId(ext_id), duplicate);
+                Claim::Created(record)
+            }
             Some(Entry::Claimed { owner, .. }) => Claim::HeldByOther { owner },
             Some(Entry::Unreadable(found)) => Claim::Unreadable(found),
             None => {
@@ -325,6 +344,7 @@ impl DedupStore for FakeStore {
         ext_id: &ExtId,
         owner: &str,
         record: &CreatedRecord,
+        outcome: &LastOutcome,
         ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
         self.call(StoreOp::Record, || match self.live(ext_id) {
@@ -334,6 +354,7 @@ impl DedupStore for FakeStore {
             _ => {
                 self.put_created_for(ext_id, record.clone(), ttl);
                 self.close_marker(ext_id);
+                self.put_outcome(OutcomeKey::ExtId(ext_id), outcome);
                 RecordResult::Written
             }
         })
@@ -383,8 +404,24 @@ impl DedupStore for FakeStore {
         })
     }
 
+    async fn record_outcome(
+        &self,
+        key: OutcomeKey<'_>,
+        outcome: &LastOutcome,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.call(StoreOp::Outcome, || self.put_outcome(key, outcome))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.call(StoreOp::Ping, || ())
+    }
+}
+
+fn outcome_key(key: OutcomeKey<'_>) -> String {
+    match key {
+        OutcomeKey::ExtId(e) => format!("ext:{e}"),
+        OutcomeKey::MessageId(m) => format!("msg:{m}"),
     }
 }
 

@@ -10,7 +10,7 @@
 //! - `disposition.rs` — **the** mapping from an API error to retry / dead-letter / pause;
 //! - `circuit.rs` — the circuit and the account-wide rate-limit pause;
 //! - `api.rs`, `store.rs`, `recorder.rs` — the ports; `events.rs`, `decision.rs`,
-//!   `fingerprint.rs`, `reconcile.rs` — the values they produce.
+//!   `fingerprint.rs`, `reconcile.rs`, `last_outcome.rs` — the values they produce.
 //!
 //! Invariants:
 //! - no POST without a claim on the ext id, and no POST while another owner holds it;
@@ -28,6 +28,7 @@ mod disposition;
 mod events;
 mod fingerprint;
 mod inbound;
+mod last_outcome;
 mod lease;
 mod processor;
 mod provision;
@@ -52,9 +53,11 @@ pub use events::{
 };
 pub use fingerprint::differing_fields;
 pub use inbound::Inbound;
+pub use last_outcome::{LastOutcome, Place, TierPlace};
 pub use processor::{Processor, ProcessorConfig, Verdict};
 pub use reconcile::{Reconciled, reconcile};
 pub use recorder::{InFlight, NoRecorder, Recorder};
 pub use store::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, Posting, RecordResult, StoreError, Unreadable,
+    AttemptMarker, Claim, CreatedRecord, DedupStore, OutcomeKey, Posting, RecordResult, StoreError,
+    Unreadable,
 };

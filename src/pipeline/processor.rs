@@ -19,15 +19,16 @@ use crate::retry::RetryPolicy;
 use crate::traceparent::Traceparent;
 
 use super::api::{ApiError, GroupApi};
-use super::circuit::Circuit;
-use super::decision::{Decision, DelayReason, Failure, FailureKind, SystemFault};
+use super::circuit::{Circuit, CircuitState};
+use super::decision::{Decision, DelayReason, Failure, FailureKind, Outcome, SystemFault};
 use super::disposition::Disposition;
 use super::events::{CreatedEvent, FailedEvent};
 use super::fingerprint::{fingerprint, warn_if_different};
 use super::inbound::Inbound;
+use super::last_outcome::{LastOutcome, TierPlace};
 use super::provision::{Provisioned, Tries};
 use super::recorder::{NoRecorder, Recorder};
-use super::store::{Claim, CreatedRecord, DedupStore, RecordResult};
+use super::store::{Claim, CreatedRecord, DedupStore, OutcomeKey, RecordResult};
 
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -145,6 +146,70 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         &self.config
     }
 
+    /// Keep the last outcome of a settled delivery for `status`: under its ext id, and for
+    /// an invalid command under its message id too. Best effort and after the ack: a
+    /// failure is logged and costs nothing else. Skipped when Redis itself is the fault
+    /// (the write would only wait for it), and when the store already has it (created,
+    /// duplicate).
+    pub async fn report(
+        &self,
+        msg: &Inbound,
+        verdict: &Verdict,
+        outcome: Outcome,
+        tiers: &[TierPlace],
+        dead_letter_queue: &str,
+    ) {
+        let redis_at_fault = |fault: &SystemFault| matches!(fault, SystemFault::Store(_));
+        let store_down = match &verdict.decision {
+            Decision::Delay {
+                reason: DelayReason::Parked(SystemFault::CircuitOpen),
+                ..
+            } => {
+                matches!(self.circuit.state(), CircuitState::Open { fault } if redis_at_fault(&fault))
+            }
+            Decision::Delay {
+                reason: DelayReason::Parked(fault),
+                ..
+            } => redis_at_fault(fault),
+            _ => false,
+        };
+        if store_down {
+            return;
+        }
+        let Some(record) = LastOutcome::settled(
+            &verdict.decision,
+            outcome,
+            msg,
+            verdict.ext_id.as_deref(),
+            verdict.http_status,
+            tiers,
+            dead_letter_queue,
+        ) else {
+            return;
+        };
+        let ext_id = verdict.ext_id.as_deref().and_then(|e| ExtId::parse(e).ok());
+        if let Some(ext_id) = &ext_id {
+            self.keep_outcome(OutcomeKey::ExtId(ext_id), &record).await;
+        }
+        let invalid = matches!(
+            &verdict.decision,
+            Decision::DeadLetter { failure, .. } if failure.kind == FailureKind::InvalidCommand
+        );
+        if let (true, Some(id)) = (invalid, msg.message_id.as_deref()) {
+            self.keep_outcome(OutcomeKey::MessageId(id), &record).await;
+        }
+    }
+
+    async fn keep_outcome(&self, key: OutcomeKey<'_>, record: &LastOutcome) {
+        if let Err(e) = self
+            .store
+            .record_outcome(key, record, self.config.ttl)
+            .await
+        {
+            tracing::warn!(error = %e, "could not keep the last outcome for status");
+        }
+    }
+
     /// Decide what to do with one delivery. Never fails: every error is a decision.
     pub async fn process(&self, msg: &Inbound) -> Verdict {
         let traceparent = msg
@@ -203,9 +268,16 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             self.config.worker_id,
             uuid::Uuid::new_v4().simple()
         );
+        let duplicate = LastOutcome::duplicate(msg, command.ext_id.as_str());
         match self
             .store
-            .claim(&command.ext_id, &owner, self.config.lease)
+            .claim(
+                &command.ext_id,
+                &owner,
+                self.config.lease,
+                &duplicate,
+                self.config.ttl,
+            )
             .await
         {
             Err(e) => self.park(msg, 0, SystemFault::Store(e.to_string())),
@@ -315,12 +387,19 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             org_unit_name: name,
             org_unit_parent_id: parent,
             fingerprint: fingerprint(command),
+            message_id: msg.message_id.clone(),
         };
+        let outcome = LastOutcome::created(
+            msg,
+            command.ext_id.as_str(),
+            attempts,
+            provisioned.org_unit_id,
+        );
         let mut duplicate = provisioned.duplicate;
         let mut reported = record.clone();
         match self
             .store
-            .record_created(&command.ext_id, owner, &record, self.config.ttl)
+            .record_created(&command.ext_id, owner, &record, &outcome, self.config.ttl)
             .await
         {
             Ok(RecordResult::Written) => {}

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::ExtId;
 
+use super::last_outcome::LastOutcome;
+
 /// What the dedup store remembers of a created group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreatedRecord {
@@ -29,6 +31,17 @@ pub struct CreatedRecord {
     /// differ without storing personal data in Redis.
     #[serde(default)]
     pub fingerprint: BTreeMap<String, String>,
+    /// The `message_id` of the command that created it, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+}
+
+/// Under which name a last outcome is kept: the ext id, or — for an invalid command — its
+/// message id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKey<'a> {
+    ExtId(&'a ExtId),
+    MessageId(&'a str),
 }
 
 /// Result of trying to claim an ext id.
@@ -134,13 +147,15 @@ impl StoreError {
 }
 
 pub trait DedupStore: Send + Sync {
-    /// Atomically: the created record if there is one, else claim for `owner` unless
-    /// another live lease exists.
+    /// Atomically: the created record if there is one (then `duplicate` becomes the last
+    /// outcome, kept `ttl`), else claim for `owner` unless another live lease exists.
     fn claim(
         &self,
         ext_id: &ExtId,
         owner: &str,
         lease: Duration,
+        duplicate: &LastOutcome,
+        ttl: Duration,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
     /// Replace the unreadable record `found` with a claim for `owner`, if it is still what
     /// is stored (compare-and-set); `false` when it changed meanwhile.
@@ -158,15 +173,25 @@ pub trait DedupStore: Send + Sync {
         owner: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Compare-and-set claimed(owner) → created, closing the attempt marker. Never
-    /// overwrites another owner's lease or an existing created record.
+    /// Compare-and-set claimed(owner) → created, closing the attempt marker and writing
+    /// `outcome` as the last outcome. Never overwrites another owner's lease or an
+    /// existing created record (and then writes no outcome either).
     fn record_created(
         &self,
         ext_id: &ExtId,
         owner: &str,
         record: &CreatedRecord,
+        outcome: &LastOutcome,
         ttl: Duration,
     ) -> impl Future<Output = Result<RecordResult, StoreError>> + Send;
+    /// Keep `outcome` as the last outcome under `key` for `ttl` (a report only: nothing
+    /// decides on it).
+    fn record_outcome(
+        &self,
+        key: OutcomeKey<'_>,
+        outcome: &LastOutcome,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Drop our claim (if still ours) so a later delivery can claim at once. With
     /// `settled`, our POSTs have all ended and the attempt marker is closed; without
     /// (shutdown cut the work off), it stays open, so the next owner waits out a POST that

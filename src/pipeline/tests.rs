@@ -796,6 +796,7 @@ async fn a_group_created_after_another_was_recorded_is_an_orphan() {
         org_unit_name: "Group LL-3".into(),
         org_unit_parent_id: PARENT,
         fingerprint: Default::default(),
+        message_id: None,
     };
     let work = h.run(msg("LL-3"));
     let record = async {
@@ -1106,4 +1107,154 @@ async fn shutdown_hands_back_claims_but_keeps_the_marker_open() {
         h.store().marker_open(&ext("SD-1")),
         "the POST may be in the air"
     );
+}
+
+// --- the last outcome, for `status` ------------------------------------------------------
+
+fn tier_places() -> Vec<TierPlace> {
+    ["5s", "1m"]
+        .iter()
+        .zip([5, 60])
+        .map(|(label, secs)| TierPlace {
+            queue: format!("work.retry.{label}"),
+            label: (*label).to_owned(),
+            delay: Duration::from_secs(secs),
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn created_and_duplicate_are_kept_with_the_store_calls_that_decide_them() {
+    let h = Harness::new();
+    let first = Inbound {
+        message_id: Some("m-1".into()),
+        ..msg("LO-1")
+    };
+    let v = h.run(first.clone()).await;
+    let id = created(&v).org_unit_id;
+    let outcomes_written = || h.store().calls(StoreOp::Outcome);
+    h.p.report(&first, &v, Outcome::Created, &tier_places(), "dlq")
+        .await;
+    assert_eq!(
+        outcomes_written(),
+        0,
+        "no extra store call for a created group"
+    );
+    let last = h
+        .store()
+        .last_outcome(OutcomeKey::ExtId(&ext("LO-1")))
+        .expect("kept");
+    assert_eq!(
+        (last.outcome.as_str(), last.org_unit_id, last.attempts),
+        ("created", Some(id), 1)
+    );
+    assert_eq!(last.message_id.as_deref(), Some("m-1"));
+    assert_eq!(
+        h.store()
+            .created(&ext("LO-1"))
+            .and_then(|r| r.message_id)
+            .as_deref(),
+        Some("m-1")
+    );
+
+    let again = Inbound {
+        message_id: Some("m-2".into()),
+        ..msg("LO-1")
+    };
+    let v = h.run(again.clone()).await;
+    h.p.report(&again, &v, Outcome::Duplicate, &tier_places(), "dlq")
+        .await;
+    assert_eq!(outcomes_written(), 0, "no extra store call for a duplicate");
+    let last = h
+        .store()
+        .last_outcome(OutcomeKey::ExtId(&ext("LO-1")))
+        .expect("kept");
+    assert_eq!(
+        (last.outcome.as_str(), last.message_id.as_deref()),
+        ("duplicate", Some("m-2"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_and_an_invalid_command_are_kept_after_they_settle() {
+    let h = Harness::new();
+    h.api().script([Answer::Fail(rejected(422))]);
+    let m = msg("LO-2");
+    let v = h.run(m.clone()).await;
+    h.p.report(&m, &v, Outcome::DeadLettered, &tier_places(), "the.dlq")
+        .await;
+    let last = h
+        .store()
+        .last_outcome(OutcomeKey::ExtId(&ext("LO-2")))
+        .expect("kept");
+    assert_eq!(
+        (
+            last.outcome.as_str(),
+            last.error_kind.as_deref(),
+            last.http_status
+        ),
+        ("dead_lettered", Some("rejected"), Some(422))
+    );
+    assert_eq!(
+        last.place,
+        Place::DeadLetterQueue {
+            queue: "the.dlq".into()
+        }
+    );
+
+    let invalid = Inbound {
+        body: b"{not json".to_vec(),
+        message_id: Some("m-bad".into()),
+        ..Inbound::default()
+    };
+    let v = h.run(invalid.clone()).await;
+    h.p.report(
+        &invalid,
+        &v,
+        Outcome::DeadLettered,
+        &tier_places(),
+        "the.dlq",
+    )
+    .await;
+    let last = h
+        .store()
+        .last_outcome(OutcomeKey::MessageId("m-bad"))
+        .expect("kept by message id");
+    assert_eq!(last.error_kind.as_deref(), Some("invalid_command"));
+    assert_eq!(last.ext_id, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_fault_is_not_reported_to_the_store_that_is_failing() {
+    let h = Harness::new();
+    h.store().fail(StoreOp::Claim, 1);
+    let m = msg("LO-3");
+    let v = h.run(m.clone()).await;
+    assert_eq!(parked(&v).label(), "redis");
+    h.p.report(&m, &v, Outcome::Deferred, &tier_places(), "dlq")
+        .await;
+    // The circuit is open for Redis now: a delivery parked by it is not reported either.
+    let m = msg("LO-4");
+    let v = h.run(m.clone()).await;
+    h.p.report(&m, &v, Outcome::Deferred, &tier_places(), "dlq")
+        .await;
+    assert_eq!(h.store().calls(StoreOp::Outcome), 0);
+
+    // A transient failure is reported, with the tier it waits in.
+    let h = Harness::new();
+    h.api()
+        .script([transient(503), transient(503), transient(503)].map(Answer::Fail));
+    let m = msg("LO-5");
+    let v = h.run(m.clone()).await;
+    h.p.report(&m, &v, Outcome::Deferred, &tier_places(), "dlq")
+        .await;
+    let last = h
+        .store()
+        .last_outcome(OutcomeKey::ExtId(&ext("LO-5")))
+        .expect("kept");
+    assert_eq!(
+        (last.outcome.as_str(), last.reason.as_deref()),
+        ("deferred", Some("transient"))
+    );
+    assert!(matches!(last.place, Place::DelayQueue { ref tier, .. } if tier == "5s"));
 }

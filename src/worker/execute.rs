@@ -102,6 +102,16 @@ pub(crate) async fn handle(
         .await;
         log_outcome(&verdict, outcome, started);
         count(&shared, &verdict, outcome);
+        shared
+            .processor
+            .report(
+                &inbound,
+                &verdict,
+                outcome,
+                &shared.tier_places,
+                &shared.settings.topology.dead_letter_queue,
+            )
+            .await;
     };
     let aborted = async {
         abort.cancelled().await;

@@ -29,7 +29,7 @@ use crate::convirza::ConvirzaClient;
 use crate::dedup::RedisStore;
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
-use crate::pipeline::{Circuit, CircuitState, Processor};
+use crate::pipeline::{Circuit, CircuitState, Processor, TierPlace};
 
 pub use session::SessionError;
 
@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub own_queues: HashSet<String>,
     /// How far the counters on a delivery are believed.
     pub counter_bounds: CounterBounds,
+    /// The delay tiers, as the last outcome names them.
+    pub tier_places: Vec<TierPlace>,
     /// What the circuit's probe must test when a publish fault opened it.
     probe: Mutex<Option<Probe>>,
     /// The process's metrics (the session reports the unrouted-events queue's depth).
@@ -179,8 +181,19 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
             .collect(),
         max_tries: settings.retry.max_tries,
     };
+    let tier_places = settings
+        .retry
+        .delays
+        .iter()
+        .map(|t| TierPlace {
+            queue: settings.topology.delay_queue(t),
+            label: t.label.clone(),
+            delay: t.delay,
+        })
+        .collect();
     let settings_nodes = settings.amqp.url.clone();
     let shared = Arc::new(Shared {
+        tier_places,
         settings,
         processor,
         worker_id,

@@ -6,8 +6,8 @@ use std::time::Duration;
 use group_provisioner::command::{CreateGroup, ExtId};
 use group_provisioner::dedup::{RedisStore, StoredRecord};
 use group_provisioner::pipeline::{
-    Claim, Decision, DedupStore, DelayReason, FailureKind, Inbound, Processor, ProcessorConfig,
-    SystemFault, Verdict,
+    Claim, Decision, DedupStore, DelayReason, FailureKind, Inbound, LastOutcome, Processor,
+    ProcessorConfig, SystemFault, Verdict,
 };
 use group_provisioner::retry::RetryPolicy;
 use group_provisioner::sim::{FailNext, SimHandle};
@@ -214,7 +214,13 @@ async fn a_claim_held_elsewhere_defers_without_calling_the_api() {
     let store = core.processor.store();
     assert_eq!(
         store
-            .claim(&ext("H-1"), "other-worker/abc", Duration::from_secs(30))
+            .claim(
+                &ext("H-1"),
+                "other-worker/abc",
+                Duration::from_secs(30),
+                &LastOutcome::duplicate(&Inbound::default(), "H-1"),
+                Duration::from_secs(60),
+            )
             .await
             .expect("claim"),
         Claim::Acquired
