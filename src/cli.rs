@@ -86,13 +86,18 @@ pub enum Command {
         #[arg(value_enum)]
         which: SchemaKind,
     },
-    /// What the dedup store knows of one ext id (exit 0 when known, 1 when unknown).
+    /// What happened to one ext id: the dedup record, the POSTs made, and the last outcome
+    /// with where the message is now (exit 0 known, 1 unknown, 3 store unreachable).
     #[command(
-        after_help = "States: created (org_unit_id, when, API request id), claimed (a worker is on it:\nowner and lease left), attempted (POSTs were made but nothing is recorded now),\nunknown.\n\nExample:\n  group-provisioner status ORG-2001 --json"
+        after_help = "States: created (org_unit_id, when, API request id), claimed (a worker is on it:\nowner and lease left), dead_lettered, deferred (a transient failure or a claim held\nelsewhere: waiting in a delay tier), parked (a fault of the system: waiting in a delay\ntier, not charged), requeued, failed (not settled: the broker delivers it again),\nattempted (POSTs were made; nothing else kept), unreadable, unknown.\nThe last outcome says where the message is now: done, in delay queue Q until about T,\nin the dead-letter queue, back in the work queue.\nAn invalid command is also kept by its message id (it may have no valid ext id).\nEverything is kept dedup.ttl.\n\nExit codes: 0 known, 1 unknown, 2 bad argument or configuration, 3 the dedup store\ncannot be reached.\n\nExamples:\n  group-provisioner status ORG-2001\n  group-provisioner status ORG-2001 --json\n  group-provisioner status --message-id 7f6c1e9a-2b1d-4c55-9f0e-0d3c4a1b2e77"
     )]
     Status {
         /// The ext id (org_unit_ext_id) to look up.
-        ext_id: String,
+        #[arg(required_unless_present = "message_id", conflicts_with = "message_id")]
+        ext_id: Option<String>,
+        /// Look up an invalid command by its AMQP message_id instead.
+        #[arg(long, value_name = "ID")]
+        message_id: Option<String>,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -374,9 +379,23 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             print!("{schema}");
             Exit::Success
         }
-        Command::Status { ext_id, json } => ops_result(
+        Command::Status {
+            ext_id,
+            message_id,
+            json,
+        } => ops_result(
             "status",
-            ops::status::run(&settings, &ext_id, json).await,
+            ops::status::run(
+                &settings,
+                match (&ext_id, &message_id) {
+                    (_, Some(id)) => ops::status::Lookup::MessageId(id),
+                    (Some(e), None) => ops::status::Lookup::ExtId(e),
+                    // clap requires one of them.
+                    (None, None) => ops::status::Lookup::ExtId(""),
+                },
+                json,
+            )
+            .await,
             |known| if known { Exit::Success } else { Exit::Unknown },
         ),
     }

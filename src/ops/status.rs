@@ -1,35 +1,82 @@
-//! `status <ext_id>`: what the dedup store knows of one ext id.
+//! `status <ext_id>` / `status --message-id <id>`: what is known of one ext id (the dedup
+//! record, the attempt marker and the last outcome), or of one invalid command.
+//!
+//! Read-only. "Known" means the store holds anything about it; the exit code says so.
 
-use serde_json::json;
+use std::time::SystemTime;
+
+use serde_json::{Value, json};
 
 use crate::app;
 use crate::command::ExtId;
 use crate::config::Settings;
-use crate::dedup::StoredRecord;
+use crate::dedup::{RedisStore, StoredRecord};
+use crate::pipeline::{LastOutcome, OutcomeKey, Place};
 use crate::text::printable;
 
 use super::OpsError;
 
-/// Prints what is known of `ext_id`; returns whether anything is.
-pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> Result<bool, OpsError> {
-    let ext_id = ExtId::parse(ext_id)
-        .map_err(|e| OpsError::BadArgument(format!("not a valid ext id: {e}")))?;
+/// What to look up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    ExtId(&'a str),
+    MessageId(&'a str),
+}
+
+/// Prints what is known; returns whether anything is.
+pub async fn run(settings: &Settings, lookup: Lookup<'_>, as_json: bool) -> Result<bool, OpsError> {
     let store_error = |source| OpsError::Store {
         url: settings.redis.url.to_string(),
         source,
     };
-    let store = app::dedup_store(settings).map_err(store_error)?;
-    let status = store.status(&ext_id).await.map_err(store_error)?;
-    let known =
-        status.record.is_some() || status.unreadable.is_some() || status.attempt_markers > 0;
-    if as_json {
-        let state = match &status.record {
-            Some(StoredRecord::Created(_)) => "created",
-            Some(StoredRecord::Claimed { .. }) => "claimed",
-            None if status.unreadable.is_some() => "unreadable",
+    match lookup {
+        Lookup::ExtId(text) => {
+            let ext_id = ExtId::parse(text)
+                .map_err(|e| OpsError::BadArgument(format!("not a valid ext id: {e}")))?;
+            let store = app::dedup_store(settings).map_err(store_error)?;
+            by_ext_id(&store, &ext_id, as_json)
+                .await
+                .map_err(store_error)
+        }
+        Lookup::MessageId(id) => {
+            if id.is_empty() || id.len() > 255 {
+                return Err(OpsError::BadArgument(
+                    "a message id is 1 to 255 bytes".into(),
+                ));
+            }
+            let store = app::dedup_store(settings).map_err(store_error)?;
+            let last = store
+                .last_outcome(OutcomeKey::MessageId(id))
+                .await
+                .map_err(store_error)?;
+            print_message(id, last.as_ref(), as_json);
+            Ok(last.is_some())
+        }
+    }
+}
+
+async fn by_ext_id(
+    store: &RedisStore,
+    ext_id: &ExtId,
+    as_json: bool,
+) -> Result<bool, crate::pipeline::StoreError> {
+    let status = store.status(ext_id).await?;
+    let last = status.last_outcome.as_ref();
+    let known = status.record.is_some()
+        || status.unreadable.is_some()
+        || status.attempt_markers > 0
+        || last.is_some();
+    let state = match &status.record {
+        Some(StoredRecord::Created(_)) => "created",
+        Some(StoredRecord::Claimed { .. }) => "claimed",
+        None if status.unreadable.is_some() => "unreadable",
+        None => match last {
+            Some(l) => l.outcome.as_str(),
             None if known => "attempted",
             None => "unknown",
-        };
+        },
+    };
+    if as_json {
         let out = json!({
             "ext_id": ext_id.as_str(),
             "state": state,
@@ -37,47 +84,160 @@ pub async fn run(settings: &Settings, ext_id: &str, as_json: bool) -> Result<boo
             "ttl_ms": status.ttl_ms,
             "post_attempts": status.attempt_markers,
             "unreadable": status.unreadable,
+            "last_outcome": last.map(outcome_json),
         });
         println!("{out}");
-    } else {
-        println!("ext_id:        {}", printable(ext_id.as_str(), 160));
-        match &status.record {
-            Some(StoredRecord::Created(r)) => {
-                println!("state:         created");
-                println!("org_unit_id:   {}", r.org_unit_id);
-                println!("name:          {}", printable(&r.org_unit_name, 300));
-                println!("parent:        {}", r.org_unit_parent_id);
-                println!("created_at:    {}", printable(&r.created_at, 64));
-                println!(
-                    "api_request:   {}",
-                    printable(r.api_request_id.as_deref().unwrap_or("-"), 128)
-                );
-                if let Some(ms) = status.ttl_ms {
-                    println!("forgotten in:  {}", human(ms));
-                }
+        return Ok(known);
+    }
+    println!("ext_id:        {}", printable(ext_id.as_str(), 160));
+    match &status.record {
+        Some(StoredRecord::Created(r)) => {
+            println!("state:         created");
+            println!("org_unit_id:   {}", r.org_unit_id);
+            println!("name:          {}", printable(&r.org_unit_name, 300));
+            println!("parent:        {}", r.org_unit_parent_id);
+            println!("created_at:    {}", printable(&r.created_at, 64));
+            println!(
+                "api_request:   {}",
+                printable(r.api_request_id.as_deref().unwrap_or("-"), 128)
+            );
+            if let Some(id) = &r.message_id {
+                println!("created by:    message {}", printable(id, 255));
             }
-            Some(StoredRecord::Claimed { owner, claimed_at }) => {
-                println!("state:         claimed (a worker is creating it now)");
-                println!("owner:         {}", printable(owner, 300));
-                println!("claimed_at:    {}", printable(claimed_at, 64));
-                if let Some(ms) = status.ttl_ms {
-                    println!("lease left:    {}", human(ms));
-                }
+            if let Some(ms) = status.ttl_ms {
+                println!("forgotten in:  {}", human(ms));
             }
-            None if status.unreadable.is_some() => {
-                println!(
-                    "state:         unreadable ({}; the worker replaces it on the next delivery)",
-                    printable(status.unreadable.as_deref().unwrap_or_default(), 300)
-                );
+        }
+        Some(StoredRecord::Claimed { owner, claimed_at }) => {
+            println!("state:         claimed (a worker is creating it now)");
+            println!("owner:         {}", printable(owner, 300));
+            println!("claimed_at:    {}", printable(claimed_at, 64));
+            if let Some(ms) = status.ttl_ms {
+                println!("lease left:    {}", human(ms));
             }
+        }
+        None if status.unreadable.is_some() => {
+            println!(
+                "state:         unreadable ({}; the worker replaces it on the next delivery)",
+                printable(status.unreadable.as_deref().unwrap_or_default(), 300)
+            );
+        }
+        None => match last {
+            Some(l) => println!("state:         {}", l.outcome),
             None if known => println!(
-                "state:         attempted (no claim or record now: it failed or is waiting for a retry)"
+                "state:         attempted (POSTs were made; no record and no outcome kept now)"
             ),
             None => println!("state:         unknown (never seen, or forgotten after dedup.ttl)"),
-        }
-        println!("post_attempts: {}", status.attempt_markers);
+        },
+    }
+    println!("post_attempts: {}", status.attempt_markers);
+    if let Some(l) = last {
+        print_outcome(l, Some(ext_id.as_str()));
     }
     Ok(known)
+}
+
+fn print_message(id: &str, last: Option<&LastOutcome>, as_json: bool) {
+    if as_json {
+        let out = json!({
+            "message_id": id,
+            "state": last.map_or("unknown", |l| l.outcome.as_str()),
+            "last_outcome": last.map(outcome_json),
+        });
+        println!("{out}");
+        return;
+    }
+    println!("message_id:    {}", printable(id, 255));
+    match last {
+        Some(l) => {
+            println!("state:         {}", l.outcome);
+            match &l.ext_id {
+                Some(e) => println!("ext_id:        {}", printable(e, 160)),
+                None => println!("ext_id:        (none valid in the body)"),
+            }
+            print_outcome(l, l.ext_id.as_deref());
+        }
+        None => println!(
+            "state:         unknown (only invalid commands are kept by message id, for dedup.ttl; look the others up by ext id)"
+        ),
+    }
+}
+
+/// The record as stored, plus `overdue` for a message waiting in a delay queue.
+fn outcome_json(last: &LastOutcome) -> Value {
+    let mut value = serde_json::to_value(last).unwrap_or(Value::Null);
+    if let (Some(overdue), Value::Object(map)) = (last.overdue(SystemTime::now()), &mut value) {
+        map.insert("overdue".into(), Value::Bool(overdue));
+    }
+    value
+}
+
+fn print_outcome(last: &LastOutcome, ext_id: Option<&str>) {
+    let attempts = match last.attempts {
+        1 => "1 POST".to_owned(),
+        n => format!("{n} POSTs"),
+    };
+    println!(
+        "last outcome:  {} at {} ({})",
+        last.outcome,
+        printable(&last.at, 64),
+        attempts
+    );
+    if let Some(id) = &last.message_id {
+        println!("  message_id:  {}", printable(id, 255));
+    }
+    if let Some(kind) = &last.error_kind {
+        let http = last
+            .http_status
+            .map(|s| format!(", HTTP {s}"))
+            .unwrap_or_default();
+        println!("  error:       {kind}{http}");
+    } else if let Some(status) = last.http_status {
+        println!("  http_status: {status}");
+    }
+    if let Some(reason) = &last.reason {
+        println!("  reason:      {reason}");
+    }
+    if let Some(message) = &last.message {
+        println!("  message:     {}", printable(message, 512));
+    }
+    if let Some(id) = last.org_unit_id {
+        println!("  org_unit_id: {id}");
+    }
+    println!("  now:         {}", where_now(last, ext_id));
+}
+
+/// Where the message is, in words an operator can act on.
+fn where_now(last: &LastOutcome, ext_id: Option<&str>) -> String {
+    match &last.place {
+        Place::Done => "done: acked after its event was published".into(),
+        Place::DelayQueue { queue, tier, until } => {
+            let queue = printable(queue, 255);
+            let until = printable(until, 64);
+            match last.overdue(SystemTime::now()) {
+                Some(true) => format!(
+                    "was due back from delay queue {queue} (tier {tier}) at {until}; if nothing newer shows, is a worker consuming?"
+                ),
+                _ => format!(
+                    "in delay queue {queue} (tier {tier}) until about {until}, then back in the work queue"
+                ),
+            }
+        }
+        Place::DeadLetterQueue { queue } => {
+            let filter = match ext_id {
+                Some(e) => format!("--ext-id {}", printable(e, 160)),
+                None => "--kind invalid_command".into(),
+            };
+            format!(
+                "in the dead-letter queue {}: group-provisioner dlq replay {filter} --dry-run, then replay or discard",
+                printable(queue, 255)
+            )
+        }
+        Place::WorkQueue => "back in the work queue".into(),
+        Place::Unsettled => {
+            "not settled (the channel was lost): the broker delivers it again".into()
+        }
+    }
 }
 
 fn human(ms: i64) -> String {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use group_provisioner::sim::FailNext;
+
 use crate::helpers::*;
 use crate::process::{cli, cli_measured, cli_with_stdin, json_lines, stderr, stdout};
 
@@ -1226,5 +1228,146 @@ async fn dlq_migrate_keeps_a_hostile_dead_letter_intact() {
         let body: Value = serde_json::from_slice(&letter.body).expect("JSON");
         assert_eq!(body["org_unit_ext_id"], ext);
     }
+    env.cleanup().await;
+}
+
+/// `status` JSON of one lookup, with its exit code.
+async fn status_json(env: &TestEnv, args: &[&str]) -> (Option<i32>, Value) {
+    let mut all = vec!["status"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let o = cli(env, &all, &[]).await;
+    let value = json_lines(&o).into_iter().next().unwrap_or(Value::Null);
+    (o.status.code(), value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
+    let mut env = TestEnv::new().await;
+    env.settings.retry.delays = tiers(&["1s", "30s"]);
+    env.settings.retry.max_tries = 1;
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    let body = |ext: &str, parent: i64| json!({"org_unit_ext_id": ext, "org_unit_name": format!("Team {ext}"), "org_unit_parent_id": parent});
+
+    // Created, then the same command again: a duplicate, by its own message id.
+    let first = env.send(&body("ST-OK", 1000)).await;
+    events.next(T).await;
+    let (code, st) = status_json(&env, &["ST-OK"]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(st["state"], "created");
+    assert_eq!(st["last_outcome"]["outcome"], "created");
+    assert_eq!(st["last_outcome"]["message_id"], first.as_str());
+    assert_eq!(st["last_outcome"]["attempts"], 1);
+    assert_eq!(st["last_outcome"]["place"]["where"], "done");
+    assert_eq!(
+        st["last_outcome"]["org_unit_id"],
+        st["record"]["org_unit_id"]
+    );
+    let text = stdout(&cli(&env, &["status", "ST-OK"], &[]).await);
+    assert!(
+        text.contains("last outcome:  created at ")
+            && text.contains(&format!("created by:    message {first}"))
+            && text.contains("now:         done"),
+        "{text}"
+    );
+    let second = env.send(&body("ST-OK", 1000)).await;
+    assert_eq!(events.next(T).await.body["duplicate"], true);
+    let (_, st) = status_json(&env, &["ST-OK"]).await;
+    assert_eq!(st["state"], "created");
+    assert_eq!(st["last_outcome"]["outcome"], "duplicate");
+    assert_eq!(st["last_outcome"]["message_id"], second.as_str());
+
+    // Rejected by the API (no such parent): dead-lettered, and the runbook's next step.
+    env.send(&body("ST-REJ", 424_242)).await;
+    assert_eq!(events.next(T).await.body["error"]["kind"], "rejected");
+    let (code, st) = status_json(&env, &["ST-REJ"]).await;
+    assert_eq!(code, Some(0), "{st}");
+    assert_eq!(st["state"], "dead_lettered");
+    assert_eq!(st["last_outcome"]["error_kind"], "rejected");
+    assert!(st["last_outcome"]["http_status"].is_u64(), "{st}");
+    assert_eq!(st["last_outcome"]["place"]["where"], "dead_letter_queue");
+    assert_eq!(st["last_outcome"]["place"]["queue"], dlq.as_str());
+    let text = stdout(&cli(&env, &["status", "ST-REJ"], &[]).await);
+    assert!(
+        text.contains("state:         dead_lettered")
+            && text.contains("dlq replay --ext-id ST-REJ --dry-run"),
+        "{text}"
+    );
+
+    // Invalid with a valid ext id: known by it (it used to say "unknown").
+    env.send(
+        &json!({"org_unit_ext_id": "ST-INV", "org_unit_name": " ", "org_unit_parent_id": 1000}),
+    )
+    .await;
+    events.next(T).await;
+    let (code, st) = status_json(&env, &["ST-INV"]).await;
+    assert_eq!(code, Some(0), "{st}");
+    assert_eq!(st["last_outcome"]["error_kind"], "invalid_command");
+    // Invalid without one: known by its message id only.
+    let bad = env.send(&json!({"org_unit_name": "no ext id"})).await;
+    events.next(T).await;
+    let (code, st) = status_json(&env, &["--message-id", &bad]).await;
+    assert_eq!(code, Some(0), "{st}");
+    assert_eq!(st["state"], "dead_lettered");
+    assert_eq!(st["last_outcome"]["error_kind"], "invalid_command");
+    assert_eq!(st["last_outcome"]["ext_id"], Value::Null);
+    let text = stdout(&cli(&env, &["status", "--message-id", &bad], &[]).await);
+    assert!(
+        text.contains("ext_id:        (none valid in the body)")
+            && text.contains("dlq replay --kind invalid_command"),
+        "{text}"
+    );
+    let (code, st) = status_json(&env, &["--message-id", "never-sent"]).await;
+    assert_eq!((code, &st["state"]), (Some(1), &json!("unknown")));
+
+    // A transient failure twice: waiting in the 30 s tier, and status says until when.
+    env.sim
+        .sim
+        .update_faults(|f| f.fail_next = Some(FailNext::new(2, 503)));
+    let before = std::time::SystemTime::now();
+    env.send(&body("ST-WAIT", 1000)).await;
+    let st = wait_for("the command waiting in the 30s tier", T, || async {
+        let (_, st) = status_json(&env, &["ST-WAIT"]).await;
+        (st["last_outcome"]["place"]["tier"] == "30s").then_some(st)
+    })
+    .await;
+    assert_eq!(st["state"], "deferred");
+    assert_eq!(st["last_outcome"]["reason"], "transient");
+    assert_eq!(st["last_outcome"]["http_status"], 503);
+    assert_eq!(st["last_outcome"]["attempts"], 2);
+    assert_eq!(st["last_outcome"]["overdue"], false);
+    let until = st["last_outcome"]["place"]["until"]
+        .as_str()
+        .and_then(group_provisioner::clock::parse_rfc3339)
+        .expect("until");
+    assert!(
+        until >= before + Duration::from_secs(29) && until <= before + Duration::from_secs(60),
+        "{st}"
+    );
+    let text = stdout(&cli(&env, &["status", "ST-WAIT"], &[]).await);
+    assert!(text.contains("(tier 30s) until about"), "{text}");
+
+    // Usage errors are exit 2; an unreachable store is exit 3.
+    for args in [
+        &["status"][..],
+        &["status", "A-1", "--message-id", "m"],
+        &["status", "--message-id", ""],
+        &["status", "bad\u{7}id"],
+    ] {
+        let o = cli(&env, args, &[]).await;
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    let o = cli(
+        &env,
+        &["status", "ST-OK"],
+        &[("PROVISIONER__REDIS__URL", closed.as_str())],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    worker.shutdown();
+    worker.join().await;
     env.cleanup().await;
 }
