@@ -174,6 +174,7 @@ fn outcome_json(last: &LastOutcome) -> Value {
 
 fn print_outcome(last: &LastOutcome, ext_id: Option<&str>) {
     let attempts = match last.attempts {
+        0 => "no POST".to_owned(),
         1 => "1 POST".to_owned(),
         n => format!("{n} POSTs"),
     };
@@ -234,6 +235,13 @@ fn where_now(last: &LastOutcome, ext_id: Option<&str>) -> String {
             )
         }
         Place::WorkQueue => "back in the work queue".into(),
+        Place::Discarded { export: Some(file) } => format!(
+            "removed from the dead-letter queue by dlq discard; a copy was written to {}",
+            printable(file, 512)
+        ),
+        Place::Discarded { export: None } => {
+            "removed from the dead-letter queue by dlq discard --yes (no copy kept)".into()
+        }
         Place::Unsettled => {
             "not settled (the channel was lost): the broker delivers it again".into()
         }

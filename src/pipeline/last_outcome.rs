@@ -28,7 +28,8 @@ const MAX_ID_BYTES: usize = 255;
 pub struct LastOutcome {
     /// `created`, `duplicate`, `deferred` (a transient failure or a claim held elsewhere:
     /// waiting in a delay tier), `parked` (a fault of the system: waiting in a delay tier,
-    /// not charged), `dead_lettered`, `requeued`, `failed` (not settled).
+    /// not charged), `dead_lettered`, `requeued`, `failed` (not settled); and what an
+    /// operator did to its dead letter: `replayed`, `discarded`.
     pub outcome: String,
     /// When it was settled (RFC 3339).
     pub at: String,
@@ -70,8 +71,11 @@ pub enum Place {
     },
     /// In the dead-letter queue, until an operator replays or discards it.
     DeadLetterQueue { queue: String },
-    /// Returned to the work queue.
+    /// Returned to the work queue (requeued, or replayed from the DLQ).
     WorkQueue,
+    /// Removed from the DLQ by an operator (`dlq discard`), after a copy to `export` if
+    /// one was given.
+    Discarded { export: Option<String> },
     /// Not settled (the channel was lost): the broker delivers it again.
     Unsettled,
 }

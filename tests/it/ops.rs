@@ -1371,3 +1371,76 @@ async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
     worker.join().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_follows_a_dead_letter_through_replay_and_discard() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    let orphan = |ext: &str| json!({"org_unit_ext_id": ext, "org_unit_name": format!("Team {ext}"), "org_unit_parent_id": 424_242});
+    env.send(&orphan("SD-GONE")).await;
+    env.send(&orphan("SD-BACK")).await;
+    let bad = env.send(&json!({"org_unit_name": "no ext id"})).await;
+    events.take(3, T).await;
+    worker.shutdown();
+    worker.join().await;
+
+    let o = cli(
+        &env,
+        &["dlq", "discard", "--ext-id", "SD-GONE", "--yes"],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (code, st) = status_json(&env, &["SD-GONE"]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(st["state"], "discarded", "{st}");
+    assert_eq!(st["last_outcome"]["error_kind"], "rejected");
+    assert_eq!(st["last_outcome"]["place"]["where"], "discarded");
+    assert_eq!(st["last_outcome"]["place"]["export"], Value::Null);
+
+    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("discarded")));
+    let path = file.to_str().expect("path").to_owned();
+    let o = cli(
+        &env,
+        &[
+            "dlq",
+            "discard",
+            "--kind",
+            "invalid_command",
+            "--export",
+            &path,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (_, st) = status_json(&env, &["--message-id", &bad]).await;
+    assert_eq!(st["state"], "discarded", "{st}");
+    assert_eq!(st["last_outcome"]["place"]["export"], path.as_str());
+    let text = stdout(&cli(&env, &["status", "--message-id", &bad], &[]).await);
+    assert!(
+        text.contains(&format!("a copy was written to {path}")),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&file);
+
+    // Replayed while no worker runs: back in the work queue…
+    let o = cli(&env, &["dlq", "replay", "--ext-id", "SD-BACK"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (_, st) = status_json(&env, &["SD-BACK"]).await;
+    assert_eq!(st["state"], "replayed", "{st}");
+    assert_eq!(st["last_outcome"]["place"]["where"], "work_queue");
+    // …and once a worker takes it, the worker's outcome is the last word.
+    let worker = env.spawn_worker().await;
+    events.next(T).await;
+    let st = wait_for("the replayed command dead-lettered again", T, || async {
+        let (_, st) = status_json(&env, &["SD-BACK"]).await;
+        (st["state"] == "dead_lettered").then_some(st)
+    })
+    .await;
+    assert_eq!(st["last_outcome"]["place"]["where"], "dead_letter_queue");
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}

@@ -19,6 +19,8 @@ use crate::amqp::headers;
 use crate::config::Settings;
 use crate::ops::OpsError;
 
+use crate::pipeline::Place;
+
 use super::reader::{DeadLetter, DlqReader};
 use super::{SafeFile, kinds};
 
@@ -150,6 +152,13 @@ pub async fn discard(
 
     let mut reader = DlqReader::open(settings, None).await?;
     let mut summary = DiscardSummary::default();
+    let mut notes = (!filter.dry_run).then(|| super::notes::Notes::new(settings));
+    let place = Place::Discarded {
+        export: filter
+            .export
+            .as_ref()
+            .map(|p| crate::text::printable(&p.display().to_string(), 512)),
+    };
     let result = loop {
         let letter = match reader.next().await {
             Ok(Some(l)) => l,
@@ -188,6 +197,9 @@ pub async fn discard(
             break Err(e.into());
         }
         summary.discarded += 1;
+        if let Some(notes) = notes.as_mut() {
+            notes.note(&letter, "discarded", place.clone()).await;
+        }
     };
     summary.kept += reader.remaining();
     reader.close().await;

@@ -5,12 +5,14 @@
 //! - `json.rs` — dead letters as JSON for `peek --json` and `export`;
 //! - `migrate.rs` — re-declaring a DLQ of an earlier version without losing a letter;
 //! - `discard.rs` — removing dead letters that will never succeed, after a copy;
-//! - `kinds.rs` — the `--kind` and `--limit` values the tools accept.
+//! - `kinds.rs` — the `--kind` and `--limit` values the tools accept;
+//! - `notes.rs` — the last outcome of a replayed or discarded dead letter, for `status`.
 
 mod discard;
 mod json;
 pub mod kinds;
 mod migrate;
+mod notes;
 mod reader;
 mod replay;
 

@@ -74,6 +74,7 @@ pub async fn replay(
         .filter(|r| *r > 0.0)
         .map(|r| Duration::from_secs_f64(1.0 / r));
     let mut next_at = tokio::time::Instant::now();
+    let mut notes = (!filter.dry_run).then(|| super::notes::Notes::new(settings));
     let mut result = Ok(());
     loop {
         let letter = match reader.next().await {
@@ -119,6 +120,12 @@ pub async fn replay(
             tokio::time::sleep_until(next_at).await;
             next_at = tokio::time::Instant::now() + i;
         }
+        // Noted before it is published: the worker may settle it (and note that) at once.
+        if let Some(notes) = notes.as_mut() {
+            notes
+                .note(&letter, "replayed", crate::pipeline::Place::WorkQueue)
+                .await;
+        }
         let properties = replay_properties(&letter.delivery.properties, letter.replay_count() + 1);
         if let Err(e) = publisher
             .publish(
@@ -130,6 +137,13 @@ pub async fn replay(
             )
             .await
         {
+            // Not replayed after all: still a dead letter, where it was.
+            if let Some(notes) = notes.as_mut() {
+                let place = crate::pipeline::Place::DeadLetterQueue {
+                    queue: topology.dead_letter_queue.clone(),
+                };
+                notes.note(&letter, "dead_lettered", place).await;
+            }
             result = Err(OpsError::ReplayPublish {
                 letter: letter.describe(),
                 source: e,
