@@ -158,7 +158,7 @@ fn print_message(id: &str, last: Option<&LastOutcome>, as_json: bool) {
             print_outcome(l, l.ext_id.as_deref());
         }
         None => println!(
-            "state:         unknown (only invalid commands are kept by message id, for dedup.ttl; look the others up by ext id)"
+            "state:         unknown (only invalid commands without a valid ext id are kept by message id, for dedup.ttl; look the others up by ext id)"
         ),
     }
 }

@@ -146,8 +146,8 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         &self.config
     }
 
-    /// Keep the last outcome of a settled delivery for `status`: under its ext id, and for
-    /// an invalid command under its message id too. Best effort and after the ack: a
+    /// Keep the last outcome of a settled delivery for `status`: under its ext id, or for
+    /// an invalid command without a valid one, under its message id. Best effort and after the ack: a
     /// failure is logged and costs nothing else. Skipped when Redis itself is the fault
     /// (the write would only wait for it), and when the store already has it (created,
     /// duplicate).
@@ -191,11 +191,13 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         if let Some(ext_id) = &ext_id {
             self.keep_outcome(OutcomeKey::ExtId(ext_id), &record).await;
         }
+        // Only a command without a valid ext id needs a second name: a flood of invalid
+        // commands then costs one small key each, never two.
         let invalid = matches!(
             &verdict.decision,
             Decision::DeadLetter { failure, .. } if failure.kind == FailureKind::InvalidCommand
         );
-        if let (true, Some(id)) = (invalid, msg.message_id.as_deref()) {
+        if let (true, None, Some(id)) = (invalid, &ext_id, msg.message_id.as_deref()) {
             self.keep_outcome(OutcomeKey::MessageId(id), &record).await;
         }
     }

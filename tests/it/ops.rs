@@ -1297,14 +1297,19 @@ async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
     );
 
     // Invalid with a valid ext id: known by it (it used to say "unknown").
-    env.send(
-        &json!({"org_unit_ext_id": "ST-INV", "org_unit_name": " ", "org_unit_parent_id": 1000}),
-    )
-    .await;
+    let inv = env
+        .send(
+            &json!({"org_unit_ext_id": "ST-INV", "org_unit_name": " ", "org_unit_parent_id": 1000}),
+        )
+        .await;
     events.next(T).await;
     let (code, st) = status_json(&env, &["ST-INV"]).await;
     assert_eq!(code, Some(0), "{st}");
     assert_eq!(st["last_outcome"]["error_kind"], "invalid_command");
+    assert_eq!(st["last_outcome"]["message_id"], inv.as_str());
+    // Found by its ext id, so not kept a second time under its message id.
+    let (code, _) = status_json(&env, &["--message-id", &inv]).await;
+    assert_eq!(code, Some(1));
     // Invalid without one: known by its message id only.
     let bad = env.send(&json!({"org_unit_name": "no ext id"})).await;
     events.next(T).await;

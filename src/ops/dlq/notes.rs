@@ -60,8 +60,9 @@ impl Notes {
         if let Some(ext_id) = &ext_id {
             keys.push(OutcomeKey::ExtId(ext_id));
         }
-        // The worker keeps invalid commands by message id too: so does this.
-        if let (Some(id), true) = (&record.message_id, letter.kind == "invalid_command") {
+        // The worker keeps an invalid command without a valid ext id by message id.
+        let by_message = ext_id.is_none() && letter.kind == "invalid_command";
+        if let (Some(id), true) = (&record.message_id, by_message) {
             keys.push(OutcomeKey::MessageId(id));
         }
         for key in keys {
