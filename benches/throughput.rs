@@ -1,56 +1,790 @@
-//! Throughput of the whole pipeline: real RabbitMQ and Redis, convirza-sim in process,
-//! the worker in process. Prints commands/s for a few API latencies.
+//! The project's benchmark: the worker against the broker's own ceiling, on loopback.
 //!
-//!     cargo bench --bench throughput            # N=2000 per scenario
-//!     BENCH_N=500 BENCH_LATENCIES=0,50 cargo bench --bench throughput
+//!     scripts/bench.sh                       # what docs/performance.md shows
+//!     BENCH_N=3000 BENCH_RUNS=1 cargo bench --bench throughput
+//!
+//! Every figure is the median of `BENCH_RUNS` (default 3) runs, each in its own vhost, Redis
+//! prefix and convirza-sim (in this process, answering on loopback). The work queue is
+//! pre-loaded, then drained; throughput is counted from the first event to the last, so
+//! start-up is not in it. Events are counted by a consumer bound to the event exchange.
+//!
+//! - **broker ceiling**: a bare lapin loop in its own process doing exactly the worker's
+//!   broker traffic and nothing else: consume the quorum work queue at the same prefetch,
+//!   publish one persistent event of the worker's size with publisher confirms, then ack;
+//! - **worker**: the release binary `group-provisioner run` as a process, API at 0 ms and
+//!   50 ms (prefetch 64 and 256), and a duplicate-heavy mix (half the commands repeat an
+//!   ext id the first half created);
+//! - **latency**: publish → event, p50/p99, at half the measured 0 ms rate;
+//! - **CPU µs per command** (utime + stime of the process from /proc, between the first and
+//!   the last event) and **peak RSS** (VmHWM), idle and under load.
 
 #[path = "../tests/it/helpers.rs"]
+#[allow(unused_imports)]
 mod helpers;
 
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use helpers::*;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
-async fn scenario(n: usize, latency_ms: u64, prefetch: u16) {
-    let mut env = TestEnv::new().await;
-    env.settings.amqp.prefetch = prefetch;
+const BIN: &str = env!("CARGO_BIN_EXE_group-provisioner");
+const DEADLINE: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------
+// Processes: CPU and memory from /proc.
+
+fn proc_stat(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields count from after its closing parenthesis.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// CPU time of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    Duration::from_secs_f64(proc_stat(pid).unwrap_or(0) as f64 / clock_ticks())
+}
+
+/// A `Vm…` line of /proc/<pid>/status, in MiB.
+fn vm_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Counting events.
+
+#[derive(Default)]
+struct Tally {
+    count: usize,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    cpu_first: Duration,
+    cpu_last: Duration,
+    latencies: Vec<Duration>,
+}
+
+/// A consumer of every event: counts them, and notes the measured process's CPU time at
+/// the first and the last, and publish → event latencies of messages in `sent`.
+struct Counter {
+    tally: Arc<Mutex<Tally>>,
+    sent: Arc<Mutex<HashMap<String, Instant>>>,
+    pid: Arc<Mutex<Option<u32>>>,
+    _channel: lapin::Channel,
+}
+
+#[derive(serde::Deserialize)]
+struct EventIds {
+    command_message_id: Option<String>,
+}
+
+impl Counter {
+    async fn start(env: &TestEnv, expected: usize) -> Counter {
+        let channel = env.conn.create_channel().await.expect("channel");
+        let queue = unique("bench-events");
+        channel
+            .queue_declare(
+                ShortString::from(queue.as_str()),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("event queue");
+        channel
+            .queue_bind(
+                ShortString::from(queue.as_str()),
+                ShortString::from(env.settings.topology.event_exchange.as_str()),
+                ShortString::from("#"),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from(queue.as_str()),
+                ShortString::from(""),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let tally = Arc::new(Mutex::new(Tally {
+            latencies: Vec::with_capacity(expected),
+            ..Tally::default()
+        }));
+        let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let pid: Arc<Mutex<Option<u32>>> = Arc::default();
+        let (t, s, p) = (tally.clone(), sent.clone(), pid.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let now = Instant::now();
+                // /proc is read at the first and the last event only (it costs CPU here).
+                let count = t.lock().expect("tally").count + 1;
+                let cpu = if count == 1 || count == expected {
+                    p.lock().expect("pid").map(cpu_time).unwrap_or_default()
+                } else {
+                    Duration::ZERO
+                };
+                let latency = {
+                    let sent = s.lock().expect("sent");
+                    if sent.is_empty() {
+                        None
+                    } else {
+                        serde_json::from_slice::<EventIds>(&delivery.data)
+                            .ok()
+                            .and_then(|e| e.command_message_id)
+                            .and_then(|id| sent.get(&id).copied())
+                            .map(|at| now - at)
+                    }
+                };
+                let mut t = t.lock().expect("tally");
+                t.count += 1;
+                if t.first.is_none() {
+                    t.first = Some(now);
+                    t.cpu_first = cpu;
+                }
+                t.last = Some(now);
+                if t.count == expected {
+                    t.cpu_last = cpu;
+                }
+                if let Some(l) = latency {
+                    t.latencies.push(l);
+                }
+            }
+        });
+        Counter {
+            tally,
+            sent,
+            pid,
+            _channel: channel,
+        }
+    }
+
+    fn measure(&self, pid: u32) {
+        *self.pid.lock().expect("pid") = Some(pid);
+    }
+
+    async fn wait(&self, n: usize) {
+        let started = Instant::now();
+        loop {
+            if self.tally.lock().expect("tally").count >= n {
+                return;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "only {} of {n} events within {DEADLINE:?}",
+                self.tally.lock().expect("tally").count
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// (commands/s, CPU µs per command) between the first and the last event.
+    fn rate(&self) -> (f64, f64) {
+        let t = self.tally.lock().expect("tally");
+        let (Some(first), Some(last)) = (t.first, t.last) else {
+            return (0.0, 0.0);
+        };
+        let between = (t.count - 1) as f64;
+        let secs = (last - first).as_secs_f64().max(1e-9);
+        let cpu = (t.cpu_last.saturating_sub(t.cpu_first)).as_secs_f64();
+        (between / secs, cpu * 1e6 / between)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading commands.
+
+fn command(ext: &str) -> Vec<u8> {
+    json!({"org_unit_ext_id": ext, "org_unit_name": format!("Bench team {ext}"), "org_unit_parent_id": 1000})
+        .to_string()
+        .into_bytes()
+}
+
+/// Publish `ext_ids` as commands, pipelining the confirms.
+async fn preload(env: &TestEnv, ext_ids: &[String]) {
+    let mut confirms = Vec::with_capacity(ext_ids.len());
+    for (i, ext) in ext_ids.iter().enumerate() {
+        let props = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(format!("pre-{i}")));
+        confirms.push(
+            group_provisioner::amqp::publish_command(
+                &env.channel,
+                &env.settings.topology,
+                &command(ext),
+                props,
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    for c in confirms {
+        assert!(
+            matches!(c.await.expect("confirm"), lapin::Confirmation::Ack(_)),
+            "command not confirmed"
+        );
+    }
+}
+
+fn new_ids(tag: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{tag}-{i}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The two programs measured: the worker, and the bare loop.
+
+struct Measured {
+    child: tokio::process::Child,
+}
+
+impl Measured {
+    fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+    }
+}
+
+fn spawn_worker(env: &TestEnv, prefetch: u16) -> Measured {
+    let mut cmd = env.command(BIN);
+    cmd.arg("run")
+        .env("PROVISIONER__AMQP__PREFETCH", prefetch.to_string())
+        .env("PROVISIONER__LOG__LEVEL", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("worker starts");
+    // Logs go to a pipe that is read, as a container runtime reads them.
+    if let Some(mut out) = child.stdout.take() {
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut out, &mut tokio::io::sink()).await;
+        });
+    }
+    Measured { child }
+}
+
+fn spawn_bare_loop(env: &TestEnv, prefetch: u16) -> Measured {
+    let exe = std::env::current_exe().expect("own path");
+    let child = tokio::process::Command::new(exe)
+        .env("BENCH_ROLE", "bare-loop")
+        .env("BARE_AMQP_URL", env.settings.amqp.url.first().expose())
+        .env("BARE_QUEUE", &env.settings.topology.work_queue)
+        .env("BARE_EXCHANGE", &env.settings.topology.event_exchange)
+        .env("BARE_PREFETCH", prefetch.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("bare loop starts");
+    Measured { child }
+}
+
+/// An event body of the worker's size (a `group.created` is about 400 bytes).
+fn event_body() -> Vec<u8> {
+    let mut body = json!({
+        "event": "group.created", "schema_version": 1, "ext_id": "BENCH-000000",
+        "org_unit_id": 5_000_001, "org_unit_name": "Bench team BENCH-000000",
+        "org_unit_parent_id": 1000, "duplicate": false, "attempts": 1,
+        "api_request_id": "57a36403-eeb0-4d04-8903-2965dc56b701",
+        "command_message_id": "9b00449c-fb0e-4326-8123-82823755ab87",
+        "correlation_id": "9b00449c-fb0e-4326-8123-82823755ab87",
+        "occurred_at": "2026-11-26T20:03:52Z",
+    })
+    .to_string()
+    .into_bytes();
+    body.resize(400, b' ');
+    body
+}
+
+/// The bare loop: consume, publish an event with confirm, ack — nothing else.
+async fn bare_loop() {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}"));
+    let prefetch: u16 = var("BARE_PREFETCH").parse().expect("prefetch");
+    let conn = Connection::connect(&var("BARE_AMQP_URL"), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let consume = conn.create_channel().await.expect("channel");
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let publish = conn.create_channel().await.expect("channel");
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let exchange = ShortString::from(var("BARE_EXCHANGE"));
+    let body = Arc::new(event_body());
+    let mut consumer = consume
+        .basic_consume(
+            ShortString::from(var("BARE_QUEUE")),
+            ShortString::from("bare-loop"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    while let Some(Ok(delivery)) = consumer.next().await {
+        let (publish, exchange, body) = (publish.clone(), exchange.clone(), body.clone());
+        tokio::spawn(async move {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                ShortString::from("ext_id"),
+                AMQPValue::LongString(LongString::from("BENCH-000000")),
+            );
+            let props = BasicProperties::default()
+                .with_content_type(ShortString::from("application/json"))
+                .with_delivery_mode(2)
+                .with_type(ShortString::from("group.created"))
+                .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
+                .with_app_id(ShortString::from("group-provisioner"))
+                .with_headers(headers);
+            let confirm = publish
+                .basic_publish(
+                    exchange,
+                    ShortString::from("group.created"),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    props,
+                )
+                .await
+                .expect("publish");
+            assert!(matches!(
+                confirm.await.expect("confirm"),
+                lapin::Confirmation::Ack(_)
+            ));
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios.
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    rate: f64,
+    cpu_us: f64,
+    peak_rss: f64,
+}
+
+enum Program {
+    BareLoop,
+    Worker,
+}
+
+/// Pre-load `ext_ids`, start `program`, count `ext_ids.len()` events.
+async fn drain(program: &Program, ext_ids: &[String], latency_ms: u64, prefetch: u16) -> Figures {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
     env.sim.sim.update_faults(|f| f.latency_ms = latency_ms);
-    let mut events = env.event_tap().await;
-    // Pre-load the work queue so the figure is the worker's, not the test publisher's.
-    let bodies: Vec<_> = (0..n)
-        .map(|i| json!({"org_unit_ext_id": format!("B-{i}"), "org_unit_name": format!("Bench {i}"), "org_unit_parent_id": 1000}))
-        .collect();
-    env.send_many(&bodies).await;
-    let started = Instant::now();
-    let worker = env.spawn_worker().await;
-    events.take(n, Duration::from_secs(600)).await;
-    let total = started.elapsed();
-    let stats = env.sim.sim.stats();
-    assert_eq!(stats.groups_created as usize, n);
-    assert!(stats.duplicated_ext_ids.is_empty());
-    println!(
-        "latency {latency_ms:>3} ms  prefetch {prefetch:>3}  n {n:>5}  drained in {:>6.2} s  {:>7.1} commands/s",
-        total.as_secs_f64(),
-        n as f64 / total.as_secs_f64()
-    );
-    worker.shutdown();
-    worker.join().await;
+    let counter = Counter::start(&env, ext_ids.len()).await;
+    preload(&env, ext_ids).await;
+    let measured = match program {
+        Program::BareLoop => spawn_bare_loop(&env, prefetch),
+        Program::Worker => spawn_worker(&env, prefetch),
+    };
+    counter.measure(measured.pid());
+    counter.wait(ext_ids.len()).await;
+    let (rate, cpu_us) = counter.rate();
+    let peak_rss = vm_mib(measured.pid(), "VmHWM");
+    measured.stop().await;
+    if let Program::Worker = program {
+        let stats = env.sim.sim.stats();
+        let distinct: std::collections::HashSet<_> = ext_ids.iter().collect();
+        assert_eq!(
+            stats.groups_created as usize,
+            distinct.len(),
+            "one group per ext id"
+        );
+        assert!(stats.duplicated_ext_ids.is_empty(), "a group created twice");
+    }
     env.cleanup().await;
+    Figures {
+        rate,
+        cpu_us,
+        peak_rss,
+    }
+}
+
+/// The worker's resident memory once it consumes and nothing comes.
+async fn idle_rss() -> f64 {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let worker = spawn_worker(&env, 256);
+    let started = Instant::now();
+    let pid = worker.pid();
+    // Consuming (its queue has a consumer), then a quiet second.
+    loop {
+        let consumers = env
+            .channel
+            .queue_declare(
+                ShortString::from(env.settings.topology.work_queue.as_str()),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.consumer_count())
+            .unwrap_or(0);
+        if consumers > 0 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "the worker never consumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = vm_mib(pid, "VmRSS");
+    worker.stop().await;
+    env.cleanup().await;
+    rss
+}
+
+/// Publish → event latency at `rate` commands/s for `secs` seconds: (p50, p99) in ms.
+async fn latency(rate: f64, secs: f64) -> (f64, f64, Figures) {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let n = (rate * secs) as usize;
+    let counter = Counter::start(&env, n).await;
+    let worker = spawn_worker(&env, 64);
+    let started = Instant::now();
+    loop {
+        if started.elapsed() > DEADLINE {
+            panic!("worker did not start");
+        }
+        let q = env
+            .channel
+            .queue_declare(
+                ShortString::from(env.settings.topology.work_queue.as_str()),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.consumer_count())
+            .unwrap_or(0);
+        if q > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    counter.measure(worker.pid());
+    let start = Instant::now();
+    let mut confirms = Vec::with_capacity(n);
+    for i in 0..n {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let id = format!("lat-{i}");
+        counter
+            .sent
+            .lock()
+            .expect("sent")
+            .insert(id.clone(), Instant::now());
+        let props = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(id));
+        confirms.push(
+            group_provisioner::amqp::publish_command(
+                &env.channel,
+                &env.settings.topology,
+                &command(&format!("LAT-{i}")),
+                props,
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    counter.wait(n).await;
+    for c in confirms {
+        assert!(matches!(
+            c.await.expect("confirm"),
+            lapin::Confirmation::Ack(_)
+        ));
+    }
+    let mut lat = counter.tally.lock().expect("tally").latencies.clone();
+    lat.sort();
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let (_, cpu_us) = counter.rate();
+    let figures = Figures {
+        rate,
+        cpu_us,
+        peak_rss: vm_mib(worker.pid(), "VmHWM"),
+    };
+    worker.stop().await;
+    env.cleanup().await;
+    (pick(0.5), pick(0.99), figures)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn median_figures(runs: &[Figures]) -> Figures {
+    Figures {
+        rate: median(runs.iter().map(|f| f.rate).collect()),
+        cpu_us: median(runs.iter().map(|f| f.cpu_us).collect()),
+        peak_rss: median(runs.iter().map(|f| f.peak_rss).collect()),
+    }
+}
+
+async fn repeat<F, Fut>(runs: usize, mut f: F) -> Figures
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Figures>,
+{
+    let mut all = Vec::new();
+    for r in 0..runs {
+        all.push(f(r).await);
+    }
+    median_figures(&all)
+}
+
+// ---------------------------------------------------------------------------------------
+// The machine and the versions.
+
+async fn rabbitmq_version() -> String {
+    let url = format!("{}/api/overview", MANAGEMENT.get());
+    let body: serde_json::Value = match reqwest::Client::new()
+        .get(url)
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    };
+    body["rabbitmq_version"].as_str().unwrap_or("?").to_owned()
+}
+
+async fn redis_version() -> String {
+    let mut conn = redis_conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_owned()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let latencies: Vec<u64> = std::env::var("BENCH_LATENCIES")
-        .unwrap_or_else(|_| "0,50".into())
-        .split(',')
-        .filter_map(|v| v.trim().parse().ok())
-        .collect();
-    for latency in latencies {
-        scenario(n, latency, 64).await;
+    if std::env::var("BENCH_ROLE").as_deref() == Ok("bare-loop") {
+        bare_loop().await;
+        return;
     }
+    let n = env_usize("BENCH_N", 6000);
+    let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let total = Instant::now();
+    let cores = std::thread::available_parallelism().map_or(0, |c| c.get());
+    println!(
+        "machine: {cores} cores ({}); RabbitMQ {}, Redis {}, group-provisioner {} (release)",
+        cpu_model(),
+        rabbitmq_version().await,
+        redis_version().await,
+        env!("CARGO_PKG_VERSION"),
+    );
+    println!(
+        "settings: {n} commands pre-loaded per run, median of {runs} runs; quorum work queue; events persistent with confirms; log level info (JSON to a pipe)"
+    );
+    let ids = |tag: &str, r: usize| new_ids(&format!("{tag}{r}"), n);
+
+    let ceiling64 = repeat(runs, |r| {
+        let ids = ids("C", r);
+        async move { drain(&Program::BareLoop, &ids, 0, 64).await }
+    })
+    .await;
+    let ceiling256 = repeat(runs, |r| {
+        let ids = ids("D", r);
+        async move { drain(&Program::BareLoop, &ids, 0, 256).await }
+    })
+    .await;
+    let w0 = repeat(runs, |r| {
+        let ids = ids("W", r);
+        async move { drain(&Program::Worker, &ids, 0, 64).await }
+    })
+    .await;
+    let w50_64 = repeat(runs, |r| {
+        let ids = ids("L", r);
+        async move { drain(&Program::Worker, &ids, 50, 64).await }
+    })
+    .await;
+    let w50_256 = repeat(runs, |r| {
+        let ids = ids("M", r);
+        async move { drain(&Program::Worker, &ids, 50, 256).await }
+    })
+    .await;
+    let dup = repeat(runs, |r| {
+        let half = new_ids(&format!("U{r}"), n / 2);
+        let mixed: Vec<String> = half.iter().chain(half.iter()).cloned().collect();
+        async move { drain(&Program::Worker, &mixed, 0, 64).await }
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..runs {
+        idle.push(idle_rss().await);
+    }
+    let idle = median(idle);
+    let lat_rate = (w0.rate * 0.5).floor().max(1.0);
+    let (mut p50s, mut p99s, mut lat_figs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (p50, p99, f) = latency(lat_rate, 4.0).await;
+        p50s.push(p50);
+        p99s.push(p99);
+        lat_figs.push(f);
+    }
+    let lat = median_figures(&lat_figs);
+
+    let bound = |prefetch: f64, ceiling: f64| (prefetch / 0.050).min(ceiling);
+    println!();
+    println!(
+        "| scenario | commands/s | ÷ bound | CPU µs/command | peak RSS |\n|---|---|---|---|---|"
+    );
+    let row = |name: &str, f: &Figures, bound: f64, rss: bool| {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.0} | {} |",
+            f.rate,
+            f.rate / bound,
+            f.cpu_us,
+            if rss {
+                format!("{:.1} MiB", f.peak_rss)
+            } else {
+                "—".into()
+            }
+        );
+    };
+    row(
+        "broker ceiling: bare lapin loop, prefetch 64 (its own process)",
+        &ceiling64,
+        ceiling64.rate,
+        false,
+    );
+    row(
+        "broker ceiling: bare lapin loop, prefetch 256",
+        &ceiling256,
+        ceiling256.rate,
+        false,
+    );
+    row("worker, API 0 ms, prefetch 64", &w0, ceiling64.rate, true);
+    row(
+        &format!(
+            "worker, API 50 ms, prefetch 64 (bound {:.0})",
+            bound(64.0, ceiling64.rate)
+        ),
+        &w50_64,
+        bound(64.0, ceiling64.rate),
+        true,
+    );
+    row(
+        &format!(
+            "worker, API 50 ms, prefetch 256 (bound {:.0})",
+            bound(256.0, ceiling256.rate)
+        ),
+        &w50_256,
+        bound(256.0, ceiling256.rate),
+        true,
+    );
+    row(
+        "worker, duplicate-heavy (half repeat an ext id), API 0 ms, prefetch 64",
+        &dup,
+        ceiling64.rate,
+        true,
+    );
+    println!(
+        "| worker, {lat_rate:.0} commands/s (50 % of its 0 ms rate), API 0 ms | latency p50 {:.1} ms, p99 {:.1} ms | — | {:.0} | {:.1} MiB |",
+        median(p50s),
+        median(p99s),
+        lat.cpu_us,
+        lat.peak_rss
+    );
+    println!("| worker, idle (consuming, nothing to do) | — | — | — | {idle:.1} MiB (RSS) |");
+    println!();
+    println!(
+        "ratio to broker ceiling: {:.0} % (API 0 ms, prefetch 64)",
+        w0.rate / ceiling64.rate * 100.0
+    );
+    println!(
+        "ratio to min(prefetch / latency, ceiling): {:.0} % (API 50 ms, prefetch 256), {:.0} % (prefetch 64)",
+        w50_256.rate / bound(256.0, ceiling256.rate) * 100.0,
+        w50_64.rate / bound(64.0, ceiling64.rate) * 100.0
+    );
+    println!(
+        "duplicate-heavy ÷ all-new: {:.2}",
+        dup.rate / w0.rate.max(1e-9)
+    );
+    println!("benchmark took {:.0} s", total.elapsed().as_secs_f64());
 }

@@ -31,8 +31,8 @@ use crate::command::ExtId;
 use crate::config::{RedisMode, RedisSettings, TlsSettings};
 use crate::convirza::{TokenPair, TokenStore};
 use crate::pipeline::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, LastOutcome, OutcomeKey, Posting,
-    RecordResult, StoreError, Unreadable,
+    AttemptMarker, Claim, ClaimRequest, CreatedRecord, DedupStore, LastOutcome, OutcomeKey,
+    Posting, RecordResult, StoreError, Unreadable,
 };
 use conn::RedisConn;
 
@@ -62,23 +62,38 @@ pub struct ExtIdStatus {
 // A key of another type (a hash, a list) is "unreadable", not an error of Redis: the
 // scripts read with `redis.pcall` and say so with a value that starts with NUL and names
 // the type.
-// Answers nil (claimed now), the value found (any bytes), or `{type}` for a key of
-// another type: the two cannot be confused whatever a value contains. A created record
-// found makes ARGV[3] (this delivery as a duplicate) the last outcome in KEYS[2]; the
-// prefix test is enough because the record is only ever written by this program, and a
-// miss costs only that report.
+// Claim-or-read, in one step. Answers:
+// - `{'acquired', marked, marker, now}`: claimed now; `marker` is the attempt marker found
+//   (any bytes; `\0unreadable` for a key of another type; nil for none) and `now` the
+//   server's clock. With ARGV[5] = '1' and no marker, the posting ARGV[6]/ARGV[7] is marked
+//   as about to be sent, as MARK_ATTEMPT would (`marked` = 1): the happy path's first POST
+//   needs no round trip of its own;
+// - `{'found', value}`: the value stored (any bytes). A created record makes ARGV[3] (this
+//   delivery as a duplicate) the last outcome in KEYS[2]; the prefix test is enough because
+//   the record is only ever written by this program, and a miss costs only that report;
+// - `{'type', t}` for a key of another type.
 const CLAIM: &str = r#"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return false
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local raw = redis.pcall('GET', KEYS[3])
+  if type(raw) == 'table' then return {'acquired', 0, '\0unreadable', now} end
+  if raw then return {'acquired', 0, raw, now} end
+  if ARGV[5] == '1' then
+    local m = {count = 1, at = now, open = true, posted = {{ARGV[6], ARGV[7]}}}
+    redis.call('SET', KEYS[3], cjson.encode(m), 'PX', ARGV[4])
+    return {'acquired', 1, false, now}
+  end
+  return {'acquired', 0, false, now}
 end
-if t ~= 'string' then return {t} end
+if t ~= 'string' then return {'type', t} end
 local v = redis.call('GET', KEYS[1])
 if string.sub(v, 1, 19) == '{"state":"created",' then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 end
-return v
+return {'found', v}
 "#;
 
 // ARGV[1] says what was seen: 'value' (ARGV[2] is the exact bytes) or 'type' (ARGV[2] is
@@ -492,49 +507,67 @@ impl RedisStore {
 }
 
 impl DedupStore for RedisStore {
-    async fn claim(
-        &self,
-        ext_id: &ExtId,
-        owner: &str,
-        lease: Duration,
-        duplicate: &LastOutcome,
-        ttl: Duration,
-    ) -> Result<Claim, StoreError> {
+    async fn claim(&self, ext_id: &ExtId, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
         let mut conn = self.conn.clone();
         let value = record_json(&StoredRecord::Claimed {
-            owner: owner.to_owned(),
+            owner: request.owner.to_owned(),
             claimed_at: crate::clock::now_rfc3339(),
         })?;
-        let duplicate = serde_json::to_string(duplicate).map_err(StoreError::Encode)?;
-        let existing: redis::Value = self
+        let duplicate = serde_json::to_string(request.duplicate).map_err(StoreError::Encode)?;
+        let (mark, parent, name) = match request.mark {
+            Some(p) => ("1", p.parent.to_string(), p.name),
+            None => ("0", String::new(), ""),
+        };
+        let answer: redis::Value = self
             .claim
             .key(self.group_key(ext_id))
             .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
+            .key(self.attempt_key(ext_id))
             .arg(value)
-            .arg(millis(lease))
+            .arg(millis(request.lease))
             .arg(duplicate)
-            .arg(millis(ttl))
+            .arg(millis(request.ttl))
+            .arg(mark)
+            .arg(parent)
+            .arg(name)
             .invoke_async(&mut conn)
             .await
             .map_err(store_err)?;
-        match existing {
-            redis::Value::Nil => Ok(Claim::Acquired),
-            redis::Value::BulkString(bytes) => match serde_json::from_slice(&bytes) {
+        let unexpected = || StoreError::Protocol("unexpected answer to the claim".into());
+        let redis::Value::Array(items) = answer else {
+            return Err(unexpected());
+        };
+        match items.as_slice() {
+            [redis::Value::BulkString(tag), marked, marker, now] if tag == b"acquired" => {
+                let now = match now {
+                    redis::Value::Int(n) => *n,
+                    _ => return Err(unexpected()),
+                };
+                let marker = match marker {
+                    redis::Value::BulkString(raw) => Some(parse_marker(raw, now)),
+                    redis::Value::Nil => None,
+                    _ => return Err(unexpected()),
+                };
+                Ok(Claim::Acquired {
+                    marker,
+                    marked: matches!(marked, redis::Value::Int(1)),
+                })
+            }
+            [
+                redis::Value::BulkString(tag),
+                redis::Value::BulkString(bytes),
+            ] if tag == b"found" => match serde_json::from_slice(bytes) {
                 Ok(StoredRecord::Created(record)) => Ok(Claim::Created(record)),
                 Ok(StoredRecord::Claimed { owner, .. }) => Ok(Claim::HeldByOther { owner }),
-                Err(_) => Ok(Claim::Unreadable(Unreadable::Value(bytes))),
+                Err(_) => Ok(Claim::Unreadable(Unreadable::Value(bytes.clone()))),
             },
-            redis::Value::Array(items) => match items.as_slice() {
-                [redis::Value::BulkString(kind)] => Ok(Claim::Unreadable(Unreadable::WrongType(
-                    String::from_utf8_lossy(kind).into_owned(),
-                ))),
-                _ => Err(StoreError::Protocol(
-                    "unexpected answer to the claim".into(),
-                )),
-            },
-            _ => Err(StoreError::Protocol(
-                "unexpected answer to the claim".into(),
-            )),
+            [
+                redis::Value::BulkString(tag),
+                redis::Value::BulkString(kind),
+            ] if tag == b"type" => Ok(Claim::Unreadable(Unreadable::WrongType(
+                String::from_utf8_lossy(kind).into_owned(),
+            ))),
+            _ => Err(unexpected()),
         }
     }
 

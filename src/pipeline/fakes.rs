@@ -18,8 +18,8 @@ use super::decision::{DeferReason, FailureKind, Outcome};
 use super::last_outcome::LastOutcome;
 use super::recorder::Recorder;
 use super::store::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, OutcomeKey, Posting, RecordResult, StoreError,
-    Unreadable,
+    AttemptMarker, Claim, ClaimRequest, CreatedRecord, DedupStore, OutcomeKey, Posting,
+    RecordResult, StoreError, Unreadable,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -211,6 +211,20 @@ impl FakeStore {
         attempts.insert(ext_id.clone(), m);
     }
 
+    /// The live attempt marker, as the port reports it.
+    fn marker(&self, ext_id: &ExtId) -> Option<AttemptMarker> {
+        let now = Instant::now();
+        lock(&self.attempts)
+            .get(ext_id)
+            .filter(|m| m.until > now)
+            .map(|m| AttemptMarker {
+                count: m.count,
+                age: now - m.at,
+                open: m.open,
+                posted: m.posted.clone(),
+            })
+    }
+
     fn close_marker(&self, ext_id: &ExtId) {
         if let Some(m) = lock(&self.attempts).get_mut(ext_id) {
             m.open = false;
@@ -286,24 +300,25 @@ impl FakeStore {
 }
 
 impl DedupStore for FakeStore {
-    async fn claim(
-        &self,
-        ext_id: &ExtId,
-        owner: &str,
-        lease: Duration,
-        duplicate: &LastOutcome,
-        _ttl: Duration,
-    ) -> Result<Claim, StoreError> {
+    async fn claim(&self, ext_id: &ExtId, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
         self.call(StoreOp::Claim, || match self.live(ext_id) {
             Some(Entry::Created { record, .. }) => {
-                self.put_outcome(OutcomeKey::ExtId(ext_id), duplicate);
+                self.put_outcome(OutcomeKey::ExtId(ext_id), request.duplicate);
                 Claim::Created(record)
             }
             Some(Entry::Claimed { owner, .. }) => Claim::HeldByOther { owner },
             Some(Entry::Unreadable(found)) => Claim::Unreadable(found),
             None => {
-                self.claim_for(ext_id, owner, lease);
-                Claim::Acquired
+                self.claim_for(ext_id, request.owner, request.lease);
+                let marker = self.marker(ext_id);
+                let marked = match (&marker, request.mark) {
+                    (None, Some(posting)) => {
+                        self.mark_for(ext_id, posting, request.ttl);
+                        true
+                    }
+                    _ => false,
+                };
+                Claim::Acquired { marker, marked }
             }
         })
     }
@@ -390,18 +405,7 @@ impl DedupStore for FakeStore {
     }
 
     async fn attempt(&self, ext_id: &ExtId) -> Result<Option<AttemptMarker>, StoreError> {
-        self.call(StoreOp::HasAttempt, || {
-            let now = Instant::now();
-            lock(&self.attempts)
-                .get(ext_id)
-                .filter(|m| m.until > now)
-                .map(|m| AttemptMarker {
-                    count: m.count,
-                    age: now - m.at,
-                    open: m.open,
-                    posted: m.posted.clone(),
-                })
-        })
+        self.call(StoreOp::HasAttempt, || self.marker(ext_id))
     }
 
     async fn record_outcome(

@@ -58,6 +58,6 @@ pub use processor::{Processor, ProcessorConfig, Verdict};
 pub use reconcile::{Reconciled, reconcile};
 pub use recorder::{InFlight, NoRecorder, Recorder};
 pub use store::{
-    AttemptMarker, Claim, CreatedRecord, DedupStore, OutcomeKey, Posting, RecordResult, StoreError,
-    Unreadable,
+    AttemptMarker, Claim, ClaimRequest, CreatedRecord, DedupStore, OutcomeKey, Posting,
+    RecordResult, StoreError, Unreadable,
 };

@@ -28,7 +28,10 @@ use super::inbound::Inbound;
 use super::last_outcome::{LastOutcome, TierPlace};
 use super::provision::{Provisioned, Tries};
 use super::recorder::{NoRecorder, Recorder};
-use super::store::{Claim, CreatedRecord, DedupStore, OutcomeKey, RecordResult};
+use super::store::{
+    AttemptMarker, Claim, ClaimRequest, CreatedRecord, DedupStore, OutcomeKey, Posting,
+    RecordResult,
+};
 
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -271,17 +274,24 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             uuid::Uuid::new_v4().simple()
         );
         let duplicate = LastOutcome::duplicate(msg, command.ext_id.as_str());
-        match self
-            .store
-            .claim(
-                &command.ext_id,
-                &owner,
-                self.config.lease,
-                &duplicate,
-                self.config.ttl,
-            )
-            .await
-        {
+        // A fresh command with nothing known of it goes straight to its POST: the claim
+        // writes its attempt marker too. Anything else (a redelivery, verify_unknown, an
+        // open circuit) may look the group up or wait first, so it marks right before
+        // posting instead.
+        let premark = !msg.may_have_been_attempted()
+            && !self.config.verify_unknown
+            && !self.circuit.is_open();
+        let request = ClaimRequest {
+            owner: &owner,
+            lease: self.config.lease,
+            ttl: self.config.ttl,
+            duplicate: &duplicate,
+            mark: premark.then_some(Posting {
+                parent: command.parent_id,
+                name: &command.name,
+            }),
+        };
+        match self.store.claim(&command.ext_id, &request).await {
             Err(e) => self.park(msg, 0, SystemFault::Store(e.to_string())),
             Ok(Claim::Created(record)) => {
                 self.recorder.dedup_hit();
@@ -300,7 +310,13 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     reason: DelayReason::Claimed,
                 }
             }
-            Ok(Claim::Acquired) => self.work(msg, command, trace, tries, &owner).await,
+            Ok(Claim::Acquired { marker, marked }) => {
+                if marked {
+                    tries.premarked(tokio::time::Instant::now());
+                }
+                self.work(msg, command, trace, tries, &owner, Some(marker))
+                    .await
+            }
             Ok(Claim::Unreadable(found)) => {
                 // Written by another version, or damaged: it concerns this ext id only. Take
                 // it over (compare-and-set) and treat the group as possibly created.
@@ -315,7 +331,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 {
                     Ok(true) => {
                         tries.assume_attempted();
-                        self.work(msg, command, trace, tries, &owner).await
+                        self.work(msg, command, trace, tries, &owner, None).await
                     }
                     Ok(false) => Decision::Delay {
                         tier: 0,
@@ -330,7 +346,8 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         }
     }
 
-    /// Holding the claim: provision while keeping the lease, then settle.
+    /// Holding the claim: provision while keeping the lease, then settle. `marker` is the
+    /// attempt marker when the claim read it already (`None`: read it now).
     async fn work(
         &self,
         msg: &Inbound,
@@ -338,10 +355,11 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         trace: &Traceparent,
         tries: &Tries,
         owner: &str,
+        marker: Option<Option<AttemptMarker>>,
     ) -> Decision {
         self.hold(owner, &command.ext_id);
         let result = tokio::select! {
-            r = self.provision(msg, command, trace, tries, owner) => r,
+            r = self.provision(msg, command, trace, tries, owner, marker) => r,
             never = self.keep_lease(&command.ext_id, owner, tries) => match never {},
         };
         let decision = self.settle(msg, command, owner, tries, result).await;

@@ -5,7 +5,8 @@
 //! Invariants:
 //! - an attempt marker is written before every POST — atomically with a check that the
 //!   claim is still ours, so a worker that lost it never posts — and keeps the name and
-//!   parent posted;
+//!   parent posted (for the first POST of a fresh command, the claim itself writes it, and
+//!   it stands only if the POST follows within a second);
 //! - whenever an earlier POST (of any delivery) may have reached the API, the group is
 //!   looked up first, under the command's name *and* every name and parent an earlier POST
 //!   used: a group with our ext id is success and no POST is sent;
@@ -19,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use backon::Retryable;
+use tokio::time::Instant;
 
 use crate::command::CreateGroup;
 use crate::traceparent::Traceparent;
@@ -29,7 +31,7 @@ use super::disposition::{Disposition, disposition};
 use super::inbound::Inbound;
 use super::processor::Processor;
 use super::reconcile::{Reconciled, reconcile};
-use super::store::{DedupStore, Posting};
+use super::store::{AttemptMarker, DedupStore, Posting};
 
 /// Per-delivery bookkeeping shared by the tries of one retry loop (and the lease keeper).
 #[derive(Default)]
@@ -44,12 +46,30 @@ pub(super) struct Tries {
     scan_parent: AtomicBool,
     pub(super) lease_lost: AtomicBool,
     last_status: AtomicU32,
+    /// When the claim wrote the attempt marker for the first POST itself.
+    premarked_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Tries {
     /// Treat an earlier POST as possible (List before posting), whatever the message says.
     pub(super) fn assume_attempted(&self) {
         self.may_have_reached.store(true, Ordering::SeqCst);
+    }
+
+    /// The claim marked the first POST as about to be sent, at `at`.
+    pub(super) fn premarked(&self, at: Instant) {
+        *self.premarked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// Whether the claim's mark still stands for the POST about to be sent: only for the
+    /// first, and only if it is that recent (a takeover waits `api.timeout` plus a margin
+    /// from the marker's time; a POST sent much later than it would outlast that wait).
+    fn take_premark(&self, fresh: Duration) -> bool {
+        self.premarked_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some_and(|at| at.elapsed() <= fresh)
     }
 
     pub(super) fn posts(&self) -> u32 {
@@ -75,6 +95,9 @@ impl Tries {
     }
 }
 
+/// How long after the claim its attempt marker still stands for the first POST.
+const PREMARK_FRESH: Duration = Duration::from_secs(1);
+
 /// A group known to exist after the retry loop.
 pub(super) struct Provisioned {
     pub org_unit_id: i64,
@@ -97,14 +120,18 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         trace: &Traceparent,
         tries: &Tries,
         owner: &str,
+        known: Option<Option<AttemptMarker>>,
     ) -> Result<Provisioned, Disposition> {
         let store_fault =
             |e: super::store::StoreError| Disposition::Pause(SystemFault::Store(e.to_string()));
-        let marker = self
-            .store
-            .attempt(&command.ext_id)
-            .await
-            .map_err(store_fault)?;
+        let marker = match known {
+            Some(marker) => marker,
+            None => self
+                .store
+                .attempt(&command.ext_id)
+                .await
+                .map_err(store_fault)?,
+        };
         if let Some(m) = marker.as_ref().filter(|m| m.open) {
             // The delivery that posted last never settled (crashed, frozen, cut off): its
             // POST may still be in the air. Post nothing until it must have ended.
@@ -193,11 +220,13 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             parent: command.parent_id,
             name: &command.name,
         };
-        let marked = self
-            .store
-            .mark_attempt(&command.ext_id, owner, posting, self.config.ttl)
-            .await
-            .map_err(|e| Disposition::Pause(SystemFault::Store(e.to_string())))?;
+        let fresh = PREMARK_FRESH.min(self.config.lease / 4);
+        let marked = tries.take_premark(fresh)
+            || self
+                .store
+                .mark_attempt(&command.ext_id, owner, posting, self.config.ttl)
+                .await
+                .map_err(|e| Disposition::Pause(SystemFault::Store(e.to_string())))?;
         if !marked {
             // The claim is not ours any more: another owner may be posting.
             tries.lease_lost.store(true, Ordering::SeqCst);

@@ -47,8 +47,12 @@ pub enum OutcomeKey<'a> {
 /// Result of trying to claim an ext id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// We hold the lease now.
-    Acquired,
+    /// We hold the lease now. `marker` is the ext id's attempt marker as the claim found
+    /// it; `marked` says the claim found none and marked the requested posting itself.
+    Acquired {
+        marker: Option<AttemptMarker>,
+        marked: bool,
+    },
     /// The group was created already.
     Created(CreatedRecord),
     /// Another owner holds a live lease.
@@ -146,16 +150,29 @@ impl StoreError {
     }
 }
 
+/// What a claim asks for besides the lease.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    pub owner: &'a str,
+    pub lease: Duration,
+    /// How long records, markers and outcomes are kept (`dedup.ttl`).
+    pub ttl: Duration,
+    /// The last outcome to keep if the group was created already (this delivery is a
+    /// duplicate).
+    pub duplicate: &'a LastOutcome,
+    /// If the claim is acquired and no attempt marker exists, mark this posting as about
+    /// to be sent, in the same atomic step (one round trip fewer on the happy path).
+    pub mark: Option<Posting<'a>>,
+}
+
 pub trait DedupStore: Send + Sync {
-    /// Atomically: the created record if there is one (then `duplicate` becomes the last
-    /// outcome, kept `ttl`), else claim for `owner` unless another live lease exists.
+    /// Atomically: the created record if there is one (then `request.duplicate` becomes
+    /// the last outcome), else claim for `request.owner` unless another live lease exists,
+    /// reading the attempt marker (and writing `request.mark` when there is none).
     fn claim(
         &self,
         ext_id: &ExtId,
-        owner: &str,
-        lease: Duration,
-        duplicate: &LastOutcome,
-        ttl: Duration,
+        request: &ClaimRequest<'_>,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
     /// Replace the unreadable record `found` with a claim for `owner`, if it is still what
     /// is stored (compare-and-set); `false` when it changed meanwhile.

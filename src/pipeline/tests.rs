@@ -398,10 +398,16 @@ async fn a_name_taken_under_another_ext_id_is_a_name_conflict_without_a_post() {
 
 #[tokio::test(start_paused = true)]
 async fn store_failures_before_a_post_park_without_posting() {
-    for op in [StoreOp::HasAttempt, StoreOp::MarkAttempt] {
+    // A redelivery: the claim does not mark for it, the POST's own marker does.
+    for op in [StoreOp::MarkAttempt] {
         let h = Harness::new();
         h.store().fail(op, 1);
-        let v = h.run(msg("F-1")).await;
+        let v = h
+            .run(Inbound {
+                redelivered: true,
+                ..msg("F-1")
+            })
+            .await;
         assert!(matches!(parked(&v), SystemFault::Store(_)), "{op:?}: {v:?}");
         assert_eq!(h.api().posts(), 0, "{op:?}");
         assert_eq!(h.store().claimant(&ext("F-1")), None, "{op:?}: released");
@@ -896,7 +902,12 @@ async fn a_claim_whose_reply_was_lost_parks_and_holds_the_ext_id_until_its_lease
 async fn a_marker_whose_reply_was_lost_makes_the_next_delivery_list_first() {
     let h = Harness::new();
     h.store().fail_when(StoreOp::MarkAttempt, 1, When::After);
-    let v = h.run(msg("A-2")).await;
+    let v = h
+        .run(Inbound {
+            redelivered: true,
+            ..msg("A-2")
+        })
+        .await;
     assert!(matches!(parked(&v), SystemFault::Store(_)), "{v:?}");
     assert_eq!(h.api().posts(), 0, "no POST without a confirmed marker");
     h.p.circuit().close();
@@ -904,9 +915,70 @@ async fn a_marker_whose_reply_was_lost_makes_the_next_delivery_list_first() {
     assert!(!created(&v).duplicate);
     assert_eq!(
         (h.api().posts(), h.api().lists()),
-        (1, 1),
-        "the marker exists: List first"
+        (1, 2),
+        "the redelivery listed; then the marker exists: List first again"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_command_is_claimed_and_marked_in_one_store_call() {
+    let h = Harness::new();
+    let v = h.run(msg("PM-1")).await;
+    assert!(!created(&v).duplicate);
+    assert_eq!(
+        (
+            h.store().calls(StoreOp::Claim),
+            h.store().calls(StoreOp::HasAttempt),
+            h.store().calls(StoreOp::MarkAttempt),
+            h.store().calls(StoreOp::Record),
+        ),
+        (1, 0, 0, 1),
+        "two store calls on the happy path"
+    );
+    assert_eq!((h.api().posts(), h.api().lists()), (1, 0));
+    // A duplicate is one store call.
+    let v = h.run(msg("PM-1")).await;
+    assert!(created(&v).duplicate);
+    assert_eq!(h.store().calls(StoreOp::Claim), 2);
+    assert_eq!(h.store().calls(StoreOp::Record), 1);
+    // A redelivery is not marked by its claim: it may look the group up first.
+    let h = Harness::new();
+    h.run(Inbound {
+        redelivered: true,
+        ..msg("PM-2")
+    })
+    .await;
+    assert_eq!(h.store().calls(StoreOp::MarkAttempt), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_that_marked_but_lost_its_reply_makes_the_next_delivery_wait_and_list() {
+    let h = Harness::new();
+    h.store().fail_when(StoreOp::Claim, 1, When::After);
+    let v = h.run(msg("PM-3")).await;
+    assert!(matches!(parked(&v), SystemFault::Store(_)), "{v:?}");
+    assert_eq!(h.api().posts(), 0);
+    assert!(h.store().marker_open(&ext("PM-3")), "the claim marked");
+    h.p.circuit().close();
+    tokio::time::advance(config().lease + Duration::from_millis(10)).await;
+    let v = h.run(msg("PM-3")).await;
+    assert!(!created(&v).duplicate);
+    assert_eq!(
+        (h.api().posts(), h.api().lists()),
+        (1, 1),
+        "the marker exists: List first, then POST"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_premark_that_went_stale_is_written_again_before_the_post() {
+    let h = Harness::new();
+    // A rate-limit pause between the claim and the POST: the claim's mark is too old.
+    h.p.circuit().pause_for(Duration::from_secs(5));
+    let v = h.run(msg("PM-4")).await;
+    assert!(!created(&v).duplicate);
+    assert_eq!(h.store().calls(StoreOp::MarkAttempt), 1, "marked again");
+    assert_eq!(h.api().posts(), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,8 +6,8 @@ use std::time::Duration;
 use group_provisioner::command::{CreateGroup, ExtId};
 use group_provisioner::dedup::{RedisStore, StoredRecord};
 use group_provisioner::pipeline::{
-    Claim, Decision, DedupStore, DelayReason, FailureKind, Inbound, LastOutcome, Processor,
-    ProcessorConfig, SystemFault, Verdict,
+    Claim, ClaimRequest, Decision, DedupStore, DelayReason, FailureKind, Inbound, LastOutcome,
+    Processor, ProcessorConfig, SystemFault, Verdict,
 };
 use group_provisioner::retry::RetryPolicy;
 use group_provisioner::sim::{FailNext, SimHandle};
@@ -216,14 +216,20 @@ async fn a_claim_held_elsewhere_defers_without_calling_the_api() {
         store
             .claim(
                 &ext("H-1"),
-                "other-worker/abc",
-                Duration::from_secs(30),
-                &LastOutcome::duplicate(&Inbound::default(), "H-1"),
-                Duration::from_secs(60),
+                &ClaimRequest {
+                    owner: "other-worker/abc",
+                    lease: Duration::from_secs(30),
+                    ttl: Duration::from_secs(60),
+                    duplicate: &LastOutcome::duplicate(&Inbound::default(), "H-1"),
+                    mark: None,
+                },
             )
             .await
             .expect("claim"),
-        Claim::Acquired
+        Claim::Acquired {
+            marker: None,
+            marked: false
+        }
     );
     let v = core
         .run_msg(Inbound {
