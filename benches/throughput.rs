@@ -410,6 +410,40 @@ struct Figures {
     rate: f64,
     cpu_us: f64,
     peak_rss: f64,
+    /// Redis commands (each a round trip: the worker sends no pipelines on this path) per
+    /// command, from the server's own `INFO commandstats`.
+    redis_calls: f64,
+}
+
+/// Round trips Redis has served so far: the commands clients sent themselves.
+async fn redis_calls() -> f64 {
+    let mut conn = redis_conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    // Commands run by scripts are counted too: count only what a client sends itself
+    // (the scripts never call these).
+    const TOP_LEVEL: [&str; 6] = [
+        "cmdstat_evalsha:",
+        "cmdstat_eval:",
+        "cmdstat_psetex:",
+        "cmdstat_ping:",
+        "cmdstat_script|load:",
+        "cmdstat_script:",
+    ];
+    info.lines()
+        .filter(|l| TOP_LEVEL.iter().any(|c| l.starts_with(c)))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
 }
 
 enum Program {
@@ -429,7 +463,9 @@ async fn drain(program: &Program, ext_ids: &[String], latency_ms: u64, prefetch:
         Program::Worker => spawn_worker(&env, prefetch),
     };
     counter.measure(measured.pid());
+    let calls_before = redis_calls().await;
     counter.wait(ext_ids.len()).await;
+    let redis_calls = (redis_calls().await - calls_before) / ext_ids.len() as f64;
     let (rate, cpu_us) = counter.rate();
     let peak_rss = vm_mib(measured.pid(), "VmHWM");
     measured.stop().await;
@@ -448,6 +484,7 @@ async fn drain(program: &Program, ext_ids: &[String], latency_ms: u64, prefetch:
         rate,
         cpu_us,
         peak_rss,
+        redis_calls,
     }
 }
 
@@ -560,6 +597,7 @@ async fn latency(rate: f64, secs: f64) -> (f64, f64, Figures) {
         rate,
         cpu_us,
         peak_rss: vm_mib(worker.pid(), "VmHWM"),
+        redis_calls: 0.0,
     };
     worker.stop().await;
     env.cleanup().await;
@@ -576,6 +614,7 @@ fn median_figures(runs: &[Figures]) -> Figures {
         rate: median(runs.iter().map(|f| f.rate).collect()),
         cpu_us: median(runs.iter().map(|f| f.cpu_us).collect()),
         peak_rss: median(runs.iter().map(|f| f.peak_rss).collect()),
+        redis_calls: median(runs.iter().map(|f| f.redis_calls).collect()),
     }
 }
 
@@ -663,6 +702,15 @@ async fn main() {
     );
     let ids = |tag: &str, r: usize| new_ids(&format!("{tag}{r}"), n);
 
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        // One scenario, for profiling: `BENCH_ONLY=0` (API 0 ms) or `50` (50 ms), prefetch
+        // BENCH_PREFETCH.
+        let latency: u64 = only.parse().unwrap_or(0);
+        let prefetch = env_usize("BENCH_PREFETCH", 64) as u16;
+        let f = drain(&Program::Worker, &new_ids("P", n), latency, prefetch).await;
+        println!("{f:?}");
+        return;
+    }
     let ceiling64 = repeat(runs, |r| {
         let ids = ids("C", r);
         async move { drain(&Program::BareLoop, &ids, 0, 64).await }
@@ -712,19 +760,22 @@ async fn main() {
     let bound = |prefetch: f64, ceiling: f64| (prefetch / 0.050).min(ceiling);
     println!();
     println!(
-        "| scenario | commands/s | ÷ bound | CPU µs/command | peak RSS |\n|---|---|---|---|---|"
+        "| scenario | commands/s | ÷ bound | CPU µs/command | peak RSS | Redis round trips/command |\n|---|---|---|---|---|---|"
     );
     let row = |name: &str, f: &Figures, bound: f64, rss: bool| {
+        let (rss, calls) = if rss {
+            (
+                format!("{:.1} MiB", f.peak_rss),
+                format!("{:.2}", f.redis_calls),
+            )
+        } else {
+            ("—".into(), "—".into())
+        };
         println!(
-            "| {name} | {:.0} | {:.2} | {:.0} | {} |",
+            "| {name} | {:.0} | {:.2} | {:.0} | {rss} | {calls} |",
             f.rate,
             f.rate / bound,
             f.cpu_us,
-            if rss {
-                format!("{:.1} MiB", f.peak_rss)
-            } else {
-                "—".into()
-            }
         );
     };
     row(
@@ -765,13 +816,13 @@ async fn main() {
         true,
     );
     println!(
-        "| worker, {lat_rate:.0} commands/s (50 % of its 0 ms rate), API 0 ms | latency p50 {:.1} ms, p99 {:.1} ms | — | {:.0} | {:.1} MiB |",
+        "| worker, {lat_rate:.0} commands/s (50 % of its 0 ms rate), API 0 ms | latency p50 {:.1} ms, p99 {:.1} ms | — | {:.0} | {:.1} MiB | — |",
         median(p50s),
         median(p99s),
         lat.cpu_us,
         lat.peak_rss
     );
-    println!("| worker, idle (consuming, nothing to do) | — | — | — | {idle:.1} MiB (RSS) |");
+    println!("| worker, idle (consuming, nothing to do) | — | — | — | {idle:.1} MiB (RSS) | — |");
     println!();
     println!(
         "ratio to broker ceiling: {:.0} % (API 0 ms, prefetch 64)",

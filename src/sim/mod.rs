@@ -14,7 +14,7 @@
 mod faults;
 mod server;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -133,7 +133,13 @@ pub struct SimStats {
 #[derive(Debug)]
 pub(crate) struct State {
     pub config: SimConfig,
+    /// Every group, in creation order. Added to only through [`State::push_group`], which
+    /// keeps the indexes below (so a create is not a scan of every group).
     pub groups: Vec<SimGroup>,
+    /// org_unit_id → position in `groups`.
+    by_id: HashMap<i64, usize>,
+    /// (parent, trimmed lower-case name) of every group: the sibling-name rule.
+    sibling_names: HashSet<(i64, String)>,
     pub next_id: i64,
     pub token: Option<String>,
     pub faults: Faults,
@@ -174,11 +180,13 @@ impl State {
             });
         }
         let highest = groups.iter().map(|g| g.org_unit_id).max().unwrap_or(0);
-        State {
+        let mut state = State {
             next_id: config.first_id.max(highest + 1),
             token: Some(config.token.clone()),
             faults: config.faults.clone(),
-            groups,
+            groups: Vec::new(),
+            by_id: HashMap::new(),
+            sibling_names: HashSet::new(),
             config,
             log: VecDeque::new(),
             seq: 0,
@@ -192,7 +200,32 @@ impl State {
             logins: 0,
             refreshes: 0,
             refresh_reuse: 0,
+        };
+        for g in groups {
+            state.push_group(g);
         }
+        state
+    }
+
+    /// Add a group, keeping the indexes.
+    pub fn push_group(&mut self, group: SimGroup) {
+        if let Some(parent) = group.org_unit_parent_id {
+            self.sibling_names
+                .insert((parent, sibling_key(&group.org_unit_name)));
+        }
+        self.by_id.insert(group.org_unit_id, self.groups.len());
+        self.groups.push(group);
+    }
+
+    /// The group with this id.
+    pub fn group(&self, id: i64) -> Option<&SimGroup> {
+        self.by_id.get(&id).and_then(|i| self.groups.get(*i))
+    }
+
+    /// Whether `parent` has a child named `name` (trimmed, case-insensitive: the rule of
+    /// [`crate::pipeline::names_match`]).
+    pub fn sibling_named(&self, parent: i64, name: &str) -> bool {
+        self.sibling_names.contains(&(parent, sibling_key(name)))
     }
 
     /// Whether `token` is the static token or a live issued access token.
@@ -236,7 +269,7 @@ impl State {
     ) -> i64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.groups.push(SimGroup {
+        self.push_group(SimGroup {
             org_unit_id: id,
             org_unit_ext_id: ext_id.map(str::to_owned),
             org_unit_name: name.to_owned(),
@@ -336,8 +369,8 @@ impl Sim {
     /// Make `id` an active group (a parent commands may use), as the account's child.
     pub fn add_parent(&self, id: i64) {
         let mut s = self.lock();
-        if !s.groups.iter().any(|g| g.org_unit_id == id) {
-            s.groups.push(SimGroup {
+        if s.group(id).is_none() {
+            s.push_group(SimGroup {
                 org_unit_id: id,
                 org_unit_ext_id: None,
                 org_unit_name: format!("Parent {id}"),
@@ -364,4 +397,9 @@ impl Sim {
         let config = s.config.clone();
         *s = State::new(config);
     }
+}
+
+/// The sibling-name rule's key: names equal after trimming, ignoring case.
+fn sibling_key(name: &str) -> String {
+    name.trim().to_lowercase()
 }

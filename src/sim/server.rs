@@ -272,9 +272,8 @@ fn decide_create(
         );
     };
     let parent_ok = s
-        .groups
-        .iter()
-        .any(|g| g.org_unit_id == parent && g.org_unit_status == "active");
+        .group(parent)
+        .is_some_and(|g| g.org_unit_status == "active");
     if !parent_ok {
         return reply(
             StatusCode::BAD_REQUEST,
@@ -283,10 +282,7 @@ fn decide_create(
             None,
         );
     }
-    let clash = s.groups.iter().any(|g| {
-        g.org_unit_parent_id == Some(parent)
-            && crate::pipeline::names_match(&g.org_unit_name, &name)
-    });
+    let clash = s.sibling_named(parent, &name);
     if clash {
         return reply(
             StatusCode::BAD_REQUEST,
