@@ -295,6 +295,9 @@ fn spawn_worker(env: &TestEnv, prefetch: u16) -> Measured {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true);
+    if let Ok(threads) = std::env::var("TOKIO_WORKER_THREADS") {
+        cmd.env("TOKIO_WORKER_THREADS", threads);
+    }
     let mut child = cmd.spawn().expect("worker starts");
     // Logs go to a pipe that is read, as a container runtime reads them.
     if let Some(mut out) = child.stdout.take() {
