@@ -64,6 +64,21 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_secs_f64(proc_stat(pid).unwrap_or(0) as f64 / clock_ticks())
 }
 
+/// The process listening on a TCP port of this machine (RabbitMQ, Redis), from `ss`.
+fn listener_pid(port: u16) -> Option<u32> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltnp", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("pid=")? + 4;
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A `Vm…` line of /proc/<pid>/status, in MiB.
 fn vm_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -85,8 +100,9 @@ struct Tally {
     count: usize,
     first: Option<Instant>,
     last: Option<Instant>,
-    cpu_first: Duration,
-    cpu_last: Duration,
+    /// CPU time of each measured process at the first and at the last event.
+    cpu_first: Vec<Duration>,
+    cpu_last: Vec<Duration>,
     latencies: Vec<Duration>,
 }
 
@@ -95,7 +111,8 @@ struct Tally {
 struct Counter {
     tally: Arc<Mutex<Tally>>,
     sent: Arc<Mutex<HashMap<String, Instant>>>,
-    pid: Arc<Mutex<Option<u32>>>,
+    /// The measured program first, then RabbitMQ, Redis and this process.
+    pids: Arc<Mutex<Vec<u32>>>,
     _channel: lapin::Channel,
 }
 
@@ -147,17 +164,21 @@ impl Counter {
             ..Tally::default()
         }));
         let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let pid: Arc<Mutex<Option<u32>>> = Arc::default();
-        let (t, s, p) = (tally.clone(), sent.clone(), pid.clone());
+        let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let (t, s, p) = (tally.clone(), sent.clone(), pids.clone());
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
                 let now = Instant::now();
                 // /proc is read at the first and the last event only (it costs CPU here).
                 let count = t.lock().expect("tally").count + 1;
-                let cpu = if count == 1 || count == expected {
-                    p.lock().expect("pid").map(cpu_time).unwrap_or_default()
+                let cpu: Vec<Duration> = if count == 1 || count == expected {
+                    p.lock()
+                        .expect("pids")
+                        .iter()
+                        .map(|p| cpu_time(*p))
+                        .collect()
                 } else {
-                    Duration::ZERO
+                    Vec::new()
                 };
                 let latency = {
                     let sent = s.lock().expect("sent");
@@ -175,7 +196,7 @@ impl Counter {
                 t.count += 1;
                 if t.first.is_none() {
                     t.first = Some(now);
-                    t.cpu_first = cpu;
+                    t.cpu_first = cpu.clone();
                 }
                 t.last = Some(now);
                 if t.count == expected {
@@ -189,13 +210,23 @@ impl Counter {
         Counter {
             tally,
             sent,
-            pid,
+            pids,
             _channel: channel,
         }
     }
 
+    /// Measure `pid`, and beside it RabbitMQ, Redis and this process.
     fn measure(&self, pid: u32) {
-        *self.pid.lock().expect("pid") = Some(pid);
+        let mut pids = vec![pid];
+        pids.extend(
+            [
+                listener_pid(5672),
+                listener_pid(6379),
+                Some(std::process::id()),
+            ]
+            .map(|p| p.unwrap_or(0)),
+        );
+        *self.pids.lock().expect("pids") = pids;
     }
 
     async fn wait(&self, n: usize) {
@@ -213,16 +244,23 @@ impl Counter {
         }
     }
 
-    /// (commands/s, CPU µs per command) between the first and the last event.
-    fn rate(&self) -> (f64, f64) {
+    /// (commands/s, CPU µs per command of each measured process) between the first and
+    /// the last event.
+    fn rate(&self) -> (f64, [f64; 4]) {
         let t = self.tally.lock().expect("tally");
         let (Some(first), Some(last)) = (t.first, t.last) else {
-            return (0.0, 0.0);
+            return (0.0, [0.0; 4]);
         };
         let between = (t.count - 1) as f64;
         let secs = (last - first).as_secs_f64().max(1e-9);
-        let cpu = (t.cpu_last.saturating_sub(t.cpu_first)).as_secs_f64();
-        (between / secs, cpu * 1e6 / between)
+        let mut cpu = [0.0; 4];
+        for (i, c) in cpu.iter_mut().enumerate() {
+            let (Some(a), Some(b)) = (t.cpu_first.get(i), t.cpu_last.get(i)) else {
+                continue;
+            };
+            *c = b.saturating_sub(*a).as_secs_f64() * 1e6 / between;
+        }
+        (between / secs, cpu)
     }
 }
 
@@ -416,6 +454,11 @@ struct Figures {
     /// Redis commands (each a round trip: the worker sends no pipelines on this path) per
     /// command, from the server's own `INFO commandstats`.
     redis_calls: f64,
+    /// CPU µs per command of RabbitMQ, Redis, and this process (the API stand-in, the
+    /// event counter and the publisher).
+    rabbit_us: f64,
+    redis_us: f64,
+    bench_us: f64,
 }
 
 /// Round trips Redis has served so far: the commands clients sent themselves.
@@ -469,7 +512,7 @@ async fn drain(program: &Program, ext_ids: &[String], latency_ms: u64, prefetch:
     let calls_before = redis_calls().await;
     counter.wait(ext_ids.len()).await;
     let redis_calls = (redis_calls().await - calls_before) / ext_ids.len() as f64;
-    let (rate, cpu_us) = counter.rate();
+    let (rate, [cpu_us, rabbit_us, redis_us, bench_us]) = counter.rate();
     let peak_rss = vm_mib(measured.pid(), "VmHWM");
     measured.stop().await;
     if let Program::Worker = program {
@@ -488,6 +531,9 @@ async fn drain(program: &Program, ext_ids: &[String], latency_ms: u64, prefetch:
         cpu_us,
         peak_rss,
         redis_calls,
+        rabbit_us,
+        redis_us,
+        bench_us,
     }
 }
 
@@ -595,12 +641,12 @@ async fn latency(rate: f64, secs: f64) -> (f64, f64, Figures) {
         lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
-    let (_, cpu_us) = counter.rate();
+    let (_, [cpu_us, ..]) = counter.rate();
     let figures = Figures {
         rate,
         cpu_us,
         peak_rss: vm_mib(worker.pid(), "VmHWM"),
-        redis_calls: 0.0,
+        ..Figures::default()
     };
     worker.stop().await;
     env.cleanup().await;
@@ -618,6 +664,9 @@ fn median_figures(runs: &[Figures]) -> Figures {
         cpu_us: median(runs.iter().map(|f| f.cpu_us).collect()),
         peak_rss: median(runs.iter().map(|f| f.peak_rss).collect()),
         redis_calls: median(runs.iter().map(|f| f.redis_calls).collect()),
+        rabbit_us: median(runs.iter().map(|f| f.rabbit_us).collect()),
+        redis_us: median(runs.iter().map(|f| f.redis_us).collect()),
+        bench_us: median(runs.iter().map(|f| f.bench_us).collect()),
     }
 }
 
@@ -836,6 +885,30 @@ async fn main() {
         w50_256.rate / bound(256.0, ceiling256.rate) * 100.0,
         w50_64.rate / bound(64.0, ceiling64.rate) * 100.0
     );
+    println!();
+    println!(
+        "CPU per command on this box (µs; {cores} cores = {} µs of CPU per second):",
+        cores * 1_000_000
+    );
+    println!(
+        "| program | itself | RabbitMQ | Redis | API stand-in + counter | total | CPU-bound rate |\n|---|---|---|---|---|---|---|"
+    );
+    for (name, f) in [
+        ("bare loop, prefetch 64", &ceiling64),
+        ("worker, API 0 ms, prefetch 64", &w0),
+        ("worker, API 50 ms, prefetch 256", &w50_256),
+    ] {
+        let total = f.cpu_us + f.rabbit_us + f.redis_us + f.bench_us;
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {total:.0} | {:.0}/s |",
+            f.cpu_us,
+            f.rabbit_us,
+            f.redis_us,
+            f.bench_us,
+            cores as f64 * 1e6 / total.max(1e-9)
+        );
+    }
+    println!();
     println!(
         "duplicate-heavy ÷ all-new: {:.2}",
         dup.rate / w0.rate.max(1e-9)

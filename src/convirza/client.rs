@@ -122,13 +122,7 @@ impl ConvirzaClient {
             .clone()
             .map_err(|path| ApiError::EndpointNotFound { path })?;
         let (status, envelope) = self
-            .send(
-                Operation::CreateGroup,
-                Method::POST,
-                url,
-                Some(body),
-                trace,
-            )
+            .send(Operation::CreateGroup, Method::POST, url, Some(body), trace)
             .await?;
         match envelope.created_id() {
             Some(org_unit_id) => Ok(Created {
@@ -175,13 +169,7 @@ impl ConvirzaClient {
             q.append_pair("offset", &offset.to_string());
         }
         let (_, envelope) = self
-            .send(
-                Operation::ListChildGroups,
-                Method::GET,
-                url,
-                None,
-                trace,
-            )
+            .send(Operation::ListChildGroups, Method::GET, url, None, trace)
             .await?;
         envelope.page().ok_or_else(|| ApiError::Transient {
             status: None,
