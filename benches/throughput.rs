@@ -1,7 +1,8 @@
 //! The project's benchmark: the worker against the broker's own ceiling, on loopback.
 //!
 //!     scripts/bench.sh                       # what docs/performance.md shows
-//!     BENCH_N=3000 BENCH_RUNS=1 cargo bench --bench throughput
+//!     BENCH_N=3000 BENCH_RUNS=1 cargo bench --bench throughput   # quicker, rougher
+//!     BENCH_ONLY=0 BENCH_N=30000 cargo bench --bench throughput  # one scenario, to profile
 //!
 //! Every figure is the median of `BENCH_RUNS` (default 3) runs, each in its own vhost, Redis
 //! prefix and convirza-sim (in this process, answering on loopback). The work queue is
@@ -62,6 +63,19 @@ fn clock_ticks() -> f64 {
 /// CPU time of a process so far.
 fn cpu_time(pid: u32) -> Duration {
     Duration::from_secs_f64(proc_stat(pid).unwrap_or(0) as f64 / clock_ticks())
+}
+
+/// RabbitMQ's, Redis's and this process's pids (looked up once: `ss` takes a while, and
+/// the first event may come right after the measured program starts).
+fn services() -> &'static [u32] {
+    static PIDS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    PIDS.get_or_init(|| {
+        vec![
+            listener_pid(5672).unwrap_or(0),
+            listener_pid(6379).unwrap_or(0),
+            std::process::id(),
+        ]
+    })
 }
 
 /// The process listening on a TCP port of this machine (RabbitMQ, Redis), from `ss`.
@@ -218,14 +232,7 @@ impl Counter {
     /// Measure `pid`, and beside it RabbitMQ, Redis and this process.
     fn measure(&self, pid: u32) {
         let mut pids = vec![pid];
-        pids.extend(
-            [
-                listener_pid(5672),
-                listener_pid(6379),
-                Some(std::process::id()),
-            ]
-            .map(|p| p.unwrap_or(0)),
-        );
+        pids.extend_from_slice(services());
         *self.pids.lock().expect("pids") = pids;
     }
 
@@ -738,7 +745,8 @@ async fn main() {
         bare_loop().await;
         return;
     }
-    let n = env_usize("BENCH_N", 6000);
+    let n = env_usize("BENCH_N", 15000);
+    services();
     let runs = env_usize("BENCH_RUNS", 3).max(1);
     let total = Instant::now();
     let cores = std::thread::available_parallelism().map_or(0, |c| c.get());

@@ -4,7 +4,7 @@
 # per command and memory. Prints the table docs/performance.md shows. Needs RabbitMQ and
 # Redis on loopback (started here if they are not running); takes a few minutes.
 #
-#   scripts/bench.sh                    # 6000 commands per run, median of 3 runs
+#   scripts/bench.sh                    # 15000 commands per run, median of 3 runs
 #   BENCH_N=3000 BENCH_RUNS=1 scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
