@@ -291,6 +291,8 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 name: &command.name,
             }),
         };
+        // The mark's age counts from before the claim was sent: its reply may be slow.
+        let claim_sent = tokio::time::Instant::now();
         match self.store.claim(&command.ext_id, &request).await {
             Err(e) => self.park(msg, 0, SystemFault::Store(e.to_string())),
             Ok(Claim::Created(record)) => {
@@ -312,7 +314,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             }
             Ok(Claim::Acquired { marker, marked }) => {
                 if marked {
-                    tries.premarked(tokio::time::Instant::now());
+                    tries.premarked(claim_sent);
                 }
                 self.work(msg, command, trace, tries, &owner, Some(marker))
                     .await

@@ -5,8 +5,11 @@
 //! Invariants:
 //! - an attempt marker is written before every POST — atomically with a check that the
 //!   claim is still ours, so a worker that lost it never posts — and keeps the name and
-//!   parent posted (for the first POST of a fresh command, the claim itself writes it, and
-//!   it stands only if the POST follows within a second);
+//!   parent posted. For the first POST of a fresh command the claim itself writes it; it
+//!   stands only if the POST follows within a second of sending the claim, and then no
+//!   second ownership check precedes that POST: a claim taken from us in that second (only
+//!   a shutdown's hand-back can, as a lease is longer) is covered by the open marker, which
+//!   makes the next owner wait `api.timeout` plus the margin before it looks or posts;
 //! - whenever an earlier POST (of any delivery) may have reached the API, the group is
 //!   looked up first, under the command's name *and* every name and parent an earlier POST
 //!   used: a group with our ext id is success and no POST is sent;

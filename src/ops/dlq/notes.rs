@@ -6,7 +6,7 @@
 //! more writes are tried, so a Redis outage never slows a replay down letter by letter.
 
 use crate::amqp::headers::{self, header_u32};
-use crate::command::ExtId;
+use crate::command::{CreateGroup, ExtId};
 use crate::config::Settings;
 use crate::dedup::RedisStore;
 use crate::pipeline::{DedupStore, LastOutcome, OutcomeKey, Place, truncate};
@@ -39,10 +39,10 @@ impl Notes {
             return;
         };
         let properties = &letter.delivery.properties;
-        let record = LastOutcome {
+        let mut record = LastOutcome {
             outcome: outcome.to_owned(),
             at: crate::clock::now_rfc3339(),
-            ext_id: letter.ext_id.clone(),
+            ext_id: None,
             message_id: properties
                 .message_id()
                 .as_ref()
@@ -55,7 +55,17 @@ impl Notes {
             org_unit_id: None,
             place,
         };
-        let ext_id = letter.ext_id.as_deref().and_then(|e| ExtId::parse(e).ok());
+        // The ext id as the worker read it (its own parser: a body it refused, such as one
+        // with a duplicate key, is kept under its message id, not under a lenient reading).
+        let ext_id: Option<ExtId> = match CreateGroup::from_delivery(
+            properties.content_type().as_ref().map(|c| c.as_str()),
+            properties.content_encoding().as_ref().map(|c| c.as_str()),
+            &letter.delivery.data,
+        ) {
+            Ok(command) => Some(command.ext_id),
+            Err(invalid) => invalid.ext_id,
+        };
+        record.ext_id = ext_id.as_ref().map(ExtId::to_string);
         let mut keys = Vec::new();
         if let Some(ext_id) = &ext_id {
             keys.push(OutcomeKey::ExtId(ext_id));
