@@ -32,7 +32,7 @@ use futures_util::StreamExt;
 use helpers::*;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -137,42 +137,7 @@ struct EventIds {
 
 impl Counter {
     async fn start(env: &TestEnv, expected: usize) -> Counter {
-        let channel = env.conn.create_channel().await.expect("channel");
-        let queue = unique("bench-events");
-        channel
-            .queue_declare(
-                ShortString::from(queue.as_str()),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("event queue");
-        channel
-            .queue_bind(
-                ShortString::from(queue.as_str()),
-                ShortString::from(env.settings.topology.event_exchange.as_str()),
-                ShortString::from("#"),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-        let mut consumer = channel
-            .basic_consume(
-                ShortString::from(queue.as_str()),
-                ShortString::from(""),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
+        let (channel, mut consumer) = env.consume_all_events().await;
         let tally = Arc::new(Mutex::new(Tally {
             latencies: Vec::with_capacity(expected),
             ..Tally::default()
@@ -549,29 +514,9 @@ async fn idle_rss() -> f64 {
     let env = TestEnv::new().await;
     env.declare_topology().await;
     let worker = spawn_worker(&env, 256);
-    let started = Instant::now();
     let pid = worker.pid();
-    // Consuming (its queue has a consumer), then a quiet second.
-    loop {
-        let consumers = env
-            .channel
-            .queue_declare(
-                ShortString::from(env.settings.topology.work_queue.as_str()),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map(|q| q.consumer_count())
-            .unwrap_or(0);
-        if consumers > 0 {
-            break;
-        }
-        assert!(started.elapsed() < DEADLINE, "the worker never consumed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Consuming, then a quiet second.
+    env.wait_work_queue_consumed(DEADLINE).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss = vm_mib(pid, "VmRSS");
     worker.stop().await;
@@ -586,29 +531,7 @@ async fn latency(rate: f64, secs: f64) -> (f64, f64, Figures) {
     let n = (rate * secs) as usize;
     let counter = Counter::start(&env, n).await;
     let worker = spawn_worker(&env, 64);
-    let started = Instant::now();
-    loop {
-        if started.elapsed() > DEADLINE {
-            panic!("worker did not start");
-        }
-        let q = env
-            .channel
-            .queue_declare(
-                ShortString::from(env.settings.topology.work_queue.as_str()),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map(|q| q.consumer_count())
-            .unwrap_or(0);
-        if q > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.wait_work_queue_consumed(DEADLINE).await;
     counter.measure(worker.pid());
     let start = Instant::now();
     let mut confirms = Vec::with_capacity(n);
@@ -677,14 +600,34 @@ fn median_figures(runs: &[Figures]) -> Figures {
     }
 }
 
-async fn repeat<F, Fut>(runs: usize, mut f: F) -> Figures
-where
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = Figures>,
-{
+/// Which ext ids the pre-loaded commands carry.
+#[derive(Clone, Copy)]
+enum Mix {
+    AllNew,
+    /// The second half repeats the ext ids of the first half, in order.
+    HalfRepeated,
+}
+
+/// The median of `runs` drains of `n` commands. Every run has its own vhost, Redis prefix
+/// and API stand-in, so the ext ids can be the same in each.
+async fn scenario(
+    runs: usize,
+    n: usize,
+    program: &Program,
+    latency_ms: u64,
+    prefetch: u16,
+    mix: Mix,
+) -> Figures {
+    let ext_ids = match mix {
+        Mix::AllNew => new_ids("B", n),
+        Mix::HalfRepeated => {
+            let half = new_ids("B", n / 2);
+            half.iter().chain(half.iter()).cloned().collect()
+        }
+    };
     let mut all = Vec::new();
-    for r in 0..runs {
-        all.push(f(r).await);
+    for _ in 0..runs {
+        all.push(drain(program, &ext_ids, latency_ms, prefetch).await);
     }
     median_figures(&all)
 }
@@ -760,48 +703,22 @@ async fn main() {
     println!(
         "settings: {n} commands pre-loaded per run, median of {runs} runs; quorum work queue; events persistent with confirms; log level info (JSON to a pipe)"
     );
-    let ids = |tag: &str, r: usize| new_ids(&format!("{tag}{r}"), n);
 
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         // One scenario, for profiling: `BENCH_ONLY=0` (API 0 ms) or `50` (50 ms), prefetch
         // BENCH_PREFETCH.
         let latency: u64 = only.parse().unwrap_or(0);
         let prefetch = env_usize("BENCH_PREFETCH", 64) as u16;
-        let f = drain(&Program::Worker, &new_ids("P", n), latency, prefetch).await;
+        let f = scenario(1, n, &Program::Worker, latency, prefetch, Mix::AllNew).await;
         println!("{f:?}");
         return;
     }
-    let ceiling64 = repeat(runs, |r| {
-        let ids = ids("C", r);
-        async move { drain(&Program::BareLoop, &ids, 0, 64).await }
-    })
-    .await;
-    let ceiling256 = repeat(runs, |r| {
-        let ids = ids("D", r);
-        async move { drain(&Program::BareLoop, &ids, 0, 256).await }
-    })
-    .await;
-    let w0 = repeat(runs, |r| {
-        let ids = ids("W", r);
-        async move { drain(&Program::Worker, &ids, 0, 64).await }
-    })
-    .await;
-    let w50_64 = repeat(runs, |r| {
-        let ids = ids("L", r);
-        async move { drain(&Program::Worker, &ids, 50, 64).await }
-    })
-    .await;
-    let w50_256 = repeat(runs, |r| {
-        let ids = ids("M", r);
-        async move { drain(&Program::Worker, &ids, 50, 256).await }
-    })
-    .await;
-    let dup = repeat(runs, |r| {
-        let half = new_ids(&format!("U{r}"), n / 2);
-        let mixed: Vec<String> = half.iter().chain(half.iter()).cloned().collect();
-        async move { drain(&Program::Worker, &mixed, 0, 64).await }
-    })
-    .await;
+    let ceiling64 = scenario(runs, n, &Program::BareLoop, 0, 64, Mix::AllNew).await;
+    let ceiling256 = scenario(runs, n, &Program::BareLoop, 0, 256, Mix::AllNew).await;
+    let w0 = scenario(runs, n, &Program::Worker, 0, 64, Mix::AllNew).await;
+    let w50_64 = scenario(runs, n, &Program::Worker, 50, 64, Mix::AllNew).await;
+    let w50_256 = scenario(runs, n, &Program::Worker, 50, 256, Mix::AllNew).await;
+    let dup = scenario(runs, n, &Program::Worker, 0, 64, Mix::HalfRepeated).await;
     let mut idle = Vec::new();
     for _ in 0..runs {
         idle.push(idle_rss().await);

@@ -246,6 +246,20 @@ mod tests {
         }
     }
 
+    /// The record of `decision` settled as `outcome` (ext id E-1, message m-1).
+    fn settle(decision: &Decision, outcome: Outcome, http_status: Option<u16>) -> LastOutcome {
+        LastOutcome::settled(
+            decision,
+            outcome,
+            &msg(),
+            Some("E-1"),
+            http_status,
+            &tiers(),
+            "the.dlq",
+        )
+        .expect("a record")
+    }
+
     fn dead_letter(kind: FailureKind) -> Decision {
         let failure = Failure {
             kind,
@@ -267,16 +281,7 @@ mod tests {
             last_error: "503".into(),
             http_status: Some(503),
         };
-        let r = LastOutcome::settled(
-            &delay(1, reason),
-            Outcome::Deferred,
-            &msg(),
-            Some("E-1"),
-            Some(503),
-            &tiers(),
-            "dlq",
-        )
-        .expect("a record");
+        let r = settle(&delay(1, reason), Outcome::Deferred, Some(503));
         assert_eq!(r.outcome, "deferred");
         assert_eq!(r.reason.as_deref(), Some("transient"));
         assert_eq!((r.attempts, r.http_status), (3, Some(503)));
@@ -292,32 +297,18 @@ mod tests {
 
     #[test]
     fn a_system_fault_is_parked_and_says_which() {
-        let r = LastOutcome::settled(
+        let r = settle(
             &delay(
                 0,
                 DelayReason::Parked(SystemFault::Unauthorized("401".into())),
             ),
             Outcome::Deferred,
-            &msg(),
-            Some("E-1"),
             None,
-            &tiers(),
-            "dlq",
-        )
-        .expect("a record");
+        );
         assert_eq!(r.outcome, "parked");
         assert_eq!(r.reason.as_deref(), Some("unauthorized"));
         assert!(matches!(r.place, Place::DelayQueue { ref tier, .. } if tier == "5s"));
-        let claimed = LastOutcome::settled(
-            &delay(0, DelayReason::Claimed),
-            Outcome::Deferred,
-            &msg(),
-            Some("E-1"),
-            None,
-            &tiers(),
-            "dlq",
-        )
-        .expect("a record");
+        let claimed = settle(&delay(0, DelayReason::Claimed), Outcome::Deferred, None);
         assert_eq!(
             (claimed.outcome.as_str(), claimed.reason.as_deref()),
             ("deferred", Some("claimed_elsewhere"))
@@ -326,16 +317,11 @@ mod tests {
 
     #[test]
     fn a_dead_letter_names_its_queue_and_keeps_a_bounded_message() {
-        let r = LastOutcome::settled(
+        let r = settle(
             &dead_letter(FailureKind::Rejected),
             Outcome::DeadLettered,
-            &msg(),
-            Some("E-1"),
             Some(422),
-            &tiers(),
-            "the.dlq",
-        )
-        .expect("a record");
+        );
         assert_eq!(r.outcome, "dead_lettered");
         assert_eq!(r.error_kind.as_deref(), Some("rejected"));
         assert_eq!(r.message.as_ref().map(String::len), Some(MAX_MESSAGE_BYTES));
@@ -350,41 +336,18 @@ mod tests {
 
     #[test]
     fn an_outcome_that_could_not_be_published_is_parked_in_the_first_tier() {
-        let r = LastOutcome::settled(
+        let r = settle(
             &dead_letter(FailureKind::InvalidCommand),
             Outcome::Deferred,
-            &msg(),
             None,
-            None,
-            &tiers(),
-            "dlq",
-        )
-        .expect("a record");
+        );
         assert_eq!(r.outcome, "parked");
         assert_eq!(r.reason.as_deref(), Some("publish"));
         assert_eq!(r.error_kind.as_deref(), Some("invalid_command"));
         assert!(matches!(r.place, Place::DelayQueue { ref tier, .. } if tier == "5s"));
-        let requeued = LastOutcome::settled(
-            &dead_letter(FailureKind::Rejected),
-            Outcome::Requeued,
-            &msg(),
-            None,
-            None,
-            &tiers(),
-            "dlq",
-        )
-        .expect("a record");
+        let requeued = settle(&dead_letter(FailureKind::Rejected), Outcome::Requeued, None);
         assert_eq!(requeued.place, Place::WorkQueue);
-        let failed = LastOutcome::settled(
-            &dead_letter(FailureKind::Rejected),
-            Outcome::Failed,
-            &msg(),
-            None,
-            None,
-            &tiers(),
-            "dlq",
-        )
-        .expect("a record");
+        let failed = settle(&dead_letter(FailureKind::Rejected), Outcome::Failed, None);
         assert_eq!(
             (failed.outcome.as_str(), failed.place),
             ("failed", Place::Unsettled)

@@ -102,16 +102,7 @@ pub(crate) async fn handle(
         .await;
         log_outcome(&verdict, outcome, started);
         count(&shared, &verdict, outcome);
-        shared
-            .processor
-            .report(
-                &inbound,
-                &verdict,
-                outcome,
-                &shared.tier_places,
-                &shared.settings.topology.dead_letter_queue,
-            )
-            .await;
+        Some((verdict, outcome))
     };
     let aborted = async {
         abort.cancelled().await;
@@ -134,16 +125,33 @@ pub(crate) async fn handle(
             duration_ms = started.elapsed().as_millis() as u64,
             "outcome"
         );
+        None
     };
-    async {
+    // The drain deadline races the settling only: once the delivery is acked (or parked,
+    // or returned), it is settled, and the report for `status` that follows must not be
+    // cut off and counted a second time as requeued.
+    let settled = async {
         tokio::select! {
             biased;
-            () = work => {}
-            () = aborted => {}
+            s = work => s,
+            s = aborted => s,
         }
     }
-    .instrument(span)
-    .await
+    .instrument(span.clone())
+    .await;
+    if let Some((verdict, outcome)) = settled {
+        shared
+            .processor
+            .report(
+                &inbound,
+                &verdict,
+                outcome,
+                &shared.tier_places,
+                &shared.settings.topology.dead_letter_queue,
+            )
+            .instrument(span)
+            .await;
+    }
 }
 
 /// Metrics for one settled delivery: its outcome, and what was published for it.

@@ -172,16 +172,7 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
         .into_iter()
         .map(|q| q.name)
         .collect();
-    let counter_bounds = CounterBounds {
-        delay_queues: settings
-            .retry
-            .delays
-            .iter()
-            .map(|t| settings.topology.delay_queue(t))
-            .collect(),
-        max_tries: settings.retry.max_tries,
-    };
-    let tier_places = settings
+    let tier_places: Vec<TierPlace> = settings
         .retry
         .delays
         .iter()
@@ -191,6 +182,10 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
             delay: t.delay,
         })
         .collect();
+    let counter_bounds = CounterBounds {
+        delay_queues: tier_places.iter().map(|t| t.queue.clone()).collect(),
+        max_tries: settings.retry.max_tries,
+    };
     let settings_nodes = settings.amqp.url.clone();
     let shared = Arc::new(Shared {
         tier_places,

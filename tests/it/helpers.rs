@@ -366,9 +366,8 @@ impl TestEnv {
         queue
     }
 
-    /// A queue bound to every event, declared before commands are sent.
-    pub async fn event_tap(&self) -> EventTap {
-        self.declare_topology().await;
+    /// A channel consuming (no-ack) an exclusive queue bound to every event.
+    pub async fn consume_all_events(&self) -> (Channel, lapin::Consumer) {
         let channel = self.conn.create_channel().await.expect("channel");
         let queue = unique("events");
         channel
@@ -405,6 +404,34 @@ impl TestEnv {
             )
             .await
             .expect("consume events");
+        (channel, consumer)
+    }
+
+    /// Wait until something consumes the work queue (a worker started as a process).
+    pub async fn wait_work_queue_consumed(&self, deadline: Duration) {
+        let queue = self.settings.topology.work_queue.clone();
+        wait_for("a consumer on the work queue", deadline, || async {
+            self.channel
+                .queue_declare(
+                    ShortString::from(queue.as_str()),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .ok()
+                .filter(|q| q.consumer_count() > 0)
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// A queue bound to every event, declared before commands are sent.
+    pub async fn event_tap(&self) -> EventTap {
+        self.declare_topology().await;
+        let (channel, consumer) = self.consume_all_events().await;
         EventTap {
             _channel: channel,
             consumer,
