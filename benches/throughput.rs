@@ -3,6 +3,7 @@
 //!     scripts/bench.sh                       # what docs/performance.md shows
 //!     BENCH_N=3000 BENCH_RUNS=1 cargo bench --bench throughput   # quicker, rougher
 //!     BENCH_ONLY=0 BENCH_N=30000 cargo bench --bench throughput  # one scenario, to profile
+//!     BENCH_WORKER_BIN=/tmp/other-build BENCH_ONLY=0 cargo bench …  # another build of the worker
 //!
 //! Every figure is the median of `BENCH_RUNS` (default 3) runs, each in its own vhost, Redis
 //! prefix and convirza-sim (in this process, answering on loopback). The work queue is
@@ -297,7 +298,9 @@ impl Measured {
 }
 
 fn spawn_worker(env: &TestEnv, prefetch: u16) -> Measured {
-    let mut cmd = env.command(BIN);
+    // BENCH_WORKER_BIN: another build of the worker, to compare two builds on one machine.
+    let bin = std::env::var("BENCH_WORKER_BIN").unwrap_or_else(|_| BIN.to_owned());
+    let mut cmd = env.command(&bin);
     cmd.arg("run")
         .env("PROVISIONER__AMQP__PREFETCH", prefetch.to_string())
         .env("PROVISIONER__LOG__LEVEL", "info")
