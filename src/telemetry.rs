@@ -11,17 +11,19 @@
 //!   phone numbers) and HTTP stacks their headers.
 
 use std::fmt;
+use std::io::Write;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{FilterExt, filter_fn};
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::Context;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -37,13 +39,7 @@ pub fn init(settings: &LogSettings) {
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = match settings.format {
         LogFormat::Json => tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stdout)
-                    .fmt_fields(JsonFields::new())
-                    .event_format(FlatJson)
-                    .with_filter(filter),
-            )
+            .with(JsonLines::new(std::io::stdout).with_filter(filter))
             .try_init(),
         LogFormat::Pretty => tracing_subscriber::registry()
             .with(
@@ -78,95 +74,178 @@ pub fn init_for_cli() {
         .try_init();
 }
 
-/// One JSON object per line: `timestamp`, `level`, `target`, `message`, span fields, event
-/// fields (event fields win on a name clash).
-pub struct FlatJson;
+/// One JSON object per line: `timestamp`, `level`, `target`, the event's fields (with
+/// `message`), then the fields of every enclosing span, innermost first. Each name appears
+/// once: the three fixed keys cannot be overridden, an event field wins over a span field
+/// of the same name and an inner span over an outer one.
+///
+/// Why not `tracing_subscriber`'s JSON formatter: it keeps span fields as one JSON text,
+/// re-parsing and re-serialising it on every `record` and for every line, and builds each
+/// line as a map of owned values. One line per delivery made that a measurable share of the
+/// worker's CPU per command (see docs/performance.md). Here a span keeps its fields already
+/// encoded, and a line is written straight into one buffer and out in one `write`.
+pub struct JsonLines<W> {
+    make_writer: W,
+}
 
-impl<S, N> FormatEvent<S, N> for FlatJson
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let mut line = Map::new();
-        let now = OffsetDateTime::now_utc();
-        line.insert(
-            "timestamp".into(),
-            Value::String(
-                now.format(&Rfc3339)
-                    .unwrap_or_else(|_| now.unix_timestamp().to_string()),
-            ),
-        );
-        line.insert(
-            "level".into(),
-            Value::String(event.metadata().level().as_str().to_owned()),
-        );
-        line.insert(
-            "target".into(),
-            Value::String(event.metadata().target().to_owned()),
-        );
-        if let Some(scope) = ctx.event_scope() {
-            for span in scope.from_root() {
-                let extensions = span.extensions();
-                if let Some(fields) = extensions.get::<FormattedFields<N>>()
-                    && let Ok(Value::Object(map)) = serde_json::from_str::<Value>(fields.as_str())
-                {
-                    line.extend(map);
-                }
-            }
-        }
-        event.record(&mut JsonVisitor(&mut line));
-        let text = serde_json::to_string(&Value::Object(line)).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{text}")
+impl<W> JsonLines<W> {
+    pub fn new(make_writer: W) -> Self {
+        JsonLines { make_writer }
     }
 }
 
-struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+/// A span's fields, each value already encoded as JSON.
+#[derive(Default)]
+struct SpanFields(Vec<(&'static str, String)>);
 
-impl Visit for JsonVisitor<'_> {
+impl<S, W> Layer<S> for JsonLines<W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'a> MakeWriter<'a> + 'static,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut fields = SpanFields::default();
+        attrs.record(&mut Encoder(&mut fields.0));
+        span.extensions_mut().insert(fields);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        if let Some(fields) = extensions.get_mut::<SpanFields>() {
+            values.record(&mut Encoder(&mut fields.0));
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut own = Vec::with_capacity(8);
+        event.record(&mut Encoder(&mut own));
+        let now = OffsetDateTime::now_utc();
+        let mut line = String::with_capacity(512);
+        line.push_str("{\"timestamp\":");
+        match now.format(&Rfc3339) {
+            Ok(t) => push_json_str(&mut line, &t),
+            Err(_) => line.push_str(&now.unix_timestamp().to_string()),
+        }
+        line.push_str(",\"level\":");
+        push_json_str(&mut line, event.metadata().level().as_str());
+        line.push_str(",\"target\":");
+        push_json_str(&mut line, event.metadata().target());
+        let mut written: Vec<&'static str> = vec!["timestamp", "level", "target"];
+        let mut push = |line: &mut String, name: &'static str, value: &str| {
+            if !written.contains(&name) {
+                written.push(name);
+                line.push(',');
+                push_json_str(line, name);
+                line.push(':');
+                line.push_str(value);
+            }
+        };
+        for (name, value) in &own {
+            push(&mut line, name, value);
+        }
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope {
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<SpanFields>() {
+                    for (name, value) in fields.0.iter().rev() {
+                        push(&mut line, name, value);
+                    }
+                }
+            }
+        }
+        line.push_str("}\n");
+        // One write per line: lines from concurrent tasks never interleave.
+        let _ = self.make_writer.make_writer().write_all(line.as_bytes());
+    }
+}
+
+/// Records fields as `(name, JSON value)`; a name recorded again replaces its value.
+struct Encoder<'a>(&'a mut Vec<(&'static str, String)>);
+
+impl Encoder<'_> {
+    fn put(&mut self, field: &Field, value: String) {
+        match self.0.iter_mut().find(|(n, _)| *n == field.name()) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((field.name(), value)),
+        }
+    }
+
+    fn put_str(&mut self, field: &Field, value: &str) {
+        let mut encoded = String::with_capacity(value.len() + 2);
+        push_json_str(&mut encoded, value);
+        self.put(field, encoded);
+    }
+}
+
+impl Visit for Encoder<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(value.to_owned()));
+        self.put_str(field, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), Value::from(value));
+        self.put(field, value.to_string());
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), Value::from(value));
+        self.put(field, value.to_string());
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), Value::Bool(value));
+        self.put(field, value.to_string());
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), Value::from(value));
+        // JSON has no NaN or infinity: those become null, as serde_json writes them.
+        let encoded = if value.is_finite() {
+            Value::from(value).to_string()
+        } else {
+            "null".to_owned()
+        };
+        self.put(field, encoded);
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(value.to_string()));
+        self.put_str(field, &value.to_string());
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+        self.put_str(field, &format!("{value:?}"));
     }
+}
+
+/// Append `s` as a JSON string literal (RFC 8259 escaping).
+fn push_json_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        if escape.is_empty() {
+            out.push_str(&format!("\\u{b:04x}"));
+        } else {
+            out.push_str(escape);
+        }
+        plain = i + 1;
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
     use std::sync::{Arc, Mutex};
-    use tracing_subscriber::fmt::MakeWriter;
 
     #[derive(Clone, Default)]
     struct Buffer(Arc<Mutex<Vec<u8>>>);
@@ -191,15 +270,20 @@ mod tests {
         }
     }
 
+    /// Run `f` under a [`JsonLines`] subscriber; the lines it wrote, parsed.
+    fn lines_of(f: impl FnOnce()) -> Vec<Value> {
+        let buffer = Buffer::default();
+        let subscriber = tracing_subscriber::registry().with(JsonLines::new(buffer.clone()));
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf8");
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
     #[test]
     fn span_fields_are_flattened_and_recorded_late_fields_appear() {
-        let buffer = Buffer::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(buffer.clone())
-            .fmt_fields(JsonFields::new())
-            .event_format(FlatJson)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let lines = lines_of(|| {
             let span = tracing::info_span!(
                 "delivery",
                 ext_id = tracing::field::Empty,
@@ -210,11 +294,6 @@ mod tests {
             span.record("ext_id", "ORG-1");
             tracing::info!(outcome = "created", org_unit_id = 5i64, "outcome");
         });
-        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf8");
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
-            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["message_id"], "m-1");
         assert_eq!(lines[0]["attempts"], 2);
@@ -224,5 +303,60 @@ mod tests {
         assert_eq!(lines[1]["org_unit_id"], 5);
         assert_eq!(lines[1]["message"], "outcome");
         assert_eq!(lines[1]["level"], "INFO");
+        assert_eq!(lines[1]["target"], module_path!());
+        let stamp = lines[1]["timestamp"].as_str().expect("timestamp");
+        assert!(OffsetDateTime::parse(stamp, &Rfc3339).is_ok(), "{stamp}");
+    }
+
+    #[test]
+    fn each_name_appears_once_event_over_inner_span_over_outer_span() {
+        let lines = lines_of(|| {
+            let outer = tracing::info_span!("outer", a = "outer", b = "outer", c = "outer");
+            let _o = outer.enter();
+            let inner = tracing::info_span!("inner", b = "inner", c = "inner");
+            let _i = inner.enter();
+            inner.record("c", "inner-late");
+            tracing::warn!(c = "event", level = "spoofed", "m");
+        });
+        assert_eq!(lines.len(), 1);
+        let line = &lines[0];
+        assert_eq!(line["a"], "outer");
+        assert_eq!(line["b"], "inner");
+        assert_eq!(line["c"], "event");
+        // The fixed keys cannot be overridden by a field.
+        assert_eq!(line["level"], "WARN");
+        // No duplicate keys in the text (serde_json would keep the last silently).
+        let object = line.as_object().expect("object");
+        assert_eq!(object.len(), 7, "{object:?}");
+    }
+
+    #[test]
+    fn values_are_encoded_as_json_whatever_they_hold() {
+        let hostile =
+            "quote \" backslash \\ newline \n tab \t nul \u{0} bell \u{7} \u{1f} é 日本 🦀";
+        let lines = lines_of(|| {
+            tracing::info!(
+                text = hostile,
+                number = -3i64,
+                big = u64::MAX,
+                ratio = 0.5f64,
+                nan = f64::NAN,
+                yes = true,
+                debug = ?vec!["x\"y"],
+                "{hostile}"
+            );
+        });
+        let line = &lines[0];
+        assert_eq!(line["text"], hostile);
+        assert_eq!(line["message"], hostile);
+        assert_eq!(line["number"], -3);
+        assert_eq!(line["big"], u64::MAX);
+        assert_eq!(line["ratio"], 0.5);
+        assert_eq!(line["nan"], Value::Null);
+        assert_eq!(line["yes"], true);
+        assert_eq!(line["debug"], "[\"x\\\"y\"]");
+        let mut encoded = String::new();
+        push_json_str(&mut encoded, hostile);
+        assert_eq!(encoded, serde_json::to_string(hostile).expect("encode"));
     }
 }
