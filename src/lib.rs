@@ -26,6 +26,7 @@ pub mod convirza;
 pub mod dedup;
 pub mod hash;
 pub mod http;
+pub mod id;
 pub mod metrics;
 pub mod ops;
 pub mod pipeline;

@@ -271,7 +271,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         let owner = format!(
             "{}/{}",
             self.config.worker_id,
-            uuid::Uuid::new_v4().simple()
+            crate::id::random_uuid().simple()
         );
         let duplicate = LastOutcome::duplicate(msg, command.ext_id.as_str());
         // A fresh command with nothing known of it goes straight to its POST: the claim

@@ -385,7 +385,7 @@ impl Executor<'_> {
             .with_content_type(ShortString::from("application/json"))
             .with_delivery_mode(2)
             .with_type(ShortString::from(event_name))
-            .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
+            .with_message_id(ShortString::from(crate::id::random_uuid().to_string()))
             .with_app_id(ShortString::from("group-provisioner"))
             .with_timestamp(
                 SystemTime::now()
