@@ -196,7 +196,10 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     ) -> Result<Provisioned, Disposition> {
         self.gate().await?;
         if tries.may_have_reached.load(Ordering::SeqCst) {
-            match self.look_up(command, trace, tries, lookups).await? {
+            // Boxed, as is the reconciliation below: the listing's future is large, and only
+            // a delivery that lists should carry it (inline, it made every delivery's task
+            // several KiB larger, copied on every spawn).
+            match Box::pin(self.look_up(command, trace, tries, lookups)).await? {
                 Reconciled::Found(group) => {
                     tracing::info!(
                         org_unit_id = group.org_unit_id,
@@ -257,8 +260,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 match e {
                     ApiError::Rejected { .. } | ApiError::DuplicateName { .. } => {
                         self.circuit.record_success();
-                        self.reconcile_rejection(command, trace, tries, lookups, e)
-                            .await
+                        Box::pin(self.reconcile_rejection(command, trace, tries, lookups, e)).await
                     }
                     other => Err(self.api_failure(other)),
                 }

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::field::Empty;
@@ -61,15 +61,26 @@ impl SettleError {
 
 use super::{Probe, Shared};
 
-/// Process one delivery end to end. `abort` (drain timeout) returns it to the queue
-/// unfinished; `broken` is how a task reports that the publish channel is gone.
-pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    publisher: Publisher,
-    delivery: Delivery,
-    abort: CancellationToken,
-    broken: CancellationToken,
-) {
+/// What every delivery task of one broker session shares (one reference count per task,
+/// not one per field).
+pub(crate) struct Links {
+    pub publisher: Publisher,
+    /// The channel the deliveries arrive on: they are acked on it directly.
+    pub consume: Channel,
+    /// Cancelled at the drain deadline: unfinished deliveries return to the queue.
+    pub abort: CancellationToken,
+    /// Cancelled by a task that finds the publish channel gone.
+    pub broken: CancellationToken,
+}
+
+/// Process one delivery end to end.
+pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Delivery) {
+    let Links {
+        publisher,
+        consume,
+        abort,
+        broken,
+    } = &*links;
     let started = Instant::now();
     let _in_flight = InFlight::start(shared.processor.recorder());
     let inbound = headers::inbound(
@@ -92,11 +103,12 @@ pub(crate) async fn handle(
         let outcome = Executor {
             dead_letter_written: AtomicBool::new(false),
             shared: &shared,
-            publisher: &publisher,
+            publisher,
+            consume,
             delivery: &delivery,
             inbound: &inbound,
             verdict: &verdict,
-            broken: &broken,
+            broken,
         }
         .run()
         .await;
@@ -129,16 +141,16 @@ pub(crate) async fn handle(
     };
     // The drain deadline races the settling only: once the delivery is acked (or parked,
     // or returned), it is settled, and the report for `status` that follows must not be
-    // cut off and counted a second time as requeued.
-    let settled = async {
-        tokio::select! {
-            biased;
-            s = work => s,
-            s = aborted => s,
-        }
-    }
-    .instrument(span.clone())
-    .await;
+    // cut off and counted a second time as requeued. Both are pinned where they are and
+    // raced by reference: moving them into `select!` would keep a second copy of each in
+    // this task (it doubled the task's size, copied on every spawn).
+    let work = std::pin::pin!(work.instrument(span.clone()));
+    let aborted = std::pin::pin!(aborted.instrument(span.clone()));
+    let settled = tokio::select! {
+        biased;
+        s = work => s,
+        s = aborted => s,
+    };
     if let Some((verdict, outcome)) = settled {
         shared
             .processor
@@ -204,6 +216,7 @@ struct Executor<'a> {
     dead_letter_written: AtomicBool,
     shared: &'a Shared,
     publisher: &'a Publisher,
+    consume: &'a Channel,
     delivery: &'a Delivery,
     inbound: &'a Inbound,
     verdict: &'a Verdict,
@@ -317,7 +330,15 @@ impl Executor<'_> {
     }
 
     async fn ack(&self, outcome: Outcome) -> Outcome {
-        match self.delivery.ack(BasicAckOptions::default()).await {
+        // On the channel itself rather than through the delivery's acker, which hands each
+        // ack to the client's internal task first: one task hop and one spawn fewer per
+        // delivery. Every path acks or nacks a delivery once, so the acker's guard against
+        // a second ack is not needed; the channel never outlives its session.
+        match self
+            .consume
+            .basic_ack(self.delivery.delivery_tag, BasicAckOptions::default())
+            .await
+        {
             Ok(_) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "ack failed after the outcome was published; the broker will redeliver");

@@ -161,8 +161,13 @@ async fn session(
     let publisher =
         Publisher::new(publish_channel).with_frame_max(conn.configuration().frame_max());
     let tracker = TaskTracker::new();
-    let abort = CancellationToken::new();
-    let broken = CancellationToken::new();
+    let links = Arc::new(execute::Links {
+        publisher: publisher.clone(),
+        consume: consume_channel.clone(),
+        abort: CancellationToken::new(),
+        broken: CancellationToken::new(),
+    });
+    let (abort, broken) = (&links.abort, &links.broken);
     // The unrouted-events queue's depth, for the metric and its alert; ends with the session.
     let watch_unrouted = {
         let channel = conn.create_channel().await.ok();
@@ -184,7 +189,7 @@ async fn session(
 
     let result: Result<(), SessionError> = 'session: loop {
         if circuit.is_open() {
-            match wait_for_close(shared, &conn, &publisher, shutdown, &broken).await {
+            match wait_for_close(shared, &conn, &publisher, shutdown, broken).await {
                 Wait::Closed => {}
                 Wait::Shutdown => break 'session Ok(()),
                 Wait::Broken => break 'session Err(SessionError::PublishChannel),
@@ -210,7 +215,7 @@ async fn session(
                     cancel_consumer(&consume_channel, &tag).await;
                     // Deliveries already sent to us: each finds the circuit open and parks.
                     let held = drain_held(&mut consumer, |d| {
-                        tracker.spawn(execute::handle(shared.clone(), publisher.clone(), d, abort.clone(), broken.clone()));
+                        tracker.spawn(execute::handle(shared.clone(), links.clone(), d));
                     })
                     .await;
                     tracing::info!(held, "consumer cancelled while the circuit is open");
@@ -218,7 +223,7 @@ async fn session(
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        tracker.spawn(execute::handle(shared.clone(), publisher.clone(), delivery, abort.clone(), broken.clone()));
+                        tracker.spawn(execute::handle(shared.clone(), links.clone(), delivery));
                     }
                     Some(Err(e)) => break 'session Err(SessionError::Consume(e.into())),
                     None => break 'session Err(SessionError::Cancelled),
