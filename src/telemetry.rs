@@ -12,6 +12,9 @@
 
 use std::fmt;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, Once};
+use std::time::Duration;
 
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -36,10 +39,19 @@ pub fn init(settings: &LogSettings) {
         .and(filter_fn(|meta| {
             ours(meta.target()) || *meta.level() <= Level::INFO
         }));
+    static PANIC_HOOK: Once = Once::new();
+    PANIC_HOOK.call_once(|| {
+        // A panic's own report (on stderr) comes after every line logged before it.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            STDOUT.flush_from_panic();
+            previous(info);
+        }));
+    });
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = match settings.format {
         LogFormat::Json => tracing_subscriber::registry()
-            .with(JsonLines::new(std::io::stdout).with_filter(filter))
+            .with(JsonLines::new(&STDOUT).with_filter(filter))
             .try_init(),
         LogFormat::Pretty => tracing_subscriber::registry()
             .with(
@@ -51,11 +63,160 @@ pub fn init(settings: &LogSettings) {
     };
 }
 
+/// Write out every log line still held back (at exit; the worker's `main` calls it, and so
+/// does a panic).
+pub fn flush() {
+    STDOUT.flush();
+}
+
+/// The worker's log lines on their way to stdout.
+static STDOUT: BatchedStdout = BatchedStdout::new();
+
+/// Log lines are appended to a buffer that one thread writes to stdout a batch at a time,
+/// [`BATCH_WINDOW`] after the first line of the batch.
+///
+/// Why: one `write(2)` per line was a measurable share of the worker's CPU per command,
+/// and a log reader that falls behind blocked the task that logged, on a runtime thread.
+/// Invariants: the lines of one task leave in the order it logged them, and never
+/// interleave with others; what is
+/// held back is bounded by [`MAX_PENDING`] (past it, the line that overflows writes the
+/// backlog out itself, under the same order); [`flush`] at exit and on a panic writes the
+/// rest, so only a `SIGKILL` can cost lines, at most one window of them.
+struct BatchedStdout {
+    pending: Mutex<Vec<u8>>,
+    /// Held while a batch is written: a batch taken later is written later.
+    writing: Mutex<()>,
+    ready: Condvar,
+    started: Once,
+    /// Whether the writer thread runs (if it could not be started, each line is written by
+    /// the task that logs it, as before).
+    threaded: AtomicBool,
+}
+
+/// How long the writer waits after the first line of a batch for more lines.
+const BATCH_WINDOW: Duration = Duration::from_millis(2);
+/// At most this many bytes are held back.
+const MAX_PENDING: usize = 1 << 20;
+
+impl BatchedStdout {
+    const fn new() -> Self {
+        BatchedStdout {
+            pending: Mutex::new(Vec::new()),
+            writing: Mutex::new(()),
+            ready: Condvar::new(),
+            started: Once::new(),
+            threaded: AtomicBool::new(false),
+        }
+    }
+
+    fn append(&'static self, line: &[u8]) {
+        self.started.call_once(|| {
+            let spawned = std::thread::Builder::new()
+                .name("log-writer".into())
+                .spawn(move || self.run());
+            self.threaded.store(spawned.is_ok(), Ordering::Release);
+        });
+        let mut pending = lock(&self.pending);
+        if pending.len() + line.len() <= MAX_PENDING && self.threaded.load(Ordering::Acquire) {
+            let first = pending.is_empty();
+            pending.extend_from_slice(line);
+            if first {
+                self.ready.notify_one();
+            }
+            return;
+        }
+        // The writer is behind (stdout blocks): write the backlog and this line now.
+        drop(pending);
+        let _writing = lock(&self.writing);
+        let mut pending = lock(&self.pending);
+        let mut batch = std::mem::take(&mut *pending);
+        drop(pending);
+        batch.extend_from_slice(line);
+        write_out(&batch);
+    }
+
+    fn run(&self) {
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut pending = lock(&self.pending);
+                while pending.is_empty() {
+                    pending = self.ready.wait(pending).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            std::thread::sleep(BATCH_WINDOW);
+            self.write_pending(&mut batch);
+        }
+    }
+
+    /// Write what is pending; `batch` is a buffer to reuse.
+    fn write_pending(&self, batch: &mut Vec<u8>) {
+        let _writing = lock(&self.writing);
+        std::mem::swap(batch, &mut *lock(&self.pending));
+        write_out(batch);
+        batch.clear();
+    }
+
+    fn flush(&self) {
+        self.write_pending(&mut Vec::new());
+    }
+
+    /// [`Self::flush`] from a panic hook: never waits, as the panicking thread may hold
+    /// one of the locks itself.
+    fn flush_from_panic(&self) {
+        let Ok(_writing) = self.writing.try_lock() else {
+            return;
+        };
+        let Ok(mut pending) = self.pending.try_lock() else {
+            return;
+        };
+        let batch = std::mem::take(&mut *pending);
+        drop(pending);
+        write_out(&batch);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_out(bytes: &[u8]) {
+    if !bytes.is_empty() {
+        let mut out = std::io::stdout().lock();
+        // Nowhere to report a failed log write; the line is dropped as a full disk would.
+        let _ = out.write_all(bytes).and_then(|()| out.flush());
+    }
+}
+
+impl<'a> MakeWriter<'a> for &'static BatchedStdout {
+    type Writer = LineWriter;
+
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter(self)
+    }
+}
+
+/// One [`JsonLines`] line (it writes each line with one `write_all`).
+struct LineWriter(&'static BatchedStdout);
+
+impl Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.append(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Log targets of this project (the library and its binaries).
 fn ours(target: &str) -> bool {
-    ["group_provisioner", "convirza_sim"]
-        .iter()
-        .any(|t| target == *t || target.starts_with(&format!("{t}::")))
+    ["group_provisioner", "convirza_sim"].iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
 }
 
 /// Operator commands: warnings and errors only, to stderr, so stdout stays their output.

@@ -125,5 +125,6 @@ async fn main() -> std::io::Result<()> {
     );
     group_provisioner::shutdown::signal().await;
     tracing::info!("convirza-sim stopping");
+    group_provisioner::telemetry::flush();
     Ok(())
 }

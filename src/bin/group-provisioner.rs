@@ -32,7 +32,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async_main())
+    let code = runtime.block_on(async_main());
+    // Log lines are written in batches: the last ones go out before the process ends.
+    telemetry::flush();
+    code
 }
 
 async fn async_main() -> ExitCode {

@@ -524,3 +524,43 @@ async fn broker_nodes_are_tried_in_turn_and_losing_one_costs_nothing() {
     worker.join().await;
     env.cleanup().await;
 }
+
+/// A log shipper that stops reading the worker's stdout (the pipe fills at 64 KiB) must not
+/// stop the worker: its lines wait in memory while commands go on, and once the pipe is
+/// read again every outcome line is there. [Before the lines were batched, the task that
+/// logged blocked in write(2) on a runtime thread, and processing stopped with the pipe.]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_does_not_stall_the_worker() {
+    use tokio::io::AsyncBufReadExt;
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let (mut child, stdout) = WorkerProcess::spawn_unread(&env);
+    env.wait_work_queue_consumed(Duration::from_secs(30)).await;
+    // About 400 bytes of outcome line each: 400 of them are more than twice a pipe's 64 KiB.
+    let n = 400;
+    let (bodies, exts) = commands("STALLED-LOG", n);
+    env.send_many(&bodies).await;
+    let got = events.take(n, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), n);
+    assert_exactly_once(&env, &exts);
+
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut outcomes = HashSet::new();
+    let read_all = async {
+        while outcomes.len() < n {
+            let Ok(Some(line)) = lines.next_line().await else {
+                break;
+            };
+            let value: Value = serde_json::from_str(&line).expect("a JSON line");
+            if value["message"] == "outcome" {
+                outcomes.insert(value["ext_id"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read_all)
+        .await
+        .expect("the held-back lines are written once the pipe is read");
+    assert_eq!(outcomes, exts, "one outcome line per command");
+    let _ = child.kill().await;
+    env.cleanup().await;
+}

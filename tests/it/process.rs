@@ -60,6 +60,20 @@ impl WorkerProcess {
         WorkerProcess::start(cmd, extra_env)
     }
 
+    /// The worker with its stdout connected to a pipe nobody reads yet (a stuck log
+    /// shipper); the returned end starts the reading when the test wants.
+    pub fn spawn_unread(env: &TestEnv) -> (tokio::process::Child, tokio::process::ChildStdout) {
+        let mut cmd = env.command(BIN);
+        cmd.arg("run")
+            .env("PROVISIONER__LOG__LEVEL", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("worker binary starts");
+        let stdout = child.stdout.take().expect("stdout");
+        (child, stdout)
+    }
+
     fn start(mut cmd: tokio::process::Command, extra_env: &[(&str, &str)]) -> WorkerProcess {
         cmd.env("PROVISIONER__LOG__LEVEL", "info")
             .stdout(Stdio::piped())
