@@ -79,8 +79,8 @@ static STDOUT: BatchedStdout = BatchedStdout::new();
 /// and a log reader that falls behind blocked the task that logged, on a runtime thread.
 /// Invariants: the lines of one task leave in the order it logged them, and never
 /// interleave with others; what is
-/// held back is bounded by [`MAX_PENDING`] (past it, the line that overflows writes the
-/// backlog out itself, under the same order); [`flush`] at exit and on a panic writes the
+/// gathered is bounded by [`MAX_PENDING`], besides the batch being written (past it, the
+/// line that overflows waits for that batch and writes the backlog out itself, in order); [`flush`] at exit and on a panic writes the
 /// rest, so only a `SIGKILL` can cost lines, at most one window of them.
 struct BatchedStdout {
     pending: Mutex<Vec<u8>>,
@@ -161,18 +161,20 @@ impl BatchedStdout {
         self.write_pending(&mut Vec::new());
     }
 
-    /// [`Self::flush`] from a panic hook: never waits, as the panicking thread may hold
-    /// one of the locks itself.
+    /// [`Self::flush`] from a panic hook. It waits a little for the writer to finish a
+    /// batch, but never blocks: the panicking thread may hold one of the locks itself.
     fn flush_from_panic(&self) {
-        let Ok(_writing) = self.writing.try_lock() else {
-            return;
-        };
-        let Ok(mut pending) = self.pending.try_lock() else {
-            return;
-        };
-        let batch = std::mem::take(&mut *pending);
-        drop(pending);
-        write_out(&batch);
+        for _ in 0..50 {
+            if let Ok(_writing) = self.writing.try_lock() {
+                if let Ok(mut pending) = self.pending.try_lock() {
+                    let batch = std::mem::take(&mut *pending);
+                    drop(pending);
+                    write_out(&batch);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
@@ -180,12 +182,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Set when a write failed part-way: the next batch starts on a new line, so a line cut
+/// off costs only itself, not the one after it.
+static CUT_OFF: AtomicBool = AtomicBool::new(false);
+
+/// Write a batch to stdout. A non-blocking stdout that is full is waited for (only the
+/// writer thread, or an overflowing logger, waits); any other error drops the batch, as a
+/// full disk would, with nowhere to report it.
 fn write_out(bytes: &[u8]) {
-    if !bytes.is_empty() {
-        let mut out = std::io::stdout().lock();
-        // Nowhere to report a failed log write; the line is dropped as a full disk would.
-        let _ = out.write_all(bytes).and_then(|()| out.flush());
+    if bytes.is_empty() {
+        return;
     }
+    let mut out = std::io::stdout().lock();
+    if CUT_OFF.swap(false, Ordering::Relaxed) {
+        let _ = out.write_all(b"\n");
+    }
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match out.write(rest) {
+            Ok(0) => break,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => break,
+        }
+    }
+    if !rest.is_empty() && rest.len() < bytes.len() {
+        CUT_OFF.store(true, Ordering::Relaxed);
+    }
+    let _ = out.flush();
 }
 
 impl<'a> MakeWriter<'a> for &'static BatchedStdout {

@@ -95,6 +95,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
         message_id = inbound.message_id.as_deref(),
         correlation_id = Empty,
     );
+    // Acking or nacking a delivery is claimed first: whichever of the two branches below
+    // claims it settles the delivery, and the other waits to be dropped. Without it, an ack
+    // in flight at the drain deadline could be followed by a nack of the same tag, which
+    // the broker answers by closing the channel (and the outcome line would lie).
+    let settling = AtomicBool::new(false);
     let work = async {
         let verdict = shared.processor.process(&inbound).await;
         if let Some(c) = &verdict.correlation_id {
@@ -102,6 +107,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
         }
         let outcome = Executor {
             dead_letter_written: AtomicBool::new(false),
+            settling: &settling,
             shared: &shared,
             publisher,
             consume,
@@ -118,6 +124,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
     };
     let aborted = async {
         abort.cancelled().await;
+        if !claim(&settling) {
+            std::future::pending::<()>().await;
+        }
         // Unfinished at the drain deadline: back to the queue. If a POST was in flight, the
         // attempt marker makes the next delivery list before posting again.
         let outcome = match delivery
@@ -164,6 +173,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
             .instrument(span)
             .await;
     }
+}
+
+/// Take the right to ack or nack a delivery; false if it is taken.
+fn claim(settling: &AtomicBool) -> bool {
+    settling
+        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
 }
 
 /// Metrics for one settled delivery: its outcome, and what was published for it.
@@ -214,6 +230,8 @@ struct Executor<'a> {
     /// Set once this delivery's dead letter is written (a later failure must not write
     /// another).
     dead_letter_written: AtomicBool,
+    /// Claimed by whoever acks or nacks the delivery (see [`claim`]).
+    settling: &'a AtomicBool,
     shared: &'a Shared,
     publisher: &'a Publisher,
     consume: &'a Channel,
@@ -313,6 +331,7 @@ impl Executor<'_> {
                 Err(e) => tracing::error!(error = %e, "parking failed too"),
             }
         }
+        self.claim_settling().await;
         match self
             .delivery
             .nack(BasicNackOptions {
@@ -329,11 +348,20 @@ impl Executor<'_> {
         }
     }
 
+    /// Claim the settling of this delivery, or, when the drain deadline claimed it first
+    /// (it is being returned to the queue), wait to be dropped.
+    async fn claim_settling(&self) {
+        if !claim(self.settling) {
+            std::future::pending::<()>().await;
+        }
+    }
+
     async fn ack(&self, outcome: Outcome) -> Outcome {
+        self.claim_settling().await;
         // On the channel itself rather than through the delivery's acker, which hands each
         // ack to the client's internal task first: one task hop and one spawn fewer per
-        // delivery. Every path acks or nacks a delivery once, so the acker's guard against
-        // a second ack is not needed; the channel never outlives its session.
+        // delivery. The acker's own guard against a second settle is `settling` here; the
+        // tag is this channel's, as the delivery came on it.
         match self
             .consume
             .basic_ack(self.delivery.delivery_tag, BasicAckOptions::default())

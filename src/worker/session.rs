@@ -252,7 +252,17 @@ async fn session(
         let _ = conn.close(200, ShortString::from("worker shutdown")).await;
     }
     // On a lost session the in-flight tasks cannot settle on the dead channel; the broker
-    // redelivers their messages, so they are left to finish on their own.
+    // redelivers their messages, so they are left to finish on their own. They hold the
+    // consume channel (to ack on it): close it here, or a session that lost only its
+    // publish channel would keep its unsettled deliveries from the broker until the
+    // slowest of those tasks ends.
+    if result.is_err() {
+        let _ = tokio::time::timeout(
+            ABORT_GRACE,
+            consume_channel.close(200, ShortString::from("session lost")),
+        )
+        .await;
+    }
     result
 }
 

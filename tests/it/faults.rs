@@ -545,7 +545,7 @@ async fn a_stalled_log_reader_does_not_stall_the_worker() {
     assert_exactly_once(&env, &exts);
 
     let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let mut outcomes = HashSet::new();
+    let mut outcomes = Vec::new();
     let read_all = async {
         while outcomes.len() < n {
             let Ok(Some(line)) = lines.next_line().await else {
@@ -553,14 +553,16 @@ async fn a_stalled_log_reader_does_not_stall_the_worker() {
             };
             let value: Value = serde_json::from_str(&line).expect("a JSON line");
             if value["message"] == "outcome" {
-                outcomes.insert(value["ext_id"].as_str().unwrap_or_default().to_owned());
+                outcomes.push(value["ext_id"].as_str().unwrap_or_default().to_owned());
             }
         }
     };
     tokio::time::timeout(Duration::from_secs(30), read_all)
         .await
         .expect("the held-back lines are written once the pipe is read");
-    assert_eq!(outcomes, exts, "one outcome line per command");
+    assert_eq!(outcomes.len(), n);
+    let distinct: HashSet<String> = outcomes.into_iter().collect();
+    assert_eq!(distinct, exts, "one outcome line per command, none twice");
     let _ = child.kill().await;
     env.cleanup().await;
 }
