@@ -1241,6 +1241,17 @@ async fn status_json(env: &TestEnv, args: &[&str]) -> (Option<i32>, Value) {
     (o.status.code(), value)
 }
 
+/// [`status_json`] once the worker has kept the delivery's last outcome. Apart from
+/// `created` and `duplicate` (kept by the same Redis script that decides them), it is
+/// written just after the ack, so it may trail the event a test waited for by a moment.
+async fn settled_status_json(env: &TestEnv, args: &[&str]) -> (Option<i32>, Value) {
+    wait_for("the last outcome kept for status", T, || async {
+        let (code, st) = status_json(env, args).await;
+        (code == Some(0) && !st["last_outcome"].is_null()).then_some((code, st))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
     let mut env = TestEnv::new().await;
@@ -1282,7 +1293,7 @@ async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
     // Rejected by the API (no such parent): dead-lettered, and the runbook's next step.
     env.send(&body("ST-REJ", 424_242)).await;
     assert_eq!(events.next(T).await.body["error"]["kind"], "rejected");
-    let (code, st) = status_json(&env, &["ST-REJ"]).await;
+    let (code, st) = settled_status_json(&env, &["ST-REJ"]).await;
     assert_eq!(code, Some(0), "{st}");
     assert_eq!(st["state"], "dead_lettered");
     assert_eq!(st["last_outcome"]["error_kind"], "rejected");
@@ -1303,7 +1314,7 @@ async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
         )
         .await;
     events.next(T).await;
-    let (code, st) = status_json(&env, &["ST-INV"]).await;
+    let (code, st) = settled_status_json(&env, &["ST-INV"]).await;
     assert_eq!(code, Some(0), "{st}");
     assert_eq!(st["last_outcome"]["error_kind"], "invalid_command");
     assert_eq!(st["last_outcome"]["message_id"], inv.as_str());
@@ -1313,7 +1324,7 @@ async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
     // Invalid without one: known by its message id only.
     let bad = env.send(&json!({"org_unit_name": "no ext id"})).await;
     events.next(T).await;
-    let (code, st) = status_json(&env, &["--message-id", &bad]).await;
+    let (code, st) = settled_status_json(&env, &["--message-id", &bad]).await;
     assert_eq!(code, Some(0), "{st}");
     assert_eq!(st["state"], "dead_lettered");
     assert_eq!(st["last_outcome"]["error_kind"], "invalid_command");
