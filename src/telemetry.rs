@@ -95,8 +95,10 @@ struct BatchedStdout {
 
 /// How long the writer waits after the first line of a batch for more lines.
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
-/// At most this many bytes are held back.
+/// At most this many bytes are gathered.
 const MAX_PENDING: usize = 1 << 20;
+/// The writer's buffer keeps this much capacity between batches.
+const KEEP_CAPACITY: usize = 64 << 10;
 
 impl BatchedStdout {
     const fn new() -> Self {
@@ -155,6 +157,8 @@ impl BatchedStdout {
         std::mem::swap(batch, &mut *lock(&self.pending));
         write_out(batch);
         batch.clear();
+        // After a burst, give the memory back rather than hold a megabyte for good.
+        batch.shrink_to(KEEP_CAPACITY);
     }
 
     fn flush(&self) {
