@@ -44,7 +44,11 @@ pub fn init(settings: &LogSettings) {
         // A panic's own report (on stderr) comes after every line logged before it.
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            STDOUT.flush_from_panic();
+            // Only the main thread's panic ends the process; one in a task is caught by the
+            // runtime, and its thread must not wait here for a stalled log reader.
+            if std::thread::current().name() == Some("main") {
+                STDOUT.flush_from_panic();
+            }
             previous(info);
         }));
     });
@@ -80,7 +84,7 @@ static STDOUT: BatchedStdout = BatchedStdout::new();
 /// Invariants: the lines of one task leave in the order it logged them, and never
 /// interleave with others; what is
 /// gathered is bounded by [`MAX_PENDING`], besides the batch being written (past it, the
-/// line that overflows waits for that batch and writes the backlog out itself, in order); [`flush`] at exit and on a panic writes the
+/// line that overflows waits for that batch and writes the backlog out itself, in order); [`flush`] at exit and on a panic of the main thread writes the
 /// rest, so only a `SIGKILL` can cost lines, at most one window of them.
 struct BatchedStdout {
     pending: Mutex<Vec<u8>>,
@@ -198,9 +202,22 @@ fn write_out(bytes: &[u8]) {
         return;
     }
     let mut out = std::io::stdout().lock();
-    if CUT_OFF.swap(false, Ordering::Relaxed) {
-        let _ = out.write_all(b"\n");
+    if CUT_OFF.load(Ordering::Relaxed) {
+        if unwritten(&mut out, b"\n") > 0 {
+            return;
+        }
+        CUT_OFF.store(false, Ordering::Relaxed);
     }
+    let left = unwritten(&mut out, bytes);
+    if left > 0 && left < bytes.len() {
+        CUT_OFF.store(true, Ordering::Relaxed);
+    }
+    let _ = out.flush();
+}
+
+/// Write `bytes`, waiting out a full non-blocking stdout; how many bytes could not be
+/// written.
+fn unwritten(out: &mut impl Write, bytes: &[u8]) -> usize {
     let mut rest = bytes;
     while !rest.is_empty() {
         match out.write(rest) {
@@ -213,10 +230,7 @@ fn write_out(bytes: &[u8]) {
             Err(_) => break,
         }
     }
-    if !rest.is_empty() && rest.len() < bytes.len() {
-        CUT_OFF.store(true, Ordering::Relaxed);
-    }
-    let _ = out.flush();
+    rest.len()
 }
 
 impl<'a> MakeWriter<'a> for &'static BatchedStdout {

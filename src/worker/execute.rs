@@ -136,8 +136,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
             })
             .await
         {
-            Ok(_) => Outcome::Requeued,
-            Err(_) => Outcome::Failed,
+            // `false`: the channel is gone and nothing was sent; the broker redelivers.
+            Ok(true) => Outcome::Requeued,
+            Ok(false) | Err(_) => Outcome::Failed,
         };
         shared.processor.recorder().command(outcome);
         tracing::info!(
@@ -297,6 +298,9 @@ impl Executor<'_> {
             // it; the session restarts on a new one and the broker redelivers.
             Some(PublishError::Channel(_) | PublishError::NoConfirms) => {
                 self.broken.cancel();
+                // Claimed all the same: if the drain deadline is returning the delivery
+                // already, its outcome is the one to tell.
+                self.claim_settling().await;
                 return Outcome::Failed;
             }
             // The broker refuses or cannot route what we publish: a fault of the system that
@@ -340,7 +344,11 @@ impl Executor<'_> {
             })
             .await
         {
-            Ok(_) => Outcome::Requeued,
+            Ok(true) => Outcome::Requeued,
+            Ok(false) => {
+                tracing::error!("cannot nack: the channel is gone; the broker redelivers");
+                Outcome::Failed
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot nack; the broker will redeliver when the channel closes");
                 Outcome::Failed

@@ -251,12 +251,14 @@ async fn session(
         }
         let _ = conn.close(200, ShortString::from("worker shutdown")).await;
     }
-    // On a lost session the in-flight tasks cannot settle on the dead channel; the broker
+    // On a lost session the in-flight tasks cannot settle on a dead channel; the broker
     // redelivers their messages, so they are left to finish on their own. They hold the
-    // consume channel (to ack on it): close it here, or a session that lost only its
-    // publish channel would keep its unsettled deliveries from the broker until the
-    // slowest of those tasks ends.
-    if result.is_err() {
+    // consume channel (to ack on it). When only the publish channel is gone, that channel
+    // still lives: close it, or it would keep their deliveries from the broker until the
+    // slowest of those tasks ends (none of them can settle without publishing). Otherwise
+    // it is either gone with its connection or healthy (our consumer was cancelled), and
+    // the tasks still running may ack on it.
+    if matches!(result, Err(SessionError::PublishChannel)) {
         let _ = tokio::time::timeout(
             ABORT_GRACE,
             consume_channel.close(200, ShortString::from("session lost")),
