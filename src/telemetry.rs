@@ -81,11 +81,13 @@ static STDOUT: BatchedStdout = BatchedStdout::new();
 ///
 /// Why: one `write(2)` per line was a measurable share of the worker's CPU per command,
 /// and a log reader that falls behind blocked the task that logged, on a runtime thread.
+///
 /// Invariants: the lines of one task leave in the order it logged them, and never
-/// interleave with others; what is
-/// gathered is bounded by [`MAX_PENDING`], besides the batch being written (past it, the
-/// line that overflows waits for that batch and writes the backlog out itself, in order); [`flush`] at exit and on a panic of the main thread writes the
-/// rest, so only a `SIGKILL` can cost lines, at most one window of them.
+/// interleave with others; what is gathered is bounded by [`MAX_PENDING`], besides the
+/// batch being written (past it, the line that overflows waits for that batch and writes
+/// the backlog out itself, in order); [`flush`] at exit and on a panic of the main thread
+/// writes the rest, so only a `SIGKILL` can cost lines: those of its last window, or what
+/// a stalled reader had not taken yet.
 struct BatchedStdout {
     pending: Mutex<Vec<u8>>,
     /// Held while a batch is written: a batch taken later is written later.
@@ -133,12 +135,7 @@ impl BatchedStdout {
         }
         // The writer is behind (stdout blocks): write the backlog and this line now.
         drop(pending);
-        let _writing = lock(&self.writing);
-        let mut pending = lock(&self.pending);
-        let mut batch = std::mem::take(&mut *pending);
-        drop(pending);
-        batch.extend_from_slice(line);
-        write_out(&batch);
+        self.write_pending(&mut Vec::new(), line);
     }
 
     fn run(&self) {
@@ -151,14 +148,15 @@ impl BatchedStdout {
                 }
             }
             std::thread::sleep(BATCH_WINDOW);
-            self.write_pending(&mut batch);
+            self.write_pending(&mut batch, &[]);
         }
     }
 
-    /// Write what is pending; `batch` is a buffer to reuse.
-    fn write_pending(&self, batch: &mut Vec<u8>) {
+    /// Write what is pending, then `line`; `batch` is a buffer to reuse.
+    fn write_pending(&self, batch: &mut Vec<u8>, line: &[u8]) {
         let _writing = lock(&self.writing);
         std::mem::swap(batch, &mut *lock(&self.pending));
+        batch.extend_from_slice(line);
         write_out(batch);
         batch.clear();
         // After a burst, give the memory back rather than hold a megabyte for good.
@@ -166,7 +164,7 @@ impl BatchedStdout {
     }
 
     fn flush(&self) {
-        self.write_pending(&mut Vec::new());
+        self.write_pending(&mut Vec::new(), &[]);
     }
 
     /// [`Self::flush`] from a panic hook. It waits a little for the writer to finish a

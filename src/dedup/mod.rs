@@ -439,15 +439,16 @@ impl RedisStore {
         key: OutcomeKey<'_>,
     ) -> Result<Option<LastOutcome>, StoreError> {
         let mut conn = self.conn.clone();
+        let key = self.outcome_key(key);
         let kind: String = redis::cmd("TYPE")
-            .arg(self.outcome_key(key))
+            .arg(&key)
             .query_async(&mut conn)
             .await
             .map_err(store_err)?;
         if kind != "string" {
             return Ok(None);
         }
-        let raw: Option<Vec<u8>> = conn.get(self.outcome_key(key)).await.map_err(store_err)?;
+        let raw: Option<Vec<u8>> = conn.get(&key).await.map_err(store_err)?;
         Ok(raw.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
     }
 

@@ -124,9 +124,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
     };
     let aborted = async {
         abort.cancelled().await;
-        if !claim(&settling) {
-            std::future::pending::<()>().await;
-        }
+        claim_or_wait(&settling).await;
         // Unfinished at the drain deadline: back to the queue. If a POST was in flight, the
         // attempt marker makes the next delivery list before posting again.
         let outcome = match delivery
@@ -176,11 +174,15 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
     }
 }
 
-/// Take the right to ack or nack a delivery; false if it is taken.
-fn claim(settling: &AtomicBool) -> bool {
-    settling
+/// Take the right to ack or nack a delivery or, when the other side of the race took it
+/// (the work, or the drain deadline returning the delivery), wait to be dropped.
+async fn claim_or_wait(settling: &AtomicBool) {
+    let taken = settling
         .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-        .is_ok()
+        .is_err();
+    if taken {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Metrics for one settled delivery: its outcome, and what was published for it.
@@ -231,7 +233,7 @@ struct Executor<'a> {
     /// Set once this delivery's dead letter is written (a later failure must not write
     /// another).
     dead_letter_written: AtomicBool,
-    /// Claimed by whoever acks or nacks the delivery (see [`claim`]).
+    /// Claimed by whoever acks or nacks the delivery (see [`claim_or_wait`]).
     settling: &'a AtomicBool,
     shared: &'a Shared,
     publisher: &'a Publisher,
@@ -300,7 +302,7 @@ impl Executor<'_> {
                 self.broken.cancel();
                 // Claimed all the same: if the drain deadline is returning the delivery
                 // already, its outcome is the one to tell.
-                self.claim_settling().await;
+                claim_or_wait(self.settling).await;
                 return Outcome::Failed;
             }
             // The broker refuses or cannot route what we publish: a fault of the system that
@@ -335,7 +337,7 @@ impl Executor<'_> {
                 Err(e) => tracing::error!(error = %e, "parking failed too"),
             }
         }
-        self.claim_settling().await;
+        claim_or_wait(self.settling).await;
         match self
             .delivery
             .nack(BasicNackOptions {
@@ -356,16 +358,8 @@ impl Executor<'_> {
         }
     }
 
-    /// Claim the settling of this delivery, or, when the drain deadline claimed it first
-    /// (it is being returned to the queue), wait to be dropped.
-    async fn claim_settling(&self) {
-        if !claim(self.settling) {
-            std::future::pending::<()>().await;
-        }
-    }
-
     async fn ack(&self, outcome: Outcome) -> Outcome {
-        self.claim_settling().await;
+        claim_or_wait(self.settling).await;
         // On the channel itself rather than through the delivery's acker, which hands each
         // ack to the client's internal task first: one task hop and one spawn fewer per
         // delivery. The acker's own guard against a second settle is `settling` here; the

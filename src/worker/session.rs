@@ -158,16 +158,14 @@ async fn session(
         );
     }
 
-    let publisher =
-        Publisher::new(publish_channel).with_frame_max(conn.configuration().frame_max());
     let tracker = TaskTracker::new();
     let links = Arc::new(execute::Links {
-        publisher: publisher.clone(),
+        publisher: Publisher::new(publish_channel).with_frame_max(conn.configuration().frame_max()),
         consume: consume_channel.clone(),
         abort: CancellationToken::new(),
         broken: CancellationToken::new(),
     });
-    let (abort, broken) = (&links.abort, &links.broken);
+    let (publisher, abort, broken) = (&links.publisher, &links.abort, &links.broken);
     // The unrouted-events queue's depth, for the metric and its alert; ends with the session.
     let watch_unrouted = {
         let channel = conn.create_channel().await.ok();
@@ -189,7 +187,7 @@ async fn session(
 
     let result: Result<(), SessionError> = 'session: loop {
         if circuit.is_open() {
-            match wait_for_close(shared, &conn, &publisher, shutdown, broken).await {
+            match wait_for_close(shared, &conn, publisher, shutdown, broken).await {
                 Wait::Closed => {}
                 Wait::Shutdown => break 'session Ok(()),
                 Wait::Broken => break 'session Err(SessionError::PublishChannel),

@@ -566,3 +566,26 @@ async fn a_stalled_log_reader_does_not_stall_the_worker() {
     let _ = child.kill().await;
     env.cleanup().await;
 }
+
+/// A log reader that goes away (the pipe's read end closed: every write fails with EPIPE)
+/// costs the log lines, never a command: the worker goes on creating groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_goes_away_costs_lines_not_commands() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let (mut child, stdout) = WorkerProcess::spawn_unread(&env);
+    env.wait_work_queue_consumed(Duration::from_secs(30)).await;
+    drop(stdout);
+    let n = 200;
+    let (bodies, exts) = commands("GONE-LOG", n);
+    env.send_many(&bodies).await;
+    let got = events.take(n, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), n);
+    assert_exactly_once(&env, &exts);
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the worker is still running"
+    );
+    let _ = child.kill().await;
+    env.cleanup().await;
+}

@@ -908,3 +908,46 @@ async fn a_command_published_with_its_own_user_id_is_copied_without_it() {
         .await;
     env.cleanup().await;
 }
+
+/// Properties a publisher controls land in every log line of their delivery (the span's
+/// `message_id` and `correlation_id`): quotes, newlines, NUL, escape sequences and
+/// non-ASCII must leave each line one valid JSON object carrying the exact value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_message_and_correlation_ids_keep_every_log_line_json() {
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    let mut worker = WorkerProcess::spawn(&env, &worker_env(&[]));
+    worker
+        .wait_line("consuming", Duration::from_secs(30), |l| {
+            l["message"] == "consuming"
+        })
+        .await;
+    let id = "m\"1\n{\"level\":\"ERROR\"}\u{0}\u{1b}[31mé日\\";
+    let correlation = "c\r\n\t\u{7f}\u{2028}";
+    env.send_raw(
+        json!({"org_unit_ext_id": "LOG-HOSTILE", "org_unit_name": "Log hostile", "org_unit_parent_id": 1000})
+            .to_string()
+            .as_bytes(),
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(id.into())
+            .with_correlation_id(correlation.into()),
+    )
+    .await;
+    assert_eq!(
+        tap.next(Duration::from_secs(30)).await.routing_key,
+        "group.created"
+    );
+    let outcome = worker
+        .wait_line("the outcome line", Duration::from_secs(10), |l| {
+            l["message"] == "outcome" && l["ext_id"] == "LOG-HOSTILE"
+        })
+        .await;
+    assert_eq!(outcome["message_id"], id);
+    assert_eq!(outcome["correlation_id"], correlation);
+    assert_eq!(outcome["level"], "INFO", "a field cannot forge the level");
+    // `lines` fails the test if any line was not JSON.
+    assert!(worker.lines().iter().all(|l| l.is_object()));
+    worker.stop().await;
+    env.cleanup().await;
+}
