@@ -95,11 +95,7 @@ async fn one_outcome_line_per_delivery_with_the_contract_fields_and_no_pii() {
     let env = TestEnv::new().await;
     let mut events = env.event_tap().await;
     let mut worker = WorkerProcess::spawn(&env, &[]);
-    worker
-        .wait_line("consuming", Duration::from_secs(30), |l| {
-            l["message"] == "consuming"
-        })
-        .await;
+    worker.wait_consuming().await;
     let props = lapin::BasicProperties::default()
         .with_message_id("m-log-1".into())
         .with_correlation_id("c-log-1".into());

@@ -61,10 +61,7 @@ async fn a_flood_of_slow_clients_neither_silences_probes_nor_parks_commands() {
     // The file-descriptor limit of a typical container: a flood that takes them all would
     // starve the worker's Redis, broker and API connections.
     let mut w = WorkerProcess::spawn_with_nofile(&env, &worker_env(&[]), 1024);
-    w.wait_line("consuming", Duration::from_secs(30), |l| {
-        l["message"] == "consuming"
-    })
-    .await;
+    w.wait_consuming().await;
     let addr = w.metrics_addr().await;
 
     let stop = CancellationToken::new();

@@ -101,10 +101,7 @@ async fn two_worker_processes_the_same_ext_id_fifty_times_make_one_group() {
     let mut a = WorkerProcess::spawn(&env, &worker_env(&[]));
     let mut b = WorkerProcess::spawn(&env, &worker_env(&[]));
     for w in [&a, &b] {
-        w.wait_line("consuming", Duration::from_secs(30), |l| {
-            l["message"] == "consuming"
-        })
-        .await;
+        w.wait_consuming().await;
     }
     let body =
         json!({"org_unit_ext_id": "TWO-1", "org_unit_name": "Shared", "org_unit_parent_id": 1000});
@@ -154,11 +151,7 @@ async fn redis_stopped_for_ten_seconds_under_load() {
     let mut tap = env.event_tap().await;
     let (bodies, exts) = commands("RD", 150);
     let mut worker = WorkerProcess::spawn(&env, &worker_env(&[("PROVISIONER__REDIS__URL", url)]));
-    worker
-        .wait_line("consuming", Duration::from_secs(30), |l| {
-            l["message"] == "consuming"
-        })
-        .await;
+    worker.wait_consuming().await;
     env.send_many(&bodies).await;
     let rest = wait_events(&mut tap, 30, &exts).await;
 

@@ -28,13 +28,6 @@ fn assert_one_group_each(env: &TestEnv, exts: &HashSet<String>) {
     }
 }
 
-async fn consuming(w: &WorkerProcess) {
-    w.wait_line("consuming", Duration::from_secs(30), |l| {
-        l["message"] == "consuming"
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_and_a_renamed_command_make_one_group() {
     let env = TestEnv::new().await;
@@ -50,7 +43,7 @@ async fn a_frozen_worker_and_a_renamed_command_make_one_group() {
             ("PROVISIONER__AMQP__PREFETCH", "20"),
         ]),
     );
-    consuming(&w1).await;
+    w1.wait_consuming().await;
     let (first, exts) = named("SD", "A", 20);
     env.send_many(&first).await;
     wait_for("20 POSTs in the air", Duration::from_secs(20), || async {
@@ -103,7 +96,7 @@ async fn with_verify_unknown_a_renamed_command_after_redis_lost_its_data_finds_i
         &env,
         &worker_env(&[("PROVISIONER__DEDUP__VERIFY_UNKNOWN", "true")]),
     );
-    consuming(&w).await;
+    w.wait_consuming().await;
     env.send(
         &json!({"org_unit_ext_id": "CRM-42", "org_unit_name": "Alpha", "org_unit_parent_id": 1000}),
     )
@@ -160,7 +153,7 @@ async fn a_shutdown_hands_back_the_claims_of_what_it_cut_off() {
         ("PROVISIONER__API__TIMEOUT", "5s"),
     ];
     let mut w1 = WorkerProcess::spawn(&env, &fast_drain);
-    consuming(&w1).await;
+    w1.wait_consuming().await;
     let (bodies, exts) = named("CUT", "Cut", 20);
     env.send_many(&bodies).await;
     wait_for("20 POSTs in the air", Duration::from_secs(20), || async {

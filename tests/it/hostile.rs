@@ -44,11 +44,7 @@ async fn an_oversized_header_costs_only_its_own_message() {
     let env = TestEnv::new().await;
     let mut tap = env.event_tap().await;
     let mut worker = WorkerProcess::spawn(&env, &worker_env(&[]));
-    worker
-        .wait_line("consuming", Duration::from_secs(30), |l| {
-            l["message"] == "consuming"
-        })
-        .await;
+    worker.wait_consuming().await;
     let (bodies, exts) = commands("BIG", 50);
     // Invalid body, and one header just under what the broker accepts in a frame (131,072
     // bytes, the copy must fit too): any header the worker adds to a copy overflows it.
@@ -106,10 +102,7 @@ async fn an_oversized_header_costs_only_its_own_message() {
 /// A worker process that is consuming.
 async fn worker(env: &TestEnv, extra: &[(&'static str, &'static str)]) -> WorkerProcess {
     let w = WorkerProcess::spawn(env, &worker_env(extra));
-    w.wait_line("consuming", Duration::from_secs(30), |l| {
-        l["message"] == "consuming"
-    })
-    .await;
+    w.wait_consuming().await;
     w
 }
 
@@ -917,11 +910,7 @@ async fn hostile_message_and_correlation_ids_keep_every_log_line_json() {
     let env = TestEnv::new().await;
     let mut tap = env.event_tap().await;
     let mut worker = WorkerProcess::spawn(&env, &worker_env(&[]));
-    worker
-        .wait_line("consuming", Duration::from_secs(30), |l| {
-            l["message"] == "consuming"
-        })
-        .await;
+    worker.wait_consuming().await;
     let id = "m\"1\n{\"level\":\"ERROR\"}\u{0}\u{1b}[31mé日\\";
     let correlation = "c\r\n\t\u{7f}\u{2028}";
     env.send_raw(

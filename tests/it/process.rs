@@ -128,6 +128,14 @@ impl WorkerProcess {
         .await
     }
 
+    /// Wait until the worker logs that it consumes the work queue.
+    pub async fn wait_consuming(&self) {
+        self.wait_line("consuming", Duration::from_secs(30), |l| {
+            l["message"] == "consuming"
+        })
+        .await;
+    }
+
     /// Where the worker serves `/healthz`, `/readyz` and `/metrics` (it logs the address
     /// it bound, since the tests give it port 0).
     pub async fn metrics_addr(&self) -> SocketAddr {

@@ -62,10 +62,7 @@ async fn nothing_secret_is_logged_even_at_trace() {
         ("PROVISIONER__API__AUTH_URL", auth_url.as_str()),
     ];
     let mut w = WorkerProcess::spawn(&env, &vars);
-    w.wait_line("consuming", Duration::from_secs(30), |l| {
-        l["message"] == "consuming"
-    })
-    .await;
+    w.wait_consuming().await;
     env.send(&json!({"org_unit_ext_id": "PII-1", "org_unit_name": "Private", "org_unit_parent_id": 1000, "phone_number": PHONE, "address": "1 Hidden Road"}))
         .await;
     let e = tap.next(Duration::from_secs(30)).await;
