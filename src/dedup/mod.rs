@@ -217,6 +217,21 @@ if not raw then return {false, now} end
 return {raw, now}
 ";
 
+/// Read-only and in one step, so a report never mixes two moments: for each key its type
+/// and, when a string, its value; then the first key's PTTL. (A worker releases a claim
+/// and keeps its last outcome a moment later: read one by one, `status` could show the
+/// claim of one moment beside the outcome of the next.)
+const READ_KEYS: &str = r"
+local out = {}
+for _, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  out[#out + 1] = kind
+  if kind == 'string' then out[#out + 1] = redis.call('GET', key) else out[#out + 1] = false end
+end
+out[#out + 1] = redis.call('PTTL', KEYS[1])
+return out
+";
+
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConn,
@@ -229,6 +244,7 @@ pub struct RedisStore {
     release: Script,
     mark_attempt: Script,
     read_attempt: Script,
+    read_keys: Script,
     unlock: Script,
 }
 
@@ -413,6 +429,7 @@ impl RedisStore {
             release: Script::new(&format!("{CLOSE_MARKER}{RELEASE}")),
             mark_attempt: Script::new(MARK_ATTEMPT),
             read_attempt: Script::new(READ_ATTEMPT),
+            read_keys: Script::new(READ_KEYS),
             unlock: Script::new(UNLOCK),
         }
     }
@@ -439,42 +456,36 @@ impl RedisStore {
         key: OutcomeKey<'_>,
     ) -> Result<Option<LastOutcome>, StoreError> {
         let mut conn = self.conn.clone();
-        let key = self.outcome_key(key);
-        let kind: String = redis::cmd("TYPE")
-            .arg(&key)
-            .query_async(&mut conn)
+        let (_, raw, _): (String, Option<Vec<u8>>, i64) = self
+            .read_keys
+            .key(self.outcome_key(key))
+            .invoke_async(&mut conn)
             .await
             .map_err(store_err)?;
-        if kind != "string" {
-            return Ok(None);
-        }
-        let raw: Option<Vec<u8>> = conn.get(&key).await.map_err(store_err)?;
         Ok(raw.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
     }
 
     /// Everything known about one ext id (read-only).
     pub async fn status(&self, ext_id: &ExtId) -> Result<ExtIdStatus, StoreError> {
         let mut conn = self.conn.clone();
-        let key = self.group_key(ext_id);
-        let attempt_key = self.attempt_key(ext_id);
-        let (kind, attempt_kind): (String, String) = redis::pipe()
-            .cmd("TYPE")
-            .arg(&key)
-            .cmd("TYPE")
-            .arg(&attempt_key)
-            .query_async(&mut conn)
+        // Bytes, not text: a value that is not UTF-8 is still reported, never an error.
+        type Read = (
+            String,
+            Option<Vec<u8>>,
+            String,
+            Option<Vec<u8>>,
+            String,
+            Option<Vec<u8>>,
+            i64,
+        );
+        let (kind, raw, attempt_kind, attempts, _, outcome, ttl): Read = self
+            .read_keys
+            .key(self.group_key(ext_id))
+            .key(self.attempt_key(ext_id))
+            .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
+            .invoke_async(&mut conn)
             .await
             .map_err(store_err)?;
-        // Bytes, not text: a value that is not UTF-8 is still reported, never an error.
-        let raw: Option<Vec<u8>> = match kind.as_str() {
-            "string" => conn.get(&key).await.map_err(store_err)?,
-            _ => None,
-        };
-        let ttl: i64 = conn.pttl(&key).await.map_err(store_err)?;
-        let attempts: Option<Vec<u8>> = match attempt_kind.as_str() {
-            "string" => conn.get(&attempt_key).await.map_err(store_err)?,
-            _ => None,
-        };
         let (record, unreadable) = match (kind.as_str(), raw) {
             ("none", _) => (None, None),
             ("string", Some(bytes)) => match serde_json::from_slice(&bytes) {
@@ -484,9 +495,8 @@ impl RedisStore {
             (other, _) => (None, Some(format!("a Redis {other}, not a string"))),
         };
         let known = record.is_some() || unreadable.is_some();
-        let last_outcome = self.last_outcome(OutcomeKey::ExtId(ext_id)).await?;
         Ok(ExtIdStatus {
-            last_outcome,
+            last_outcome: outcome.and_then(|bytes| serde_json::from_slice(&bytes).ok()),
             ttl_ms: Some(ttl).filter(|t| known && *t >= 0),
             record,
             unreadable,

@@ -1388,6 +1388,89 @@ async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
     env.cleanup().await;
 }
 
+/// `status` reads one moment, never the record of one and the last outcome of another: a
+/// worker releases a claim and keeps its outcome a moment later, and a report mixing the
+/// two said "claimed" beside an outcome that had already left the claim behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_one_moment_not_a_mix_of_two() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    // Two real last outcomes to flip between: a created one and a rejected one.
+    let body = |ext: &str, parent: i64| json!({"org_unit_ext_id": ext, "org_unit_name": format!("Team {ext}"), "org_unit_parent_id": parent});
+    let created_by = env.send(&body("SNAP-A", 1000)).await;
+    let rejected_by = env.send(&body("SNAP-B", 424_242)).await;
+    events.take(2, T).await;
+    settled_status_json(&env, &["SNAP-B"]).await;
+    worker.shutdown();
+    worker.join().await;
+    let key = |kind: &str, ext: &str| format!("{}:{kind}:{ext}", env.prefix);
+    let mut conn = redis_conn().await;
+    let outcome_a: Vec<u8> = redis::cmd("GET")
+        .arg(key("outcome", "SNAP-A"))
+        .query_async(&mut conn)
+        .await
+        .expect("outcome of SNAP-A");
+    let outcome_b: Vec<u8> = redis::cmd("GET")
+        .arg(key("outcome", "SNAP-B"))
+        .query_async(&mut conn)
+        .await
+        .expect("outcome of SNAP-B");
+
+    // Moment A: claimed, last outcome A. Moment B: no record, last outcome B. Each moment
+    // is written in one transaction, as fast as Redis takes them.
+    let (group, outcome) = (key("group", "SNAP-X"), key("outcome", "SNAP-X"));
+    let claimed =
+        json!({"state": "claimed", "owner": "other-worker", "claimed_at": "2026-11-27T00:00:00Z"})
+            .to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = tokio::spawn({
+        let stop = stop.clone();
+        let mut conn = conn.clone();
+        async move {
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut moment = redis::pipe();
+                moment.atomic();
+                if flips % 2 == 0 {
+                    moment
+                        .set_ex(&group, &claimed, 60)
+                        .set(&outcome, &outcome_a);
+                } else {
+                    moment.del(&group).set(&outcome, &outcome_b);
+                }
+                let _: () = moment.query_async(&mut conn).await.expect("flip");
+                flips += 1;
+            }
+            flips
+        }
+    });
+    for _ in 0..40 {
+        let (code, st) = status_json(&env, &["SNAP-X"]).await;
+        assert_eq!(code, Some(0), "{st}");
+        let by = st["last_outcome"]["message_id"]
+            .as_str()
+            .unwrap_or_default();
+        match st["state"].as_str() {
+            Some("claimed") => {
+                assert_eq!(by, created_by, "claimed beside moment B's outcome: {st}")
+            }
+            Some("dead_lettered") => {
+                assert_eq!(by, rejected_by, "{st}");
+                assert!(st["record"].is_null(), "{st}");
+            }
+            _ => panic!("neither moment: {st}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.await.expect("flipper");
+    assert!(
+        flips > 40,
+        "the moments did not change while status read: {flips}"
+    );
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_follows_a_dead_letter_through_replay_and_discard() {
     let env = TestEnv::new().await;
