@@ -1432,7 +1432,7 @@ async fn status_reads_one_moment_not_a_mix_of_two() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut moment = redis::pipe();
                 moment.atomic();
-                if flips % 2 == 0 {
+                if flips.is_multiple_of(2) {
                     moment
                         .set_ex(&group, &claimed, 60)
                         .set(&outcome, &outcome_a);
