@@ -13,6 +13,10 @@
 //! - **broker ceiling**: a bare lapin loop in its own process doing exactly the worker's
 //!   broker traffic and nothing else: consume the quorum work queue at the same prefetch,
 //!   publish one persistent event of the worker's size with publisher confirms, then ack;
+//! - **stack floor**: the same loop, each delivery first doing the worker's Redis and HTTP
+//!   traffic through the worker's clients (the redis connection manager, reqwest): a claim
+//!   script, a POST to the API stand-in parsed as JSON, a record script. No parsing of the
+//!   command, no decisions, no logs: what the worker's CPU is above it is its own work;
 //! - **worker**: the release binary `group-provisioner run` as a process, API at 0 ms and
 //!   50 ms (prefetch 64 and 256), and a duplicate-heavy mix (half the commands repeat an
 //!   ext id the first half created);
@@ -321,14 +325,24 @@ fn spawn_worker(env: &TestEnv, prefetch: u16) -> Measured {
     Measured { child }
 }
 
-fn spawn_bare_loop(env: &TestEnv, prefetch: u16) -> Measured {
+/// The bare loop (`floor` false) or the stack floor (`floor` true) in its own process.
+fn spawn_bare_loop(env: &TestEnv, prefetch: u16, floor: bool) -> Measured {
     let exe = std::env::current_exe().expect("own path");
     let child = tokio::process::Command::new(exe)
-        .env("BENCH_ROLE", "bare-loop")
+        .env(
+            "BENCH_ROLE",
+            if floor { "stack-floor" } else { "bare-loop" },
+        )
         .env("BARE_AMQP_URL", env.settings.amqp.url.first().expose())
         .env("BARE_QUEUE", &env.settings.topology.work_queue)
         .env("BARE_EXCHANGE", &env.settings.topology.event_exchange)
         .env("BARE_PREFETCH", prefetch.to_string())
+        .env("BARE_REDIS_URL", env.settings.redis.url.expose())
+        .env("BARE_REDIS_PREFIX", &env.settings.redis.key_prefix)
+        .env(
+            "BARE_API_URL",
+            format!("{}/groups", env.settings.api.base_url),
+        )
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -353,8 +367,96 @@ fn event_body() -> Vec<u8> {
     body
 }
 
-/// The bare loop: consume, publish an event with confirm, ack — nothing else.
-async fn bare_loop() {
+/// The stack floor's own I/O for one delivery, with the worker's clients: two Redis scripts
+/// (claim with the attempt marker and the would-be duplicate outcome; record the group
+/// with its last outcome) and one POST parsed as JSON.
+#[derive(Clone)]
+struct FloorIo {
+    redis: redis::aio::ConnectionManager,
+    http: reqwest::Client,
+    api_url: reqwest::Url,
+    prefix: Arc<str>,
+    claim: Arc<redis::Script>,
+    record: Arc<redis::Script>,
+}
+
+impl FloorIo {
+    async fn connect() -> FloorIo {
+        let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}"));
+        let redis = redis::Client::open(var("BARE_REDIS_URL"))
+            .expect("redis url")
+            .get_connection_manager()
+            .await
+            .expect("redis");
+        FloorIo {
+            redis,
+            http: reqwest::Client::builder().build().expect("http client"),
+            api_url: reqwest::Url::parse(&var("BARE_API_URL")).expect("api url"),
+            prefix: var("BARE_REDIS_PREFIX").into(),
+            claim: Arc::new(redis::Script::new(
+                "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', 60000) then \
+                 redis.call('SET', KEYS[2], ARGV[2], 'PX', 60000) return 1 end return 0",
+            )),
+            record: Arc::new(redis::Script::new(
+                "redis.call('SET', KEYS[1], ARGV[1], 'PX', 60000) \
+                 redis.call('SET', KEYS[2], ARGV[2], 'PX', 60000) return 1",
+            )),
+        }
+    }
+
+    async fn one(&self, i: u64) {
+        let mut conn = self.redis.clone();
+        let (group, marker) = (
+            format!("{}:floor-group:{i}", self.prefix),
+            format!("{}:floor-attempt:{i}", self.prefix),
+        );
+        // Values of the worker's sizes: a claim, a marker with the would-be duplicate
+        // outcome (about 330 bytes), a created record, a last outcome.
+        let claimed: i64 = self
+            .claim
+            .key(&group)
+            .key(&marker)
+            .arg(format!(
+                "{{\"state\":\"claimed\",\"owner\":\"bench/{i:032}\"}}"
+            ))
+            .arg(" ".repeat(420))
+            .invoke_async(&mut conn)
+            .await
+            .expect("claim");
+        assert_eq!(claimed, 1);
+        let body = format!(
+            "{{\"org_unit_name\":\"Floor team {i}\",\"org_unit_parent_id\":1000,\"org_unit_ext_id\":\"FLOOR-{i}\"}}"
+        );
+        let response = self
+            .http
+            .post(self.api_url.clone())
+            .bearer_auth(SIM_TOKEN)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST");
+        assert!(response.status().is_success(), "{}", response.status());
+        let bytes = response.bytes().await.expect("response body");
+        let answer: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON answer");
+        assert!(!answer["data"].is_null(), "{answer}");
+        let recorded: i64 = self
+            .record
+            .key(&group)
+            .key(format!("{}:floor-outcome:{i}", self.prefix))
+            .arg(" ".repeat(260))
+            .arg(" ".repeat(330))
+            .invoke_async(&mut conn)
+            .await
+            .expect("record");
+        assert_eq!(recorded, 1);
+    }
+}
+
+/// The bare loop: consume, publish an event with confirm, ack — nothing else. With `io`
+/// (the stack floor), each delivery first does the worker's Redis and HTTP traffic.
+async fn bare_loop(io: Option<FloorIo>) {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}"));
     let prefetch: u16 = var("BARE_PREFETCH").parse().expect("prefetch");
     let conn = Connection::connect(&var("BARE_AMQP_URL"), ConnectionProperties::default())
@@ -381,9 +483,15 @@ async fn bare_loop() {
         )
         .await
         .expect("consume");
+    let mut n = 0u64;
     while let Some(Ok(delivery)) = consumer.next().await {
         let (publish, exchange, body) = (publish.clone(), exchange.clone(), body.clone());
+        let io = io.clone();
+        n += 1;
         tokio::spawn(async move {
+            if let Some(io) = io {
+                io.one(n).await;
+            }
             let mut headers = FieldTable::default();
             headers.insert(
                 ShortString::from("ext_id"),
@@ -469,6 +577,8 @@ async fn redis_calls() -> f64 {
 
 enum Program {
     BareLoop,
+    /// The bare loop plus the worker's Redis and HTTP traffic, through the same clients.
+    StackFloor,
     Worker,
 }
 
@@ -480,7 +590,8 @@ async fn drain(program: &Program, ext_ids: &[String], latency_ms: u64, prefetch:
     let counter = Counter::start(&env, ext_ids.len()).await;
     preload(&env, ext_ids).await;
     let measured = match program {
-        Program::BareLoop => spawn_bare_loop(&env, prefetch),
+        Program::BareLoop => spawn_bare_loop(&env, prefetch, false),
+        Program::StackFloor => spawn_bare_loop(&env, prefetch, true),
         Program::Worker => spawn_worker(&env, prefetch),
     };
     counter.measure(measured.pid());
@@ -687,9 +798,10 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    if std::env::var("BENCH_ROLE").as_deref() == Ok("bare-loop") {
-        bare_loop().await;
-        return;
+    match std::env::var("BENCH_ROLE").as_deref() {
+        Ok("bare-loop") => return bare_loop(None).await,
+        Ok("stack-floor") => return bare_loop(Some(FloorIo::connect().await)).await,
+        _ => {}
     }
     let n = env_usize("BENCH_N", 15000);
     services();
@@ -710,14 +822,21 @@ async fn main() {
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         // One scenario, for profiling: `BENCH_ONLY=0` (API 0 ms) or `50` (50 ms), prefetch
         // BENCH_PREFETCH.
+        // `BENCH_ONLY=floor`: the stack floor at 0 ms.
         let latency: u64 = only.parse().unwrap_or(0);
         let prefetch = env_usize("BENCH_PREFETCH", 64) as u16;
-        let f = scenario(1, n, &Program::Worker, latency, prefetch, Mix::AllNew).await;
+        let program = if only == "floor" {
+            Program::StackFloor
+        } else {
+            Program::Worker
+        };
+        let f = scenario(1, n, &program, latency, prefetch, Mix::AllNew).await;
         println!("{f:?}");
         return;
     }
     let ceiling64 = scenario(runs, n, &Program::BareLoop, 0, 64, Mix::AllNew).await;
     let ceiling256 = scenario(runs, n, &Program::BareLoop, 0, 256, Mix::AllNew).await;
+    let floor64 = scenario(runs, n, &Program::StackFloor, 0, 64, Mix::AllNew).await;
     let w0 = scenario(runs, n, &Program::Worker, 0, 64, Mix::AllNew).await;
     let w50_64 = scenario(runs, n, &Program::Worker, 50, 64, Mix::AllNew).await;
     let w50_256 = scenario(runs, n, &Program::Worker, 50, 256, Mix::AllNew).await;
@@ -769,6 +888,12 @@ async fn main() {
         &ceiling256,
         ceiling256.rate,
         false,
+    );
+    row(
+        "stack floor: the bare loop plus the worker's 2 Redis scripts and 1 POST per command, same clients, API 0 ms, prefetch 64",
+        &floor64,
+        ceiling64.rate,
+        true,
     );
     row("worker, API 0 ms, prefetch 64", &w0, ceiling64.rate, true);
     row(
@@ -823,6 +948,7 @@ async fn main() {
     );
     for (name, f) in [
         ("bare loop, prefetch 64", &ceiling64),
+        ("stack floor, API 0 ms, prefetch 64", &floor64),
         ("worker, API 0 ms, prefetch 64", &w0),
         ("worker, API 50 ms, prefetch 256", &w50_256),
     ] {
@@ -844,6 +970,14 @@ async fn main() {
         "worker CPU ÷ RabbitMQ CPU per command: {:.2} (API 0 ms), {:.2} (API 50 ms, prefetch 256)",
         w0.cpu_us / w0.rabbit_us.max(1e-9),
         w50_256.cpu_us / w50_256.rabbit_us.max(1e-9)
+    );
+    // The floor does the worker's I/O through the same clients and nothing else: what is
+    // above it is the worker's own work (parsing, deciding, events, logs, metrics).
+    println!(
+        "worker CPU above the stack floor: {:.0} µs per command ({:.0} % of the worker's), floor ÷ RabbitMQ CPU: {:.2}",
+        w0.cpu_us - floor64.cpu_us,
+        (w0.cpu_us - floor64.cpu_us) / w0.cpu_us.max(1e-9) * 100.0,
+        floor64.cpu_us / floor64.rabbit_us.max(1e-9)
     );
     println!(
         "duplicate-heavy ÷ all-new: {:.2}",

@@ -24,7 +24,8 @@ use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::Registry;
+use tracing_subscriber::filter::{LevelFilter, Targets, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::layer::SubscriberExt;
@@ -34,11 +35,6 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::{LogFormat, LogSettings};
 
 pub fn init(settings: &LogSettings) {
-    let filter = EnvFilter::try_new(&settings.level)
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        .and(filter_fn(|meta| {
-            ours(meta.target()) || *meta.level() <= Level::INFO
-        }));
     static PANIC_HOOK: Once = Once::new();
     PANIC_HOOK.call_once(|| {
         // A panic's own report (on stderr) comes after every line logged before it.
@@ -52,19 +48,47 @@ pub fn init(settings: &LogSettings) {
             previous(info);
         }));
     });
-    // A second init (tests, embedded use) keeps the first subscriber.
+    // A second init (tests, embedded use) keeps the first subscriber. The filter is global
+    // (one decision for every layer), not a per-layer one: that costs a lookup in shared
+    // state on every poll of every span.
     let _ = match settings.format {
         LogFormat::Json => tracing_subscriber::registry()
-            .with(JsonLines::new(&STDOUT).with_filter(filter))
+            .with(filter(&settings.level))
+            .with(JsonLines::new(&STDOUT))
             .try_init(),
         LogFormat::Pretty => tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stdout)
-                    .with_filter(filter),
-            )
+            .with(filter(&settings.level))
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
             .try_init(),
     };
+}
+
+/// `log.level` as a filter, with other crates held at `info` or quieter.
+fn filter(level: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
+    // A bare level (what nearly everyone sets) needs no directive engine: `Targets` decides
+    // once per call site, while an `EnvFilter` also takes a shared lock on every span
+    // enter and exit, several times per delivery.
+    if let Some(max) = bare_level(level) {
+        let others = max.min(LevelFilter::INFO);
+        return Box::new(
+            Targets::new()
+                .with_default(others)
+                .with_targets(OURS.iter().map(|t| (*t, max))),
+        );
+    }
+    let directives = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    Box::new(directives.and_then(filter_fn(|meta| {
+        ours(meta.target()) || *meta.level() <= Level::INFO
+    })))
+}
+
+/// `level` when it is one level name and nothing else (any case, as `EnvFilter` reads it).
+fn bare_level(level: &str) -> Option<LevelFilter> {
+    let name = level.trim().to_ascii_lowercase();
+    ["off", "error", "warn", "info", "debug", "trace"]
+        .contains(&name.as_str())
+        .then(|| name.parse().ok())
+        .flatten()
 }
 
 /// Write out every log line still held back (at exit; the worker's `main` calls it, and so
@@ -254,8 +278,11 @@ impl Write for LineWriter {
 }
 
 /// Log targets of this project (the library and its binaries).
+/// The targets of this project's own crates.
+const OURS: [&str; 2] = ["group_provisioner", "convirza_sim"];
+
 fn ours(target: &str) -> bool {
-    ["group_provisioner", "convirza_sim"].iter().any(|t| {
+    OURS.iter().any(|t| {
         target
             .strip_prefix(t)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
@@ -483,6 +510,59 @@ mod tests {
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
+    }
+
+    /// Which of a fixed set of events pass `filter(level)`, as "target:level".
+    fn passed(level: &str) -> Vec<String> {
+        let buffer = Buffer::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(filter(level))
+            .with(JsonLines::new(buffer.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "group_provisioner::worker", "group_provisioner:trace");
+            tracing::debug!(target: "group_provisioner::worker", "group_provisioner:debug");
+            tracing::info!(target: "group_provisioner::worker", "group_provisioner:info");
+            tracing::debug!(target: "convirza_sim", "convirza_sim:debug");
+            tracing::debug!(target: "lapin::channel", "lapin:debug");
+            tracing::info!(target: "lapin::channel", "lapin:info");
+            tracing::warn!(target: "reqwest", "reqwest:warn");
+        });
+        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf8");
+        text.lines()
+            .map(|l| {
+                let line: Value = serde_json::from_str(l).expect("JSON line");
+                line["message"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn other_crates_stay_at_info_whatever_the_level_and_however_it_is_written() {
+        let all_ours = [
+            "group_provisioner:trace",
+            "group_provisioner:debug",
+            "group_provisioner:info",
+            "convirza_sim:debug",
+            "lapin:info",
+            "reqwest:warn",
+        ];
+        // A bare level (the fast path) and the same through directives (EnvFilter) agree.
+        assert_eq!(passed("trace"), all_ours);
+        assert_eq!(passed(" TRACE "), all_ours);
+        assert_eq!(passed("trace,lapin=trace"), all_ours);
+        assert_eq!(
+            passed("info"),
+            ["group_provisioner:info", "lapin:info", "reqwest:warn"]
+        );
+        assert_eq!(passed("warn"), ["reqwest:warn"]);
+        assert_eq!(
+            passed("warn,group_provisioner=info"),
+            ["group_provisioner:info", "reqwest:warn"]
+        );
+        assert!(passed("off").is_empty());
+        assert_eq!(bare_level("Debug"), Some(LevelFilter::DEBUG));
+        assert_eq!(bare_level("3"), None);
+        assert_eq!(bare_level("info,lapin=warn"), None);
     }
 
     #[test]
