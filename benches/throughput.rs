@@ -837,6 +837,7 @@ async fn main() {
     let ceiling64 = scenario(runs, n, &Program::BareLoop, 0, 64, Mix::AllNew).await;
     let ceiling256 = scenario(runs, n, &Program::BareLoop, 0, 256, Mix::AllNew).await;
     let floor64 = scenario(runs, n, &Program::StackFloor, 0, 64, Mix::AllNew).await;
+    let floor50 = scenario(runs, n, &Program::StackFloor, 50, 256, Mix::AllNew).await;
     let w0 = scenario(runs, n, &Program::Worker, 0, 64, Mix::AllNew).await;
     let w50_64 = scenario(runs, n, &Program::Worker, 50, 64, Mix::AllNew).await;
     let w50_256 = scenario(runs, n, &Program::Worker, 50, 256, Mix::AllNew).await;
@@ -907,6 +908,15 @@ async fn main() {
     );
     row(
         &format!(
+            "stack floor, API 50 ms, prefetch 256 (bound {:.0})",
+            bound(256.0, ceiling256.rate)
+        ),
+        &floor50,
+        bound(256.0, ceiling256.rate),
+        true,
+    );
+    row(
+        &format!(
             "worker, API 50 ms, prefetch 256 (bound {:.0})",
             bound(256.0, ceiling256.rate)
         ),
@@ -950,6 +960,7 @@ async fn main() {
         ("bare loop, prefetch 64", &ceiling64),
         ("stack floor, API 0 ms, prefetch 64", &floor64),
         ("worker, API 0 ms, prefetch 64", &w0),
+        ("stack floor, API 50 ms, prefetch 256", &floor50),
         ("worker, API 50 ms, prefetch 256", &w50_256),
     ] {
         let total = f.cpu_us + f.rabbit_us + f.redis_us + f.bench_us;
@@ -974,10 +985,16 @@ async fn main() {
     // The floor does the worker's I/O through the same clients and nothing else: what is
     // above it is the worker's own work (parsing, deciding, events, logs, metrics).
     println!(
-        "worker CPU above the stack floor: {:.0} µs per command ({:.0} % of the worker's), floor ÷ RabbitMQ CPU: {:.2}",
+        "worker CPU above the stack floor: {:.0} µs per command ({:.0} % of the worker's) at API 0 ms, {:.0} µs ({:.0} %) at 50 ms, prefetch 256",
         w0.cpu_us - floor64.cpu_us,
         (w0.cpu_us - floor64.cpu_us) / w0.cpu_us.max(1e-9) * 100.0,
-        floor64.cpu_us / floor64.rabbit_us.max(1e-9)
+        w50_256.cpu_us - floor50.cpu_us,
+        (w50_256.cpu_us - floor50.cpu_us) / w50_256.cpu_us.max(1e-9) * 100.0,
+    );
+    println!(
+        "stack floor ÷ broker ceiling: {:.0} % (API 0 ms, prefetch 64); ÷ min(prefetch / latency, ceiling): {:.0} % (API 50 ms, prefetch 256)",
+        floor64.rate / ceiling64.rate * 100.0,
+        floor50.rate / bound(256.0, ceiling256.rate) * 100.0
     );
     println!(
         "duplicate-heavy ÷ all-new: {:.2}",
