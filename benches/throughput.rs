@@ -897,32 +897,27 @@ async fn main() {
         true,
     );
     row("worker, API 0 ms, prefetch 64", &w0, ceiling64.rate, true);
-    row(
-        &format!(
-            "worker, API 50 ms, prefetch 64 (bound {:.0})",
-            bound(64.0, ceiling64.rate)
-        ),
+    let bounded = |name: &str, f: &Figures, prefetch: f64, ceiling: f64| {
+        let b = bound(prefetch, ceiling);
+        row(&format!("{name} (bound {b:.0})"), f, b, true);
+    };
+    bounded(
+        "worker, API 50 ms, prefetch 64",
         &w50_64,
-        bound(64.0, ceiling64.rate),
-        true,
+        64.0,
+        ceiling64.rate,
     );
-    row(
-        &format!(
-            "stack floor, API 50 ms, prefetch 256 (bound {:.0})",
-            bound(256.0, ceiling256.rate)
-        ),
+    bounded(
+        "stack floor, API 50 ms, prefetch 256",
         &floor50,
-        bound(256.0, ceiling256.rate),
-        true,
+        256.0,
+        ceiling256.rate,
     );
-    row(
-        &format!(
-            "worker, API 50 ms, prefetch 256 (bound {:.0})",
-            bound(256.0, ceiling256.rate)
-        ),
+    bounded(
+        "worker, API 50 ms, prefetch 256",
         &w50_256,
-        bound(256.0, ceiling256.rate),
-        true,
+        256.0,
+        ceiling256.rate,
     );
     row(
         "worker, duplicate-heavy (half repeat an ext id), API 0 ms, prefetch 64",
