@@ -343,6 +343,10 @@ fn spawn_bare_loop(env: &TestEnv, prefetch: u16, floor: bool) -> Measured {
             "BARE_API_URL",
             format!("{}/groups", env.settings.api.base_url),
         )
+        .env(
+            "BARE_API_TIMEOUT_MS",
+            env.settings.api.timeout.as_millis().to_string(),
+        )
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -383,14 +387,18 @@ struct FloorIo {
 impl FloorIo {
     async fn connect() -> FloorIo {
         let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}"));
-        let redis = redis::Client::open(var("BARE_REDIS_URL"))
-            .expect("redis url")
-            .get_connection_manager()
-            .await
-            .expect("redis");
+        // The worker's own client settings: its timeouts are timers on every call.
+        let redis = redis::aio::ConnectionManager::new_with_config(
+            redis::Client::open(var("BARE_REDIS_URL")).expect("redis url"),
+            group_provisioner::dedup::connection_manager_config(),
+        )
+        .await
+        .expect("redis");
+        let timeout: u64 = var("BARE_API_TIMEOUT_MS").parse().expect("timeout");
         FloorIo {
             redis,
-            http: reqwest::Client::builder().build().expect("http client"),
+            http: group_provisioner::convirza::http_client(Duration::from_millis(timeout))
+                .expect("http client"),
             api_url: reqwest::Url::parse(&var("BARE_API_URL")).expect("api url"),
             prefix: var("BARE_REDIS_PREFIX").into(),
             claim: Arc::new(redis::Script::new(
@@ -410,8 +418,8 @@ impl FloorIo {
             format!("{}:floor-group:{i}", self.prefix),
             format!("{}:floor-attempt:{i}", self.prefix),
         );
-        // Values of the worker's sizes: a claim, a marker with the would-be duplicate
-        // outcome (about 330 bytes), a created record, a last outcome.
+        // Values of the worker's sizes: a claim, a marker with what was posted and the
+        // would-be duplicate outcome (about 420 bytes), a created record, a last outcome.
         let claimed: i64 = self
             .claim
             .key(&group)
@@ -798,6 +806,15 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    if std::env::var("BENCH_ROLE").is_ok() {
+        // A failed task in the measured program ends it, so the run fails at once instead
+        // of waiting out its deadline for events that never come.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            std::process::exit(101);
+        }));
+    }
     match std::env::var("BENCH_ROLE").as_deref() {
         Ok("bare-loop") => return bare_loop(None).await,
         Ok("stack-floor") => return bare_loop(Some(FloorIo::connect().await)).await,

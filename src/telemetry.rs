@@ -21,11 +21,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Level, Subscriber};
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::Registry;
-use tracing_subscriber::filter::{LevelFilter, Targets, filter_fn};
+use tracing_subscriber::filter::{LevelFilter, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::layer::SubscriberExt;
@@ -65,21 +66,55 @@ pub fn init(settings: &LogSettings) {
 
 /// `log.level` as a filter, with other crates held at `info` or quieter.
 fn filter(level: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
-    // A bare level (what nearly everyone sets) needs no directive engine: `Targets` decides
+    // A bare level (what nearly everyone sets) needs no directive engine: `ByCrate` decides
     // once per call site, while an `EnvFilter` also takes a shared lock on every span
     // enter and exit, several times per delivery.
     if let Some(max) = bare_level(level) {
-        let others = max.min(LevelFilter::INFO);
-        return Box::new(
-            Targets::new()
-                .with_default(others)
-                .with_targets(OURS.iter().map(|t| (*t, max))),
-        );
+        return Box::new(ByCrate {
+            ours: max,
+            others: max.min(LevelFilter::INFO),
+        });
     }
     let directives = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     Box::new(directives.and_then(filter_fn(|meta| {
         ours(meta.target()) || *meta.level() <= Level::INFO
     })))
+}
+
+/// A bare `log.level`: this project's crates at it, every other crate at `info` or
+/// quieter. Decided once per call site (the answer depends on static metadata only).
+struct ByCrate {
+    ours: LevelFilter,
+    others: LevelFilter,
+}
+
+impl ByCrate {
+    fn allows(&self, meta: &Metadata<'_>) -> bool {
+        let max = if ours(meta.target()) {
+            self.ours
+        } else {
+            self.others
+        };
+        *meta.level() <= max
+    }
+}
+
+impl<S: Subscriber> Layer<S> for ByCrate {
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        if self.allows(meta) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>, _: Context<'_, S>) -> bool {
+        self.allows(meta)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.ours.max(self.others))
+    }
 }
 
 /// `level` when it is one level name and nothing else (any case, as `EnvFilter` reads it).
@@ -277,12 +312,10 @@ impl Write for LineWriter {
     }
 }
 
-/// Log targets of this project (the library and its binaries).
-/// The targets of this project's own crates.
-const OURS: [&str; 2] = ["group_provisioner", "convirza_sim"];
-
+/// Log targets of this project (the library and its binaries): the crate name itself, or
+/// one of its modules (`group_provisioner_x` is another crate).
 fn ours(target: &str) -> bool {
-    OURS.iter().any(|t| {
+    ["group_provisioner", "convirza_sim"].iter().any(|t| {
         target
             .strip_prefix(t)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
@@ -523,6 +556,8 @@ mod tests {
             tracing::debug!(target: "group_provisioner::worker", "group_provisioner:debug");
             tracing::info!(target: "group_provisioner::worker", "group_provisioner:info");
             tracing::debug!(target: "convirza_sim", "convirza_sim:debug");
+            // Another crate whose name only starts like ours.
+            tracing::debug!(target: "group_provisioner_x", "group_provisioner_x:debug");
             tracing::debug!(target: "lapin::channel", "lapin:debug");
             tracing::info!(target: "lapin::channel", "lapin:info");
             tracing::warn!(target: "reqwest", "reqwest:warn");

@@ -28,7 +28,7 @@ const MAX_MESSAGE_CHARS: usize = 300;
 pub struct BuildError(#[source] pub reqwest::Error);
 
 /// The HTTP client every API call goes through, with the worker's timeouts.
-pub(super) fn http_client(timeout: Duration) -> Result<reqwest::Client, BuildError> {
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, BuildError> {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))

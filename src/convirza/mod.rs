@@ -16,7 +16,7 @@ mod port;
 pub use auth::{
     Auth, LoginSession, TokenPair, TokenResponseError, TokenStore, parse_token_response,
 };
-pub use client::{BuildError, ConvirzaClient, LIST_PAGE_SIZE, Observer, Operation};
+pub use client::{BuildError, ConvirzaClient, LIST_PAGE_SIZE, Observer, Operation, http_client};
 pub use model::GroupPage;
 
 pub use crate::pipeline::{ApiError, Created, GroupSummary};

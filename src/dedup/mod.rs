@@ -232,6 +232,15 @@ out[#out + 1] = redis.call('PTTL', KEYS[1])
 return out
 ";
 
+/// The connection manager's timeouts and reconnection for a standalone Redis: a reply slower than 2 s is an error (the delivery parks), not a hung delivery.
+pub fn connection_manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500))
+}
+
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConn,
@@ -404,12 +413,8 @@ impl RedisStore {
     }
 
     fn with_client(client: redis::Client, prefix: &str) -> Result<RedisStore, StoreError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(store_err)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, connection_manager_config())
+            .map_err(store_err)?;
         Ok(Self::with_conn(
             RedisConn::Standalone(conn),
             prefix,

@@ -1435,9 +1435,9 @@ async fn status_reads_one_moment_not_a_mix_of_two() {
                 if flips.is_multiple_of(2) {
                     moment
                         .set_ex(&group, &claimed, 60)
-                        .set(&outcome, &outcome_a);
+                        .set_ex(&outcome, &outcome_a, 60);
                 } else {
-                    moment.del(&group).set(&outcome, &outcome_b);
+                    moment.del(&group).set_ex(&outcome, &outcome_b, 60);
                 }
                 let _: () = moment.query_async(&mut conn).await.expect("flip");
                 flips += 1;
