@@ -22,11 +22,11 @@ use time::format_description::well_known::Rfc3339;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
-use tracing::{Event, Level, Metadata, Subscriber};
+use tracing::{Event, Metadata, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::Registry;
-use tracing_subscriber::filter::{LevelFilter, filter_fn};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::layer::SubscriberExt;
@@ -49,9 +49,7 @@ pub fn init(settings: &LogSettings) {
             previous(info);
         }));
     });
-    // A second init (tests, embedded use) keeps the first subscriber. The filter is global
-    // (one decision for every layer), not a per-layer one: that costs a lookup in shared
-    // state on every poll of every span.
+    // A second init (tests, embedded use) keeps the first subscriber.
     let _ = match settings.format {
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter(&settings.level))
@@ -75,10 +73,12 @@ fn filter(level: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
             others: max.min(LevelFilter::INFO),
         });
     }
+    // Directives: `EnvFilter` decides, and other crates still stop at `info`.
     let directives = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    Box::new(directives.and_then(filter_fn(|meta| {
-        ours(meta.target()) || *meta.level() <= Level::INFO
-    })))
+    Box::new(directives.and_then(ByCrate {
+        ours: LevelFilter::TRACE,
+        others: LevelFilter::INFO,
+    }))
 }
 
 /// A bare `log.level`: this project's crates at it, every other crate at `info` or

@@ -232,7 +232,8 @@ out[#out + 1] = redis.call('PTTL', KEYS[1])
 return out
 ";
 
-/// The connection manager's timeouts and reconnection for a standalone Redis: a reply slower than 2 s is an error (the delivery parks), not a hung delivery.
+/// The connection manager's timeouts and reconnection for a standalone Redis: a reply
+/// slower than 2 s is an error (the delivery parks), not a hung delivery.
 pub fn connection_manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
