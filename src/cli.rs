@@ -27,7 +27,7 @@ Exit codes (every subcommand):\n  \
 1    the command ran and something failed (a check item, a send, the broker); status: unknown ext id\n  \
 2    usage: a configuration error, a bad argument, an unreadable input file\n  \
 3    status: the dedup store cannot be reached\n  \
-130  interrupted by a signal before the end (dlq replay)"
+130  interrupted by SIGINT or SIGTERM before the end (dlq, events: what was read goes back, in order)"
 )]
 pub struct Cli {
     /// TOML configuration file (default: config/default.toml if it exists).
@@ -187,7 +187,7 @@ pub enum Exit {
     Usage,
     /// 3: `status`: the dedup store cannot be reached, so nothing can be said.
     Unavailable,
-    /// 130: stopped by a signal before the end (`dlq replay`).
+    /// 130: stopped by SIGINT or SIGTERM before the end (a pass over the DLQ).
     Interrupted,
 }
 
@@ -206,6 +206,7 @@ impl Exit {
         match e {
             OpsError::BadArgument(_) | OpsError::Input { .. } => Exit::Usage,
             OpsError::Store { .. } => Exit::Unavailable,
+            OpsError::Interrupted { .. } => Exit::Interrupted,
             _ => Exit::Failure,
         }
     }
@@ -287,9 +288,9 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
         Command::Dlq(DlqCommand::Migrate) => {
             ops_result("dlq migrate", ops::dlq::migrate(&settings).await, |m| {
                 if m.already_current {
-                    println!("the DLQ already has this version's arguments; nothing to do");
+                    outln!("the DLQ already has this version's arguments; nothing to do");
                 } else {
-                    println!("migrated: {} dead letters kept, in order", m.moved);
+                    outln!("migrated: {} dead letters kept, in order", m.moved);
                 }
                 Exit::Success
             })
@@ -299,7 +300,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             ops::dlq::discard(&settings, &filter).await,
             |s| {
                 if filter.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"dry_run": filter.dry_run, "discarded": s.discarded, "kept": s.kept})
                     );
@@ -309,7 +310,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                     } else {
                         "discarded"
                     };
-                    println!("{verb} {}, kept {}", s.discarded, s.kept);
+                    outln!("{verb} {}, kept {}", s.discarded, s.kept);
                 }
                 Exit::Success
             },
@@ -334,14 +335,16 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             ops::send::run(&settings, file.as_deref(), !no_validate).await,
             |s| {
                 if json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"sent": s.sent, "invalid": s.invalid, "failed": s.failed})
                     );
                 } else {
-                    println!(
+                    outln!(
                         "sent {}, invalid {}, failed {}",
-                        s.sent, s.invalid, s.failed
+                        s.sent,
+                        s.invalid,
+                        s.failed
                     );
                 }
                 success_if(s.all_sent())
@@ -352,7 +355,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             ops::events::replay_unrouted(&settings, &filter).await,
             |summary| {
                 if filter.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"dry_run": filter.dry_run, "moved": summary.moved, "kept": summary.kept, "came_back": summary.came_back})
                     );
@@ -362,9 +365,11 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                     } else {
                         "moved"
                     };
-                    println!(
+                    outln!(
                         "{verb} {}, kept {}, came back {}",
-                        summary.moved, summary.kept, summary.came_back
+                        summary.moved,
+                        summary.kept,
+                        summary.came_back
                     );
                 }
                 Exit::Success

@@ -15,6 +15,16 @@
 //!   `clock`, `hash`, `secret`, `text` (untrusted text made printable);
 //! - `sim` — `convirza-sim`, the API stand-in (feature `sim`, on by default).
 
+/// `println!` that never panics: operator output to a closed pipe (`| head`) is dropped
+/// instead of ending the process with a panic. Passes over the DLQ check their writes
+/// instead (`ops::dlq::out_line`): they must stop and give the queue back.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod amqp;
 pub mod app;
 pub mod cli;

@@ -161,13 +161,15 @@ pub async fn ready_count(channel: &lapin::Channel, queue: &str) -> Result<u32, l
 
 /// The broker said the queue or exchange does not exist.
 pub fn is_not_found(e: &lapin::Error) -> bool {
+    is_soft(e, lapin::protocol::AMQPSoftError::NOTFOUND)
+}
+
+/// The broker refused the operation with this channel-level (soft) error.
+pub fn is_soft(e: &lapin::Error, which: lapin::protocol::AMQPSoftError) -> bool {
     matches!(
         e.kind(),
         lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(
-                amqp.kind(),
-                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
-            )
+            if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(s) if *s == which)
     )
 }
 

@@ -40,7 +40,7 @@ impl CheckReport {
 
     fn push(&mut self, status: &'static str, item: &str, detail: String) {
         if !self.json {
-            println!("{status:<5} {item:<10} {detail}");
+            outln!("{status:<5} {item:<10} {detail}");
         }
         self.items.push((status, item.to_owned(), detail));
     }
@@ -55,7 +55,7 @@ impl CheckReport {
                     serde_json::json!({"status": status.to_ascii_lowercase(), "item": item, "detail": detail})
                 })
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({"ok": self.failed == 0, "failed": self.failed, "items": items})
             );

@@ -52,7 +52,8 @@ pub async fn replay_unrouted(
     filter: &UnroutedFilter,
 ) -> Result<UnroutedSummary, OpsError> {
     let queue = settings.topology.unrouted_events.clone();
-    let mut reader = DlqReader::open_queue(settings, &queue, None).await?;
+    let mut reader =
+        DlqReader::open_queue(settings, &queue, "replay of unrouted events", None).await?;
     let publisher = Publisher::new(reader.channel().clone());
     let mut summary = UnroutedSummary::default();
     let mut result = Ok(());
@@ -80,7 +81,7 @@ pub async fn replay_unrouted(
         }
         if filter.dry_run {
             if !filter.json {
-                println!(
+                outln!(
                     "would replay {} {}",
                     crate::text::printable(&routing_key, 64),
                     crate::text::printable(ext_id.as_deref().unwrap_or("(no ext id)"), 128)
@@ -109,8 +110,7 @@ pub async fn replay_unrouted(
         summary.moved += 1;
     }
     let kept_total = reader.remaining() + summary.kept;
-    reader.close().await;
-    result?;
+    super::dlq::ended(result, reader.close().await)?;
     if !filter.dry_run && summary.moved > 0 {
         let (conn, _) = super::connect(settings, "events").await?;
         if let Some(depth) = super::queue_depth(&conn, &queue).await? {

@@ -87,6 +87,40 @@ pub enum OpsError {
         #[source]
         source: lapin::Error,
     },
+    /// SIGINT or SIGTERM stopped the command; what it held went back, in order.
+    #[error("interrupted by a signal: {done}")]
+    Interrupted { done: String },
+    /// Standard output was closed (a pipe whose reader went away): the pass stopped.
+    #[error("standard output was closed: {done}")]
+    StdoutClosed { done: String },
+    /// A pass saw fewer messages than the queue held when it started.
+    #[error(
+        "read {seen} of the {total} messages of {queue:?}: the DLQ changed during the {purpose} (something else consumed from it, or it was deleted); {done}"
+    )]
+    Incomplete {
+        queue: String,
+        purpose: &'static str,
+        seen: usize,
+        total: usize,
+        done: String,
+    },
+    /// `dlq discard` exported letters that its second pass could not find to remove.
+    #[error(
+        "removed {removed} of the {exported} dead letters written to {file}: the DLQ changed during the discard (something else consumed or moved some); the others stay in the DLQ, and the file holds them too"
+    )]
+    NotAllRemoved {
+        removed: usize,
+        exported: usize,
+        file: String,
+    },
+    /// Another pass holds the queue's lock.
+    #[error(
+        "another DLQ command held {lock:?} for {waited:?} (only one pass over a queue at a time keeps its order); nothing was read: try again once it ends"
+    )]
+    Busy {
+        lock: String,
+        waited: std::time::Duration,
+    },
     /// A dead letter could not be published back; it stays in the DLQ.
     #[error("publishing {letter} back failed ({source}); it stays in the DLQ")]
     ReplayPublish {

@@ -86,51 +86,51 @@ async fn by_ext_id(
             "unreadable": status.unreadable,
             "last_outcome": last.map(outcome_json),
         });
-        println!("{out}");
+        outln!("{out}");
         return Ok(known);
     }
-    println!("ext_id:        {}", printable(ext_id.as_str(), 160));
+    outln!("ext_id:        {}", printable(ext_id.as_str(), 160));
     match &status.record {
         Some(StoredRecord::Created(r)) => {
-            println!("state:         created");
-            println!("org_unit_id:   {}", r.org_unit_id);
-            println!("name:          {}", printable(&r.org_unit_name, 300));
-            println!("parent:        {}", r.org_unit_parent_id);
-            println!("created_at:    {}", printable(&r.created_at, 64));
-            println!(
+            outln!("state:         created");
+            outln!("org_unit_id:   {}", r.org_unit_id);
+            outln!("name:          {}", printable(&r.org_unit_name, 300));
+            outln!("parent:        {}", r.org_unit_parent_id);
+            outln!("created_at:    {}", printable(&r.created_at, 64));
+            outln!(
                 "api_request:   {}",
                 printable(r.api_request_id.as_deref().unwrap_or("-"), 128)
             );
             if let Some(id) = &r.message_id {
-                println!("created by:    message {}", printable(id, 255));
+                outln!("created by:    message {}", printable(id, 255));
             }
             if let Some(ms) = status.ttl_ms {
-                println!("forgotten in:  {}", human(ms));
+                outln!("forgotten in:  {}", human(ms));
             }
         }
         Some(StoredRecord::Claimed { owner, claimed_at }) => {
-            println!("state:         claimed (a worker is creating it now)");
-            println!("owner:         {}", printable(owner, 300));
-            println!("claimed_at:    {}", printable(claimed_at, 64));
+            outln!("state:         claimed (a worker is creating it now)");
+            outln!("owner:         {}", printable(owner, 300));
+            outln!("claimed_at:    {}", printable(claimed_at, 64));
             if let Some(ms) = status.ttl_ms {
-                println!("lease left:    {}", human(ms));
+                outln!("lease left:    {}", human(ms));
             }
         }
         None if status.unreadable.is_some() => {
-            println!(
+            outln!(
                 "state:         unreadable ({}; the worker replaces it on the next delivery)",
                 printable(status.unreadable.as_deref().unwrap_or_default(), 300)
             );
         }
         None => match last {
-            Some(l) => println!("state:         {}", l.outcome),
-            None if known => println!(
+            Some(l) => outln!("state:         {}", l.outcome),
+            None if known => outln!(
                 "state:         attempted (POSTs were made; no record and no outcome kept now)"
             ),
-            None => println!("state:         unknown (never seen, or forgotten after dedup.ttl)"),
+            None => outln!("state:         unknown (never seen, or forgotten after dedup.ttl)"),
         },
     }
-    println!("post_attempts: {}", status.attempt_markers);
+    outln!("post_attempts: {}", status.attempt_markers);
     if let Some(l) = last {
         print_outcome(l, Some(ext_id.as_str()));
     }
@@ -144,20 +144,20 @@ fn print_message(id: &str, last: Option<&LastOutcome>, as_json: bool) {
             "state": last.map_or("unknown", |l| l.outcome.as_str()),
             "last_outcome": last.map(outcome_json),
         });
-        println!("{out}");
+        outln!("{out}");
         return;
     }
-    println!("message_id:    {}", printable(id, 255));
+    outln!("message_id:    {}", printable(id, 255));
     match last {
         Some(l) => {
-            println!("state:         {}", l.outcome);
+            outln!("state:         {}", l.outcome);
             match &l.ext_id {
-                Some(e) => println!("ext_id:        {}", printable(e, 160)),
-                None => println!("ext_id:        (none valid in the body)"),
+                Some(e) => outln!("ext_id:        {}", printable(e, 160)),
+                None => outln!("ext_id:        (none valid in the body)"),
             }
             print_outcome(l, l.ext_id.as_deref());
         }
-        None => println!(
+        None => outln!(
             "state:         unknown (only invalid commands without a valid ext id are kept by message id, for dedup.ttl; look the others up by ext id)"
         ),
     }
@@ -178,34 +178,34 @@ fn print_outcome(last: &LastOutcome, ext_id: Option<&str>) {
         1 => "1 POST".to_owned(),
         n => format!("{n} POSTs"),
     };
-    println!(
+    outln!(
         "last outcome:  {} at {} ({})",
         last.outcome,
         printable(&last.at, 64),
         attempts
     );
     if let Some(id) = &last.message_id {
-        println!("  message_id:  {}", printable(id, 255));
+        outln!("  message_id:  {}", printable(id, 255));
     }
     if let Some(kind) = &last.error_kind {
         let http = last
             .http_status
             .map(|s| format!(", HTTP {s}"))
             .unwrap_or_default();
-        println!("  error:       {kind}{http}");
+        outln!("  error:       {kind}{http}");
     } else if let Some(status) = last.http_status {
-        println!("  http_status: {status}");
+        outln!("  http_status: {status}");
     }
     if let Some(reason) = &last.reason {
-        println!("  reason:      {reason}");
+        outln!("  reason:      {reason}");
     }
     if let Some(message) = &last.message {
-        println!("  message:     {}", printable(message, 512));
+        outln!("  message:     {}", printable(message, 512));
     }
     if let Some(id) = last.org_unit_id {
-        println!("  org_unit_id: {id}");
+        outln!("  org_unit_id: {id}");
     }
-    println!("  now:         {}", where_now(last, ext_id));
+    outln!("  now:         {}", where_now(last, ext_id));
 }
 
 /// Where the message is, in words an operator can act on.

@@ -16,6 +16,7 @@ mod helpers;
 mod hostile;
 mod layout;
 mod ops;
+mod passes;
 mod pipeline;
 mod process;
 mod redis_modes;

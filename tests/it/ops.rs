@@ -614,16 +614,12 @@ async fn dlq_export_writes_only_to_a_regular_file_a_new_path_or_stdout() {
     assert_eq!(lines.lines().count(), 2);
     let mode = std::fs::metadata(&out).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "dead letters hold personal data");
-    // An existing regular file is replaced.
+    // An existing regular file is never replaced (it may be the only copy of a discard).
     std::fs::write(&out, "old").expect("old");
-    assert_eq!(export(out.clone()).await.status.code(), Some(0));
-    assert_eq!(
-        std::fs::read_to_string(&out)
-            .expect("export")
-            .lines()
-            .count(),
-        2
-    );
+    let o = export(out.clone()).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("never replaces"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&out).expect("old"), "old");
     let leftovers: Vec<_> = std::fs::read_dir(&dir)
         .expect("dir")
         .filter_map(|e| e.ok())

@@ -2,10 +2,14 @@
 //! told so.
 //!
 //! Invariants:
-//! - with `--export FILE`, a first pass writes every matching dead letter to the file
-//!   (synced, renamed into place); only then a second pass removes exactly those: a letter
-//!   is acked only if one with the same content was exported (position and the broker's
-//!   delivery count aside; letters that arrived or changed between the passes stay);
+//! - with `--export FILE`, a first pass writes every matching dead letter to a new file
+//!   (synced, then linked into place; never over an existing file); only then a second
+//!   pass removes exactly those: a letter is acked only if one with the same content was
+//!   exported (position and the broker's delivery count aside; letters that arrived or
+//!   changed between the passes stay);
+//! - a pass that did not see the whole DLQ, or a second pass that could not find every
+//!   exported letter, fails (exit non-zero) and says how many were removed; when nothing
+//!   matches, no file is written;
 //! - without `--export`, nothing is removed unless `--yes` is given; `--dry-run` removes
 //!   nothing and needs neither;
 //! - what is not removed stays in the DLQ, in order (the same passes as the other tools).
@@ -22,7 +26,7 @@ use crate::ops::OpsError;
 use crate::pipeline::Place;
 
 use super::reader::{DeadLetter, DlqReader};
-use super::{SafeFile, kinds};
+use super::{ExportFile, kinds};
 
 /// Which dead letters `dlq discard` removes (its command-line options).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -85,7 +89,9 @@ impl DiscardFilter {
 }
 
 /// What makes a dead letter the same one in two passes: its JSON form without what the
-/// passes themselves change (its position, the broker's delivery count).
+/// passes themselves change (its position, the broker's delivery count), with every
+/// object's keys in one order (removing a key may reorder the others, and the broker adds
+/// `x-delivery-count` only from the second reading on).
 fn identity(letter: &DeadLetter) -> String {
     let mut j = letter.to_json();
     if let Some(o) = j.as_object_mut() {
@@ -94,7 +100,28 @@ fn identity(letter: &DeadLetter) -> String {
     if let Some(h) = j.get_mut("headers").and_then(|h| h.as_object_mut()) {
         h.remove("x-delivery-count");
     }
-    j.to_string()
+    canonical(&j)
+}
+
+/// JSON text with every object's keys sorted, whatever order they came in.
+fn canonical(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&map[k])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(canonical).collect();
+            format!("[{}]", items.join(","))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Remove matching dead letters (module documentation).
@@ -111,46 +138,88 @@ pub async fn discard(
     // The exported lines, counted: the second pass removes exactly these.
     let mut exported: Option<HashMap<String, usize>> = None;
     if let (Some(path), false) = (&filter.export, filter.dry_run) {
-        let mut file = SafeFile::create(path)?;
-        let mut lines = HashMap::new();
-        let written = async {
-            let mut reader = DlqReader::open(settings, None).await?;
-            let mut n = 0;
-            let result = loop {
-                match reader.next().await {
-                    Ok(Some(l))
-                        if filter.limit.is_none_or(|max| n < max) && filter.matches(&l, now) =>
-                    {
-                        let line = l.to_json().to_string();
-                        if let Err(source) = writeln!(file.writer, "{line}") {
-                            break Err(OpsError::Output {
-                                path: file.tmp.clone(),
-                                source,
-                            });
-                        }
-                        *lines.entry(identity(&l)).or_insert(0) += 1;
-                        n += 1;
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-            };
-            reader.close().await;
-            result
-        }
-        .await;
-        match written {
-            Ok(()) => file.finish()?,
-            Err(e) => {
-                file.abort();
-                return Err(e);
+        match export_matching(settings, filter, path, now).await? {
+            Some(lines) => exported = Some(lines),
+            None => {
+                eprintln!(
+                    "no dead letter matches: nothing was removed, and {} was not written",
+                    crate::text::printable(&path.display().to_string(), 300)
+                );
+                return Ok(DiscardSummary::default());
             }
         }
-        exported = Some(lines);
     }
+    let want = exported.as_ref().map(|lines| lines.values().sum::<usize>());
+    let summary = remove_matching(settings, filter, exported, now).await?;
+    match want {
+        Some(want) if summary.discarded < want => Err(OpsError::NotAllRemoved {
+            removed: summary.discarded,
+            exported: want,
+            file: filter
+                .export
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }),
+        _ => Ok(summary),
+    }
+}
 
-    let mut reader = DlqReader::open(settings, None).await?;
+/// The first pass: every matching dead letter into the export file. `None` when nothing
+/// matched (no file is written then); the identities written, counted, otherwise. A pass
+/// that did not see the whole DLQ writes no file.
+async fn export_matching(
+    settings: &Settings,
+    filter: &DiscardFilter,
+    path: &std::path::Path,
+    now: SystemTime,
+) -> Result<Option<HashMap<String, usize>>, OpsError> {
+    ExportFile::check_target(path)?;
+    let mut reader = DlqReader::open(settings, "discard", None).await?;
+    let mut file = match ExportFile::create(path) {
+        Ok(f) => f,
+        Err(e) => return super::ended(Err(e), reader.close().await),
+    };
+    let mut lines = HashMap::new();
+    let mut n = 0;
+    let written = loop {
+        match reader.next().await {
+            Ok(Some(l)) if filter.limit.is_none_or(|max| n < max) && filter.matches(&l, now) => {
+                if let Err(source) = writeln!(file.writer, "{}", l.to_json()) {
+                    break Err(OpsError::Output {
+                        path: file.tmp.clone(),
+                        source,
+                    });
+                }
+                *lines.entry(identity(&l)).or_insert(0) += 1;
+                n += 1;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    match super::ended(written, reader.close().await) {
+        Ok(()) if n == 0 => {
+            file.abort();
+            Ok(None)
+        }
+        Ok(()) => file.finish().map(|()| Some(lines)),
+        Err(e) => {
+            file.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The second pass: remove the matching dead letters (only those exported, if any were).
+async fn remove_matching(
+    settings: &Settings,
+    filter: &DiscardFilter,
+    mut exported: Option<HashMap<String, usize>>,
+    now: SystemTime,
+) -> Result<DiscardSummary, OpsError> {
+    let mut reader = DlqReader::open(settings, "discard", None).await?;
     let mut summary = DiscardSummary::default();
     let mut notes = (!filter.dry_run).then(|| super::notes::Notes::new(settings));
     let place = Place::Discarded {
@@ -182,13 +251,15 @@ pub async fn discard(
             continue;
         }
         if filter.dry_run {
-            if !filter.json {
-                println!(
+            if !filter.json
+                && let Err(e) = super::out_line(format_args!(
                     "would discard #{} kind={} ext_id={}",
                     letter.position,
                     crate::text::printable(&letter.kind, 64),
                     super::shown_ext_id(letter.ext_id.as_deref())
-                );
+                ))
+            {
+                break Err(super::stdout_error(e, reader.returned_in_order()));
             }
             summary.discarded += 1;
             continue;
@@ -202,6 +273,5 @@ pub async fn discard(
         }
     };
     summary.kept += reader.remaining();
-    reader.close().await;
-    result.map(|()| summary)
+    super::ended(result, reader.close().await).map(|()| summary)
 }

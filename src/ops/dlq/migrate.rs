@@ -15,7 +15,8 @@
 //!   with `basic.get` and acked, never handed back, so no delivery count is spent;
 //! - a queue is deleted only when the broker shows it empty, with no consumer and while
 //!   nothing can route to it (quorum queues do not support `if-empty`);
-//! - one migration at a time: an exclusive queue `<dlq>.migrating.lock` is the run's lock;
+//! - one migration at a time, and no other pass over the DLQ meanwhile: it holds the lock
+//!   every pass takes (the exclusive queue `<dlq>.lock`, see `reader.rs`);
 //! - running it again resumes: a holding queue left by an interrupted run is emptied back
 //!   (`check` reports one);
 //! - dead letters written while the DLQ is unbound or missing are not lost: a worker's
@@ -23,7 +24,7 @@
 //!   broker's own dead-lettering is at-least-once and retries. Such dead letters may end
 //!   up before the moved ones.
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 
@@ -76,7 +77,9 @@ async fn run(
         .find(|q| q.name == dlq)
         .cloned()
         .ok_or_else(|| OpsError::BadArgument(format!("no dead-letter queue named {dlq:?}")))?;
-    take_lock(&channel, &dlq).await?;
+    // The same lock as every pass over the DLQ: a reader in the middle of a migration
+    // would hold letters the migration must move.
+    super::reader::take_lock(conn, &dlq, &tokio_util::sync::CancellationToken::new()).await?;
 
     let mut migration = Migration::default();
     // Passive first: the comparing declaration would create a DLQ that an interrupted run
@@ -126,28 +129,6 @@ async fn run(
     }
     delete_when_empty(conn, &channel, &holding).await?;
     Ok(migration)
-}
-
-/// Hold `<dlq>.migrating.lock`, exclusive to this connection: a second run is refused.
-async fn take_lock(channel: &Channel, dlq: &str) -> Result<(), OpsError> {
-    let lock = format!("{dlq}.migrating.lock");
-    channel
-        .queue_declare(
-            ShortString::from(lock.as_str()),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| {
-            OpsError::BadArgument(format!(
-                "another `dlq migrate` is running (it holds {lock:?}): {e}"
-            ))
-        })
 }
 
 /// Delete `queue`, which nothing routes to any more, once it is empty and unconsumed.

@@ -5,10 +5,12 @@
 //! - `json.rs` — dead letters as JSON for `peek --json` and `export`;
 //! - `migrate.rs` — re-declaring a DLQ of an earlier version without losing a letter;
 //! - `discard.rs` — removing dead letters that will never succeed, after a copy;
+//! - `file.rs` — the export file: new, complete or absent, never over another file;
 //! - `kinds.rs` — the `--kind` and `--limit` values the tools accept;
 //! - `notes.rs` — the last outcome of a replayed or discarded dead letter, for `status`.
 
 mod discard;
+mod file;
 mod json;
 pub mod kinds;
 mod migrate;
@@ -29,13 +31,14 @@ use crate::text::printable;
 use super::OpsError;
 
 pub use discard::{DiscardFilter, DiscardSummary, discard};
+pub(crate) use file::ExportFile;
 pub use json::amqp_to_json;
 pub use migrate::{Migration, interrupted_migration, migrate};
 pub use reader::{DeadLetter, DlqReader};
 pub use replay::{ReplayFilter, ReplaySummary, replay, replay_command};
 
 pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
-    let mut reader = DlqReader::open(settings, None).await?;
+    let mut reader = DlqReader::open(settings, "stats", None).await?;
     let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
     let mut oldest: Option<String> = None;
     let result = loop {
@@ -53,34 +56,64 @@ pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
         }
     };
     let total = reader.total_in_queue;
-    reader.close().await;
-    result?;
+    let closed = reader.close().await;
+    ended(result, closed)?;
+    let dlq = &settings.topology.dead_letter_queue;
+    let mut lines = Vec::new();
     if as_json {
-        println!(
-            "{}",
-            json!({"queue": settings.topology.dead_letter_queue, "count": total, "by_kind": by_kind, "oldest_first_failed_at": oldest})
+        lines.push(
+            json!({"queue": dlq, "count": total, "by_kind": by_kind, "oldest_first_failed_at": oldest})
+                .to_string(),
         );
     } else {
-        println!(
-            "{}: {total} dead letters",
-            settings.topology.dead_letter_queue
-        );
+        lines.push(format!("{dlq}: {total} dead letters"));
         for (kind, n) in &by_kind {
-            println!("  {:<24} {n}", printable(kind, 64));
+            lines.push(format!("  {:<24} {n}", printable(kind, 64)));
         }
         if let Some(o) = oldest {
-            println!("  oldest first failure     {}", printable(&o, 64));
+            lines.push(format!("  oldest first failure     {}", printable(&o, 64)));
         }
     }
-    Ok(())
+    lines
+        .iter()
+        .try_for_each(out_line)
+        .map_err(|e| stdout_error(e, "the DLQ is back, in order".into()))
 }
 
+/// The result of a pass's work and of its close, as one: the work's own error first (an
+/// interruption says more than the short pass it caused).
+pub fn ended<T>(work: Result<T, OpsError>, closed: Result<(), OpsError>) -> Result<T, OpsError> {
+    let value = work?;
+    closed?;
+    Ok(value)
+}
+
+/// One line on standard output. A closed stdout is an error the caller stops on, never a
+/// panic (`println!` panics on EPIPE).
+pub(crate) fn out_line(line: impl std::fmt::Display) -> std::io::Result<()> {
+    writeln!(std::io::stdout(), "{line}")
+}
+
+/// A failed write to standard output: a closed pipe is [`OpsError::StdoutClosed`].
+pub(crate) fn stdout_error(e: std::io::Error, done: String) -> OpsError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        OpsError::StdoutClosed { done }
+    } else {
+        OpsError::Output {
+            path: "standard output".into(),
+            source: e,
+        }
+    }
+}
+
+/// `dlq peek`: the first `limit` dead letters. A reader that closes standard output early
+/// (`| head`) ends the pass quietly, as it asked: the DLQ goes back in order, exit 0.
 pub async fn peek(
     settings: &Settings,
     limit: Option<usize>,
     as_json: bool,
 ) -> Result<(), OpsError> {
-    let mut reader = DlqReader::open(settings, limit).await?;
+    let mut reader = DlqReader::open(settings, "peek", limit).await?;
     let mut shown = 0;
     let result = loop {
         let l = match reader.next().await {
@@ -89,45 +122,55 @@ pub async fn peek(
             Err(e) => break Err(e),
         };
         shown += 1;
-        let j = l.to_json();
-        if as_json {
-            println!("{j}");
-            continue;
+        if let Err(e) = show(&l, as_json) {
+            break Err(stdout_error(e, reader.returned_in_order()));
         }
-        // Everything below comes from the message: escaped and bounded for the terminal.
-        let http = j["http_status"]
-            .as_u64()
-            .map_or_else(|| "-".to_owned(), |s| s.to_string());
-        let message_id = l
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map_or_else(|| "(none)".to_owned(), |m| printable(m.as_str(), 128));
-        println!(
-            "#{} kind={} http={http} attempts={} replays={} ext_id={} message_id={message_id} first_failed={}",
-            l.position,
-            printable(&l.kind, 64),
-            j["attempts"],
-            j["replay_count"],
-            shown_ext_id(l.ext_id.as_deref()),
-            printable(j["first_failed_at"].as_str().unwrap_or("-"), 64),
-        );
-        if let Some(m) = j["error_message"].as_str() {
-            println!("   reason: {}", printable(m, 400));
-        }
-        let body = j["body"]
-            .as_str()
-            .map_or_else(|| "(binary, see --json)".to_owned(), |b| printable(b, 300));
-        println!("   body:   {body}");
     };
     let total = reader.total_in_queue;
-    reader.close().await;
-    result?;
+    let closed = reader.close().await;
+    match ended(result, closed) {
+        Ok(()) => {}
+        Err(OpsError::StdoutClosed { .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    }
     if !as_json {
-        println!("({shown} shown of {total}; nothing was removed)");
+        let _ = out_line(format!("({shown} shown of {total}; nothing was removed)"));
     }
     Ok(())
+}
+
+/// One dead letter as `peek` shows it. Everything from the message is escaped and bounded
+/// for the terminal.
+fn show(l: &DeadLetter, as_json: bool) -> std::io::Result<()> {
+    let j = l.to_json();
+    if as_json {
+        return out_line(&j);
+    }
+    let http = j["http_status"]
+        .as_u64()
+        .map_or_else(|| "-".to_owned(), |s| s.to_string());
+    let message_id = l
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map_or_else(|| "(none)".to_owned(), |m| printable(m.as_str(), 128));
+    out_line(format_args!(
+        "#{} kind={} http={http} attempts={} replays={} ext_id={} message_id={message_id} first_failed={}",
+        l.position,
+        printable(&l.kind, 64),
+        j["attempts"],
+        j["replay_count"],
+        shown_ext_id(l.ext_id.as_deref()),
+        printable(j["first_failed_at"].as_str().unwrap_or("-"), 64),
+    ))?;
+    if let Some(m) = j["error_message"].as_str() {
+        out_line(format_args!("   reason: {}", printable(m, 400)))?;
+    }
+    let body = j["body"]
+        .as_str()
+        .map_or_else(|| "(binary, see --json)".to_owned(), |b| printable(b, 300));
+    out_line(format_args!("   body:   {body}"))
 }
 
 /// An ext id as the text output shows it: one spelling for a missing one, quotes for an
@@ -140,21 +183,41 @@ pub(crate) fn shown_ext_id(ext_id: Option<&str>) -> String {
     }
 }
 
-/// `dlq export --out FILE|-`: every dead letter as a JSON line, in queue order. A file is
-/// written to a new temporary file beside it (created exclusively, owner-only: dead letters
-/// hold personal data) and renamed over it when complete, so a half-written export never
-/// appears; only a regular file or a new path is accepted (never a device, a directory or
-/// a symbolic link). `-` writes to standard output.
+/// `dlq export --out FILE|-`: every dead letter as a JSON line, in queue order, into a new
+/// file (see [`ExportFile`]: never over an existing one) or, with `-`, standard output. A
+/// pass that did not see the whole DLQ writes no file and fails.
 pub async fn export(settings: &Settings, out: &Path) -> Result<(), OpsError> {
-    if out.as_os_str() == "-" {
+    let to_stdout = out.as_os_str() == "-";
+    if !to_stdout {
+        ExportFile::check_target(out)?;
+    }
+    let mut reader = DlqReader::open(settings, "export", None).await?;
+    let total = reader.total_in_queue;
+    if to_stdout {
         let mut stdout = std::io::BufWriter::new(std::io::stdout());
-        let (n, total) = write_pass(settings, &mut stdout, Path::new("standard output")).await?;
+        let written = write_pass(&mut reader, &mut stdout).await;
+        let written = written.map_err(|e| match e {
+            PassError::Read(e) => e,
+            PassError::Write(e) => stdout_error(e, reader.returned_in_order()),
+        });
+        let n = ended(written, reader.close().await)?;
         report_export(n, total, "standard output");
         return Ok(());
     }
-    let mut file = SafeFile::create(out)?;
-    match write_pass(settings, &mut file.writer, &file.tmp).await {
-        Ok((n, total)) => {
+    let mut file = match ExportFile::create(out) {
+        Ok(f) => f,
+        Err(e) => return ended(Err(e), reader.close().await),
+    };
+    let written = write_pass(&mut reader, &mut file.writer).await;
+    let written = written.map_err(|e| match e {
+        PassError::Read(e) => e,
+        PassError::Write(source) => OpsError::Output {
+            path: file.tmp.clone(),
+            source,
+        },
+    });
+    match ended(written, reader.close().await) {
+        Ok(n) => {
             file.finish()?;
             report_export(n, total, &out.display().to_string());
             Ok(())
@@ -166,145 +229,25 @@ pub async fn export(settings: &Settings, out: &Path) -> Result<(), OpsError> {
     }
 }
 
-/// A file written beside its target and renamed over it only when complete: created
-/// exclusively (never through a symbolic link), owner-only (dead letters hold personal
-/// data), synced before the rename; only a regular file or a new path is replaced.
-pub(crate) struct SafeFile {
-    pub writer: std::io::BufWriter<std::fs::File>,
-    pub tmp: std::path::PathBuf,
-    out: std::path::PathBuf,
+enum PassError {
+    Read(OpsError),
+    Write(std::io::Error),
 }
 
-impl SafeFile {
-    pub fn create(out: &Path) -> Result<SafeFile, OpsError> {
-        check_export_target(out)?;
-        let dir = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
-        };
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "export".to_owned());
-        let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            // create_new: O_EXCL, which also refuses to follow a symbolic link planted there.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|source| OpsError::Output {
-                    path: tmp.clone(),
-                    source,
-                })?
-        };
-        Ok(SafeFile {
-            writer: std::io::BufWriter::new(file),
-            tmp,
-            out: out.to_path_buf(),
-        })
+/// The pass written as JSON lines to `w`: how many were written.
+async fn write_pass(reader: &mut DlqReader, w: &mut impl Write) -> Result<usize, PassError> {
+    let mut n = 0;
+    while let Some(l) = reader.next().await.map_err(PassError::Read)? {
+        writeln!(w, "{}", l.to_json()).map_err(PassError::Write)?;
+        n += 1;
     }
-
-    /// Sync, then put it in place of the target.
-    pub fn finish(self) -> Result<(), OpsError> {
-        let SafeFile { writer, tmp, out } = self;
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| OpsError::Output { path, source }
-        };
-        let done = (|| {
-            let file = writer.into_inner().map_err(|e| OpsError::Output {
-                path: tmp.clone(),
-                source: e.into_error(),
-            })?;
-            file.sync_all().map_err(io(&tmp))?;
-            // What is there now must still be a regular file or nothing.
-            check_export_target(&out)?;
-            std::fs::rename(&tmp, &out).map_err(io(&out))
-        })();
-        if done.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        done
-    }
-
-    pub fn abort(self) {
-        let _ = std::fs::remove_file(&self.tmp);
-    }
-}
-
-/// Refuse an export target that exists and is not a regular file (a device, a directory,
-/// a socket, a symbolic link — not followed).
-fn check_export_target(out: &Path) -> Result<(), OpsError> {
-    match std::fs::symlink_metadata(out) {
-        Ok(meta) if meta.file_type().is_file() => Ok(()),
-        Ok(meta) => {
-            use std::os::unix::fs::FileTypeExt;
-            let t = meta.file_type();
-            let kind = if t.is_symlink() {
-                "a symbolic link"
-            } else if t.is_dir() {
-                "a directory"
-            } else if t.is_char_device() || t.is_block_device() {
-                "a device"
-            } else if t.is_fifo() {
-                "a named pipe"
-            } else if t.is_socket() {
-                "a socket"
-            } else {
-                "not a regular file"
-            };
-            Err(OpsError::BadArgument(format!(
-                "--out {}: is {kind}; export writes only to a regular file, a new path, or - (standard output)",
-                out.display()
-            )))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(OpsError::Output {
-            path: out.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-/// One pass written as JSON lines to `w`: (exported, what the DLQ held at the start).
-async fn write_pass(
-    settings: &Settings,
-    w: &mut impl Write,
-    path: &Path,
-) -> Result<(usize, u32), OpsError> {
-    let mut reader = DlqReader::open(settings, None).await?;
-    let io = |source| OpsError::Output {
-        path: path.to_path_buf(),
-        source,
-    };
-    let result = async {
-        let mut n = 0;
-        while let Some(l) = reader.next().await? {
-            writeln!(w, "{}", l.to_json()).map_err(io)?;
-            n += 1;
-        }
-        w.flush().map_err(io)?;
-        Ok(n)
-    }
-    .await;
-    let total = reader.total_in_queue;
-    reader.close().await;
-    result.map(|n| (n, total))
+    w.flush().map_err(PassError::Write)?;
+    Ok(n)
 }
 
 fn report_export(n: usize, total: u32, to: &str) {
-    if n < total as usize {
-        eprintln!(
-            "exported {n} of the {total} dead letters to {} (the DLQ changed during the export; nothing was removed)",
-            printable(to, 300)
-        );
-    } else {
-        eprintln!(
-            "exported {n} dead letters to {} (nothing was removed)",
-            printable(to, 300)
-        );
-    }
+    eprintln!(
+        "exported {n} of the {total} dead letters to {} (nothing was removed)",
+        printable(to, 300)
+    );
 }

@@ -1,18 +1,35 @@
 //! Reading the DLQ without losing or reordering it: a pass consumes *without acking* as
-//! many messages as the queue held when it started, then closes its channels, and the
-//! broker puts every unacked message back where it was.
+//! many messages as the queue held when it started, and the broker puts back every message
+//! not acked, in order, when the pass's channel closes.
 //!
-//! A pass always takes the *whole* queue, even to show one message: a quorum queue puts
-//! returned messages behind those returned before, so returning only the first few would
-//! move them behind the rest whenever the queue has been read before.
-//!
-//! Memory is bounded whatever the DLQ holds: the pass reads in windows of [`WINDOW`]
-//! messages (more for a very large DLQ, see [`MAX_WINDOWS`]), each on its own channel with
-//! a consumer of that prefetch, cancelled once its window is delivered — its messages stay
-//! unacked on that channel — and each message is dropped once handled. At the end the
-//! windows' channels are closed oldest first, so the broker puts the messages back in their
-//! order. (Windows as consumers of *one* channel would not do: a quorum queue returns the
-//! messages of a channel's consumers in no particular order.)
+//! Invariants:
+//! - **One pass at a time per queue.** A pass holds the exclusive queue `<queue>.lock` for
+//!   its whole life (the broker drops it with the connection, however the process ends).
+//!   Two passes at once would split the queue between them, and each would give its share
+//!   back on its own: the order would interleave. A second pass waits ([`LOCK_WAIT`], with
+//!   a message), then gives up without reading.
+//! - **The whole queue, every time.** A quorum queue puts returned messages behind those
+//!   returned before, so a pass that gave back only the first few would move them behind
+//!   the rest whenever the queue had been read before. A pass that stops early (a limit,
+//!   a signal, a closed stdout) still takes the rest, dropping it, before it closes.
+//! - **Bounded memory.** The pass reads in windows: consumers of [`WINDOW`] messages (more
+//!   for a large queue: at most [`MAX_WINDOWS`] of them), opened one after the other, each
+//!   cancelled once full. Its messages stay unacked on the broker; each is dropped in the
+//!   client once handled, so only one window is buffered.
+//! - **Order on every ending, SIGKILL included.** All windows are consumers of *one*
+//!   channel, named so that they sort in the order they were opened, and there are at most
+//!   32 of them. When the channel closes, or the connection dies with the process, the
+//!   queue returns a channel's consumers in that order (RabbitMQ 3.x sorts them by tag, 4.x
+//!   by the order they were created, each only while they are at most 32: an Erlang map of
+//!   up to 32 keys is ordered), and each consumer's messages in their order. The tests
+//!   check it on both versions, with SIGKILL. What a kill cannot keep is said in
+//!   `docs/operations.md`: a pass killed *before it read the whole queue* gives back what
+//!   it read behind what it had not read yet (a rotation, not a shuffle).
+//! - **A short pass says so.** If the queue ends before the count it started with (another
+//!   consumer took messages, the queue was deleted), [`DlqReader::close`] reports it and the
+//!   command exits non-zero.
+//! - **Signals.** SIGINT and SIGTERM stop the pass at the next message: [`DlqReader::next`]
+//!   returns [`OpsError::Interrupted`], and the caller closes the pass as usual.
 //!
 //! Every return counts as a delivery. The DLQ this version declares has a delivery limit
 //! no inspection reaches; one declared by an earlier version has none of its own, and
@@ -25,10 +42,13 @@ use std::time::Duration;
 use base64::Engine;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::amqp::headers::{self, header_string, header_u32};
 use crate::amqp::topology::{self, DeadLetterQueueState, Topology};
@@ -47,12 +67,10 @@ pub struct DeadLetter {
     /// from `x-death` (e.g. `broker:delivery_limit`).
     pub kind: String,
     pub delivery: Delivery,
-    /// The window (channel) it came on: its ack goes through [`DlqReader::ack`].
-    window: usize,
 }
 
 impl DeadLetter {
-    fn new(position: usize, delivery: Delivery, window: usize) -> DeadLetter {
+    fn new(position: usize, delivery: Delivery) -> DeadLetter {
         let h = delivery.properties.headers().as_ref();
         let kind = header_string(h, headers::X_ERROR_KIND)
             .or_else(|| broker_reason(h).map(|r| format!("broker:{r}")))
@@ -69,7 +87,6 @@ impl DeadLetter {
             ext_id,
             kind,
             delivery,
-            window,
         }
     }
 
@@ -140,44 +157,46 @@ fn broker_reason(h: Option<&FieldTable>) -> Option<String> {
 
 /// How many messages the broker sends ahead of the reader: what a pass holds in memory.
 pub const WINDOW: usize = 64;
-/// At most this many windows (channels) per pass; a larger DLQ gets larger windows. Far
-/// below RabbitMQ's default `channel_max` (2,047).
-pub const MAX_WINDOWS: usize = 1_000;
+/// At most this many windows per pass: a larger queue gets larger windows. The broker
+/// returns the consumers of one channel in a known order only up to 32 (module
+/// documentation).
+pub const MAX_WINDOWS: usize = 32;
+/// How long a pass waits for another one to end before giving up.
+pub const LOCK_WAIT: Duration = Duration::from_secs(60);
 
-/// One pass over the DLQ. Messages are consumed and never acked unless moved, so the
-/// broker keeps them; closing the reader puts back everything not acked, in its original
-/// order. (`basic.get` would avoid consumers, but quorum queues return messages taken that
-/// way behind the ones never taken: the order would change.) Each message is dropped,
-/// still unacked, once handled, so only the current window is buffered. The pass stops at
-/// the number of messages the queue held when it started, so newer arrivals are not read.
+/// One pass over the DLQ (module documentation). Messages are consumed and never acked
+/// unless moved, so the broker keeps them; closing the reader puts back everything not
+/// acked, in its original order. (`basic.get` would avoid consumers, but quorum queues
+/// return messages taken that way behind the ones never taken: the order would change.)
 pub struct DlqReader {
     pub total_in_queue: u32,
+    /// What the pass is for, in the words its messages use ("export", "discard", …).
+    purpose: &'static str,
     /// The whole pass: every message the queue held at the start.
     wanted: usize,
     /// How many of them [`DlqReader::next`] yields; the rest are read and dropped at close.
     shown: usize,
     read: usize,
+    acked: usize,
+    /// The queue ended before `wanted` (module documentation).
+    short: bool,
     queue: String,
     window_size: usize,
+    windows: usize,
+    /// Consumer tags are `<tag_prefix>-<nn>`: they sort in the order the windows open.
+    tag_prefix: String,
     window: Option<Window>,
-    /// The finished windows, oldest first, holding their unacked messages.
-    held: Vec<Held>,
-    /// Messages each window (by index) holds: delivered, not acked.
-    holding: Vec<usize>,
+    /// Every window's consumer lives on this channel: it holds the unacked messages.
+    pass: Channel,
     conn: Connection,
+    /// Confirm mode, for publishing during the pass.
     channel: Channel,
+    stop: CancellationToken,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
-/// A finished window: its channel keeps its messages until the pass closes.
-struct Held {
-    channel: Channel,
-    index: usize,
-}
-
-/// The consumer of the current window, on its own channel.
+/// The consumer of the current window.
 struct Window {
-    index: usize,
-    channel: Channel,
     consumer: lapin::Consumer,
     tag: String,
     /// Deliveries still to come before the window is full.
@@ -187,11 +206,15 @@ struct Window {
 }
 
 impl DlqReader {
-    /// Open a pass that yields at most `max` messages (all when `None`); it takes the whole
-    /// queue all the same (see the module documentation).
-    pub async fn open(settings: &Settings, max: Option<usize>) -> Result<DlqReader, OpsError> {
+    /// Open a pass over the DLQ that yields at most `max` messages (all when `None`); it
+    /// takes the whole queue all the same (module documentation).
+    pub async fn open(
+        settings: &Settings,
+        purpose: &'static str,
+        max: Option<usize>,
+    ) -> Result<DlqReader, OpsError> {
         let queue = settings.topology.dead_letter_queue.clone();
-        Self::open_queue(settings, &queue, max).await
+        Self::open_queue(settings, &queue, purpose, max).await
     }
 
     /// A pass over `queue` (the DLQ, or another queue read the same way, such as the
@@ -199,70 +222,115 @@ impl DlqReader {
     pub async fn open_queue(
         settings: &Settings,
         queue: &str,
+        purpose: &'static str,
         max: Option<usize>,
     ) -> Result<DlqReader, OpsError> {
-        let (conn, channel) = connect(settings, "dlq").await?;
-        let queue = queue.to_owned();
-        let total = crate::amqp::ready_count(&channel, &queue)
-            .await
-            .map_err(|source| OpsError::Topology {
-                what: format!("dead-letter queue {queue:?}"),
-                source,
-                hint: "",
-            })?;
-        // A no-op declare when the DLQ has this version's arguments.
-        if queue == settings.topology.dead_letter_queue {
-            match Topology::new(&settings.topology, &settings.retry.delays)
-                .dead_letter_queue_state(&conn)
-                .await?
-            {
-                DeadLetterQueueState::Current => {}
-                DeadLetterQueueState::Legacy(_) => {
-                    let _ = conn.close(200, ShortString::from("legacy dlq")).await;
-                    return Err(OpsError::LegacyDeadLetterQueue {
-                        advice: topology::legacy_dead_letter_queue_advice(&queue),
-                    });
-                }
-                // A user without `configure` cannot compare; reading is what it asked for.
-                DeadLetterQueueState::Unknown(why) => eprintln!(
-                    "warning: the arguments of {queue:?} could not be compared ({why}); if an earlier version declared it, reading it on RabbitMQ 4.x can cost dead letters: run `group-provisioner dlq migrate` with a user that may"
-                ),
-            }
-        }
-        let wanted = total as usize;
-        let channel_max = match conn.configuration().channel_max() {
-            0 => usize::from(u16::MAX),
-            n => usize::from(n),
+        // Installed before anything is held: from here on a signal stops the pass instead
+        // of ending the process.
+        let stop = CancellationToken::new();
+        let watcher = {
+            let stop = stop.clone();
+            let signal = crate::shutdown::listen();
+            tokio::spawn(async move {
+                signal.await;
+                stop.cancel();
+            })
         };
-        let max_windows = MAX_WINDOWS.min(channel_max.saturating_sub(8)).max(1);
+        let opened = Self::connect_and_lock(settings, queue, purpose, &stop).await;
+        let (conn, channel, total) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                watcher.abort();
+                return Err(e);
+            }
+        };
+        let wanted = total as usize;
+        let window_size = WINDOW.max(wanted.div_ceil(MAX_WINDOWS));
+        let pass = match conn.create_channel().await {
+            Ok(c) if window_size <= usize::from(u16::MAX) => c,
+            Ok(_) => {
+                watcher.abort();
+                let _ = conn.close(200, ShortString::from("too large")).await;
+                return Err(OpsError::BadArgument(format!(
+                    "{queue:?} holds {total} messages; a pass keeps the order of at most {} ({MAX_WINDOWS} windows of {}): move part of it elsewhere first",
+                    MAX_WINDOWS * usize::from(u16::MAX),
+                    u16::MAX
+                )));
+            }
+            Err(e) => {
+                watcher.abort();
+                return Err(e.into());
+            }
+        };
         Ok(DlqReader {
             total_in_queue: total,
+            purpose,
             wanted,
             shown: max.map_or(wanted, |m| m.min(wanted)),
             read: 0,
-            queue,
-            window_size: WINDOW.max(wanted.div_ceil(max_windows)),
+            acked: 0,
+            short: false,
+            queue: queue.to_owned(),
+            window_size,
+            windows: 0,
+            tag_prefix: format!(
+                "group-provisioner-pass-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            ),
             window: None,
-            held: Vec::new(),
-            holding: Vec::new(),
+            pass,
             conn,
             channel,
+            stop,
+            watcher,
         })
     }
 
-    /// A channel and a consumer that the broker sends at most `size` messages (they stay
-    /// unacked).
-    async fn open_window(&self, size: usize) -> Result<Window, OpsError> {
-        let size = size.min(usize::from(u16::MAX));
+    /// Connect, take the queue's lock, count it, check the DLQ's arguments.
+    async fn connect_and_lock(
+        settings: &Settings,
+        queue: &str,
+        purpose: &'static str,
+        stop: &CancellationToken,
+    ) -> Result<(Connection, Channel, u32), OpsError> {
+        let (conn, channel) = connect(settings, &format!("dlq {purpose}")).await?;
+        let counted = async {
+            take_lock(&conn, queue, stop).await?;
+            let total = crate::amqp::ready_count(&channel, queue)
+                .await
+                .map_err(|source| OpsError::Topology {
+                    what: format!("queue {queue:?}"),
+                    source,
+                    hint: "",
+                })?;
+            if queue == settings.topology.dead_letter_queue {
+                check_dead_letter_queue(settings, &conn, queue).await?;
+            }
+            Ok(total)
+        }
+        .await;
+        match counted {
+            Ok(total) => Ok((conn, channel, total)),
+            Err(e) => {
+                let _ = conn.close(200, ShortString::from("not read")).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A consumer that the broker sends at most `size` messages (they stay unacked), on
+    /// the pass's channel.
+    async fn open_window(&mut self, size: usize) -> Result<Window, OpsError> {
         let prefetch = u16::try_from(size).unwrap_or(u16::MAX);
-        let channel = self.conn.create_channel().await?;
-        // Per consumer (global QoS is refused by RabbitMQ 4.3 and unsupported by quorum
-        // queues).
-        channel
+        // Per consumer, for the consumers opened after it (global QoS is refused by
+        // RabbitMQ 4.3 and unsupported by quorum queues).
+        self.pass
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await?;
-        let tag = format!("group-provisioner-dlq-{}", uuid::Uuid::new_v4().simple());
-        let consumer = channel
+        let tag = format!("{}-{:02}", self.tag_prefix, self.windows);
+        self.windows += 1;
+        let consumer = self
+            .pass
             .basic_consume(
                 ShortString::from(self.queue.as_str()),
                 ShortString::from(tag.as_str()),
@@ -271,8 +339,6 @@ impl DlqReader {
             )
             .await?;
         Ok(Window {
-            index: self.holding.len(),
-            channel,
             consumer,
             tag,
             left: size,
@@ -281,7 +347,7 @@ impl DlqReader {
     }
 
     /// The confirm-mode channel for publishing during the pass (a message's ack goes
-    /// through its own window's channel: `delivery.ack`).
+    /// through the pass's channel: [`DlqReader::ack`]).
     pub fn channel(&self) -> &Channel {
         &self.channel
     }
@@ -291,35 +357,56 @@ impl DlqReader {
         self.shown.saturating_sub(self.read)
     }
 
-    /// The next dead letter of the pass, or `None` once `max` were yielded or at its end.
+    /// The next dead letter of the pass, or `None` once `max` were yielded or at its end;
+    /// [`OpsError::Interrupted`] once SIGINT or SIGTERM arrived.
     pub async fn next(&mut self) -> Result<Option<DeadLetter>, OpsError> {
+        if self.stop.is_cancelled() {
+            return Err(self.interrupted());
+        }
         if self.read >= self.shown {
             return Ok(None);
         }
-        self.take().await
+        let stop = self.stop.clone();
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => Err(self.interrupted()),
+            taken = self.take() => taken,
+        }
     }
 
-    /// The next message of the whole pass.
+    fn interrupted(&self) -> OpsError {
+        OpsError::Interrupted {
+            done: self.returned_in_order(),
+        }
+    }
+
+    /// What a stopped pass leaves behind, for its error message.
+    pub fn returned_in_order(&self) -> String {
+        match self.acked {
+            0 => "nothing was removed; every message goes back, in order".to_owned(),
+            n => format!("{n} were moved or removed; every other message goes back, in order"),
+        }
+    }
+
+    /// The next message of the whole pass. Cancel-safe: a delivery is counted only once it
+    /// is returned.
     async fn take(&mut self) -> Result<Option<DeadLetter>, OpsError> {
         loop {
-            if self.read >= self.wanted {
+            if self.read >= self.wanted || self.short {
                 return Ok(None);
             }
             let mut window = match self.window.take() {
                 Some(w) => w,
                 None => {
                     let left = self.wanted.saturating_sub(self.read);
-                    let w = self.open_window(self.window_size.min(left)).await?;
-                    self.holding.push(0);
-                    w
+                    self.open_window(self.window_size.min(left)).await?
                 }
             };
             if window.left == 0 && !window.cancelling {
                 // A full window: no more for this consumer. Its messages stay unacked with
                 // the pass; a message it still sends (after a move freed a slot) is read
                 // before the next window starts, so the order holds.
-                window
-                    .channel
+                self.pass
                     .basic_cancel(
                         ShortString::from(window.tag.as_str()),
                         BasicCancelOptions::default(),
@@ -327,26 +414,25 @@ impl DlqReader {
                     .await?;
                 window.cancelling = true;
             }
-            match tokio::time::timeout(BROKER_TIMEOUT, window.consumer.next()).await {
+            let next = tokio::time::timeout(BROKER_TIMEOUT, window.consumer.next()).await;
+            match next {
                 Ok(Some(Ok(delivery))) => {
                     window.left = window.left.saturating_sub(1);
-                    let index = window.index;
-                    if let Some(n) = self.holding.get_mut(index) {
-                        *n += 1;
-                    }
                     self.window = Some(window);
                     self.read += 1;
-                    return Ok(Some(DeadLetter::new(self.read, delivery, index)));
+                    return Ok(Some(DeadLetter::new(self.read, delivery)));
                 }
-                Ok(Some(Err(e))) => return Err(e.into()),
-                // The cancelled window is done: keep its channel (and messages), go on.
-                Ok(None) if window.cancelling => self.held.push(Held {
-                    channel: window.channel,
-                    index: window.index,
-                }),
-                // Someone else consumed meanwhile, or the queue is gone: the pass is what
-                // we got.
-                Ok(None) | Err(_) => return Ok(None),
+                Ok(Some(Err(e))) => {
+                    self.window = Some(window);
+                    return Err(e.into());
+                }
+                // The cancelled window is done (its messages stay with the channel): go on.
+                Ok(None) if window.cancelling => {}
+                // Someone else consumed meanwhile, or the queue is gone: the pass is short.
+                Ok(None) | Err(_) => {
+                    self.short = true;
+                    return Ok(None);
+                }
             }
         }
     }
@@ -357,25 +443,22 @@ impl DlqReader {
             .delivery
             .ack(lapin::options::BasicAckOptions::default())
             .await?;
-        if let Some(n) = self.holding.get_mut(letter.window) {
-            *n = n.saturating_sub(1);
-        }
+        self.acked += 1;
         Ok(())
     }
 
-    /// Return every unacked message to the queue, in order: the windows' channels are
-    /// closed oldest first, each only once the broker shows the previous one's messages
-    /// back (so a command run right after sees the whole DLQ, in order).
-    pub async fn close(mut self) {
+    /// Return every unacked message to the queue, in order, and wait until the broker shows
+    /// them back (so a command run right after sees the whole queue). An error if the pass
+    /// saw less than the queue held when it started ([`OpsError::Incomplete`]).
+    pub async fn close(mut self) -> Result<(), OpsError> {
         // Take the rest of the pass (dropping each message as it comes), so that the
-        // whole queue goes back in order.
+        // whole queue goes back in order; a signal no longer stops this.
         while let Ok(Some(_)) = self.take().await {}
-        // No consumer may be left: it would be sent the messages the first windows give
-        // back, out of turn.
+        // No consumer may be left: it would be sent the messages given back, out of turn.
         if let Some(mut w) = self.window.take() {
             if !w.cancelling {
-                let _ = w
-                    .channel
+                let _ = self
+                    .pass
                     .basic_cancel(
                         ShortString::from(w.tag.as_str()),
                         BasicCancelOptions::default(),
@@ -385,32 +468,35 @@ impl DlqReader {
             while let Ok(Some(Ok(_))) =
                 tokio::time::timeout(BROKER_TIMEOUT, w.consumer.next()).await
             {}
-            self.held.push(Held {
-                channel: w.channel,
-                index: w.index,
-            });
         }
-        // Oldest window first, each once the previous one's messages are back: the broker
-        // puts each channel's messages behind those returned before.
-        let mut ready = self.ready().await;
-        for held in std::mem::take(&mut self.held) {
-            let _ = held
-                .channel
-                .close(200, ShortString::from("dlq pass done"))
-                .await;
-            let returned = self.holding.get(held.index).copied().unwrap_or(0);
-            if let (Some(before), true) = (ready, returned > 0) {
-                ready = self.wait_ready(before + returned).await;
-            }
+        let held = self.read.saturating_sub(self.acked);
+        let before = self.ready().await;
+        let _ = self
+            .pass
+            .close(200, ShortString::from("dlq pass done"))
+            .await;
+        if let (Some(before), true) = (before, held > 0) {
+            self.wait_ready(before + held).await;
         }
         let _ = self
             .channel
             .close(200, ShortString::from("dlq pass done"))
             .await;
         let _ = self.conn.close(200, ShortString::from("done")).await;
+        self.watcher.abort();
+        if self.short {
+            return Err(OpsError::Incomplete {
+                queue: self.queue.clone(),
+                purpose: self.purpose,
+                seen: self.read,
+                total: self.wanted,
+                done: self.returned_in_order(),
+            });
+        }
+        Ok(())
     }
 
-    /// Messages ready in the DLQ now (`None`: cannot tell).
+    /// Messages ready in the queue now (`None`: cannot tell).
     async fn ready(&self) -> Option<usize> {
         crate::amqp::ready_count(&self.channel, &self.queue)
             .await
@@ -418,16 +504,106 @@ impl DlqReader {
             .map(|c| c as usize)
     }
 
-    /// Wait (a few seconds at most) until at least `expected` messages are ready; returns
-    /// what is ready then. Quorum queues take returned messages back asynchronously.
-    async fn wait_ready(&self, expected: usize) -> Option<usize> {
+    /// Wait (a few seconds at most) until at least `expected` messages are ready. Quorum
+    /// queues take returned messages back asynchronously.
+    async fn wait_ready(&self, expected: usize) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let ready = self.ready().await?;
+        while let Some(ready) = self.ready().await {
             if ready >= expected || tokio::time::Instant::now() > deadline {
-                return Some(ready);
+                return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Hold `<queue>.lock`, exclusive to this connection, waiting up to [`LOCK_WAIT`] for
+/// another pass to end. The broker deletes it when the connection closes, however the
+/// process ends, so a killed pass never leaves it behind.
+pub(super) async fn take_lock(
+    conn: &Connection,
+    queue: &str,
+    stop: &CancellationToken,
+) -> Result<(), OpsError> {
+    use lapin::protocol::AMQPSoftError;
+    let lock = format!("{queue}.lock");
+    let started = tokio::time::Instant::now();
+    let mut told = false;
+    loop {
+        // A refusal closes the channel: a new one per try.
+        let side = conn.create_channel().await?;
+        let declared = side
+            .queue_declare(
+                ShortString::from(lock.as_str()),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => {
+                let _ = side.close(200, ShortString::from("locked")).await;
+                return Ok(());
+            }
+            Err(e) if crate::amqp::is_soft(&e, AMQPSoftError::RESOURCELOCKED) => {}
+            Err(e) if crate::amqp::is_soft(&e, AMQPSoftError::ACCESSREFUSED) => {
+                return Err(OpsError::Topology {
+                    what: format!("lock queue {lock:?}"),
+                    source: e,
+                    hint: " (a pass holds this exclusive queue so that two passes never interleave: the user needs configure permission on that name)",
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if started.elapsed() >= LOCK_WAIT {
+            return Err(OpsError::Busy {
+                lock,
+                waited: LOCK_WAIT,
+            });
+        }
+        if !told {
+            eprintln!(
+                "waiting for another DLQ command to finish (it holds {}; at most {}s)",
+                printable(&lock, 300),
+                LOCK_WAIT.as_secs()
+            );
+            told = true;
+        }
+        tokio::select! {
+            () = stop.cancelled() => {
+                return Err(OpsError::Interrupted {
+                    done: "nothing was read".to_owned(),
+                });
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Refuse a DLQ declared by an earlier version (module documentation).
+async fn check_dead_letter_queue(
+    settings: &Settings,
+    conn: &Connection,
+    queue: &str,
+) -> Result<(), OpsError> {
+    // A no-op declare when the DLQ has this version's arguments.
+    match Topology::new(&settings.topology, &settings.retry.delays)
+        .dead_letter_queue_state(conn)
+        .await?
+    {
+        DeadLetterQueueState::Current => Ok(()),
+        DeadLetterQueueState::Legacy(_) => Err(OpsError::LegacyDeadLetterQueue {
+            advice: topology::legacy_dead_letter_queue_advice(queue),
+        }),
+        // A user without `configure` cannot compare; reading is what it asked for.
+        DeadLetterQueueState::Unknown(why) => {
+            eprintln!(
+                "warning: the arguments of {queue:?} could not be compared ({why}); if an earlier version declared it, reading it on RabbitMQ 4.x can cost dead letters: run `group-provisioner dlq migrate` with a user that may"
+            );
+            Ok(())
         }
     }
 }

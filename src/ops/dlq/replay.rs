@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Publisher;
 use crate::amqp::headers::{self, HeaderUpdate};
@@ -59,13 +58,11 @@ pub struct ReplaySummary {
     pub interrupted: bool,
 }
 
-/// Move matching dead letters back to the command exchange.
-pub async fn replay(
-    settings: &Settings,
-    filter: &ReplayFilter,
-    stop: CancellationToken,
-) -> Result<ReplaySummary, OpsError> {
-    let mut reader = DlqReader::open(settings, None).await?;
+/// Move matching dead letters back to the command exchange. SIGINT or SIGTERM ends it
+/// after the current message: the rest goes back, in order, and the summary says
+/// `interrupted`.
+pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<ReplaySummary, OpsError> {
+    let mut reader = DlqReader::open(settings, "replay", None).await?;
     let publisher = Publisher::new(reader.channel().clone());
     let topology = &settings.topology;
     let mut summary = ReplaySummary::default();
@@ -80,6 +77,12 @@ pub async fn replay(
         let letter = match reader.next().await {
             Ok(Some(l)) => l,
             Ok(None) => break,
+            Err(OpsError::Interrupted { .. }) => {
+                eprintln!("interrupted: the dead letters not yet moved go back, in order");
+                summary.interrupted = true;
+                summary.kept += reader.remaining();
+                break;
+            }
             Err(e) => {
                 result = Err(e);
                 break;
@@ -90,7 +93,7 @@ pub async fn replay(
             .as_deref()
             .is_none_or(|x| letter.ext_id.as_deref() == Some(x))
             && filter.kind.as_deref().is_none_or(|k| letter.kind == k);
-        if filter.limit.is_some_and(|l| summary.moved >= l) || stop.is_cancelled() {
+        if filter.limit.is_some_and(|l| summary.moved >= l) {
             // Done: this one and the rest of the pass stay where they are.
             summary.kept += 1 + reader.remaining();
             break;
@@ -111,8 +114,11 @@ pub async fn replay(
         }
         if filter.dry_run {
             summary.moved += 1;
-            if !filter.json {
-                println!("would replay {}", letter.describe());
+            if !filter.json
+                && let Err(e) = super::out_line(format_args!("would replay {}", letter.describe()))
+            {
+                result = Err(super::stdout_error(e, reader.returned_in_order()));
+                break;
             }
             continue;
         }
@@ -161,12 +167,11 @@ pub async fn replay(
             });
             break;
         }
-        println!("replayed {}", letter.describe());
+        // A closed stdout costs only the report of what was moved, never the pass.
+        let _ = super::out_line(format_args!("replayed {}", letter.describe()));
     }
-    summary.interrupted = stop.is_cancelled();
     // What was not moved goes back, in order.
-    reader.close().await;
-    result.map(|()| summary)
+    super::ended(result, reader.close().await).map(|()| summary)
 }
 
 /// The dead letter's properties for its return trip: a fresh start for attempts and retries,
@@ -216,19 +221,10 @@ pub async fn replay_command(
             "warning: an invalid_command dead letter holds the same bytes that failed: replayed, it fails again (fix the publisher and send a corrected command; `dlq discard` removes the old one)"
         );
     }
-    let stop = CancellationToken::new();
-    let on_signal = stop.clone();
-    let signal = crate::shutdown::listen();
-    let watcher = tokio::spawn(async move {
-        signal.await;
-        eprintln!("interrupted: finishing the current message, returning the rest");
-        on_signal.cancel();
-    });
-    let result = replay(settings, filter, stop).await;
-    watcher.abort();
+    let result = replay(settings, filter).await;
     let s = result?;
     if filter.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"dry_run": filter.dry_run, "moved": s.moved, "skipped": s.skipped, "kept": s.kept, "interrupted": s.interrupted})
         );
@@ -239,7 +235,7 @@ pub async fn replay_command(
     } else {
         "moved"
     };
-    println!(
+    outln!(
         "{verb} {}, skipped {} (replay limit), kept {} (not matching){}",
         s.moved,
         s.skipped,
