@@ -455,6 +455,37 @@ impl RedisStore {
         }
     }
 
+    /// An operator note `<prefix>:<name>` (the DLQ tools keep what a pass is doing there).
+    pub async fn note(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        conn.get(format!("{}:{name}", self.prefix))
+            .await
+            .map_err(store_err)
+    }
+
+    /// Write an operator note, kept `ttl` (for ever when `None`).
+    pub async fn set_note(
+        &self,
+        name: &str,
+        text: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}:{name}", self.prefix);
+        match ttl {
+            Some(ttl) => conn.pset_ex::<_, _, ()>(key, text, millis(ttl)).await,
+            None => conn.set::<_, _, ()>(key, text).await,
+        }
+        .map_err(store_err)
+    }
+
+    pub async fn delete_note(&self, name: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        conn.del::<_, ()>(format!("{}:{name}", self.prefix))
+            .await
+            .map_err(store_err)
+    }
+
     /// The last outcome kept under `key`; `None` when there is none or it cannot be read
     /// (a report only: an unreadable one is as good as none).
     pub async fn last_outcome(

@@ -83,6 +83,8 @@ pub async fn run(
         ..CheckReport::default()
     };
     report.line("config", Ok::<_, String>(config_source.to_owned()));
+    // Whether a DLQ pass runs now: a note of one that is not running means it was killed.
+    let mut pass_running = None;
 
     match super::connect_node(settings, "check").await {
         Err(e) => {
@@ -171,6 +173,7 @@ pub async fn run(
                 };
                 report.line("events", unrouted);
             }
+            pass_running = crate::ops::dlq::pass_running(&conn, &topology.dead_letter_queue).await;
             if let Some((holding, waiting)) =
                 crate::ops::dlq::interrupted_migration(&conn, &topology).await
             {
@@ -201,7 +204,14 @@ pub async fn run(
         },
         Err(e) => Err(e.to_string()),
     };
+    let redis_ok = redis.is_ok();
     report.line("redis", redis);
+    if let (Ok(store), true, Some(running)) = (&store, redis_ok, pass_running) {
+        let dlq = &settings.topology.dead_letter_queue;
+        if let Some(text) = crate::ops::dlq::marker::unfinished(store, dlq, running).await {
+            report.warn("dlq", text);
+        }
+    }
 
     let api = match &store {
         Ok(s) => match app::api_client(settings, s, &format!("{}/check", app::worker_id())) {

@@ -455,6 +455,15 @@ async fn a_killed_pass_loses_nothing_and_at_most_rotates_the_dlq() {
             (env.queue_depth(&dlq).await == n as u32).then_some(())
         })
         .await;
+        // The next pass says what the killed one may have done.
+        let o = cli(&env, &["dlq", "stats"], &[]).await;
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("a `dlq export` pass")
+                && stderr(&o).contains("now follow the others"),
+            "{}",
+            stderr(&o)
+        );
         let now = order(&env).await;
         assert!(
             is_rotation(&now, &expected),
@@ -463,6 +472,16 @@ async fn a_killed_pass_loses_nothing_and_at_most_rotates_the_dlq() {
         );
         expected = now;
     }
+    // And `check` reports it (a warning, not a failure).
+    let o = cli(&env, &["check"], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("WARN  dlq") && l.contains("ended without giving")),
+        "{}",
+        stdout(&o)
+    );
     env.cleanup().await;
 }
 

@@ -7,12 +7,14 @@
 //! - `discard.rs` — removing dead letters that will never succeed, after a copy;
 //! - `file.rs` — the export file: new, complete or absent, never over another file;
 //! - `kinds.rs` — the `--kind` and `--limit` values the tools accept;
+//! - `marker.rs` — what a pass that never ended did to the order, for the next one and `check`;
 //! - `notes.rs` — the last outcome of a replayed or discarded dead letter, for `status`.
 
 mod discard;
 mod file;
 mod json;
 pub mod kinds;
+pub mod marker;
 mod migrate;
 mod notes;
 mod reader;
@@ -34,7 +36,7 @@ pub use discard::{DiscardFilter, DiscardSummary, discard};
 pub(crate) use file::ExportFile;
 pub use json::amqp_to_json;
 pub use migrate::{Migration, interrupted_migration, migrate};
-pub use reader::{DeadLetter, DlqReader};
+pub use reader::{DeadLetter, DlqReader, pass_running};
 pub use replay::{ReplayFilter, ReplaySummary, replay, replay_command};
 
 pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {

@@ -57,6 +57,7 @@ use crate::ops::{BROKER_TIMEOUT, OpsError, connect};
 use crate::text::printable;
 
 use super::json::table_to_json;
+use super::marker::PassMarker;
 
 /// One dead letter as operators see it.
 #[derive(Debug)]
@@ -193,6 +194,7 @@ pub struct DlqReader {
     channel: Channel,
     stop: CancellationToken,
     watcher: tokio::task::JoinHandle<()>,
+    marker: PassMarker,
 }
 
 /// The consumer of the current window.
@@ -245,6 +247,7 @@ impl DlqReader {
             }
         };
         let wanted = total as usize;
+        let marker = PassMarker::begin(settings, queue, purpose, wanted).await;
         let window_size = WINDOW.max(wanted.div_ceil(MAX_WINDOWS));
         let pass = match conn.create_channel().await {
             Ok(c) if window_size <= usize::from(u16::MAX) => c,
@@ -283,6 +286,7 @@ impl DlqReader {
             channel,
             stop,
             watcher,
+            marker,
         })
     }
 
@@ -322,6 +326,10 @@ impl DlqReader {
     /// the pass's channel.
     async fn open_window(&mut self, size: usize) -> Result<Window, OpsError> {
         let prefetch = u16::try_from(size).unwrap_or(u16::MAX);
+        // Noted before the broker delivers: a kill from here on may rotate the queue
+        // unless the pass holds all of it (marker.rs).
+        let may_hold = (self.read + size).min(self.wanted.saturating_sub(1));
+        self.marker.holding(may_hold).await;
         // Per consumer, for the consumers opened after it (global QoS is refused by
         // RabbitMQ 4.3 and unsupported by quorum queues).
         self.pass
@@ -420,6 +428,9 @@ impl DlqReader {
                     window.left = window.left.saturating_sub(1);
                     self.window = Some(window);
                     self.read += 1;
+                    if self.read == self.wanted {
+                        self.marker.holding(self.wanted).await;
+                    }
                     return Ok(Some(DeadLetter::new(self.read, delivery)));
                 }
                 Ok(Some(Err(e))) => {
@@ -478,6 +489,7 @@ impl DlqReader {
         if let (Some(before), true) = (before, held > 0) {
             self.wait_ready(before + held).await;
         }
+        self.marker.end().await;
         let _ = self
             .channel
             .close(200, ShortString::from("dlq pass done"))
@@ -580,6 +592,31 @@ pub(super) async fn take_lock(
             }
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
+    }
+}
+
+/// Whether a pass over `queue` runs now (its lock queue exists); `None`: cannot tell.
+pub async fn pass_running(conn: &Connection, queue: &str) -> Option<bool> {
+    use lapin::protocol::AMQPSoftError;
+    let side = conn.create_channel().await.ok()?;
+    let declared = side
+        .queue_declare(
+            ShortString::from(format!("{queue}.lock").as_str()),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => {
+            let _ = side.close(200, ShortString::from("ok")).await;
+            Some(true)
+        }
+        Err(e) if crate::amqp::is_soft(&e, AMQPSoftError::RESOURCELOCKED) => Some(true),
+        Err(e) if crate::amqp::is_not_found(&e) => Some(false),
+        Err(_) => None,
     }
 }
 
