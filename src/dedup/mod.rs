@@ -69,7 +69,7 @@ pub struct ExtIdStatus {
 //   as about to be sent, as MARK_ATTEMPT would (`marked` = 1): the happy path's first POST
 //   needs no round trip of its own;
 // - `{'found', value}`: the value stored (any bytes). A created record makes ARGV[3] (this
-//   delivery as a duplicate) the last outcome in KEYS[2]; the prefix test is enough because
+//   delivery as a duplicate, with the record's org_unit_id) the last outcome in KEYS[2]; the prefix test is enough because
 //   the record is only ever written by this program, and a miss costs only that report;
 // - `{'type', t}` for a key of another type.
 const CLAIM: &str = r#"
@@ -91,7 +91,12 @@ end
 if t ~= 'string' then return {'type', t} end
 local v = redis.call('GET', KEYS[1])
 if string.sub(v, 1, 19) == '{"state":"created",' then
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+  -- The duplicate names the group: its id from the record (the first "org_unit_id", a
+  -- field name, never inside a JSON string where quotes are escaped).
+  local dup = ARGV[3]
+  local id = string.match(v, '"org_unit_id":(%-?%d+)')
+  if id then dup = (string.gsub(dup, '"org_unit_id":null', '"org_unit_id":' .. id, 1)) end
+  redis.call('SET', KEYS[2], dup, 'PX', ARGV[4])
 end
 return {'found', v}
 "#;
@@ -744,6 +749,10 @@ impl DedupStore for RedisStore {
             .await
             .map_err(store_err)?;
         Ok(raw.map(|bytes| parse_marker(&bytes, now)))
+    }
+
+    async fn outcome(&self, ext_id: &ExtId) -> Result<Option<LastOutcome>, StoreError> {
+        self.last_outcome(OutcomeKey::ExtId(ext_id)).await
     }
 
     async fn record_outcome(

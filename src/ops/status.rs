@@ -96,7 +96,18 @@ async fn by_ext_id(
             outln!("org_unit_id:   {}", r.org_unit_id);
             outln!("name:          {}", printable(&r.org_unit_name, 300));
             outln!("parent:        {}", r.org_unit_parent_id);
-            outln!("created_at:    {}", printable(&r.created_at, 64));
+            match &r.found_at {
+                None => outln!("created_at:    {}", printable(&r.created_at, 64)),
+                Some(found) if *found == r.created_at => outln!(
+                    "created_at:    at or before {} (its record was lost; a delivery found it existing by List then, and nothing kept the original time)",
+                    printable(found, 64)
+                ),
+                Some(found) => outln!(
+                    "created_at:    {} (its record was lost; found existing by List at {})",
+                    printable(&r.created_at, 64),
+                    printable(found, 64)
+                ),
+            }
             outln!(
                 "api_request:   {}",
                 printable(r.api_request_id.as_deref().unwrap_or("-"), 128)

@@ -303,7 +303,11 @@ impl DedupStore for FakeStore {
     async fn claim(&self, ext_id: &ExtId, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
         self.call(StoreOp::Claim, || match self.live(ext_id) {
             Some(Entry::Created { record, .. }) => {
-                self.put_outcome(OutcomeKey::ExtId(ext_id), request.duplicate);
+                let duplicate = LastOutcome {
+                    org_unit_id: Some(record.org_unit_id),
+                    ..request.duplicate.clone()
+                };
+                self.put_outcome(OutcomeKey::ExtId(ext_id), &duplicate);
                 Claim::Created(record)
             }
             Some(Entry::Claimed { owner, .. }) => Claim::HeldByOther { owner },
@@ -406,6 +410,14 @@ impl DedupStore for FakeStore {
 
     async fn attempt(&self, ext_id: &ExtId) -> Result<Option<AttemptMarker>, StoreError> {
         self.call(StoreOp::HasAttempt, || self.marker(ext_id))
+    }
+
+    async fn outcome(&self, ext_id: &ExtId) -> Result<Option<LastOutcome>, StoreError> {
+        self.call(StoreOp::Outcome, || {
+            lock(&self.outcomes)
+                .get(&outcome_key(OutcomeKey::ExtId(ext_id)))
+                .cloned()
+        })
     }
 
     async fn record_outcome(

@@ -114,9 +114,17 @@ impl LastOutcome {
     }
 
     /// The group existed before this delivery (written by the claim that finds it, which
-    /// does not know the org unit id yet: `status` takes it from the created record).
+    /// fills in the org unit id from the record it found).
     pub fn duplicate(msg: &Inbound, ext_id: &str) -> LastOutcome {
         LastOutcome::new("duplicate", msg, Some(ext_id), msg.attempts)
+    }
+
+    /// The group existed before this delivery, which found it by List.
+    pub fn found(msg: &Inbound, ext_id: &str, attempts: u32, org_unit_id: i64) -> LastOutcome {
+        LastOutcome {
+            org_unit_id: Some(org_unit_id),
+            ..LastOutcome::new("duplicate", msg, Some(ext_id), attempts)
+        }
     }
 
     /// A delivery settled as `outcome` after `decision`. `None` when the store already

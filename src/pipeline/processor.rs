@@ -402,21 +402,39 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             ),
             None => (command.name.clone(), command.parent_id),
         };
-        let record = CreatedRecord {
+        let now = crate::clock::now_rfc3339();
+        let mut record = CreatedRecord {
             org_unit_id: provisioned.org_unit_id,
-            created_at: crate::clock::now_rfc3339(),
+            created_at: now.clone(),
             api_request_id: provisioned.api_request_id.clone(),
             org_unit_name: name,
             org_unit_parent_id: parent,
             fingerprint: fingerprint(command),
             message_id: msg.message_id.clone(),
+            found_at: None,
         };
-        let outcome = LastOutcome::created(
-            msg,
-            command.ext_id.as_str(),
-            attempts,
-            provisioned.org_unit_id,
-        );
+        let outcome = if provisioned.duplicate {
+            // It existed before this delivery (its record was lost): keep when it was
+            // created, if an earlier outcome still says so, instead of "created now".
+            record.created_at = self
+                .original_creation(&command.ext_id, provisioned.org_unit_id)
+                .await
+                .unwrap_or_else(|| now.clone());
+            record.found_at = Some(now);
+            LastOutcome::found(
+                msg,
+                command.ext_id.as_str(),
+                attempts,
+                provisioned.org_unit_id,
+            )
+        } else {
+            LastOutcome::created(
+                msg,
+                command.ext_id.as_str(),
+                attempts,
+                provisioned.org_unit_id,
+            )
+        };
         let mut duplicate = provisioned.duplicate;
         let mut reported = record.clone();
         match self
@@ -451,6 +469,18 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             event.api_request_id = provisioned.api_request_id;
         }
         Decision::Created { event }
+    }
+
+    /// When `org_unit_id` was created, if the last outcome kept for `ext_id` still says it.
+    async fn original_creation(&self, ext_id: &ExtId, org_unit_id: i64) -> Option<String> {
+        match self.store.outcome(ext_id).await {
+            Ok(Some(last))
+                if last.outcome == "created" && last.org_unit_id == Some(org_unit_id) =>
+            {
+                Some(last.at)
+            }
+            _ => None,
+        }
     }
 
     fn next_tier(

@@ -34,6 +34,11 @@ pub struct CreatedRecord {
     /// The `message_id` of the command that created it, if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
+    /// When a delivery found the group already existing by List (its record was lost):
+    /// `created_at` is then the original time if an earlier outcome still said it, else
+    /// this same time (the group was created at or before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub found_at: Option<String>,
 }
 
 /// Under which name a last outcome is kept: the ext id, or — for an invalid command — its
@@ -201,6 +206,11 @@ pub trait DedupStore: Send + Sync {
         outcome: &LastOutcome,
         ttl: Duration,
     ) -> impl Future<Output = Result<RecordResult, StoreError>> + Send;
+    /// The last outcome kept for `ext_id` (`None`: none, or not readable). A report only.
+    fn outcome(
+        &self,
+        ext_id: &ExtId,
+    ) -> impl Future<Output = Result<Option<LastOutcome>, StoreError>> + Send;
     /// Keep `outcome` as the last outcome under `key` for `ttl` (a report only: nothing
     /// decides on it).
     fn record_outcome(

@@ -803,6 +803,7 @@ async fn a_group_created_after_another_was_recorded_is_an_orphan() {
         org_unit_parent_id: PARENT,
         fingerprint: Default::default(),
         message_id: None,
+        found_at: None,
     };
     let work = h.run(msg("LL-3"));
     let record = async {

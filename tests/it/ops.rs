@@ -1248,6 +1248,81 @@ async fn settled_status_json(env: &TestEnv, args: &[&str]) -> (Option<i32>, Valu
     .await
 }
 
+/// After a duplicate, `status` names the group; after a duplicate found by List (Redis lost
+/// the ext id's keys), it says duplicate and keeps the original creation time when an
+/// earlier outcome still has it, and says the time is unknown when nothing does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_after_a_duplicate_names_the_group_and_keeps_its_creation_time() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    let body = |ext: &str| json!({"org_unit_ext_id": ext, "org_unit_name": format!("Team {ext}"), "org_unit_parent_id": 1000});
+
+    // A re-send of a created ext id.
+    env.send(&body("DUP-A")).await;
+    let created = events.next(T).await;
+    let id = created.body["org_unit_id"].clone();
+    env.send(&body("DUP-A")).await;
+    assert_eq!(events.next(T).await.body["duplicate"], true);
+    let (_, st) = status_json(&env, &["DUP-A"]).await;
+    assert_eq!(st["last_outcome"]["outcome"], "duplicate", "{st}");
+    assert_eq!(st["last_outcome"]["org_unit_id"], id, "{st}");
+
+    // Redis lost the record and the attempt marker; the last outcome survived.
+    env.send(&body("DUP-B")).await;
+    let id = events.next(T).await.body["org_unit_id"].clone();
+    let (_, st) = status_json(&env, &["DUP-B"]).await;
+    let original = st["record"]["created_at"].clone();
+    assert!(original.is_string(), "{st}");
+    let mut redis = redis_conn().await;
+    let lose = |kinds: &'static [&'static str], ext: &'static str| {
+        let keys: Vec<String> = kinds
+            .iter()
+            .map(|k| format!("{}:{k}:{ext}", env.prefix))
+            .collect();
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(keys);
+        cmd
+    };
+    let _: i64 = lose(&["group", "attempt"], "DUP-B")
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    // Times have whole seconds: once the clock has passed the creation's second, a record
+    // that said "created now" would show.
+    wait_for("the clock to pass the creation second", T, || async {
+        (json!(group_provisioner::clock::now_rfc3339()) != original).then_some(())
+    })
+    .await;
+    env.send(&body("DUP-B")).await;
+    let again = events.next(T).await;
+    assert_eq!(again.body["duplicate"], true, "{}", again.body);
+    assert_eq!(again.body["org_unit_id"], id);
+    let (_, st) = status_json(&env, &["DUP-B"]).await;
+    assert_eq!(st["last_outcome"]["outcome"], "duplicate", "{st}");
+    assert_eq!(st["last_outcome"]["org_unit_id"], id, "{st}");
+    assert_eq!(st["record"]["created_at"], original, "{st}");
+    assert!(st["record"]["found_at"].is_string(), "{st}");
+    let text = stdout(&cli(&env, &["status", "DUP-B"], &[]).await);
+    assert!(text.contains("found existing by List at"), "{text}");
+
+    // Every key lost: the original time is unknown, and status says so.
+    let _: i64 = lose(&["group", "attempt", "outcome"], "DUP-B")
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    env.send(&body("DUP-B")).await;
+    assert_eq!(events.next(T).await.body["duplicate"], true);
+    let (_, st) = status_json(&env, &["DUP-B"]).await;
+    assert_eq!(st["last_outcome"]["outcome"], "duplicate", "{st}");
+    assert_eq!(st["record"]["created_at"], st["record"]["found_at"], "{st}");
+    let text = stdout(&cli(&env, &["status", "DUP-B"], &[]).await);
+    assert!(text.contains("created_at:    at or before"), "{text}");
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
     let mut env = TestEnv::new().await;
