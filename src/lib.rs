@@ -34,6 +34,7 @@ pub mod config;
 pub mod contract;
 pub mod convirza;
 pub mod dedup;
+pub mod fatal;
 pub mod hash;
 pub mod http;
 pub mod id;

@@ -7,7 +7,8 @@
 //!   `provisioner_deferrals_total{reason}`, `provisioner_in_flight`,
 //!   `provisioner_circuit_open`, `provisioner_dedup_hits_total`,
 //!   `provisioner_dead_letters_total{kind}`, `provisioner_orphaned_groups_total`,
-//!   `provisioner_http_connections_shed_total`, `provisioner_build_info{version}`;
+//!   `provisioner_http_connections_shed_total`, `provisioner_log_lines_dropped_total
+//!   {reason}`, `provisioner_build_info{version}`;
 //! - label values come from closed, typed sets (outcomes, failure kinds, deferral
 //!   reasons, operations, HTTP status codes), so cardinality stays bounded, and every
 //!   value of a closed set is exported from the start (at 0), so alerts see the series
@@ -79,6 +80,12 @@ struct ReasonLabels {
     reason: DeferReason,
 }
 
+/// Why log lines were lost (`telemetry::lines_lost`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LogLossLabels {
+    reason: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
     operation: Operation,
@@ -109,6 +116,7 @@ pub struct Metrics {
     dedup_hits: Counter,
     orphans: Counter,
     http_shed: Counter,
+    log_lines_dropped: Family<LogLossLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     circuit_open: Gauge<i64, AtomicI64>,
     unrouted_events: Gauge<i64, AtomicI64>,
@@ -133,6 +141,7 @@ impl Metrics {
             dedup_hits: Counter::default(),
             orphans: Counter::default(),
             http_shed: Counter::default(),
+            log_lines_dropped: Family::default(),
             in_flight: Gauge::default(),
             circuit_open: Gauge::default(),
             unrouted_events: Gauge::default(),
@@ -208,7 +217,15 @@ impl Metrics {
             "Messages dead-lettered by the worker, by failure kind",
             m.dead_letters.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines lost: stalled (stdout not read fast enough; dropped, not waited for) or write_error (stdout refused them)",
+            m.log_lines_dropped.clone(),
+        );
         // Create every series of the closed sets now, so they are exported at 0.
+        for reason in ["stalled", "write_error"] {
+            drop(m.log_lines_dropped.get_or_create(&LogLossLabels { reason }));
+        }
         for outcome in Outcome::ALL {
             drop(m.commands.get_or_create(&OutcomeLabels { outcome }));
         }
@@ -241,6 +258,13 @@ impl Metrics {
     /// The OpenMetrics text exposition, with the circuit's state as of now.
     pub fn render(&self, circuit_open: bool) -> String {
         self.circuit_open.set(i64::from(circuit_open));
+        let (stalled, write_error) = crate::telemetry::lines_lost();
+        for (reason, seen) in [("stalled", stalled), ("write_error", write_error)] {
+            let counter = self
+                .log_lines_dropped
+                .get_or_create(&LogLossLabels { reason });
+            counter.inc_by(seen.saturating_sub(counter.get()));
+        }
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

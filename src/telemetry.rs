@@ -12,8 +12,8 @@
 
 use std::fmt;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, Once, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -23,6 +23,7 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Event, Metadata, Subscriber};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::Registry;
@@ -36,28 +37,15 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::{LogFormat, LogSettings};
 
 pub fn init(settings: &LogSettings) {
-    static PANIC_HOOK: Once = Once::new();
-    PANIC_HOOK.call_once(|| {
-        // A panic's own report (on stderr) comes after every line logged before it.
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            // Only the main thread's panic ends the process; one in a task is caught by the
-            // runtime, and its thread must not wait here for a stalled log reader.
-            if std::thread::current().name() == Some("main") {
-                STDOUT.flush_from_panic();
-            }
-            previous(info);
-        }));
-    });
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = match settings.format {
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter(&settings.level))
-            .with(JsonLines::new(&STDOUT))
+            .with(JsonLines::new(stdout_writer(settings.queue_lines)))
             .try_init(),
         LogFormat::Pretty => tracing_subscriber::registry()
             .with(filter(&settings.level))
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
+            .with(tracing_subscriber::fmt::layer().with_writer(stdout_writer(settings.queue_lines)))
             .try_init(),
     };
 }
@@ -126,120 +114,103 @@ fn bare_level(level: &str) -> Option<LevelFilter> {
         .flatten()
 }
 
-/// Write out every log line still held back (at exit; the worker's `main` calls it, and so
-/// does a panic).
+/// Log lines go to stdout through `tracing-appender`'s non-blocking writer: a queue of
+/// `log.queue_lines` lines that its own thread writes out, a batch per `write(2)` (one
+/// `write(2)` per line was a measurable share of the worker's CPU per command).
+///
+/// Invariants:
+/// - **logging never waits for stdout.** A reader that falls behind (a stalled log shipper,
+///   a FIFO nobody reads) fills the queue, and past it lines are *dropped*, not waited for:
+///   commands and `/healthz` go on. Each dropped line is counted
+///   (`provisioner_log_lines_dropped_total{reason="stalled"}`);
+/// - **a line that cannot be written is counted, never silent.** A closed pipe, `/dev/full`
+///   or any other write error costs the lines of that batch, counted with
+///   `reason="write_error"`; a line cut off part-way costs only itself (the next batch
+///   starts on a new line);
+/// - both are said on stderr, at most once every [`REPORT_EVERY`], by a thread of their own
+///   (a stderr that blocks stops only that thread);
+/// - [`flush`] at exit writes what is queued, waiting at most [`FLUSH_WAIT`].
+fn stdout_writer(queue_lines: usize) -> NonBlocking {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(queue_lines)
+        .thread_name("log-writer")
+        .finish(StdoutSink::default());
+    let _ = STALLED.set(writer.error_counter());
+    *lock(&GUARD) = Some(guard);
+    REPORTER.call_once(|| {
+        // Best effort: without it the counts are still in the metric.
+        let _ = std::thread::Builder::new()
+            .name("log-report".into())
+            .stack_size(256 << 10)
+            .spawn(report_drops);
+    });
+    writer
+}
+
+/// How often, at most, lost log lines are reported on stderr.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How long [`flush`] waits for the queue to be written out.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+/// The sink writes out when this much is gathered, even while lines keep coming.
+const MAX_BATCH: usize = 1 << 20;
+
+static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static STALLED: OnceLock<ErrorCounter> = OnceLock::new();
+static WRITE_FAILED: AtomicU64 = AtomicU64::new(0);
+static LAST_WRITE_ERROR: Mutex<Option<String>> = Mutex::new(None);
+static REPORTER: Once = Once::new();
+
+/// Log lines lost so far: (dropped because stdout was not read fast enough, lost to a
+/// write error). For the metric `provisioner_log_lines_dropped_total`.
+pub fn lines_lost() -> (u64, u64) {
+    let stalled = STALLED
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX));
+    (stalled, WRITE_FAILED.load(Ordering::Relaxed))
+}
+
+/// Write out every log line still queued (at exit), waiting at most [`FLUSH_WAIT`]: the
+/// writer's own shutdown may block on a stdout nobody reads.
 pub fn flush() {
-    STDOUT.flush();
-}
-
-/// The worker's log lines on their way to stdout.
-static STDOUT: BatchedStdout = BatchedStdout::new();
-
-/// Log lines are appended to a buffer that one thread writes to stdout a batch at a time,
-/// [`BATCH_WINDOW`] after the first line of the batch.
-///
-/// Why: one `write(2)` per line was a measurable share of the worker's CPU per command,
-/// and a log reader that falls behind blocked the task that logged, on a runtime thread.
-///
-/// Invariants: the lines of one task leave in the order it logged them, and never
-/// interleave with others; what is gathered is bounded by [`MAX_PENDING`], besides the
-/// batch being written (past it, the line that overflows waits for that batch and writes
-/// the backlog out itself, in order); [`flush`] at exit and on a panic of the main thread
-/// writes the rest, so only a `SIGKILL` can cost lines: those of its last window, or what
-/// a stalled reader had not taken yet.
-struct BatchedStdout {
-    pending: Mutex<Vec<u8>>,
-    /// Held while a batch is written: a batch taken later is written later.
-    writing: Mutex<()>,
-    ready: Condvar,
-    started: Once,
-    /// Whether the writer thread runs (if it could not be started, each line is written by
-    /// the task that logs it, as before).
-    threaded: AtomicBool,
-}
-
-/// How long the writer waits after the first line of a batch for more lines.
-const BATCH_WINDOW: Duration = Duration::from_millis(2);
-/// At most this many bytes are gathered.
-const MAX_PENDING: usize = 1 << 20;
-/// The writer's buffer keeps this much capacity between batches.
-const KEEP_CAPACITY: usize = 64 << 10;
-
-impl BatchedStdout {
-    const fn new() -> Self {
-        BatchedStdout {
-            pending: Mutex::new(Vec::new()),
-            writing: Mutex::new(()),
-            ready: Condvar::new(),
-            started: Once::new(),
-            threaded: AtomicBool::new(false),
-        }
-    }
-
-    fn append(&'static self, line: &[u8]) {
-        self.started.call_once(|| {
-            let spawned = std::thread::Builder::new()
-                .name("log-writer".into())
-                .spawn(move || self.run());
-            self.threaded.store(spawned.is_ok(), Ordering::Release);
+    let Some(guard) = lock(&GUARD).take() else {
+        return;
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let flushed = std::thread::Builder::new()
+        .name("log-flush".into())
+        .stack_size(256 << 10)
+        .spawn(move || {
+            drop(guard);
+            let _ = done_tx.send(());
         });
-        let mut pending = lock(&self.pending);
-        if pending.len() + line.len() <= MAX_PENDING && self.threaded.load(Ordering::Acquire) {
-            let first = pending.is_empty();
-            pending.extend_from_slice(line);
-            if first {
-                self.ready.notify_one();
-            }
-            return;
+    if flushed.is_ok() {
+        let _ = done_rx.recv_timeout(FLUSH_WAIT);
+    }
+}
+
+/// Say on stderr, at a bounded rate, that log lines were lost (see [`stdout_writer`]).
+fn report_drops() {
+    let mut reported = (0, 0);
+    loop {
+        std::thread::sleep(REPORT_EVERY);
+        let (stalled, failed) = lines_lost();
+        if stalled > reported.0 {
+            eprintln!(
+                "log: {} lines dropped in the last {}s because stdout is not read fast enough ({stalled} in all); commands go on",
+                stalled - reported.0,
+                REPORT_EVERY.as_secs()
+            );
         }
-        // The writer is behind (stdout blocks): write the backlog and this line now.
-        drop(pending);
-        self.write_pending(&mut Vec::new(), line);
-    }
-
-    fn run(&self) {
-        let mut batch = Vec::new();
-        loop {
-            {
-                let mut pending = lock(&self.pending);
-                while pending.is_empty() {
-                    pending = self.ready.wait(pending).unwrap_or_else(|p| p.into_inner());
-                }
-            }
-            std::thread::sleep(BATCH_WINDOW);
-            self.write_pending(&mut batch, &[]);
+        if failed > reported.1 {
+            let why = lock(&LAST_WRITE_ERROR).clone().unwrap_or_default();
+            eprintln!(
+                "log: {} lines could not be written to stdout in the last {}s ({why}; {failed} in all); commands go on",
+                failed - reported.1,
+                REPORT_EVERY.as_secs()
+            );
         }
-    }
-
-    /// Write what is pending, then `line`; `batch` is a buffer to reuse.
-    fn write_pending(&self, batch: &mut Vec<u8>, line: &[u8]) {
-        let _writing = lock(&self.writing);
-        std::mem::swap(batch, &mut *lock(&self.pending));
-        batch.extend_from_slice(line);
-        write_out(batch);
-        batch.clear();
-        // After a burst, give the memory back rather than hold a megabyte for good.
-        batch.shrink_to(KEEP_CAPACITY);
-    }
-
-    fn flush(&self) {
-        self.write_pending(&mut Vec::new(), &[]);
-    }
-
-    /// [`Self::flush`] from a panic hook. It waits a little for the writer to finish a
-    /// batch, but never blocks: the panicking thread may hold one of the locks itself.
-    fn flush_from_panic(&self) {
-        for _ in 0..50 {
-            if let Ok(_writing) = self.writing.try_lock() {
-                if let Ok(mut pending) = self.pending.try_lock() {
-                    let batch = std::mem::take(&mut *pending);
-                    drop(pending);
-                    write_out(&batch);
-                }
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        reported = (stalled, failed);
     }
 }
 
@@ -247,67 +218,73 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Set when a write failed part-way: the next batch starts on a new line, so a line cut
-/// off costs only itself, not the one after it.
-static CUT_OFF: AtomicBool = AtomicBool::new(false);
-
-/// Write a batch to stdout. A non-blocking stdout that is full is waited for (only the
-/// writer thread, or an overflowing logger, waits); any other error drops the batch, as a
-/// full disk would, with nowhere to report it.
-fn write_out(bytes: &[u8]) {
-    if bytes.is_empty() {
-        return;
-    }
-    let mut out = std::io::stdout().lock();
-    if CUT_OFF.load(Ordering::Relaxed) {
-        if unwritten(&mut out, b"\n") > 0 {
-            return;
-        }
-        CUT_OFF.store(false, Ordering::Relaxed);
-    }
-    let left = unwritten(&mut out, bytes);
-    if left > 0 && left < bytes.len() {
-        CUT_OFF.store(true, Ordering::Relaxed);
-    }
-    let _ = out.flush();
+/// The writer thread's end: lines gathered, written out a batch at a time (see
+/// [`stdout_writer`]).
+#[derive(Default)]
+struct StdoutSink {
+    batch: Vec<u8>,
+    /// A write failed part-way: the next batch starts on a new line.
+    cut_off: bool,
 }
 
-/// Write `bytes`, waiting out a full non-blocking stdout; how many bytes could not be
-/// written.
-fn unwritten(out: &mut impl Write, bytes: &[u8]) -> usize {
+impl StdoutSink {
+    fn write_out(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let mut result = Ok(());
+        if self.cut_off {
+            result = write_fully(&mut out, b"\n").map_err(|(_, why)| (self.batch.len(), why));
+        }
+        if result.is_ok() {
+            self.cut_off = false;
+            result = write_fully(&mut out, &self.batch);
+        }
+        let _ = out.flush();
+        if let Err((left, why)) = result {
+            // Every line not written out whole is lost; one cut part-way costs only itself.
+            let from = self.batch.len().saturating_sub(left);
+            self.cut_off = from > 0 && left > 0;
+            let lost = self.batch[from..].iter().filter(|b| **b == b'\n').count();
+            WRITE_FAILED.fetch_add(lost as u64, Ordering::Relaxed);
+            *lock(&LAST_WRITE_ERROR) = Some(why);
+        }
+        self.batch.clear();
+        // After a burst, give the memory back rather than hold a megabyte for good.
+        self.batch.shrink_to(64 << 10);
+    }
+}
+
+/// Write all of `bytes`, waiting out a full non-blocking stdout; on failure, how many
+/// bytes were left and why.
+fn write_fully(out: &mut impl Write, bytes: &[u8]) -> Result<(), (usize, String)> {
     let mut rest = bytes;
     while !rest.is_empty() {
         match out.write(rest) {
-            Ok(0) => break,
+            Ok(0) => return Err((rest.len(), "stdout took nothing".to_owned())),
             Ok(n) => rest = &rest[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            Err(_) => break,
+            Err(e) => return Err((rest.len(), e.to_string())),
         }
     }
-    rest.len()
+    Ok(())
 }
 
-impl<'a> MakeWriter<'a> for &'static BatchedStdout {
-    type Writer = LineWriter;
-
-    fn make_writer(&'a self) -> LineWriter {
-        LineWriter(self)
-    }
-}
-
-/// One [`JsonLines`] line (it writes each line with one `write_all`).
-struct LineWriter(&'static BatchedStdout);
-
-impl Write for LineWriter {
+impl Write for StdoutSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.append(buf);
+        self.batch.extend_from_slice(buf);
+        if self.batch.len() >= MAX_BATCH {
+            self.write_out();
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
+        self.write_out();
         Ok(())
     }
 }

@@ -7,6 +7,7 @@
 //! - values from outside that must fit an AMQP short string are cut to 255 bytes at a
 //!   character boundary instead of panicking.
 
+pub mod deep;
 pub mod headers;
 pub mod publisher;
 pub mod topology;
@@ -16,12 +17,27 @@ use lapin::{Connection, ConnectionProperties};
 
 pub use publisher::{PublishError, PublishProbe, Publisher};
 
-/// Stack for every thread of the binary. The AMQP client parses header tables recursively
-/// on its I/O thread, and one frame can nest them as deep as its size allows (about 21,000
-/// tables or 26,000 arrays in RabbitMQ's default 128 KiB frame). A hostile header must
-/// cost its own message, not abort the process — and then every restart, since it is
-/// redelivered. Only the pages a thread touches are committed.
-pub const THREAD_STACK_BYTES: usize = 256 << 20;
+/// Stack for the threads spawned without a size of their own, the broker client's I/O
+/// thread among them: it parses header tables recursively, and one frame can nest them as
+/// deep as its size allows (about 21,000 tables or 26,000 arrays in RabbitMQ's default
+/// 128 KiB frame). A hostile header must cost its own message, not abort the process — and
+/// then every restart, since it is redelivered. Only the pages a thread touches are
+/// committed; the address space it reserves is what `ulimit -v` counts. Everything after
+/// the parse works on shallow headers (`deep.rs`), so the runtime's threads need only
+/// [`RUNTIME_STACK_BYTES`]. A release build parses the deepest 128 KiB frame in under
+/// 64 MiB; a debug build (the tests) takes several times that.
+pub const THREAD_STACK_BYTES: usize = if cfg!(debug_assertions) {
+    256 << 20
+} else {
+    128 << 20
+};
+
+/// Stack for each of the async runtime's threads (workers and blocking pool).
+pub const RUNTIME_STACK_BYTES: usize = 4 << 20;
+
+/// At most this many blocking-pool threads (DNS lookups): the default, 512, would reserve
+/// 2 GiB of stacks if a burst ever asked for them.
+pub const MAX_BLOCKING_THREADS: usize = 16;
 
 /// Measured on the release build: the most deeply nested headers a frame can hold take at
 /// most this many bytes of stack per byte of frame to parse (under 64 MiB for 128 KiB).
@@ -46,6 +62,31 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
 /// [`connect`] with `amqp.tls`: a private CA is trusted beside the system's roots, and a
 /// client certificate is offered for mutual TLS (`amqps://` only).
 pub async fn connect_tls(
+    url: &str,
+    name: &str,
+    tls: &crate::config::TlsSettings,
+) -> Result<Connection, lapin::Error> {
+    let connected = connect_inner(url, name, tls).await;
+    if let Err(e) = &connected {
+        refused_thread(e);
+    }
+    connected
+}
+
+/// The client starts a thread per connection. The OS refusing it (EAGAIN: `ulimit -v` or
+/// the thread limit reached) is no broker fault to retry for ever: the process stops with
+/// one line (`crate::fatal`).
+fn refused_thread(e: &lapin::Error) {
+    if let lapin::ErrorKind::IOError(io) = e.kind()
+        && io.raw_os_error() == Some(libc::EAGAIN)
+    {
+        crate::fatal::exit(&format!(
+            "cannot start the broker client's thread ({io}): the address space or thread limit is too small; see docs/deployment.md, \"Resource limits\""
+        ));
+    }
+}
+
+async fn connect_inner(
     url: &str,
     name: &str,
     tls: &crate::config::TlsSettings,

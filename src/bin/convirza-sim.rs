@@ -92,6 +92,7 @@ async fn main() -> std::io::Result<()> {
     group_provisioner::telemetry::init(&group_provisioner::config::LogSettings {
         format,
         level: "info".into(),
+        queue_lines: 8192,
     });
     let config = SimConfig {
         listen: args.listen,

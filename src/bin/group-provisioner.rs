@@ -3,14 +3,17 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use group_provisioner::amqp::THREAD_STACK_BYTES;
+use group_provisioner::amqp::{MAX_BLOCKING_THREADS, RUNTIME_STACK_BYTES, THREAD_STACK_BYTES};
 use group_provisioner::cli::{self, Cli, Command};
 use group_provisioner::telemetry;
 
 fn main() -> ExitCode {
-    // Before any thread exists, so that every thread spawned later (the broker client's
-    // I/O thread among them) gets this stack size: deeply nested headers are parsed, copied
-    // and dropped recursively (see `THREAD_STACK_BYTES`).
+    // First: from here on a panic outside one delivery's work, or a thread that cannot be
+    // started, ends the process in one line instead of leaving it half alive.
+    group_provisioner::fatal::install();
+    // Before any thread exists, so that threads spawned without a size of their own (the
+    // broker client's I/O thread among them) get this stack: deeply nested headers are
+    // parsed recursively there (see `THREAD_STACK_BYTES`).
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         // SAFETY: single-threaded here; nothing reads the environment concurrently.
         unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK_BYTES.to_string()) };
@@ -21,16 +24,17 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+    // Worker threads: one per core unless TOKIO_WORKER_THREADS says otherwise.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_stack_size(THREAD_STACK_BYTES)
+        .thread_stack_size(RUNTIME_STACK_BYTES)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => group_provisioner::fatal::exit(&format!(
+            "cannot start the async runtime ({e}): see docs/deployment.md, \"Resource limits\""
+        )),
     };
     let code = runtime.block_on(async_main());
     // Tasks still running (a lost session's, past the drain) may log as they are dropped.

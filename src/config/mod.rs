@@ -358,6 +358,8 @@ pub enum LogFormat {
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
+    /// Lines held for a slow stdout before lines are dropped.
+    pub queue_lines: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -213,6 +213,7 @@ struct RawMetrics {
 struct RawLog {
     format: LogFormat,
     level: String,
+    queue_lines: i64,
 }
 
 #[derive(Deserialize)]
@@ -576,6 +577,7 @@ impl Raw {
         let log = LogSettings {
             format: self.log.format,
             level,
+            queue_lines: in_range("log.queue_lines", self.log.queue_lines, 1, 1_000_000)?,
         };
         let topology = self.topology.into_settings()?;
         for tier in &retry.delays {

@@ -75,6 +75,8 @@ pub(crate) struct Links {
 
 /// Process one delivery end to end.
 pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Delivery) {
+    // Before anything recurses on its headers (amqp::deep).
+    let delivery = crate::amqp::deep::shallow(delivery);
     let Links {
         publisher,
         consume,

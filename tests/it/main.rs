@@ -15,6 +15,8 @@ mod guarantees;
 mod helpers;
 mod hostile;
 mod layout;
+mod limits;
+mod logs;
 mod ops;
 mod passes;
 mod pipeline;

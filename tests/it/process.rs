@@ -60,6 +60,20 @@ impl WorkerProcess {
         WorkerProcess::start(cmd, extra_env)
     }
 
+    /// The worker with its address space limited to `kib` KiB (`ulimit -v`), as in a
+    /// container with a memory limit enforced that way.
+    pub fn spawn_with_address_space(
+        env: &TestEnv,
+        extra_env: &[(&str, &str)],
+        kib: u64,
+    ) -> WorkerProcess {
+        let mut cmd = env.command("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -v {kib} && exec \"$0\" run"))
+            .arg(BIN);
+        WorkerProcess::start(cmd, extra_env)
+    }
+
     /// The worker with its stdout connected to a pipe nobody reads yet (a stuck log
     /// shipper); the returned end starts the reading when the test wants.
     pub fn spawn_unread(env: &TestEnv) -> (tokio::process::Child, tokio::process::ChildStdout) {

@@ -6,7 +6,8 @@
 //! holding queue, which is then deleted once empty.
 //!
 //! Invariants:
-//! - a copy keeps every header but `CC`/`BCC` (which would route it to other queues), and
+//! - a copy keeps every header but `CC`/`BCC` (which would route it to other queues) and
+//!   those nested deeper than `amqp::deep::MAX_DEPTH` (named in `x-dropped-headers`), and
 //!   keeps `expiration`/`user_id` only as headers (see `headers::republishable`);
 //! - a dead letter is acked where it was only after its copy is confirmed where it goes
 //!   (published mandatory), so a crash at any point loses nothing (at worst one message is
@@ -159,7 +160,8 @@ async fn move_all(channel: &Channel, from: &str, to: &str) -> Result<u64, OpsErr
         .basic_get(ShortString::from(from), BasicGetOptions { no_ack: false })
         .await?
     {
-        let d = &message.delivery;
+        // Headers nested too deep to copy here are left out and named (amqp::deep).
+        let d = &crate::amqp::deep::shallow(message.delivery);
         // Mandatory: a copy that reaches no queue is an error, and the original stays.
         publisher
             .publish("", to, &d.data, headers::republishable(&d.properties), true)

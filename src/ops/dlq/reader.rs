@@ -72,6 +72,8 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     fn new(position: usize, delivery: Delivery) -> DeadLetter {
+        // Before anything recurses on its headers (amqp::deep).
+        let delivery = crate::amqp::deep::shallow(delivery);
         let h = delivery.properties.headers().as_ref();
         let kind = header_string(h, headers::X_ERROR_KIND)
             .or_else(|| broker_reason(h).map(|r| format!("broker:{r}")))
