@@ -13,7 +13,17 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+
+/// Set once `main` has its exit code: what library threads do while the process ends
+/// (the broker client's thread winding down without a runtime) changes nothing.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// The process is ending with the code it has: later panics of other threads are ignored.
+pub fn exiting() {
+    EXITING.store(true, Ordering::SeqCst);
+}
 
 thread_local! {
     /// Set while a delivery's work is being polled on this thread.
@@ -32,6 +42,9 @@ pub fn exit(what: &str) -> ! {
 pub fn install() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if EXITING.load(Ordering::SeqCst) {
+            return;
+        }
         let message = info
             .payload()
             .downcast_ref::<&str>()

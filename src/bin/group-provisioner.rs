@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         )),
     };
     let code = runtime.block_on(async_main());
+    group_provisioner::fatal::exiting();
     // Tasks still running (a lost session's, past the drain) may log as they are dropped.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     // Log lines are written in batches: the last ones go out before the process ends.
