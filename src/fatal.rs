@@ -51,8 +51,10 @@ pub fn install() {
             .map(|s| (*s).to_owned())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "panic".to_owned());
-        // tokio's words when the OS refuses a thread ("OS can't spawn worker thread").
-        let no_thread = message.contains("can't spawn");
+        // A thread the OS refused: tokio says "OS can't spawn worker thread", other
+        // libraries "failed to spawn …" or unwrap the OS error (EAGAIN).
+        let no_thread =
+            message.contains("spawn") || message.contains("Resource temporarily unavailable");
         if IN_DELIVERY.with(Cell::get) && !no_thread {
             default(info);
             return;

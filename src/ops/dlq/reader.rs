@@ -376,12 +376,7 @@ impl DlqReader {
         if self.read >= self.shown {
             return Ok(None);
         }
-        let stop = self.stop.clone();
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => Err(self.interrupted()),
-            taken = self.take() => taken,
-        }
+        self.take(true).await
     }
 
     fn interrupted(&self) -> OpsError {
@@ -398,49 +393,56 @@ impl DlqReader {
         }
     }
 
-    /// The next message of the whole pass. Cancel-safe: a delivery is counted only once it
-    /// is returned.
-    async fn take(&mut self) -> Result<Option<DeadLetter>, OpsError> {
+    /// The next message of the whole pass. With `interruptible`, a signal ends the wait
+    /// for it — only there, where giving up loses nothing (the window stays with the pass).
+    async fn take(&mut self, interruptible: bool) -> Result<Option<DeadLetter>, OpsError> {
         loop {
             if self.read >= self.wanted || self.short {
                 return Ok(None);
             }
-            let mut window = match self.window.take() {
-                Some(w) => w,
-                None => {
-                    let left = self.wanted.saturating_sub(self.read);
-                    self.open_window(self.window_size.min(left)).await?
-                }
+            if self.window.is_none() {
+                let left = self.wanted.saturating_sub(self.read);
+                let window = self.open_window(self.window_size.min(left)).await?;
+                self.window = Some(window);
+            }
+            let DlqReader {
+                window: Some(window),
+                pass,
+                stop,
+                ..
+            } = self
+            else {
+                continue;
             };
             if window.left == 0 && !window.cancelling {
                 // A full window: no more for this consumer. Its messages stay unacked with
                 // the pass; a message it still sends (after a move freed a slot) is read
                 // before the next window starts, so the order holds.
-                self.pass
-                    .basic_cancel(
-                        ShortString::from(window.tag.as_str()),
-                        BasicCancelOptions::default(),
-                    )
-                    .await?;
+                pass.basic_cancel(
+                    ShortString::from(window.tag.as_str()),
+                    BasicCancelOptions::default(),
+                )
+                .await?;
                 window.cancelling = true;
             }
-            let next = tokio::time::timeout(BROKER_TIMEOUT, window.consumer.next()).await;
+            let stop = stop.clone();
+            let next = tokio::select! {
+                biased;
+                () = stop.cancelled(), if interruptible => return Err(self.interrupted()),
+                next = tokio::time::timeout(BROKER_TIMEOUT, window.consumer.next()) => next,
+            };
             match next {
                 Ok(Some(Ok(delivery))) => {
                     window.left = window.left.saturating_sub(1);
-                    self.window = Some(window);
                     self.read += 1;
                     if self.read == self.wanted {
                         self.marker.holding(self.wanted).await;
                     }
                     return Ok(Some(DeadLetter::new(self.read, delivery)));
                 }
-                Ok(Some(Err(e))) => {
-                    self.window = Some(window);
-                    return Err(e.into());
-                }
+                Ok(Some(Err(e))) => return Err(e.into()),
                 // The cancelled window is done (its messages stay with the channel): go on.
-                Ok(None) if window.cancelling => {}
+                Ok(None) if window.cancelling => self.window = None,
                 // Someone else consumed meanwhile, or the queue is gone: the pass is short.
                 Ok(None) | Err(_) => {
                     self.short = true;
@@ -466,7 +468,7 @@ impl DlqReader {
     pub async fn close(mut self) -> Result<(), OpsError> {
         // Take the rest of the pass (dropping each message as it comes), so that the
         // whole queue goes back in order; a signal no longer stops this.
-        while let Ok(Some(_)) = self.take().await {}
+        while let Ok(Some(_)) = self.take(false).await {}
         // No consumer may be left: it would be sent the messages given back, out of turn.
         if let Some(mut w) = self.window.take() {
             if !w.cancelling {
