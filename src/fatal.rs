@@ -1,9 +1,9 @@
 //! A process that cannot go on ends at once, in one line: never half alive.
 //!
 //! Invariants (once [`install`] ran, as the binary does first thing):
-//! - a panic inside one delivery's work costs only that delivery: the runtime catches it,
-//!   the broker delivers the message again, and its delivery limit dead-letters it in the
-//!   end (see [`DeliveryWork`]);
+//! - a panic inside one delivery's work costs only that delivery: the delivery goes back to
+//!   the queue at once, the broker delivers it again, and its delivery limit dead-letters it
+//!   in the end (see [`DeliveryWork`]);
 //! - any other panic — a thread or the runtime that cannot start, the session or the HTTP
 //!   endpoint failing — ends the process with `fatal: <what>` on stderr and exit code 1,
 //!   so that its supervisor (Kubernetes, systemd) restarts it or says why it cannot;
@@ -51,15 +51,20 @@ pub fn install() {
             .map(|s| (*s).to_owned())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "panic".to_owned());
+        let thread = std::thread::current();
+        // Flushing the log at exit: tracing-appender may print (and panic on a closed
+        // stdout) while it shuts down; the exit under way says what matters.
+        if thread.name() == Some(crate::telemetry::FLUSH_THREAD) {
+            return;
+        }
         // A thread the OS refused: tokio says "OS can't spawn worker thread", other
-        // libraries "failed to spawn …" or unwrap the OS error (EAGAIN).
-        let no_thread =
-            message.contains("spawn") || message.contains("Resource temporarily unavailable");
+        // libraries "failed to spawn …"; some unwrap the OS error (EAGAIN).
+        let no_thread = message.contains("spawn");
         if IN_DELIVERY.with(Cell::get) && !no_thread {
             default(info);
             return;
         }
-        let thread = std::thread::current();
+        let no_thread = no_thread || message.contains("Resource temporarily unavailable");
         let place = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
@@ -78,19 +83,26 @@ pub fn install() {
 
 pin_project_lite::pin_project! {
     /// One delivery's work: a panic in it is that delivery's alone (module documentation).
-    pub struct DeliveryWork<F> {
+    /// `on_panic` runs once if it panics (the worker sends the delivery back to the queue,
+    /// so that it does not hold a prefetch slot until the channel closes); the panic then
+    /// goes on to the runtime as before.
+    pub struct DeliveryWork<F, P> {
         #[pin]
         work: F,
+        on_panic: Option<P>,
     }
 }
 
-impl<F> DeliveryWork<F> {
-    pub fn new(work: F) -> DeliveryWork<F> {
-        DeliveryWork { work }
+impl<F, P> DeliveryWork<F, P> {
+    pub fn new(work: F, on_panic: P) -> DeliveryWork<F, P> {
+        DeliveryWork {
+            work,
+            on_panic: Some(on_panic),
+        }
     }
 }
 
-impl<F: Future> Future for DeliveryWork<F> {
+impl<F: Future, P: FnOnce()> Future for DeliveryWork<F, P> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -101,7 +113,20 @@ impl<F: Future> Future for DeliveryWork<F> {
                 IN_DELIVERY.with(|c| c.set(was));
             }
         }
-        let _reset = Reset(IN_DELIVERY.with(|c| c.replace(true)));
-        self.project().work.poll(cx)
+        let this = self.project();
+        let polled = {
+            let _reset = Reset(IN_DELIVERY.with(|c| c.replace(true)));
+            let work = this.work;
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.poll(cx)))
+        };
+        match polled {
+            Ok(poll) => poll,
+            Err(panic) => {
+                if let Some(on_panic) = this.on_panic.take() {
+                    on_panic();
+                }
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 }

@@ -148,6 +148,8 @@ fn stdout_writer(queue_lines: usize) -> NonBlocking {
     writer
 }
 
+/// The thread that flushes the log at exit (`crate::fatal` lets it panic quietly).
+pub const FLUSH_THREAD: &str = "log-flush";
 /// How often, at most, lost log lines are reported on stderr.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How long [`flush`] waits for the queue to be written out.
@@ -178,7 +180,7 @@ pub fn flush() {
     };
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let flushed = std::thread::Builder::new()
-        .name("log-flush".into())
+        .name(FLUSH_THREAD.into())
         .stack_size(256 << 10)
         .spawn(move || {
             drop(guard);
@@ -244,8 +246,9 @@ impl StdoutSink {
         let _ = out.flush();
         if let Err((left, why)) = result {
             // Every line not written out whole is lost; one cut part-way costs only itself.
+            // (If even the newline owed to a line cut off before failed, it is still owed.)
             let from = self.batch.len().saturating_sub(left);
-            self.cut_off = from > 0 && left > 0;
+            self.cut_off = self.cut_off || (from > 0 && left > 0);
             let lost = self.batch[from..].iter().filter(|b| **b == b'\n').count();
             WRITE_FAILED.fetch_add(lost as u64, Ordering::Relaxed);
             *lock(&LAST_WRITE_ERROR) = Some(why);

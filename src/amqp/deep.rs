@@ -85,7 +85,11 @@ fn shallow_properties(properties: &BasicProperties) -> Option<BasicProperties> {
             .collect(),
         _ => Vec::new(),
     };
-    dropped.extend(deep.iter().map(|k| k.as_str().to_owned()));
+    for name in &deep {
+        if !dropped.iter().any(|d| d == name.as_str()) {
+            dropped.push(name.as_str().to_owned());
+        }
+    }
     kept.insert(
         ShortString::from(X_DROPPED_HEADERS),
         AMQPValue::LongString(LongString::from(dropped.join(", "))),

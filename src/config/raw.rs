@@ -471,6 +471,21 @@ fn name(key: &str, value: &str) -> Result<String, ConfigError> {
     Ok(trimmed.to_owned())
 }
 
+/// `value` if `value` + `suffix` is still an AMQP name (the tools derive such names).
+fn with_room(value: String, key: &str, suffix: &str) -> Result<String, ConfigError> {
+    if value.len() + suffix.len() > 255 {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "is {} bytes; at most {} (the tools name queues after it, adding {suffix:?})",
+                value.len(),
+                255 - suffix.len()
+            ),
+        ));
+    }
+    Ok(value)
+}
+
 fn nonempty(value: Option<String>) -> Option<String> {
     value.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
@@ -819,9 +834,18 @@ impl RawTopology {
                 "topology.dead_letter_exchange",
                 &self.dead_letter_exchange,
             )?,
-            dead_letter_queue: name("topology.dead_letter_queue", &self.dead_letter_queue)?,
+            // Room for the names the tools derive: `<dlq>.migrating`, `<queue>.lock`.
+            dead_letter_queue: with_room(
+                name("topology.dead_letter_queue", &self.dead_letter_queue)?,
+                "topology.dead_letter_queue",
+                ".migrating",
+            )?,
             event_exchange: name("topology.event_exchange", &self.event_exchange)?,
-            unrouted_events: name("topology.unrouted_events", &self.unrouted_events)?,
+            unrouted_events: with_room(
+                name("topology.unrouted_events", &self.unrouted_events)?,
+                "topology.unrouted_events",
+                ".lock",
+            )?,
             created_routing_key: name("topology.created_routing_key", &self.created_routing_key)?,
             failed_routing_key: name("topology.failed_routing_key", &self.failed_routing_key)?,
             delivery_limit: in_range("topology.delivery_limit", self.delivery_limit, 1, 1_000_000)?,

@@ -283,12 +283,28 @@ fn bad_values_name_the_key_and_value() {
         ),
         ("[foo]\nx = 1\n", "foo", "unknown key"),
         (
+            "[log]\nqueue_lines = 0\n",
+            "log.queue_lines",
+            "out of range",
+        ),
+        ("[foo]\nx = 1\n", "foo", "unknown key"),
+        (
             "[amqp]\nperfetch = 1\n",
             "amqp.perfetch",
             "unknown key (did you mean amqp.prefetch?)",
         ),
     ];
-    for (toml, key, reason) in cases {
+    let long_dlq = format!("[topology]\ndead_letter_queue = \"{}\"\n", "q".repeat(250));
+    let cases: Vec<(&str, &str, &str)> = cases
+        .iter()
+        .copied()
+        .chain([(
+            long_dlq.as_str(),
+            "topology.dead_letter_queue",
+            "at most 245",
+        )])
+        .collect();
+    for (toml, key, reason) in &cases {
         let e = err(toml);
         assert_eq!(e.key, *key, "for {toml:?}: {e}");
         assert!(e.reason.contains(reason), "for {toml:?}: got {e}");

@@ -83,8 +83,9 @@ pub async fn run(
         ..CheckReport::default()
     };
     report.line("config", Ok::<_, String>(config_source.to_owned()));
-    // Whether a DLQ pass runs now: a note of one that is not running means it was killed.
-    let mut pass_running = None;
+    // Whether a pass over the DLQ / the unrouted events runs now: a note of one that is not
+    // running means it was killed.
+    let mut pass_running = (None, None);
 
     match super::connect_node(settings, "check").await {
         Err(e) => {
@@ -167,13 +168,19 @@ pub async fn run(
                     ))
                 } else {
                     Err(format!(
-                        "{waiting} events nobody is bound for wait in {}: bind a queue to {} for both routing keys, then run `group-provisioner events replay-unrouted`",
-                        topology.unrouted_events, topology.event_exchange
+                        "{} nobody is bound for {} in {}: bind a queue to {} for both routing keys, then run `group-provisioner events replay-unrouted`",
+                        crate::text::count(u64::from(waiting), "event", "events"),
+                        if waiting == 1 { "waits" } else { "wait" },
+                        topology.unrouted_events,
+                        topology.event_exchange
                     ))
                 };
                 report.line("events", unrouted);
             }
-            pass_running = crate::ops::dlq::pass_running(&conn, &topology.dead_letter_queue).await;
+            pass_running = (
+                crate::ops::dlq::pass_running(&conn, &topology.dead_letter_queue).await,
+                crate::ops::dlq::pass_running(&conn, &topology.unrouted_events).await,
+            );
             if let Some((holding, waiting)) =
                 crate::ops::dlq::interrupted_migration(&conn, &topology).await
             {
@@ -206,10 +213,16 @@ pub async fn run(
     };
     let redis_ok = redis.is_ok();
     report.line("redis", redis);
-    if let (Ok(store), true, Some(running)) = (&store, redis_ok, pass_running) {
-        let dlq = &settings.topology.dead_letter_queue;
-        if let Some(text) = crate::ops::dlq::marker::unfinished(store, dlq, running).await {
-            report.warn("dlq", text);
+    if let (Ok(store), true) = (&store, redis_ok) {
+        let topology = &settings.topology;
+        for (item, queue, running) in [
+            ("dlq", &topology.dead_letter_queue, pass_running.0),
+            ("events", &topology.unrouted_events, pass_running.1),
+        ] {
+            let Some(running) = running else { continue };
+            if let Some(text) = crate::ops::dlq::marker::unfinished(store, queue, running).await {
+                report.warn(item, text);
+            }
         }
     }
 

@@ -130,6 +130,25 @@ pub enum OpsError {
     },
 }
 
+/// The operator command's stop signal: cancelled by the first SIGINT or SIGTERM of the
+/// process, and never reset, so a signal between two passes (a discard's export and its
+/// removal) is still seen by the second. The handlers are installed at the first call.
+pub fn stop() -> tokio_util::sync::CancellationToken {
+    static STOP: std::sync::OnceLock<tokio_util::sync::CancellationToken> =
+        std::sync::OnceLock::new();
+    STOP.get_or_init(|| {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cancel = stop.clone();
+        let signal = crate::shutdown::listen();
+        tokio::spawn(async move {
+            signal.await;
+            cancel.cancel();
+        });
+        stop
+    })
+    .clone()
+}
+
 /// Messages ready in `queue`, or `None` if it does not exist.
 pub async fn queue_depth(conn: &Connection, queue: &str) -> Result<Option<u32>, OpsError> {
     Ok(queue_counts(conn, queue).await?.map(|(ready, _)| ready))

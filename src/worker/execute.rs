@@ -73,6 +73,27 @@ pub(crate) struct Links {
     pub broken: CancellationToken,
 }
 
+/// [`handle`] as a task of its own: a panic in it costs only this delivery, which goes
+/// back to the queue at once (`crate::fatal`). A delivery already settled is not touched
+/// again: its acker is spent.
+pub(crate) fn guarded(
+    shared: Arc<Shared>,
+    links: Arc<Links>,
+    delivery: Delivery,
+) -> impl std::future::Future<Output = ()> + Send {
+    let acker = delivery.acker.clone();
+    let give_back = move || {
+        tokio::spawn(async move {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            let _ = acker.nack(requeue).await;
+        });
+    };
+    crate::fatal::DeliveryWork::new(handle(shared, links, delivery), give_back)
+}
+
 /// Process one delivery end to end.
 pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Delivery) {
     // Before anything recurses on its headers (amqp::deep).

@@ -25,8 +25,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::fatal::DeliveryWork;
-
 use crate::amqp::{self, PublishError, Publisher, topology::Topology};
 use crate::pipeline::{ApiError, CircuitState, DedupStore, GroupApi, StoreError};
 use crate::retry::RetryPolicy;
@@ -215,7 +213,7 @@ async fn session(
                     cancel_consumer(&consume_channel, &tag).await;
                     // Deliveries already sent to us: each finds the circuit open and parks.
                     let held = drain_held(&mut consumer, |d| {
-                        tracker.spawn(DeliveryWork::new(execute::handle(shared.clone(), links.clone(), d)));
+                        tracker.spawn(execute::guarded(shared.clone(), links.clone(), d));
                     })
                     .await;
                     tracing::info!(held, "consumer cancelled while the circuit is open");
@@ -223,7 +221,7 @@ async fn session(
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        tracker.spawn(DeliveryWork::new(execute::handle(shared.clone(), links.clone(), delivery)));
+                        tracker.spawn(execute::guarded(shared.clone(), links.clone(), delivery));
                     }
                     Some(Err(e)) => break 'session Err(SessionError::Consume(e.into())),
                     None => break 'session Err(SessionError::Cancelled),

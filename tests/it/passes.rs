@@ -542,9 +542,17 @@ async fn exports_never_replace_a_file_and_leave_no_temporary_file() {
 
     // A temporary file a killed export left is removed by the next export there; one that
     // a live export still writes (it holds its lock) is kept.
-    let stale = dir.join(format!(".old.jsonl.{}.tmp", "0".repeat(32)));
+    use std::os::unix::fs::PermissionsExt;
+    let stale = dir.join(format!(".old.jsonl.gp-export-{}.tmp", "0".repeat(32)));
     std::fs::write(&stale, "{\"phone_number\":\"+15550100\"}\n").expect("stale");
-    let live = dir.join(format!(".live.jsonl.{}.tmp", "1".repeat(32)));
+    // One an earlier version left (no mark; owner-only JSON lines), and another tool's
+    // file of the same shape, which is not ours to remove.
+    let earlier = dir.join(format!(".older.jsonl.{}.tmp", "2".repeat(32)));
+    std::fs::write(&earlier, "{\"ext_id\":\"X\"}\n").expect("earlier");
+    std::fs::set_permissions(&earlier, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let foreign = dir.join(format!(".notes.{}.tmp", "3".repeat(32)));
+    std::fs::write(&foreign, "draft").expect("foreign");
+    let live = dir.join(format!(".live.jsonl.gp-export-{}.tmp", "1".repeat(32)));
     let live_file = std::fs::File::create(&live).expect("live");
     live_file.try_lock().expect("lock");
     let o = cli(
@@ -560,6 +568,11 @@ async fn exports_never_replace_a_file_and_leave_no_temporary_file() {
     .await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!stale.exists(), "a stale temporary file stayed");
+    assert!(
+        !earlier.exists(),
+        "an earlier version's stale temporary file stayed"
+    );
+    assert!(foreign.exists(), "another tool's file was removed");
     assert!(live.exists(), "a live export's temporary file was removed");
     drop(live_file);
 

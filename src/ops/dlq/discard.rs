@@ -88,17 +88,27 @@ impl DiscardFilter {
     }
 }
 
+/// Headers the broker adds or changes each time it delivers a message.
+pub(super) const DELIVERY_COUNTS: [&str; 2] = ["x-delivery-count", "x-acquired-count"];
+
 /// What makes a dead letter the same one in two passes: its JSON form without what the
-/// passes themselves change (its position, the broker's delivery count), with every
+/// passes themselves change (its position, the broker's delivery counts), with every
 /// object's keys in one order (removing a key may reorder the others, and the broker adds
 /// `x-delivery-count` only from the second reading on).
 fn identity(letter: &DeadLetter) -> String {
-    let mut j = letter.to_json();
+    identity_of(letter.to_json())
+}
+
+fn identity_of(mut j: serde_json::Value) -> String {
     if let Some(o) = j.as_object_mut() {
         o.remove("position");
     }
     if let Some(h) = j.get_mut("headers").and_then(|h| h.as_object_mut()) {
-        h.remove("x-delivery-count");
+        // The broker's own counts of this letter's deliveries (RabbitMQ 4.3 adds
+        // `x-acquired-count` too).
+        for count in DELIVERY_COUNTS {
+            h.remove(count);
+        }
     }
     canonical(&j)
 }
@@ -274,4 +284,24 @@ async fn remove_matching(
     };
     summary.kept += reader.remaining();
     super::ended(result, reader.close().await).map(|()| summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_letter_is_the_same_whatever_the_key_order_and_delivery_counts() {
+        // As read the first time (no count yet), and later, with the broker's counts and
+        // the headers in another order.
+        let first = json!({"position": 1, "ext_id": "X", "headers": {"x-attempts": 1, "x-error-kind": "rejected", "x-last-failed-at": "t"}});
+        let later = json!({"ext_id": "X", "position": 7, "headers": {"x-last-failed-at": "t", "x-delivery-count": 3, "x-acquired-count": 3, "x-error-kind": "rejected", "x-attempts": 1}});
+        assert_eq!(identity_of(first), identity_of(later));
+        let other = json!({"ext_id": "Y", "headers": {"x-attempts": 1}});
+        assert_ne!(
+            identity_of(other),
+            identity_of(json!({"ext_id": "X", "headers": {"x-attempts": 1}}))
+        );
+    }
 }

@@ -75,21 +75,29 @@ impl ExportFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "export".to_owned());
-        let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        let io = |source| OpsError::Output {
-            path: tmp.clone(),
-            source,
+        let id = uuid::Uuid::new_v4().simple();
+        // Created and locked under a name no cleanup looks at, then renamed to the one it
+        // does: a stale-file sweep can never take a file before its writer locked it.
+        let fresh = dir.join(format!(".{name}.{id}.new"));
+        let tmp = dir.join(format!(".{name}.{TMP_MARK}{id}.tmp"));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpsError::Output { path, source }
         };
         // create_new: O_EXCL, which also refuses to follow a symbolic link planted there.
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        if let Err(e) = file.try_lock() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(std::io::Error::other(e.to_string())));
+            .open(&fresh)
+            .map_err(io(&fresh))?;
+        let locked = file
+            .try_lock()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|()| std::fs::rename(&fresh, &tmp));
+        if let Err(e) = locked {
+            let _ = std::fs::remove_file(&fresh);
+            return Err(io(&fresh)(e));
         }
         Ok(ExportFile {
             writer: BufWriter::new(file),
@@ -123,6 +131,14 @@ impl ExportFile {
                     }
                 }
             })?;
+            // The new name must outlive a crash too: the discard that follows acks for good.
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty())
+                && let Ok(d) = File::open(dir)
+            {
+                let _ = d.sync_all();
+            } else if let Ok(d) = File::open(".") {
+                let _ = d.sync_all();
+            }
             // The lock goes with the last descriptor, after the temporary name is gone.
             let _ = std::fs::remove_file(&tmp);
             drop(file);
@@ -140,17 +156,31 @@ impl ExportFile {
     }
 }
 
-/// `.NAME.<32 hex digits>.tmp`: the temporary files [`ExportFile::create`] makes.
-fn is_export_tmp(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
-        return false;
-    };
-    match rest.rsplit_once('.') {
-        Some((stem, id)) => {
-            !stem.is_empty() && id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
-        }
-        None => false,
+/// Marks this program's temporary export files: `.NAME.gp-export-<32 hex>.tmp`.
+const TMP_MARK: &str = "gp-export-";
+
+/// Which temporary export file `name` is: this version's (`.NAME.gp-export-<32 hex>.tmp`),
+/// an earlier version's (`.NAME.<32 hex>.tmp`), or none.
+fn export_tmp(name: &str) -> Option<Tmp> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (stem, id) = rest.rsplit_once('.')?;
+    let hex = |s: &str| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if stem.is_empty() {
+        return None;
     }
+    match id.strip_prefix(TMP_MARK) {
+        Some(id) if hex(id) => Some(Tmp::Ours),
+        None if hex(id) => Some(Tmp::Earlier),
+        _ => None,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Tmp {
+    Ours,
+    /// An earlier version named them without a mark (and did not lock them): taken only
+    /// when it looks like one (owner-only, JSON lines or empty).
+    Earlier,
 }
 
 /// Remove the export temporary files in `dir` that no process writes any more (module
@@ -161,9 +191,9 @@ fn remove_stale(dir: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if !is_export_tmp(&name.to_string_lossy()) {
+        let Some(kind) = export_tmp(&name.to_string_lossy()) else {
             continue;
-        }
+        };
         let path = entry.path();
         // Only a regular file of ours, opened without following a symbolic link.
         let Ok(file) = OpenOptions::new()
@@ -175,7 +205,9 @@ fn remove_stale(dir: &Path) {
         };
         let ours = file.metadata().is_ok_and(|m| {
             use std::os::unix::fs::MetadataExt;
-            m.file_type().is_file() && m.uid() == own_uid()
+            m.file_type().is_file()
+                && m.uid() == own_uid()
+                && (kind == Tmp::Ours || (m.mode() & 0o777 == 0o600 && looks_exported(&file)))
         });
         if ours && file.try_lock().is_ok() {
             let _ = std::fs::remove_file(&path);
@@ -185,6 +217,13 @@ fn remove_stale(dir: &Path) {
             );
         }
     }
+}
+
+/// Empty, or starting like a JSON line: what an export writes.
+fn looks_exported(mut file: &File) -> bool {
+    use std::io::Read;
+    let mut first = [0u8; 1];
+    matches!(file.read(&mut first), Ok(0) | Ok(1) if first[0] == b'{' || first[0] == 0)
 }
 
 /// This process's user id (the owner of `/proc/self`).
@@ -200,11 +239,27 @@ mod tests {
 
     #[test]
     fn only_export_temporary_files_are_candidates() {
-        assert!(is_export_tmp(&format!(".d.jsonl.{}.tmp", "a".repeat(32))));
-        assert!(!is_export_tmp(&format!(".d.jsonl.{}.tmp", "g".repeat(32))));
-        assert!(!is_export_tmp(&format!("d.jsonl.{}.tmp", "a".repeat(32))));
-        assert!(!is_export_tmp(&format!("..{}.tmp", "a".repeat(32))));
-        assert!(!is_export_tmp(".d.jsonl.tmp"));
-        assert!(!is_export_tmp(".swap.tmp"));
+        let hex = "a".repeat(32);
+        assert_eq!(
+            export_tmp(&format!(".d.jsonl.gp-export-{hex}.tmp")),
+            Some(Tmp::Ours)
+        );
+        assert_eq!(
+            export_tmp(&format!(".d.jsonl.{hex}.tmp")),
+            Some(Tmp::Earlier)
+        );
+        assert_eq!(
+            export_tmp(&format!(".d.jsonl.{}.tmp", "g".repeat(32))),
+            None
+        );
+        assert_eq!(export_tmp(&format!("d.jsonl.{hex}.tmp")), None);
+        assert_eq!(export_tmp(&format!("..{hex}.tmp")), None);
+        assert_eq!(
+            export_tmp(&format!(".d.jsonl.{hex}.new")),
+            None,
+            "being created"
+        );
+        assert_eq!(export_tmp(".d.jsonl.tmp"), None);
+        assert_eq!(export_tmp(".swap.tmp"), None);
     }
 }

@@ -130,10 +130,11 @@ pub async fn peek(
     };
     let total = reader.total_in_queue;
     let closed = reader.close().await;
-    match ended(result, closed) {
-        Ok(()) => {}
-        Err(OpsError::StdoutClosed { .. }) => return Ok(()),
-        Err(e) => return Err(e),
+    match (result, closed) {
+        // The reader went away (`| head`): what it asked for, unless the pass was short.
+        (Err(OpsError::StdoutClosed { .. }), Ok(())) => return Ok(()),
+        (Err(OpsError::StdoutClosed { .. }), Err(e)) => return Err(e),
+        (result, closed) => ended(result, closed)?,
     }
     if !as_json {
         let _ = out_line(format!("({shown} shown of {total}; nothing was removed)"));

@@ -164,6 +164,9 @@ pub const WINDOW: usize = 64;
 /// returns the consumers of one channel in a known order only up to 32 (module
 /// documentation).
 pub const MAX_WINDOWS: usize = 32;
+/// How many times a pass waits [`BROKER_TIMEOUT`] for a slow broker that still shows
+/// messages ready before it calls itself short.
+const MAX_SLOW_WAITS: u32 = 6;
 /// How long a pass waits for another one to end before giving up.
 pub const LOCK_WAIT: Duration = Duration::from_secs(60);
 
@@ -183,6 +186,8 @@ pub struct DlqReader {
     acked: usize,
     /// The queue ended before `wanted` (module documentation).
     short: bool,
+    /// Waits of [`BROKER_TIMEOUT`] that ended with messages still ready.
+    slow_waits: u32,
     queue: String,
     window_size: usize,
     windows: usize,
@@ -195,7 +200,6 @@ pub struct DlqReader {
     /// Confirm mode, for publishing during the pass.
     channel: Channel,
     stop: CancellationToken,
-    watcher: tokio::task::JoinHandle<()>,
     marker: PassMarker,
 }
 
@@ -231,30 +235,15 @@ impl DlqReader {
     ) -> Result<DlqReader, OpsError> {
         // Installed before anything is held: from here on a signal stops the pass instead
         // of ending the process.
-        let stop = CancellationToken::new();
-        let watcher = {
-            let stop = stop.clone();
-            let signal = crate::shutdown::listen();
-            tokio::spawn(async move {
-                signal.await;
-                stop.cancel();
-            })
-        };
-        let opened = Self::connect_and_lock(settings, queue, purpose, &stop).await;
-        let (conn, channel, total) = match opened {
-            Ok(v) => v,
-            Err(e) => {
-                watcher.abort();
-                return Err(e);
-            }
-        };
+        let stop = crate::ops::stop();
+        let (conn, channel, total) =
+            Self::connect_and_lock(settings, queue, purpose, &stop).await?;
         let wanted = total as usize;
         let marker = PassMarker::begin(settings, queue, purpose, wanted).await;
         let window_size = WINDOW.max(wanted.div_ceil(MAX_WINDOWS));
         let pass = match conn.create_channel().await {
             Ok(c) if window_size <= usize::from(u16::MAX) => c,
             Ok(_) => {
-                watcher.abort();
                 let _ = conn.close(200, ShortString::from("too large")).await;
                 return Err(OpsError::BadArgument(format!(
                     "{queue:?} holds {total} messages; a pass keeps the order of at most {} ({MAX_WINDOWS} windows of {}): move part of it elsewhere first",
@@ -262,10 +251,7 @@ impl DlqReader {
                     u16::MAX
                 )));
             }
-            Err(e) => {
-                watcher.abort();
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         };
         Ok(DlqReader {
             total_in_queue: total,
@@ -275,6 +261,7 @@ impl DlqReader {
             read: 0,
             acked: 0,
             short: false,
+            slow_waits: 0,
             queue: queue.to_owned(),
             window_size,
             windows: 0,
@@ -287,7 +274,6 @@ impl DlqReader {
             conn,
             channel,
             stop,
-            watcher,
             marker,
         })
     }
@@ -370,11 +356,11 @@ impl DlqReader {
     /// The next dead letter of the pass, or `None` once `max` were yielded or at its end;
     /// [`OpsError::Interrupted`] once SIGINT or SIGTERM arrived.
     pub async fn next(&mut self) -> Result<Option<DeadLetter>, OpsError> {
-        if self.stop.is_cancelled() {
-            return Err(self.interrupted());
-        }
         if self.read >= self.shown {
             return Ok(None);
+        }
+        if self.stop.is_cancelled() {
+            return Err(self.interrupted());
         }
         self.take(true).await
     }
@@ -387,9 +373,18 @@ impl DlqReader {
 
     /// What a stopped pass leaves behind, for its error message.
     pub fn returned_in_order(&self) -> String {
-        match self.acked {
-            0 => "nothing was removed; every message goes back, in order".to_owned(),
-            n => format!("{n} were moved or removed; every other message goes back, in order"),
+        let removed = match self.acked {
+            0 => "nothing was removed".to_owned(),
+            n => format!("{n} were moved or removed"),
+        };
+        if self.short {
+            // What it read goes back behind what it could not read (marker.rs).
+            format!(
+                "{removed}; the {} it read go back behind the rest (the queue may be rotated; nothing is lost)",
+                self.read.saturating_sub(self.acked)
+            )
+        } else {
+            format!("{removed}; every other message goes back, in order")
         }
     }
 
@@ -409,6 +404,9 @@ impl DlqReader {
                 window: Some(window),
                 pass,
                 stop,
+                channel,
+                queue,
+                slow_waits,
                 ..
             } = self
             else {
@@ -431,6 +429,15 @@ impl DlqReader {
                 () = stop.cancelled(), if interruptible => return Err(self.interrupted()),
                 next = tokio::time::timeout(BROKER_TIMEOUT, window.consumer.next()) => next,
             };
+            // A slow broker is not a short queue: wait on while messages are still ready
+            // for us (a pass that stops early would rotate the queue), up to a bound.
+            if next.is_err() && *slow_waits < MAX_SLOW_WAITS {
+                *slow_waits += 1;
+                let ready = crate::amqp::ready_count(channel, queue).await;
+                if ready.is_ok_and(|r| r > 0) {
+                    continue;
+                }
+            }
             match next {
                 Ok(Some(Ok(delivery))) => {
                     window.left = window.left.saturating_sub(1);
@@ -468,7 +475,17 @@ impl DlqReader {
     pub async fn close(mut self) -> Result<(), OpsError> {
         // Take the rest of the pass (dropping each message as it comes), so that the
         // whole queue goes back in order; a signal no longer stops this.
-        while let Ok(Some(_)) = self.take(false).await {}
+        loop {
+            match self.take(false).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                // The rest could not be taken: it stays ahead of what goes back.
+                Err(_) => {
+                    self.short = self.read < self.wanted;
+                    break;
+                }
+            }
+        }
         // No consumer may be left: it would be sent the messages given back, out of turn.
         if let Some(mut w) = self.window.take() {
             if !w.cancelling {
@@ -480,9 +497,12 @@ impl DlqReader {
                     )
                     .await;
             }
-            while let Ok(Some(Ok(_))) =
+            while let Ok(Some(Ok(d))) =
                 tokio::time::timeout(BROKER_TIMEOUT, w.consumer.next()).await
-            {}
+            {
+                // Never dropped on this thread with deep headers (amqp::deep).
+                drop(crate::amqp::deep::shallow(d));
+            }
         }
         let held = self.read.saturating_sub(self.acked);
         let before = self.ready().await;
@@ -493,13 +513,16 @@ impl DlqReader {
         if let (Some(before), true) = (before, held > 0) {
             self.wait_ready(before + held).await;
         }
-        self.marker.end().await;
+        // A short pass may have rotated the queue: its note stays for the next pass and
+        // `check` to report (marker.rs).
+        if !self.short {
+            self.marker.end().await;
+        }
         let _ = self
             .channel
             .close(200, ShortString::from("dlq pass done"))
             .await;
         let _ = self.conn.close(200, ShortString::from("done")).await;
-        self.watcher.abort();
         if self.short {
             return Err(OpsError::Incomplete {
                 queue: self.queue.clone(),

@@ -102,6 +102,9 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
             summary.kept += 1;
             continue;
         }
+        if letter.kind == "invalid_command" {
+            warn_invalid_command();
+        }
         if letter.replay_count() >= filter.max_replays {
             summary.skipped += 1;
             eprintln!(
@@ -123,7 +126,17 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
             continue;
         }
         if let Some(i) = interval {
-            tokio::time::sleep_until(next_at).await;
+            let stop = crate::ops::stop();
+            tokio::select! {
+                () = tokio::time::sleep_until(next_at) => {}
+                // Not this one: the rest goes back, in order.
+                () = stop.cancelled() => {
+                    eprintln!("interrupted: the dead letters not yet moved go back, in order");
+                    summary.interrupted = true;
+                    summary.kept += 1 + reader.remaining();
+                    break;
+                }
+            }
             next_at = tokio::time::Instant::now() + i;
         }
         // Noted before it is published: the worker may settle it (and note that) at once.
@@ -174,6 +187,17 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
     super::ended(result, reader.close().await).map(|()| summary)
 }
 
+/// Said once per run, before the first invalid command would be replayed (or, with
+/// `--kind invalid_command`, up front): such a dead letter holds the bytes that failed.
+fn warn_invalid_command() {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "warning: an invalid_command dead letter holds the same bytes that failed: replayed, it fails again (fix the publisher and send a corrected command; `dlq discard` removes the old one)"
+        );
+    });
+}
+
 /// The dead letter's properties for its return trip: a fresh start for attempts and retries,
 /// the replay counted, the failure headers dropped (its history stays in
 /// `x-first-failed-at` and `x-replay-count`).
@@ -185,6 +209,7 @@ fn replay_properties(original: &BasicProperties, replay_count: u32) -> BasicProp
         headers::X_HTTP_STATUS,
         headers::X_LAST_FAILED_AT,
         headers::X_DELIVERY_COUNT,
+        "x-acquired-count",
         headers::X_DEAD_LETTERED_AT,
         "x-death",
         "x-first-death-exchange",
@@ -216,10 +241,8 @@ pub async fn replay_command(
     settings: &Settings,
     filter: &ReplayFilter,
 ) -> Result<ReplaySummary, OpsError> {
-    if filter.kind.as_deref() == Some("invalid_command") && !filter.dry_run {
-        eprintln!(
-            "warning: an invalid_command dead letter holds the same bytes that failed: replayed, it fails again (fix the publisher and send a corrected command; `dlq discard` removes the old one)"
-        );
+    if filter.kind.as_deref() == Some("invalid_command") {
+        warn_invalid_command();
     }
     let result = replay(settings, filter).await;
     let s = result?;
