@@ -2,6 +2,9 @@
 # Make RabbitMQ (127.0.0.1:5672, management on :15672) and Redis (127.0.0.1:6379) available.
 # Installs them with apt-get when absent (needs root), starts them when stopped, waits until
 # they accept connections. Safe to run when they are already up. Source it or run it.
+# It changes the machine's broker in one way, and says so when it does: it enables the
+# rabbitmq_management plugin (the tests create a vhost per test through its HTTP API;
+# `rabbitmq-plugins disable rabbitmq_management` undoes it).
 set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -39,7 +42,7 @@ ensure_services() {
 
   # The tests give each scenario its own vhost through the management HTTP API.
   if ! port_open 15672; then
-    echo "services: enabling rabbitmq_management" >&2
+    echo "services: enabling the rabbitmq_management plugin on this machine's broker (the tests use its HTTP API on :15672; undo with: rabbitmq-plugins disable rabbitmq_management)" >&2
     as_root rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null
     wait_port 15672 60 rabbitmq_management
   fi

@@ -30,8 +30,9 @@ Exit codes (every subcommand):\n  \
 130  interrupted by SIGINT or SIGTERM before the end (dlq, events: what was read goes back, in order)"
 )]
 pub struct Cli {
-    /// TOML configuration file (default: config/default.toml if it exists).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// TOML configuration file (default: $PROVISIONER_CONFIG, else config/default.toml if
+    /// it exists).
+    #[arg(long, global = true, value_name = "PATH", env = "PROVISIONER_CONFIG")]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -47,7 +48,7 @@ pub enum Command {
     Run,
     /// Validate the configuration and reach RabbitMQ, Redis and the API; exit 0 only if all pass.
     #[command(
-        after_help = "Checks, one line each (ok / FAIL with the reason):\n  config, rabbitmq, topology (declared, or only verified with --no-declare),\n  redis, api (an authenticated GET /v3/groups/list?limit=1 that creates nothing).\n\nExample (Kubernetes init step):\n  group-provisioner check --config /etc/provisioner.toml --no-declare"
+        after_help = "Checks, one line each (ok / WARN / FAIL with the reason):\n  config    where the settings came from\n  rabbitmq  the broker answers (which node, TLS)\n  topology  declared (or only verified, with --no-declare)\n  dlq       the DLQ keeps dead letters however often it is read; an interrupted\n            dlq migrate; a DLQ pass that was killed (the order it may have changed)\n  events    events nobody is bound for, waiting in the unrouted-events queue\n  redis     the dedup store answers (TLS)\n  api       an authenticated GET /v3/groups/list?limit=1 that creates nothing\n\nExample (Kubernetes init step):\n  group-provisioner check --config /etc/provisioner.toml --no-declare"
     )]
     Check {
         /// Only verify that the topology exists; declare nothing.
@@ -248,8 +249,81 @@ pub fn load_settings(cli: &Cli) -> Result<Settings, Exit> {
     loaded.map_err(|e| config_error(&e))
 }
 
+/// Where the settings came from, in words.
+fn config_source(cli: &Cli) -> String {
+    match &cli.config {
+        Some(p) => p.display().to_string(),
+        None if std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH).is_file() => {
+            crate::config::DEFAULT_CONFIG_PATH.to_owned()
+        }
+        None => "defaults and environment".to_owned(),
+    }
+}
+
+/// What an operator command reads: (the broker, Redis); `None` for the others, and for
+/// one asked for JSON (scripts read that).
+fn reads(command: &Command) -> Option<(bool, bool)> {
+    let text = |json: bool, reads: (bool, bool)| (!json).then_some(reads);
+    match command {
+        Command::Dlq(DlqCommand::Stats { json } | DlqCommand::Peek { json, .. }) => {
+            text(*json, (true, true))
+        }
+        Command::Dlq(DlqCommand::Export { .. }) => Some((true, true)),
+        Command::Dlq(DlqCommand::Migrate) => Some((true, false)),
+        Command::Dlq(DlqCommand::Discard(f)) => text(f.json, (true, true)),
+        Command::Dlq(DlqCommand::Replay(f)) => text(f.json, (true, true)),
+        Command::Events(EventsCommand::ReplayUnrouted(f)) => text(f.json, (true, true)),
+        Command::Send { json, .. } => text(*json, (true, false)),
+        Command::Status { json, .. } => text(*json, (false, true)),
+        _ => None,
+    }
+}
+
+/// One line on stderr before an operator command's text output: which broker vhost,
+/// Redis and key prefix it reads, and where those settings came from — so that a command
+/// run without the intended configuration says so at once.
+fn say_what_is_read(cli: &Cli, settings: &Settings) {
+    let Some((broker, redis)) = reads(&cli.command) else {
+        return;
+    };
+    let mut parts = Vec::new();
+    if broker {
+        parts.push(format!(
+            "broker {} (vhost {:?})",
+            settings.amqp.url,
+            crate::amqp::vhost(settings.amqp.url.first().expose())
+        ));
+    }
+    if redis {
+        parts.push(format!(
+            "redis {} (key prefix {:?})",
+            settings.redis.describe(),
+            settings.redis.key_prefix
+        ));
+    }
+    eprintln!(
+        "using {}; settings from {}",
+        parts.join(", "),
+        config_source(cli)
+    );
+}
+
+/// How to call this binary again with the same configuration, for a command `status`
+/// suggests (shell-quoted).
+fn invocation(cli: &Cli) -> String {
+    match &cli.config {
+        Some(p) => format!(
+            "group-provisioner --config {}",
+            crate::text::shell_quote(&p.display().to_string())
+        ),
+        None => "group-provisioner".to_owned(),
+    }
+}
+
 /// Run the subcommand to its end.
 pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
+    say_what_is_read(&cli, &settings);
+    let again = invocation(&cli);
     match cli.command {
         Command::Run => match crate::worker::run(settings).await {
             Ok(()) => Exit::Success,
@@ -260,14 +334,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             }
         },
         Command::Check { no_declare, json } => {
-            let source = match &cli.config {
-                Some(p) => p.display().to_string(),
-                None if std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH).is_file() => {
-                    crate::config::DEFAULT_CONFIG_PATH.to_owned()
-                }
-                None => "defaults and environment".to_owned(),
-            };
-            let report = ops::check::run(&settings, &source, !no_declare, json).await;
+            let report = ops::check::run(&settings, &config_source(&cli), !no_declare, json).await;
             success_if(report.failed == 0)
         }
         Command::Dlq(DlqCommand::Stats { json }) => {
@@ -399,6 +466,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                     (None, None) => ops::status::Lookup::ExtId(""),
                 },
                 json,
+                &again,
             )
             .await,
             |known| if known { Exit::Success } else { Exit::Unknown },

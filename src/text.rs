@@ -29,6 +29,23 @@ pub fn printable(text: &str, max_chars: usize) -> String {
     out
 }
 
+/// `text` as one word for a POSIX shell: as it is when it holds only characters no shell
+/// reads specially, else in single quotes (a `'` inside written `'\''`). Characters a
+/// terminal would interpret are escaped as [`printable`] does: the result is meant to be
+/// shown, then pasted.
+pub fn shell_quote(text: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !text.is_empty() && text.chars().all(safe) {
+        return text.to_owned();
+    }
+    format!("'{}'", printable(text, 512).replace('\'', "'\\''"))
+}
+
+/// `1 event`, `3 events`: a count with its noun in the right number.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Whether `text` shows nothing: only whitespace and invisible formatting characters.
 pub fn is_blank(text: &str) -> bool {
     text.chars()
@@ -65,5 +82,31 @@ mod tests {
     fn bounds_the_length() {
         assert_eq!(printable(&"a".repeat(10), 4), "aaaa…(+6 characters)");
         assert_eq!(printable("abcd", 4), "abcd");
+    }
+
+    #[test]
+    fn shell_quoting_survives_the_shell() {
+        for (text, quoted) in [
+            ("ORG-2001", "ORG-2001"),
+            ("BAD 1", "'BAD 1'"),
+            ("it's", "'it'\\''s'"),
+            ("$(rm -rf /)", "'$(rm -rf /)'"),
+            ("", "''"),
+        ] {
+            assert_eq!(shell_quote(text), quoted);
+            // What the shell makes of it is the text itself.
+            let echoed = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s {quoted}"))
+                .output()
+                .expect("sh");
+            assert_eq!(String::from_utf8_lossy(&echoed.stdout), text, "{quoted}");
+        }
+    }
+
+    #[test]
+    fn counts_agree_with_their_noun() {
+        assert_eq!(count(1, "event", "events"), "1 event");
+        assert_eq!(count(0, "event", "events"), "0 events");
     }
 }

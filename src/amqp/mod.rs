@@ -214,6 +214,13 @@ pub fn is_soft(e: &lapin::Error, which: lapin::protocol::AMQPSoftError) -> bool 
     )
 }
 
+/// The virtual host an AMQP URL names (`/` when it names none, as the client reads it).
+pub fn vhost(url: &str) -> String {
+    url.parse::<lapin::uri::AMQPUri>()
+        .map(|u| u.vhost)
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
 /// A short string from any text: at most 255 bytes, cut at a character boundary.
 pub fn short(text: &str) -> ShortString {
     let mut end = text.len().min(255);
@@ -226,6 +233,13 @@ pub fn short(text: &str) -> ShortString {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vhost_is_read_as_the_client_reads_it() {
+        assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
+        assert_eq!(vhost("amqp://h:5672/sandbox"), "sandbox");
+        assert_eq!(vhost("amqp://h"), "/");
+    }
 
     #[test]
     fn short_strings_never_panic() {

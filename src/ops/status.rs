@@ -12,7 +12,7 @@ use crate::command::ExtId;
 use crate::config::Settings;
 use crate::dedup::{RedisStore, StoredRecord};
 use crate::pipeline::{LastOutcome, OutcomeKey, Place};
-use crate::text::printable;
+use crate::text::{printable, shell_quote};
 
 use super::OpsError;
 
@@ -24,7 +24,14 @@ pub enum Lookup<'a> {
 }
 
 /// Prints what is known; returns whether anything is.
-pub async fn run(settings: &Settings, lookup: Lookup<'_>, as_json: bool) -> Result<bool, OpsError> {
+/// `again` is how to call this binary with the same configuration (for the commands it
+/// suggests).
+pub async fn run(
+    settings: &Settings,
+    lookup: Lookup<'_>,
+    as_json: bool,
+    again: &str,
+) -> Result<bool, OpsError> {
     let store_error = |source| OpsError::Store {
         url: settings.redis.url.to_string(),
         source,
@@ -34,7 +41,7 @@ pub async fn run(settings: &Settings, lookup: Lookup<'_>, as_json: bool) -> Resu
             let ext_id = ExtId::parse(text)
                 .map_err(|e| OpsError::BadArgument(format!("not a valid ext id: {e}")))?;
             let store = app::dedup_store(settings).map_err(store_error)?;
-            by_ext_id(&store, &ext_id, as_json)
+            by_ext_id(&store, &ext_id, as_json, again)
                 .await
                 .map_err(store_error)
         }
@@ -49,7 +56,7 @@ pub async fn run(settings: &Settings, lookup: Lookup<'_>, as_json: bool) -> Resu
                 .last_outcome(OutcomeKey::MessageId(id))
                 .await
                 .map_err(store_error)?;
-            print_message(id, last.as_ref(), as_json);
+            print_message(id, last.as_ref(), as_json, again);
             Ok(last.is_some())
         }
     }
@@ -59,6 +66,7 @@ async fn by_ext_id(
     store: &RedisStore,
     ext_id: &ExtId,
     as_json: bool,
+    again: &str,
 ) -> Result<bool, crate::pipeline::StoreError> {
     let status = store.status(ext_id).await?;
     let last = status.last_outcome.as_ref();
@@ -143,12 +151,12 @@ async fn by_ext_id(
     }
     outln!("post_attempts: {}", status.attempt_markers);
     if let Some(l) = last {
-        print_outcome(l, Some(ext_id.as_str()));
+        print_outcome(l, Some(ext_id.as_str()), again);
     }
     Ok(known)
 }
 
-fn print_message(id: &str, last: Option<&LastOutcome>, as_json: bool) {
+fn print_message(id: &str, last: Option<&LastOutcome>, as_json: bool, again: &str) {
     if as_json {
         let out = json!({
             "message_id": id,
@@ -166,7 +174,7 @@ fn print_message(id: &str, last: Option<&LastOutcome>, as_json: bool) {
                 Some(e) => outln!("ext_id:        {}", printable(e, 160)),
                 None => outln!("ext_id:        (none valid in the body)"),
             }
-            print_outcome(l, l.ext_id.as_deref());
+            print_outcome(l, l.ext_id.as_deref(), again);
         }
         None => outln!(
             "state:         unknown (only invalid commands without a valid ext id are kept by message id, for dedup.ttl; look the others up by ext id)"
@@ -183,7 +191,7 @@ fn outcome_json(last: &LastOutcome) -> Value {
     value
 }
 
-fn print_outcome(last: &LastOutcome, ext_id: Option<&str>) {
+fn print_outcome(last: &LastOutcome, ext_id: Option<&str>, again: &str) {
     let attempts = match last.attempts {
         0 => "no POST".to_owned(),
         1 => "1 POST".to_owned(),
@@ -216,11 +224,12 @@ fn print_outcome(last: &LastOutcome, ext_id: Option<&str>) {
     if let Some(id) = last.org_unit_id {
         outln!("  org_unit_id: {id}");
     }
-    outln!("  now:         {}", where_now(last, ext_id));
+    outln!("  now:         {}", where_now(last, ext_id, again));
 }
 
-/// Where the message is, in words an operator can act on.
-fn where_now(last: &LastOutcome, ext_id: Option<&str>) -> String {
+/// Where the message is, in words an operator can act on; a suggested command is one the
+/// shell takes as it is (`again` calls this binary with the same configuration).
+fn where_now(last: &LastOutcome, ext_id: Option<&str>, again: &str) -> String {
     match &last.place {
         Place::Done => "done: acked after its event was published".into(),
         Place::DelayQueue { queue, tier, until } => {
@@ -236,14 +245,21 @@ fn where_now(last: &LastOutcome, ext_id: Option<&str>) -> String {
             }
         }
         Place::DeadLetterQueue { queue } => {
+            let queue = printable(queue, 255);
             let filter = match ext_id {
-                Some(e) => format!("--ext-id {}", printable(e, 160)),
+                Some(e) => format!("--ext-id {}", shell_quote(e)),
                 None => "--kind invalid_command".into(),
             };
-            format!(
-                "in the dead-letter queue {}: group-provisioner dlq replay {filter} --dry-run, then replay or discard",
-                printable(queue, 255)
-            )
+            if last.error_kind.as_deref() == Some("invalid_command") {
+                // Replayed, the same bytes fail again (docs/operations.md §5).
+                format!(
+                    "in the dead-letter queue {queue}; an invalid command is never replayed: fix the publisher, send a corrected command, then remove this one: {again} dlq discard {filter} --export invalid-$(date +%F).jsonl"
+                )
+            } else {
+                format!(
+                    "in the dead-letter queue {queue}: {again} dlq replay {filter} --dry-run, then replay it once the cause is fixed, or discard it"
+                )
+            }
         }
         Place::WorkQueue => "back in the work queue".into(),
         Place::Discarded { export: Some(file) } => format!(

@@ -79,6 +79,8 @@ fn invalid_commands_are_refused_by_the_worker_and_where_expressible_by_the_schem
         ("empty ext id", with("org_unit_ext_id", json!("")), true),
         ("129-character ext id", with("org_unit_ext_id", json!("x".repeat(129))), true),
         ("control character in ext id", with("org_unit_ext_id", json!("a\u{1}b")), true),
+        ("blank ext id", with("org_unit_ext_id", json!("   ")), true),
+        ("tab-only ext id", with("org_unit_ext_id", json!("\t")), true),
         ("blank name", with("org_unit_name", json!("   ")), true),
         ("256-character name", with("org_unit_name", json!("n".repeat(256))), true),
         ("string parent", with("org_unit_parent_id", json!("1000")), true),

@@ -8,6 +8,7 @@ mod client;
 mod contract;
 mod core;
 mod deploy;
+mod docs;
 mod endpoint;
 mod events;
 mod faults;

@@ -1248,6 +1248,76 @@ async fn settled_status_json(env: &TestEnv, args: &[&str]) -> (Option<i32>, Valu
     .await
 }
 
+/// The command `status` suggests for a dead letter works when pasted into a shell as it
+/// is: the ext id shell-quoted, the same `--config`; and every operator command says on
+/// stderr which broker vhost, Redis and key prefix it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_status_suggests_runs_as_it_is() {
+    let env = TestEnv::new().await;
+    let mut events = env.event_tap().await;
+    let worker = env.spawn_worker().await;
+    // No such parent: rejected, dead-lettered.
+    env.send(
+        &json!({"org_unit_ext_id": "BAD 1", "org_unit_name": "Bad", "org_unit_parent_id": 424_242}),
+    )
+    .await;
+    assert_eq!(events.next(T).await.body["error"]["kind"], "rejected");
+    settled_status_json(&env, &["BAD 1"]).await;
+    let dir = std::env::temp_dir().join(unique("status-config"));
+    std::fs::create_dir(&dir).expect("dir");
+    let config = dir.join("my settings.toml");
+    std::fs::write(&config, "# everything from the environment\n").expect("config");
+    let config = config.display().to_string();
+    let o = cli(&env, &["status", "BAD 1", "--config", &config], &[]).await;
+    let text = stdout(&o);
+    let suggested = text
+        .lines()
+        .find_map(|l| {
+            l.split(": ")
+                .find(|part| part.starts_with("group-provisioner "))
+        })
+        .unwrap_or_else(|| panic!("no suggested command in {text}"))
+        .split(", then")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        suggested.contains("--config '") && suggested.contains("--ext-id 'BAD 1'"),
+        "{suggested}"
+    );
+    // Pasted into a shell as it is (the binary in place of its name).
+    let pasted = suggested.replacen("group-provisioner", crate::process::BIN, 1);
+    let mut sh = env.command("sh");
+    sh.arg("-c")
+        .arg(&pasted)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let ran = sh.output().await.expect("sh");
+    assert_eq!(ran.status.code(), Some(0), "{pasted}: {}", stderr(&ran));
+    assert!(stdout(&ran).contains("would replay"), "{}", stdout(&ran));
+    // What it read, said first.
+    let said = stderr(&ran);
+    assert!(
+        said.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("using broker ")
+                && l.contains(&format!("(vhost {:?})", env.vhost))
+                && l.contains(&format!("(key prefix {:?})", env.prefix))
+                && l.contains(&config)),
+        "{said}"
+    );
+    let said = stderr(&o);
+    assert!(
+        said.starts_with("using redis ")
+            && said.contains(&format!("(key prefix {:?})", env.prefix)),
+        "{said}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    worker.shutdown();
+    worker.join().await;
+    env.cleanup().await;
+}
+
 /// After a duplicate, `status` names the group; after a duplicate found by List (Redis lost
 /// the ext id's keys), it says duplicate and keeps the original creation time when an
 /// earlier outcome still has it, and says the time is unknown when nothing does.
@@ -1401,11 +1471,14 @@ async fn status_says_what_happened_to_each_ext_id_and_where_it_is_now() {
     assert_eq!(st["last_outcome"]["error_kind"], "invalid_command");
     assert_eq!(st["last_outcome"]["ext_id"], Value::Null);
     let text = stdout(&cli(&env, &["status", "--message-id", &bad], &[]).await);
+    // An invalid command is never replayed (the same bytes fail again): fix and discard.
     assert!(
         text.contains("ext_id:        (none valid in the body)")
-            && text.contains("dlq replay --kind invalid_command"),
+            && text.contains("never replayed")
+            && text.contains("dlq discard --kind invalid_command --export"),
         "{text}"
     );
+    assert!(!text.contains("dlq replay"), "{text}");
     let (code, st) = status_json(&env, &["--message-id", "never-sent"]).await;
     assert_eq!((code, &st["state"]), (Some(1), &json!("unknown")));
 
