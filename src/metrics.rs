@@ -8,7 +8,7 @@
 //!   `provisioner_circuit_open`, `provisioner_dedup_hits_total`,
 //!   `provisioner_dead_letters_total{kind}`, `provisioner_orphaned_groups_total`,
 //!   `provisioner_http_connections_shed_total`, `provisioner_log_lines_dropped_total
-//!   {reason}`, `provisioner_build_info{version}`;
+//!   {reason}`, `provisioner_ready`, `provisioner_build_info{version}`;
 //! - label values come from closed, typed sets (outcomes, failure kinds, deferral
 //!   reasons, operations, HTTP status codes), so cardinality stays bounded, and every
 //!   value of a closed set is exported from the start (at 0), so alerts see the series
@@ -119,6 +119,7 @@ pub struct Metrics {
     log_lines_dropped: Family<LogLossLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     circuit_open: Gauge<i64, AtomicI64>,
+    ready: Gauge<i64, AtomicI64>,
     unrouted_events: Gauge<i64, AtomicI64>,
     api_requests: Family<RequestLabels, Counter>,
     api_durations: Family<OperationLabels, Histogram, fn() -> Histogram>,
@@ -144,6 +145,7 @@ impl Metrics {
             log_lines_dropped: Family::default(),
             in_flight: Gauge::default(),
             circuit_open: Gauge::default(),
+            ready: Gauge::default(),
             unrouted_events: Gauge::default(),
             api_requests: Family::default(),
             api_durations: Family::new_with_constructor(duration_histogram),
@@ -216,6 +218,11 @@ impl Metrics {
             "dead_letters",
             "Messages dead-lettered by the worker, by failure kind",
             m.dead_letters.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when /readyz answers 200 (broker connected, consumer running, Redis answering, circuit closed), as of the last scrape",
+            m.ready.clone(),
         );
         registry.register(
             "log_lines_dropped",
@@ -309,6 +316,11 @@ impl Metrics {
     /// The unrouted-events queue's depth, as the worker last saw it.
     pub fn unrouted_events(&self) -> i64 {
         self.unrouted_events.get()
+    }
+
+    /// Whether the worker is ready, as `/readyz` would answer now (set before a scrape).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     /// The unrouted-events queue's depth, as the worker last saw it.

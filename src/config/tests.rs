@@ -408,10 +408,27 @@ fn missing_explicit_file_is_an_error() {
     assert_eq!(e.key, "--config");
 }
 
-/// A CA certificate and a key, as PEM files in a fresh directory: (cert, key).
-fn pem_files() -> (PathBuf, PathBuf) {
+/// A CA certificate and a key as PEM files in a fresh owner-only directory, removed
+/// (with anything else put there) when the test ends, passed or failed.
+struct PemFiles {
+    dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Drop for PemFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pem_files() -> PemFiles {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = std::env::temp_dir().join(format!("gp-tls-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .expect("dir");
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
         .expect("params")
@@ -419,14 +436,26 @@ fn pem_files() -> (PathBuf, PathBuf) {
         .expect("cert");
     let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&c, cert.pem()).expect("write cert");
-    std::fs::write(&k, key.serialize_pem()).expect("write key");
-    (c, k)
+    let mut key_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&k)
+        .expect("key file");
+    std::io::Write::write_all(&mut key_file, key.serialize_pem().as_bytes()).expect("write key");
+    PemFiles {
+        dir,
+        cert: c,
+        key: k,
+    }
 }
 
-/// Every key, with a value it accepts: its default, or a sample for keys without one.
-fn every_key() -> Vec<(String, String)> {
+/// Every key, with a value it accepts: its default, or a sample for keys without one (the
+/// files it names live as long as the returned [`PemFiles`]).
+fn every_key() -> (Vec<(String, String)>, PemFiles) {
     let mut keys = defaults();
-    let (cert, key) = pem_files();
+    let pem = pem_files();
+    let (cert, key) = (&pem.cert, &pem.key);
     keys.extend(KEYS_WITHOUT_DEFAULT.iter().map(|k| {
         let sample = if k.ends_with("nodes") {
             "redis://127.0.0.1:26379".to_owned()
@@ -439,7 +468,7 @@ fn every_key() -> Vec<(String, String)> {
         };
         ((*k).to_owned(), sample)
     }));
-    keys
+    (keys, pem)
 }
 
 #[test]
@@ -487,7 +516,8 @@ fn redis_modes_need_their_nodes() {
 
 #[test]
 fn tls_files_are_read_at_start_and_never_quoted() {
-    let (cert, key) = pem_files();
+    let pem = pem_files();
+    let (cert, key) = (pem.cert.clone(), pem.key.clone());
     let load = |extra: &str| {
         Settings::from_toml(&format!(
             "[api]\ntoken = \"t\"\n[amqp]\nurl = \"amqps://u:p@h/v\"\n[amqp.tls]\n{extra}"
@@ -517,9 +547,10 @@ fn tls_files_are_read_at_start_and_never_quoted() {
             .contains("amqps:// is needed")
     );
 
-    let (_, other_key) = pem_files();
+    let other = pem_files();
+    let other_key = other.key.clone();
     // A secret that is not a certificate: named, never shown.
-    let secret = std::env::temp_dir().join(format!("gp-secret-{}", uuid::Uuid::new_v4().simple()));
+    let secret = pem.dir.join("secret.txt");
     std::fs::write(&secret, "hunter2-not-a-pem").expect("write");
     for (extra, key_name, reason) in [
         (
@@ -565,7 +596,8 @@ fn tls_files_are_read_at_start_and_never_quoted() {
 fn every_key_has_a_reader() {
     // Setting each key to its default through the environment (lists comma-separated)
     // must load without "unknown key".
-    let env = every_key()
+    let (keys, _pem) = every_key();
+    let env = keys
         .into_iter()
         .map(|(k, v)| {
             let v = v

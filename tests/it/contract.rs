@@ -168,8 +168,8 @@ fn the_asyncapi_document_parses_and_points_only_at_what_exists() {
     let text = std::fs::read_to_string(&path).expect("docs/asyncapi.yaml");
     let docs = yaml_rust2::YamlLoader::load_from_str(&text).expect("asyncapi.yaml parses");
     let doc = &docs[0];
-    assert_eq!(doc["asyncapi"].as_str(), Some("3.0.0"));
-    for channel in ["commands", "events", "workQueue"] {
+    assert_eq!(doc["asyncapi"].as_str(), Some("3.1.0"));
+    for channel in ["commands", "events", "workQueue", "replyTo"] {
         assert!(!doc["channels"][channel].is_badvalue(), "channel {channel}");
     }
     assert_eq!(
@@ -205,6 +205,47 @@ fn the_asyncapi_document_parses_and_points_only_at_what_exists() {
         }
     }
     assert_eq!(files, 3, "the command and both events");
+
+    // Every message has examples, and each fits its payload schema.
+    let messages = doc["components"]["messages"]
+        .as_hash()
+        .expect("components.messages");
+    for (name, message) in messages {
+        let name = name.as_str().unwrap_or("?");
+        let schema_file = message["payload"]["$ref"].as_str().expect("payload $ref");
+        let schema = validator(schema_file.trim_start_matches("./schemas/"));
+        let examples = message["examples"]
+            .as_vec()
+            .unwrap_or_else(|| panic!("{name}: no examples"));
+        assert!(!examples.is_empty(), "{name}: no examples");
+        for example in examples {
+            let payload = yaml_to_json(&example["payload"]);
+            assert!(
+                schema.is_valid(&payload),
+                "{name}: example {:?} does not fit {schema_file}: {:?}",
+                example["name"].as_str(),
+                errors(&schema, &payload)
+            );
+        }
+    }
+}
+
+/// A YAML value as JSON (what the examples mean).
+fn yaml_to_json(y: &yaml_rust2::Yaml) -> Value {
+    use yaml_rust2::Yaml;
+    match y {
+        Yaml::Hash(h) => Value::Object(
+            h.iter()
+                .map(|(k, v)| (k.as_str().unwrap_or_default().to_owned(), yaml_to_json(v)))
+                .collect(),
+        ),
+        Yaml::Array(a) => Value::Array(a.iter().map(yaml_to_json).collect()),
+        Yaml::String(s) => Value::String(s.clone()),
+        Yaml::Integer(i) => json!(i),
+        Yaml::Real(r) => r.parse::<f64>().map(|f| json!(f)).unwrap_or(Value::Null),
+        Yaml::Boolean(b) => Value::Bool(*b),
+        _ => Value::Null,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

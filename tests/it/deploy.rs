@@ -27,7 +27,13 @@ fn yaml(rel: &str) -> Vec<Yaml> {
 
 fn yaml_files() -> Vec<String> {
     let mut out = vec!["docker-compose.yml".to_owned()];
-    for dir in ["deploy/kubernetes", "deploy/compose"] {
+    for dir in [
+        "deploy/kubernetes",
+        "deploy/kubernetes/examples",
+        "deploy/kubernetes/with-operators",
+        "deploy/compose",
+        "deploy/prometheus",
+    ] {
         for entry in std::fs::read_dir(root().join(dir)).expect("dir") {
             let path = entry.expect("entry").path();
             if matches!(
@@ -201,6 +207,73 @@ fn by_kind<'a>(docs: &'a [Yaml], kind: &str) -> &'a Yaml {
         .unwrap_or_else(|| panic!("no {kind}"))
 }
 
+/// `kubectl apply -k deploy/kubernetes` applies the worker's objects and nothing that needs
+/// an operator's CRDs or a secret value; `with-operators/` adds the KEDA and Prometheus
+/// objects; every manifest belongs to one of them (the secret is an example only).
+#[test]
+fn kustomizations_apply_everything_but_the_example_secret() {
+    let base = &yaml("deploy/kubernetes/kustomization.yaml")[0];
+    let listed = |k: &Yaml| -> Vec<String> {
+        k["resources"]
+            .as_vec()
+            .expect("resources")
+            .iter()
+            .map(|r| r.as_str().expect("a path").to_owned())
+            .collect()
+    };
+    let base_files = listed(base);
+    let mut kinds = Vec::new();
+    for file in &base_files {
+        assert!(
+            root().join("deploy/kubernetes").join(file).is_file(),
+            "{file}"
+        );
+        for doc in yaml(&format!("deploy/kubernetes/{file}")) {
+            kinds.push(doc["kind"].as_str().expect("kind").to_owned());
+        }
+    }
+    for kind in [
+        "Secret",
+        "ScaledObject",
+        "TriggerAuthentication",
+        "PrometheusRule",
+    ] {
+        assert!(
+            !kinds.iter().any(|k| k == kind),
+            "the base applies a {kind}"
+        );
+    }
+    let with = listed(&yaml("deploy/kubernetes/with-operators/kustomization.yaml")[0]);
+    assert!(with.contains(&"..".to_owned()));
+    for file in &with {
+        assert!(
+            root()
+                .join("deploy/kubernetes/with-operators")
+                .join(file)
+                .exists(),
+            "{file}"
+        );
+    }
+    let mut covered: Vec<String> = base_files.clone();
+    covered.extend(
+        with.iter()
+            .filter_map(|f| f.strip_prefix("../").map(str::to_owned)),
+    );
+    for entry in std::fs::read_dir(root().join("deploy/kubernetes")).expect("dir") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            assert!(covered.contains(&name), "{name} is in no kustomization");
+        }
+    }
+    // The image every manifest names is the one the kustomization replaces.
+    let image = base["images"][0]["name"].as_str().expect("image name");
+    assert!(read("deploy/kubernetes/deployment.yaml").contains(&format!("image: {image}:")));
+}
+
 #[test]
 fn kubernetes_manifests_fit_the_worker() {
     // ConfigMap: the TOML is a valid configuration (credentials come from the Secret).
@@ -216,7 +289,7 @@ fn kubernetes_manifests_fit_the_worker() {
     })
     .unwrap_or_else(|e| panic!("configmap TOML: {e}"));
 
-    for doc in yaml("deploy/kubernetes/secret.example.yaml") {
+    for doc in yaml("deploy/kubernetes/examples/secret.example.yaml") {
         if let Some(data) = doc["stringData"].as_hash() {
             for (k, _) in data {
                 assert_env_key(k.as_str().expect("key"), "secret.example.yaml");
@@ -310,6 +383,33 @@ fn kubernetes_manifests_fit_the_worker() {
         "provisioner_commands_total",
     ] {
         assert!(used.contains(needed), "no alert on {needed}");
+    }
+}
+
+/// Every alert says what happened and what to do (summary, description), and links its
+/// own section of the runbook, which exists.
+#[test]
+fn every_alert_has_its_texts_and_its_runbook_section() {
+    let rules = &yaml("deploy/kubernetes/prometheus-rules.yaml")[0];
+    let runbook = read("docs/operations.md");
+    for rule in rules["spec"]["groups"][0]["rules"].as_vec().expect("rules") {
+        let name = rule["alert"].as_str().expect("alert");
+        let a = &rule["annotations"];
+        for key in ["summary", "description", "runbook_url"] {
+            assert!(
+                a[key].as_str().is_some_and(|t| !t.trim().is_empty()),
+                "{name} has no {key}"
+            );
+        }
+        let url = a["runbook_url"].as_str().unwrap_or_default();
+        let anchor = url
+            .strip_prefix("https://group-provisioner.example/docs/operations.md#")
+            .unwrap_or_else(|| panic!("{name}: {url} is not a section of docs/operations.md"));
+        assert_eq!(anchor, format!("alert-{}", name.to_lowercase()));
+        assert!(
+            runbook.contains(&format!("<a id=\"{anchor}\"></a>\n#### {name} (")),
+            "docs/operations.md has no section for {name}"
+        );
     }
 }
 
