@@ -1084,3 +1084,26 @@ pub fn schema_validator(file: &str) -> jsonschema::Validator {
         .build(&schema)
         .unwrap_or_else(|e| panic!("{} is not a valid schema: {e}", path.display()))
 }
+
+/// A new directory under the temporary directory, removed when the test ends (passed or
+/// failed): the suite fails if its temporary directory is not empty at the end.
+pub struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir(name: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(unique(name));
+    std::fs::create_dir(&dir).expect("a temporary directory");
+    TempDir(dir)
+}

@@ -1,7 +1,7 @@
 //! Operator commands and the HTTP endpoint, as operators use them: the binary against real
 //! RabbitMQ and Redis, the worker in process, convirza-sim on port 0.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -79,6 +79,41 @@ async fn check_passes_and_fails_with_the_right_exit_codes() {
 
     let o = cli(&env, &["check"], &[("PROVISIONER__API__TIMEOUT", "soon")]).await;
     assert_eq!(o.status.code(), Some(2), "config error");
+
+    // `check --help` names every item `check` prints (with unrouted events waiting, so the
+    // `events` line shows too), and counts read as words.
+    env.declare_topology().await;
+    env.channel
+        .basic_publish(
+            env.settings.topology.event_exchange.as_str().into(),
+            "nobody.listens".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"{}",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let o = cli(&env, &["check"], &[]).await;
+    let help = crate::process::help("group-provisioner", &["check"]);
+    let items: BTreeSet<String> = stdout(&o)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect();
+    assert!(items.len() >= 7, "{}", stdout(&o));
+    for item in &items {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{item} "))),
+            "check prints {item}, which check --help does not list:\n{help}"
+        );
+    }
+    assert!(
+        stdout(&o).contains("1 event nobody is bound for waits in"),
+        "{}",
+        stdout(&o)
+    );
     env.cleanup().await;
 }
 

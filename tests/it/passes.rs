@@ -617,26 +617,3 @@ async fn exports_never_replace_a_file_and_leave_no_temporary_file() {
     assert!(!out.exists());
     env.cleanup().await;
 }
-
-/// A new directory under the system temporary directory, removed when the test ends
-/// (passed or failed).
-struct TempDir(std::path::PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir(name: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(unique(name));
-    std::fs::create_dir(&dir).expect("dir");
-    TempDir(dir)
-}
