@@ -68,7 +68,10 @@ pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
                 .to_string(),
         );
     } else {
-        lines.push(format!("{dlq}: {total} dead letters"));
+        lines.push(format!(
+            "{dlq}: {}",
+            crate::text::count(u64::from(total), "dead letter", "dead letters")
+        ));
         for (kind, n) in &by_kind {
             lines.push(format!("  {:<24} {n}", printable(kind, 64)));
         }
