@@ -59,183 +59,23 @@ pub struct ExtIdStatus {
     pub last_outcome: Option<LastOutcome>,
 }
 
+// The Lua scripts the store runs, one file each (`scripts/*.lua`, with what each answers).
 // A key of another type (a hash, a list) is "unreadable", not an error of Redis: the
 // scripts read with `redis.pcall` and say so with a value that starts with NUL and names
-// the type.
-// Claim-or-read, in one step. Answers:
-// - `{'acquired', marked, marker, now}`: claimed now; `marker` is the attempt marker found
-//   (any bytes; `\0unreadable` for a key of another type; nil for none) and `now` the
-//   server's clock. With ARGV[5] = '1' and no marker, the posting ARGV[6]/ARGV[7] is marked
-//   as about to be sent, as MARK_ATTEMPT would (`marked` = 1): the happy path's first POST
-//   needs no round trip of its own;
-// - `{'found', value}`: the value stored (any bytes). A created record makes ARGV[3] (this
-//   delivery as a duplicate, with the record's org_unit_id) the last outcome in KEYS[2]; the prefix test is enough because
-//   the record is only ever written by this program, and a miss costs only that report;
-// - `{'type', t}` for a key of another type.
-const CLAIM: &str = r#"
-local t = redis.call('TYPE', KEYS[1]).ok
-if t == 'none' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  local clock = redis.call('TIME')
-  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  local raw = redis.pcall('GET', KEYS[3])
-  if type(raw) == 'table' then return {'acquired', 0, '\0unreadable', now} end
-  if raw then return {'acquired', 0, raw, now} end
-  if ARGV[5] == '1' then
-    local m = {count = 1, at = now, open = true, posted = {{ARGV[6], ARGV[7]}}}
-    redis.call('SET', KEYS[3], cjson.encode(m), 'PX', ARGV[4])
-    return {'acquired', 1, false, now}
-  end
-  return {'acquired', 0, false, now}
-end
-if t ~= 'string' then return {'type', t} end
-local v = redis.call('GET', KEYS[1])
-if string.sub(v, 1, 19) == '{"state":"created",' then
-  -- The duplicate names the group: its id from the record (the first "org_unit_id", a
-  -- field name, never inside a JSON string where quotes are escaped).
-  local dup = ARGV[3]
-  local id = string.match(v, '"org_unit_id":(%-?%d+)')
-  if id then dup = (string.gsub(dup, '"org_unit_id":null', '"org_unit_id":' .. id, 1)) end
-  redis.call('SET', KEYS[2], dup, 'PX', ARGV[4])
-end
-return {'found', v}
-"#;
-
-// ARGV[1] says what was seen: 'value' (ARGV[2] is the exact bytes) or 'type' (ARGV[2] is
-// the type name). Anything else stored meanwhile is left alone.
-const REPLACE_UNREADABLE: &str = r"
-local t = redis.call('TYPE', KEYS[1]).ok
-if ARGV[1] == 'type' then
-  if t ~= ARGV[2] then return 0 end
-  redis.call('DEL', KEYS[1])
-elseif t ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[2] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-return 1
-";
-
-const RENEW: &str = r"
-local v = redis.pcall('GET', KEYS[1])
-if type(v) == 'table' or not v then return 0 end
-local ok, d = pcall(cjson.decode, v)
-if ok and d.state == 'claimed' and d.owner == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-";
-
-// Closing the attempt marker (`open = false`, keeping its expiry) says: the delivery
-// that posted has settled, none of its POSTs is in the air any more.
-const CLOSE_MARKER: &str = r"
-local function close_marker(key)
-  local raw = redis.pcall('GET', key)
-  if type(raw) ~= 'string' then return end
-  local ok, m = pcall(cjson.decode, raw)
-  if ok and type(m) == 'table' and m.open then
-    m.open = false
-    redis.call('SET', key, cjson.encode(m), 'KEEPTTL')
-  end
-end
-";
-
-const RECORD_CREATED: &str = r"
-local v = redis.pcall('GET', KEYS[1])
-if type(v) == 'table' then return 'fenced' end
-if v then
-  local ok, d = pcall(cjson.decode, v)
-  if ok and d.state == 'created' then return v end
-  if not (ok and d.state == 'claimed' and d.owner == ARGV[1]) then return 'fenced' end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-close_marker(KEYS[2])
-redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
-return 'ok'
-";
-
-const RELEASE: &str = r"
-local v = redis.pcall('GET', KEYS[1])
-if v and type(v) ~= 'table' then
-  local ok, d = pcall(cjson.decode, v)
-  if ok and d.state == 'claimed' and d.owner == ARGV[1] then
-    redis.call('DEL', KEYS[1])
-    if ARGV[2] == '1' then close_marker(KEYS[2]) end
-    return 1
-  end
-end
-return 0
-";
-
-const UNLOCK: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
-
-// Only while the caller holds the claim (so a worker that lost it never posts). The
-// marker is JSON: {count, at (the server's clock, ms), open, posted: [[parent, name], ...]};
-// an older marker (a plain count) or an unreadable one still counts as an attempt.
-const MARK_ATTEMPT: &str = r"
-local g = redis.pcall('GET', KEYS[1])
-if type(g) ~= 'string' then return 0 end
-local okg, d = pcall(cjson.decode, g)
-if not (okg and type(d) == 'table' and d.state == 'claimed' and d.owner == ARGV[1]) then
-  return 0
-end
-local m = {count = 0, posted = {}}
-local raw = redis.pcall('GET', KEYS[2])
-if type(raw) == 'string' then
-  local ok, old = pcall(cjson.decode, raw)
-  if ok and type(old) == 'table' then m = old
-  elseif ok and type(old) == 'number' then m.count = old
-  else m.count = 1 end
-elseif type(raw) == 'table' then
-  redis.call('DEL', KEYS[2])
-  m.count = 1
-end
-if type(m.posted) ~= 'table' then m.posted = {} end
-m.count = (tonumber(m.count) or 0) + 1
-local t = redis.call('TIME')
-m.at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-m.open = true
-local seen = false
-for _, p in ipairs(m.posted) do
-  if p[1] == ARGV[3] and p[2] == ARGV[4] then seen = true end
-end
-if not seen then
-  table.insert(m.posted, {ARGV[3], ARGV[4]})
-  while #m.posted > 5 do table.remove(m.posted, 1) end
-end
-redis.call('SET', KEYS[2], cjson.encode(m), 'PX', ARGV[2])
-return 1
-";
-
-// The marker and the server's clock, so its age is measured on one clock for all workers.
-const READ_ATTEMPT: &str = r"
-local raw = redis.pcall('GET', KEYS[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if type(raw) == 'table' then return {'\0unreadable', now} end
-if not raw then return {false, now} end
-return {raw, now}
-";
-
-/// Read-only and in one step, so a report never mixes two moments: for each key its type
-/// and, when a string, its value; then the first key's PTTL. (A worker releases a claim
-/// and keeps its last outcome a moment later: read one by one, `status` could show the
-/// claim of one moment beside the outcome of the next.)
-const READ_KEYS: &str = r"
-local out = {}
-for _, key in ipairs(KEYS) do
-  local kind = redis.call('TYPE', key)['ok']
-  out[#out + 1] = kind
-  if kind == 'string' then out[#out + 1] = redis.call('GET', key) else out[#out + 1] = false end
-end
-out[#out + 1] = redis.call('PTTL', KEYS[1])
-return out
-";
+// the type. Public so that the tests can run each one against a real Redis.
+pub mod scripts {
+    pub const CLAIM: &str = include_str!("scripts/claim.lua");
+    pub const REPLACE_UNREADABLE: &str = include_str!("scripts/replace_unreadable.lua");
+    pub const RENEW: &str = include_str!("scripts/renew.lua");
+    pub const CLOSE_MARKER: &str = include_str!("scripts/close_marker.lua");
+    pub const RECORD_CREATED: &str = include_str!("scripts/record_created.lua");
+    pub const RELEASE: &str = include_str!("scripts/release.lua");
+    pub const UNLOCK: &str = include_str!("scripts/unlock.lua");
+    pub const MARK_ATTEMPT: &str = include_str!("scripts/mark_attempt.lua");
+    pub const READ_ATTEMPT: &str = include_str!("scripts/read_attempt.lua");
+    pub const READ_KEYS: &str = include_str!("scripts/read_keys.lua");
+}
+use scripts::*;
 
 /// The connection manager's timeouts and reconnection for a standalone Redis: a reply
 /// slower than 2 s is an error (the delivery parks), not a hung delivery.

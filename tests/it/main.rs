@@ -23,5 +23,6 @@ mod passes;
 mod pipeline;
 mod process;
 mod redis_modes;
+mod redis_scripts;
 mod secrets;
 mod tls;
