@@ -193,74 +193,42 @@ async fn serve_connection(
 }
 
 /// Connections the kernel may hold for us to accept.
-const ACCEPT_BACKLOG: libc::c_int = 4096;
+const ACCEPT_BACKLOG: i32 = 4096;
 
-/// Set up the listening socket: a deep accept queue, and TCP_DEFER_ACCEPT — the kernel
+/// Set up the listening socket: a deep accept queue (the kernel caps it at
+/// net.core.somaxconn: when a burst overflows it, the kernel drops the SYN of whoever comes
+/// next — a probe — which then waits a second to retry), and TCP_DEFER_ACCEPT — the kernel
 /// hands over a connection only once its client has sent something (or
 /// [`HEADER_READ_TIMEOUT`] has passed): a client that connects and says nothing costs no
 /// file descriptor of ours, and on every accepted connection a probe's request is already
-/// there to be seen. Linux only; elsewhere, and if refused, a no-op (the endpoint's other
-/// limits still hold).
+/// there to be seen. If refused, the endpoint's other limits still hold.
 pub fn prepare_listener(listener: &std::net::TcpListener) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // And a deep accept queue (the kernel caps it at net.core.somaxconn): when a burst
-        // overflows it, the kernel drops the SYN of whoever comes next — a probe — which
-        // then waits a second to retry.
-        // SAFETY: listen() again on our listening socket only changes its backlog.
-        if unsafe { libc::listen(listener.as_raw_fd(), ACCEPT_BACKLOG) } != 0 {
-            tracing::warn!(error = %std::io::Error::last_os_error(), "metrics endpoint: cannot deepen the accept queue");
-        }
-        let seconds: libc::c_int = HEADER_READ_TIMEOUT.as_secs().try_into().unwrap_or(2);
-        // SAFETY: a valid socket descriptor we own, and a c_int option value of the size
-        // given.
-        let rc = unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                (&seconds as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::warn!(error = %std::io::Error::last_os_error(), "metrics endpoint: TCP_DEFER_ACCEPT refused");
-        }
+    if let Err(e) = socket2::SockRef::from(listener).listen(ACCEPT_BACKLOG) {
+        tracing::warn!(error = %e, "metrics endpoint: cannot deepen the accept queue");
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = listener;
+    let seconds = u32::try_from(HEADER_READ_TIMEOUT.as_secs()).unwrap_or(2);
+    if let Err(e) = crate::sys::defer_accept(listener, seconds) {
+        tracing::warn!(error = %e, "metrics endpoint: TCP_DEFER_ACCEPT refused");
+    }
 }
 
 /// Whether a whole request header is already waiting on a just-accepted connection (a
 /// probe or a scrape sends it at once; with [`prepare_listener`] it is there when the
-/// connection is accepted); never waits.
+/// connection is accepted); never waits (the socket is non-blocking).
 fn request_waiting(stream: &tokio::net::TcpStream, buf: &mut [u8]) -> bool {
     // Straight to the socket: tokio's readiness for a just-accepted stream is not known
     // until its first event, so its own `peek` would say "nothing yet" though data is there.
-    #[cfg(unix)]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid socket descriptor we own and a buffer of the length given;
-        // MSG_PEEK leaves the data for hyper, MSG_DONTWAIT never blocks.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        usize::try_from(n)
-            .ok()
-            .and_then(|n| buf.get(..n))
-            .is_some_and(|seen| seen.windows(4).any(|w| w == b"\r\n\r\n"))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (stream, buf);
-        false
-    }
+    // Through a duplicate of its descriptor (the same non-blocking socket): std's `peek`
+    // asks the socket itself.
+    use std::os::fd::AsFd;
+    stream
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::net::TcpStream::from)
+        .and_then(|s| s.peek(buf))
+        .ok()
+        .and_then(|n| buf.get(..n))
+        .is_some_and(|seen| seen.windows(4).any(|w| w == b"\r\n\r\n"))
 }
 
 /// One open connection: when it was accepted, whether its request arrived, and how to

@@ -46,6 +46,7 @@ pub mod secret;
 pub mod shutdown;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod sys;
 pub mod telemetry;
 pub mod text;
 pub mod traceparent;

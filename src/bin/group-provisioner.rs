@@ -11,19 +11,10 @@ fn main() -> ExitCode {
     // First: from here on a panic outside one delivery's work, or a thread that cannot be
     // started, ends the process in one line instead of leaving it half alive.
     group_provisioner::fatal::install();
-    // Before any thread exists, so that threads spawned without a size of their own (the
-    // broker client's I/O thread among them) get this stack: deeply nested headers are
-    // parsed recursively there (see `THREAD_STACK_BYTES`).
-    if std::env::var_os("RUST_MIN_STACK").is_none() {
-        // SAFETY: single-threaded here; nothing reads the environment concurrently.
-        unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK_BYTES.to_string()) };
-    }
-    // Two malloc arenas instead of eight per core: the worker's threads share a few, which
-    // keeps its resident memory small (measured in docs/performance.md).
-    // SAFETY: mallopt only tunes glibc's allocator; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
+    // Before any thread exists (`sys`): threads spawned without a size of their own (the
+    // broker client's I/O thread among them) get a deep stack, and malloc keeps two arenas.
+    group_provisioner::sys::set_min_stack(THREAD_STACK_BYTES);
+    group_provisioner::sys::limit_malloc_arenas();
     // Worker threads: one per core unless TOKIO_WORKER_THREADS says otherwise.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -226,3 +226,23 @@ fn clients_are_built_in_app_only() {
         }
     }
 }
+
+/// `unsafe` lives in one module, which says why each use is needed (`src/sys.rs`).
+#[test]
+fn unsafe_code_lives_in_sys_only() {
+    for (file, text) in sources() {
+        if file == "sys.rs" {
+            continue;
+        }
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            assert!(
+                !code
+                    .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                    .any(|w| w == "unsafe"),
+                "src/{file}:{}: unsafe outside src/sys.rs: {line}",
+                n + 1
+            );
+        }
+    }
+}
