@@ -352,35 +352,15 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             ops::dlq::export(&settings, &out).await,
             |()| Exit::Success,
         ),
-        Command::Dlq(DlqCommand::Migrate) => {
-            ops_result("dlq migrate", ops::dlq::migrate(&settings).await, |m| {
-                if m.already_current {
-                    outln!("the DLQ already has this version's arguments; nothing to do");
-                } else {
-                    outln!("migrated: {} dead letters kept, in order", m.moved);
-                }
-                Exit::Success
-            })
-        }
+        Command::Dlq(DlqCommand::Migrate) => ops_result(
+            "dlq migrate",
+            ops::dlq::migrate_command(&settings).await,
+            |_| Exit::Success,
+        ),
         Command::Dlq(DlqCommand::Discard(filter)) => ops_result(
             "dlq discard",
-            ops::dlq::discard(&settings, &filter).await,
-            |s| {
-                if filter.json {
-                    outln!(
-                        "{}",
-                        serde_json::json!({"dry_run": filter.dry_run, "discarded": s.discarded, "kept": s.kept})
-                    );
-                } else {
-                    let verb = if filter.dry_run {
-                        "would discard"
-                    } else {
-                        "discarded"
-                    };
-                    outln!("{verb} {}, kept {}", s.discarded, s.kept);
-                }
-                Exit::Success
-            },
+            ops::dlq::discard_command(&settings, &filter).await,
+            |_| Exit::Success,
         ),
         Command::Dlq(DlqCommand::Replay(filter)) => ops_result(
             "dlq replay",
@@ -399,48 +379,13 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             json,
         } => ops_result(
             "send",
-            ops::send::run(&settings, file.as_deref(), !no_validate).await,
-            |s| {
-                if json {
-                    outln!(
-                        "{}",
-                        serde_json::json!({"sent": s.sent, "invalid": s.invalid, "failed": s.failed})
-                    );
-                } else {
-                    outln!(
-                        "sent {}, invalid {}, failed {}",
-                        s.sent,
-                        s.invalid,
-                        s.failed
-                    );
-                }
-                success_if(s.all_sent())
-            },
+            ops::send::command(&settings, file.as_deref(), !no_validate, json).await,
+            |s| success_if(s.all_sent()),
         ),
         Command::Events(EventsCommand::ReplayUnrouted(filter)) => ops_result(
             "events replay-unrouted",
-            ops::events::replay_unrouted(&settings, &filter).await,
-            |summary| {
-                if filter.json {
-                    outln!(
-                        "{}",
-                        serde_json::json!({"dry_run": filter.dry_run, "moved": summary.moved, "kept": summary.kept, "came_back": summary.came_back})
-                    );
-                } else {
-                    let verb = if filter.dry_run {
-                        "would move"
-                    } else {
-                        "moved"
-                    };
-                    outln!(
-                        "{verb} {}, kept {}, came back {}",
-                        summary.moved,
-                        summary.kept,
-                        summary.came_back
-                    );
-                }
-                Exit::Success
-            },
+            ops::events::replay_unrouted_command(&settings, &filter).await,
+            |_| Exit::Success,
         ),
         Command::Schema { which } => {
             let schema = match which {

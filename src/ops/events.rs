@@ -47,6 +47,33 @@ pub struct UnroutedSummary {
     pub came_back: u32,
 }
 
+/// `events replay-unrouted`: replay, then print the summary (one JSON object with `--json`).
+pub async fn replay_unrouted_command(
+    settings: &Settings,
+    filter: &UnroutedFilter,
+) -> Result<UnroutedSummary, OpsError> {
+    let summary = replay_unrouted(settings, filter).await?;
+    if filter.json {
+        outln!(
+            "{}",
+            serde_json::json!({"dry_run": filter.dry_run, "moved": summary.moved, "kept": summary.kept, "came_back": summary.came_back})
+        );
+    } else {
+        let verb = if filter.dry_run {
+            "would move"
+        } else {
+            "moved"
+        };
+        outln!(
+            "{verb} {}, kept {}, came back {}",
+            summary.moved,
+            summary.kept,
+            summary.came_back
+        );
+    }
+    Ok(summary)
+}
+
 pub async fn replay_unrouted(
     settings: &Settings,
     filter: &UnroutedFilter,

@@ -64,6 +64,30 @@ impl SendSummary {
     }
 }
 
+/// `send`: send, then print the summary (one JSON object with `json`).
+pub async fn command(
+    settings: &Settings,
+    file: Option<&Path>,
+    validate: bool,
+    json: bool,
+) -> Result<SendSummary, OpsError> {
+    let s = run(settings, file, validate).await?;
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({"sent": s.sent, "invalid": s.invalid, "failed": s.failed})
+        );
+    } else {
+        outln!(
+            "sent {}, invalid {}, failed {}",
+            s.sent,
+            s.invalid,
+            s.failed
+        );
+    }
+    Ok(s)
+}
+
 pub async fn run(
     settings: &Settings,
     file: Option<&Path>,

@@ -134,6 +134,28 @@ fn canonical(v: &serde_json::Value) -> String {
     }
 }
 
+/// `dlq discard`: discard, then print the summary (one JSON object with `--json`).
+pub async fn discard_command(
+    settings: &Settings,
+    filter: &DiscardFilter,
+) -> Result<DiscardSummary, OpsError> {
+    let s = discard(settings, filter).await?;
+    if filter.json {
+        outln!(
+            "{}",
+            serde_json::json!({"dry_run": filter.dry_run, "discarded": s.discarded, "kept": s.kept})
+        );
+    } else {
+        let verb = if filter.dry_run {
+            "would discard"
+        } else {
+            "discarded"
+        };
+        outln!("{verb} {}, kept {}", s.discarded, s.kept);
+    }
+    Ok(s)
+}
+
 /// Remove matching dead letters (module documentation).
 pub async fn discard(
     settings: &Settings,

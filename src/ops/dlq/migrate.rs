@@ -57,6 +57,17 @@ pub async fn interrupted_migration(
     Some((holding, ready))
 }
 
+/// `dlq migrate`: migrate, then say what was done.
+pub async fn migrate_command(settings: &Settings) -> Result<Migration, OpsError> {
+    let m = migrate(settings).await?;
+    if m.already_current {
+        outln!("the DLQ already has this version's arguments; nothing to do");
+    } else {
+        outln!("migrated: {} dead letters kept, in order", m.moved);
+    }
+    Ok(m)
+}
+
 pub async fn migrate(settings: &Settings) -> Result<Migration, OpsError> {
     let (conn, channel) = connect(settings, "dlq migrate").await?;
     let result = run(settings, &conn, channel).await;

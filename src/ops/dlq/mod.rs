@@ -32,10 +32,10 @@ use crate::text::printable;
 
 use super::OpsError;
 
-pub use discard::{DiscardFilter, DiscardSummary, discard};
+pub use discard::{DiscardFilter, DiscardSummary, discard, discard_command};
 pub(crate) use file::ExportFile;
 pub use json::amqp_to_json;
-pub use migrate::{Migration, interrupted_migration, migrate};
+pub use migrate::{Migration, interrupted_migration, migrate, migrate_command};
 pub use reader::{DeadLetter, DlqReader, pass_running};
 pub use replay::{ReplayFilter, ReplaySummary, replay, replay_command};
 
