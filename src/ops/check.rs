@@ -72,6 +72,10 @@ enum VerifyError {
     Broker(#[from] lapin::Error),
 }
 
+/// Whether a pass over the DLQ / the unrouted events runs now (`None`: cannot tell). A
+/// note of a pass that is not running means it was killed.
+type PassesRunning = (Option<bool>, Option<bool>);
+
 pub async fn run(
     settings: &Settings,
     config_source: &str,
@@ -83,120 +87,154 @@ pub async fn run(
         ..CheckReport::default()
     };
     report.line("config", Ok::<_, String>(config_source.to_owned()));
-    // Whether a pass over the DLQ / the unrouted events runs now: a note of one that is not
-    // running means it was killed.
-    let mut pass_running = (None, None);
+    let passes = check_broker(&mut report, settings, declare).await;
+    let store = app::dedup_store(settings);
+    let redis_ok = check_redis(&mut report, settings, &store).await;
+    if let (Ok(store), true) = (&store, redis_ok) {
+        check_unfinished_passes(&mut report, settings, store, passes).await;
+    }
+    check_api(&mut report, settings, &store).await;
+    report.finish();
+    report
+}
 
-    match super::connect_node(settings, "check").await {
+/// rabbitmq, topology, dlq, events.
+async fn check_broker(
+    report: &mut CheckReport,
+    settings: &Settings,
+    declare: bool,
+) -> PassesRunning {
+    let (conn, channel, node) = match super::connect_node(settings, "check").await {
+        Ok(c) => c,
         Err(e) => {
             report.line("rabbitmq", Err(e));
             report.line("topology", Err("skipped: no broker connection"));
+            return (None, None);
         }
-        Ok((conn, channel, node)) => {
-            let urls = settings.amqp.url.urls();
-            let reached = match urls.get(node) {
-                Some(url) if urls.len() > 1 => {
-                    format!("{url} (node {} of {} answered)", node + 1, urls.len())
-                }
-                _ => settings.amqp.url.to_string(),
-            };
-            report.line(
-                "rabbitmq",
-                Ok::<_, String>(format!("{reached}; {}", app::amqp_tls_state(settings))),
-            );
-            let topology = Topology::new(&settings.topology, &settings.retry.delays);
-            if declare {
-                match topology.declare(&conn, &channel).await {
-                    Ok(declared) => {
-                        if declared.legacy_event_exchange.is_some() {
-                            report.warn(
-                                "events",
-                                topology::legacy_event_exchange_advice(
-                                    &topology.event_exchange,
-                                    &topology.unrouted_events,
-                                ),
-                            );
-                        }
-                        report.line(
-                            "topology",
-                            Ok::<_, String>(format!(
-                                "declared {} exchanges, {} queues",
-                                topology.exchanges.len(),
-                                topology.queues.len()
-                            )),
-                        );
-                        report_dead_letter_queue(
-                            &mut report,
-                            &topology,
-                            declared.legacy_dead_letter_queue.is_some(),
-                        );
-                    }
-                    Err(e) => report.line("topology", Err(e)),
-                }
-            } else {
-                let verified = verify(&conn, &topology).await;
-                let present = verified.is_ok();
-                report.line("topology", verified);
-                // Comparing arguments takes a declare (a no-op when they match).
-                if present {
-                    match topology.dead_letter_queue_state(&conn).await {
-                        Ok(DeadLetterQueueState::Current) => {
-                            report_dead_letter_queue(&mut report, &topology, false);
-                        }
-                        Ok(DeadLetterQueueState::Legacy(_)) => {
-                            report_dead_letter_queue(&mut report, &topology, true);
-                        }
-                        Ok(DeadLetterQueueState::Unknown(why)) => report.warn(
-                            "dlq",
-                            format!(
-                                "arguments of {} not compared ({why}): if an earlier version declared it, run `group-provisioner dlq migrate` with a user that may",
-                                topology.dead_letter_queue
-                            ),
-                        ),
-                        Err(e) => report.line("dlq", Err(e)),
-                    }
-                }
-            }
-            // Events nobody is bound for: the worker goes on, but someone is missing them.
-            if let Ok(Some(waiting)) =
-                crate::ops::queue_depth(&conn, &topology.unrouted_events).await
-            {
-                let unrouted = if waiting == 0 {
-                    Ok(format!(
-                        "no unrouted events in {}",
-                        topology.unrouted_events
-                    ))
-                } else {
-                    Err(format!(
-                        "{} nobody is bound for {} in {}: bind a queue to {} for both routing keys, then run `group-provisioner events replay-unrouted`",
-                        crate::text::count(u64::from(waiting), "event", "events"),
-                        if waiting == 1 { "waits" } else { "wait" },
-                        topology.unrouted_events,
-                        topology.event_exchange
-                    ))
-                };
-                report.line("events", unrouted);
-            }
-            pass_running = (
-                crate::ops::dlq::pass_running(&conn, &topology.dead_letter_queue).await,
-                crate::ops::dlq::pass_running(&conn, &topology.unrouted_events).await,
-            );
-            if let Some((holding, waiting)) =
-                crate::ops::dlq::interrupted_migration(&conn, &topology).await
-            {
-                report.line(
-                    "dlq",
-                    Err(format!(
-                        "a dlq migrate was interrupted: {waiting} dead letters wait in {holding}; run `group-provisioner dlq migrate` again"
-                    )),
+    };
+    let urls = settings.amqp.url.urls();
+    let reached = match urls.get(node) {
+        Some(url) if urls.len() > 1 => {
+            format!("{url} (node {} of {} answered)", node + 1, urls.len())
+        }
+        _ => settings.amqp.url.to_string(),
+    };
+    report.line(
+        "rabbitmq",
+        Ok::<_, String>(format!("{reached}; {}", app::amqp_tls_state(settings))),
+    );
+    let topology = Topology::new(&settings.topology, &settings.retry.delays);
+    if declare {
+        check_declared(report, &topology, &conn, &channel).await;
+    } else {
+        check_verified(report, &topology, &conn).await;
+    }
+    check_unrouted(report, &topology, &conn).await;
+    let passes = (
+        crate::ops::dlq::pass_running(&conn, &topology.dead_letter_queue).await,
+        crate::ops::dlq::pass_running(&conn, &topology.unrouted_events).await,
+    );
+    if let Some((holding, waiting)) = crate::ops::dlq::interrupted_migration(&conn, &topology).await
+    {
+        report.line(
+            "dlq",
+            Err(format!(
+                "a dlq migrate was interrupted: {waiting} dead letters wait in {holding}; run `group-provisioner dlq migrate` again"
+            )),
+        );
+    }
+    let _ = conn.close(200, ShortString::from("check done")).await;
+    passes
+}
+
+/// The topology declared (as the worker does), and what the declaration found.
+async fn check_declared(
+    report: &mut CheckReport,
+    topology: &Topology,
+    conn: &lapin::Connection,
+    channel: &lapin::Channel,
+) {
+    match topology.declare(conn, channel).await {
+        Ok(declared) => {
+            if declared.legacy_event_exchange.is_some() {
+                report.warn(
+                    "events",
+                    topology::legacy_event_exchange_advice(
+                        &topology.event_exchange,
+                        &topology.unrouted_events,
+                    ),
                 );
             }
-            let _ = conn.close(200, ShortString::from("check done")).await;
+            report.line(
+                "topology",
+                Ok::<_, String>(format!(
+                    "declared {} exchanges, {} queues",
+                    topology.exchanges.len(),
+                    topology.queues.len()
+                )),
+            );
+            report_dead_letter_queue(
+                report,
+                topology,
+                declared.legacy_dead_letter_queue.is_some(),
+            );
         }
+        Err(e) => report.line("topology", Err(e)),
     }
+}
 
-    let store = app::dedup_store(settings);
-    let redis = match &store {
+/// `--no-declare`: the topology only verified, and the DLQ's arguments compared.
+async fn check_verified(report: &mut CheckReport, topology: &Topology, conn: &lapin::Connection) {
+    let verified = verify(conn, topology).await;
+    let present = verified.is_ok();
+    report.line("topology", verified);
+    if !present {
+        return;
+    }
+    // Comparing arguments takes a declare (a no-op when they match).
+    match topology.dead_letter_queue_state(conn).await {
+        Ok(DeadLetterQueueState::Current) => report_dead_letter_queue(report, topology, false),
+        Ok(DeadLetterQueueState::Legacy(_)) => report_dead_letter_queue(report, topology, true),
+        Ok(DeadLetterQueueState::Unknown(why)) => report.warn(
+            "dlq",
+            format!(
+                "arguments of {} not compared ({why}): if an earlier version declared it, run `group-provisioner dlq migrate` with a user that may",
+                topology.dead_letter_queue
+            ),
+        ),
+        Err(e) => report.line("dlq", Err(e)),
+    }
+}
+
+/// Events nobody is bound for: the worker goes on, but someone is missing them.
+async fn check_unrouted(report: &mut CheckReport, topology: &Topology, conn: &lapin::Connection) {
+    let Ok(Some(waiting)) = crate::ops::queue_depth(conn, &topology.unrouted_events).await else {
+        return;
+    };
+    let unrouted = if waiting == 0 {
+        Ok(format!(
+            "no unrouted events in {}",
+            topology.unrouted_events
+        ))
+    } else {
+        Err(format!(
+            "{} nobody is bound for {} in {}: bind a queue to {} for both routing keys, then run `group-provisioner events replay-unrouted`",
+            crate::text::count(u64::from(waiting), "event", "events"),
+            if waiting == 1 { "waits" } else { "wait" },
+            topology.unrouted_events,
+            topology.event_exchange
+        ))
+    };
+    report.line("events", unrouted);
+}
+
+/// redis: whether it answered.
+async fn check_redis(
+    report: &mut CheckReport,
+    settings: &Settings,
+    store: &Result<crate::dedup::RedisStore, crate::pipeline::StoreError>,
+) -> bool {
+    let redis = match store {
         Ok(s) => match tokio::time::timeout(Duration::from_secs(5), s.ping()).await {
             Ok(Ok(())) => Ok(format!(
                 "{}; {}",
@@ -211,22 +249,37 @@ pub async fn run(
         },
         Err(e) => Err(e.to_string()),
     };
-    let redis_ok = redis.is_ok();
+    let ok = redis.is_ok();
     report.line("redis", redis);
-    if let (Ok(store), true) = (&store, redis_ok) {
-        let topology = &settings.topology;
-        for (item, queue, running) in [
-            ("dlq", &topology.dead_letter_queue, pass_running.0),
-            ("events", &topology.unrouted_events, pass_running.1),
-        ] {
-            let Some(running) = running else { continue };
-            if let Some(text) = crate::ops::dlq::marker::unfinished(store, queue, running).await {
-                report.warn(item, text);
-            }
+    ok
+}
+
+/// The notes of passes killed before they gave their queue back in order.
+async fn check_unfinished_passes(
+    report: &mut CheckReport,
+    settings: &Settings,
+    store: &crate::dedup::RedisStore,
+    passes: PassesRunning,
+) {
+    let topology = &settings.topology;
+    for (item, queue, running) in [
+        ("dlq", &topology.dead_letter_queue, passes.0),
+        ("events", &topology.unrouted_events, passes.1),
+    ] {
+        let Some(running) = running else { continue };
+        if let Some(text) = crate::ops::dlq::marker::unfinished(store, queue, running).await {
+            report.warn(item, text);
         }
     }
+}
 
-    let api = match &store {
+/// api: an authenticated call that creates nothing.
+async fn check_api(
+    report: &mut CheckReport,
+    settings: &Settings,
+    store: &Result<crate::dedup::RedisStore, crate::pipeline::StoreError>,
+) {
+    let api = match store {
         Ok(s) => match app::api_client(settings, s, &format!("{}/check", app::worker_id())) {
             Ok(client) => client
                 .list_child_groups(None, None, 1, 0, None)
@@ -247,8 +300,6 @@ pub async fn run(
     for warning in settings.api.cleartext_warnings() {
         report.warn("api", warning);
     }
-    report.finish();
-    report
 }
 
 /// A DLQ of an earlier version fails the check: dead letters are at risk on RabbitMQ 4.x.
