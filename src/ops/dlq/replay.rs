@@ -11,7 +11,7 @@ use crate::amqp::headers::{self, HeaderUpdate};
 use crate::config::Settings;
 use crate::ops::OpsError;
 
-use super::reader::DlqReader;
+use super::reader::{DeadLetter, DlqReader};
 
 /// What `dlq replay` moves (its command-line options).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -58,29 +58,53 @@ pub struct ReplaySummary {
     pub interrupted: bool,
 }
 
+/// What replay does with one dead letter.
+enum Pick {
+    /// `--limit` reached: this one and the rest stay.
+    Done,
+    /// Not matching the filter.
+    Keep,
+    /// Replayed `--max-replays` times already.
+    Skip,
+    Move,
+}
+
+fn pick(filter: &ReplayFilter, letter: &DeadLetter, moved: usize) -> Pick {
+    let matches = filter
+        .ext_id
+        .as_deref()
+        .is_none_or(|x| letter.ext_id.as_deref() == Some(x))
+        && filter.kind.as_deref().is_none_or(|k| letter.kind == k);
+    if filter.limit.is_some_and(|l| moved >= l) {
+        Pick::Done
+    } else if !matches {
+        Pick::Keep
+    } else if letter.replay_count() >= filter.max_replays {
+        Pick::Skip
+    } else {
+        Pick::Move
+    }
+}
+
 /// Move matching dead letters back to the command exchange. SIGINT or SIGTERM ends it
 /// after the current message: the rest goes back, in order, and the summary says
 /// `interrupted`.
 pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<ReplaySummary, OpsError> {
     let mut reader = DlqReader::open(settings, "replay", None).await?;
-    let publisher = Publisher::new(reader.channel().clone());
-    let topology = &settings.topology;
+    let mut mover = Mover {
+        publisher: Publisher::new(reader.channel().clone()),
+        settings,
+        notes: (!filter.dry_run).then(|| super::notes::Notes::new(settings)),
+    };
     let mut summary = ReplaySummary::default();
-    let interval = filter
-        .rate
-        .filter(|r| *r > 0.0)
-        .map(|r| Duration::from_secs_f64(1.0 / r));
-    let mut next_at = tokio::time::Instant::now();
-    let mut notes = (!filter.dry_run).then(|| super::notes::Notes::new(settings));
+    let mut pace = Pace::new(filter.rate);
     let mut result = Ok(());
     loop {
         let letter = match reader.next().await {
             Ok(Some(l)) => l,
             Ok(None) => break,
             Err(OpsError::Interrupted { .. }) => {
-                eprintln!("interrupted: the dead letters not yet moved go back, in order");
-                summary.interrupted = true;
-                summary.kept += reader.remaining();
+                summary.interrupt(reader.remaining());
                 break;
             }
             Err(e) => {
@@ -88,65 +112,125 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
                 break;
             }
         };
-        let matches = filter
-            .ext_id
-            .as_deref()
-            .is_none_or(|x| letter.ext_id.as_deref() == Some(x))
-            && filter.kind.as_deref().is_none_or(|k| letter.kind == k);
-        if filter.limit.is_some_and(|l| summary.moved >= l) {
-            // Done: this one and the rest of the pass stay where they are.
-            summary.kept += 1 + reader.remaining();
-            break;
-        }
-        if !matches {
-            summary.kept += 1;
-            continue;
-        }
-        if letter.kind == "invalid_command" {
+        if letter.kind == "invalid_command"
+            && !matches!(pick(filter, &letter, summary.moved), Pick::Keep)
+        {
             warn_invalid_command();
         }
-        if letter.replay_count() >= filter.max_replays {
-            summary.skipped += 1;
-            eprintln!(
-                "skip {}: replayed {} times already (--max-replays {})",
-                letter.describe(),
-                letter.replay_count(),
-                filter.max_replays
-            );
-            continue;
-        }
-        if filter.dry_run {
-            summary.moved += 1;
-            if !filter.json
-                && let Err(e) = super::out_line(format_args!("would replay {}", letter.describe()))
-            {
-                result = Err(super::stdout_error(e, reader.returned_in_order()));
+        match pick(filter, &letter, summary.moved) {
+            Pick::Done => {
+                summary.kept += 1 + reader.remaining();
                 break;
             }
-            continue;
-        }
-        if let Some(i) = interval {
-            let stop = crate::ops::stop();
-            tokio::select! {
-                () = tokio::time::sleep_until(next_at) => {}
-                // Not this one: the rest goes back, in order.
-                () = stop.cancelled() => {
-                    eprintln!("interrupted: the dead letters not yet moved go back, in order");
-                    summary.interrupted = true;
-                    summary.kept += 1 + reader.remaining();
+            Pick::Keep => summary.kept += 1,
+            Pick::Skip => {
+                summary.skipped += 1;
+                eprintln!(
+                    "skip {}: replayed {} times already (--max-replays {})",
+                    letter.describe(),
+                    letter.replay_count(),
+                    filter.max_replays
+                );
+            }
+            Pick::Move if filter.dry_run => {
+                summary.moved += 1;
+                if !filter.json
+                    && let Err(e) =
+                        super::out_line(format_args!("would replay {}", letter.describe()))
+                {
+                    result = Err(super::stdout_error(e, reader.returned_in_order()));
                     break;
                 }
             }
-            next_at = tokio::time::Instant::now() + i;
+            Pick::Move => {
+                if !pace.wait().await {
+                    // Not this one: the rest goes back, in order.
+                    summary.interrupt(1 + reader.remaining());
+                    break;
+                }
+                match mover.move_back(&mut reader, &letter).await {
+                    Ok(()) => summary.moved += 1,
+                    Err((e, moved)) => {
+                        if moved {
+                            summary.moved += 1;
+                        } else {
+                            summary.kept += 1;
+                        }
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
         }
+    }
+    // What was not moved goes back, in order.
+    super::ended(result, reader.close().await).map(|()| summary)
+}
+
+impl ReplaySummary {
+    fn interrupt(&mut self, kept: usize) {
+        eprintln!("interrupted: the dead letters not yet moved go back, in order");
+        self.interrupted = true;
+        self.kept += kept;
+    }
+}
+
+/// `--rate`: at most one message per interval.
+struct Pace {
+    interval: Option<Duration>,
+    next_at: tokio::time::Instant,
+}
+
+impl Pace {
+    fn new(rate: Option<f64>) -> Pace {
+        Pace {
+            interval: rate
+                .filter(|r| *r > 0.0)
+                .map(|r| Duration::from_secs_f64(1.0 / r)),
+            next_at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Wait for the next slot; `false` when a signal came first.
+    async fn wait(&mut self) -> bool {
+        let Some(interval) = self.interval else {
+            return true;
+        };
+        let stop = crate::ops::stop();
+        tokio::select! {
+            () = tokio::time::sleep_until(self.next_at) => {}
+            () = stop.cancelled() => return false,
+        }
+        self.next_at = tokio::time::Instant::now() + interval;
+        true
+    }
+}
+
+/// Moves one dead letter back: a confirmed publish, then the ack of the dead letter.
+struct Mover<'a> {
+    publisher: Publisher,
+    settings: &'a Settings,
+    notes: Option<super::notes::Notes>,
+}
+
+impl Mover<'_> {
+    /// On failure, the error and whether the letter was published (then it is also still
+    /// in the DLQ: replaying it again is harmless, by deduplication).
+    async fn move_back(
+        &mut self,
+        reader: &mut DlqReader,
+        letter: &DeadLetter,
+    ) -> Result<(), (OpsError, bool)> {
+        let topology = &self.settings.topology;
         // Noted before it is published: the worker may settle it (and note that) at once.
-        if let Some(notes) = notes.as_mut() {
+        if let Some(notes) = self.notes.as_mut() {
             notes
-                .note(&letter, "replayed", crate::pipeline::Place::WorkQueue)
+                .note(letter, "replayed", crate::pipeline::Place::WorkQueue)
                 .await;
         }
         let properties = replay_properties(&letter.delivery.properties, letter.replay_count() + 1);
-        if let Err(e) = publisher
+        let published = self
+            .publisher
             .publish(
                 &topology.command_exchange,
                 &topology.command_routing_key,
@@ -154,37 +238,32 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
                 properties,
                 true,
             )
-            .await
-        {
+            .await;
+        if let Err(e) = published {
             // Not replayed after all: still a dead letter, where it was.
-            if let Some(notes) = notes.as_mut() {
+            if let Some(notes) = self.notes.as_mut() {
                 let place = crate::pipeline::Place::DeadLetterQueue {
                     queue: topology.dead_letter_queue.clone(),
                 };
-                notes.note(&letter, "dead_lettered", place).await;
+                notes.note(letter, "dead_lettered", place).await;
             }
-            result = Err(OpsError::ReplayPublish {
+            let e = OpsError::ReplayPublish {
                 letter: letter.describe(),
                 source: e,
-            });
-            summary.kept += 1;
-            break;
+            };
+            return Err((e, false));
         }
-        summary.moved += 1;
-        if let Err(e) = reader.ack(&letter).await {
-            // Published but not acked: the dead letter returns to the DLQ as well. Replaying
-            // it again is harmless (deduplication), so report and stop.
-            result = Err(OpsError::ReplayAck {
+        if let Err(e) = reader.ack(letter).await {
+            let e = OpsError::ReplayAck {
                 letter: letter.describe(),
                 source: e,
-            });
-            break;
+            };
+            return Err((e, true));
         }
         // A closed stdout costs only the report of what was moved, never the pass.
         let _ = super::out_line(format_args!("replayed {}", letter.describe()));
+        Ok(())
     }
-    // What was not moved goes back, in order.
-    super::ended(result, reader.close().await).map(|()| summary)
 }
 
 /// Said once per run, before the first invalid command would be replayed (or, with
