@@ -249,6 +249,17 @@ pub fn load_settings(cli: &Cli) -> Result<Settings, Exit> {
     loaded.map_err(|e| config_error(&e))
 }
 
+async fn run_worker(settings: Settings) -> Exit {
+    match crate::worker::run(settings).await {
+        Ok(()) => Exit::Success,
+        Err(StartError::App(crate::app::AppError::Config(e))) => config_error(&e),
+        Err(e) => {
+            tracing::error!(error = %e, "worker cannot start");
+            Exit::Failure
+        }
+    }
+}
+
 /// Where the settings came from, in words.
 fn config_source(cli: &Cli) -> String {
     match &cli.config {
@@ -320,51 +331,37 @@ fn invocation(cli: &Cli) -> String {
     }
 }
 
-/// Run the subcommand to its end.
-pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
-    say_what_is_read(&cli, &settings);
-    let again = invocation(&cli);
-    match cli.command {
-        Command::Run => match crate::worker::run(settings).await {
-            Ok(()) => Exit::Success,
-            Err(StartError::App(crate::app::AppError::Config(e))) => config_error(&e),
-            Err(e) => {
-                tracing::error!(error = %e, "worker cannot start");
-                Exit::Failure
-            }
-        },
-        Command::Check { no_declare, json } => {
-            let report = ops::check::run(&settings, &config_source(&cli), !no_declare, json).await;
-            success_if(report.failed == 0)
-        }
-        Command::Dlq(DlqCommand::Stats { json }) => {
-            ops_result("dlq stats", ops::dlq::stats(&settings, json).await, |()| {
+/// The `dlq` subcommands.
+async fn dispatch_dlq(command: DlqCommand, settings: &Settings) -> Exit {
+    match command {
+        DlqCommand::Stats { json } => {
+            ops_result("dlq stats", ops::dlq::stats(settings, json).await, |()| {
                 Exit::Success
             })
         }
-        Command::Dlq(DlqCommand::Peek { limit, json }) => ops_result(
+        DlqCommand::Peek { limit, json } => ops_result(
             "dlq peek",
-            ops::dlq::peek(&settings, limit.max(), json).await,
+            ops::dlq::peek(settings, limit.max(), json).await,
             |()| Exit::Success,
         ),
-        Command::Dlq(DlqCommand::Export { out }) => ops_result(
-            "dlq export",
-            ops::dlq::export(&settings, &out).await,
-            |()| Exit::Success,
-        ),
-        Command::Dlq(DlqCommand::Migrate) => ops_result(
+        DlqCommand::Export { out } => {
+            ops_result("dlq export", ops::dlq::export(settings, &out).await, |()| {
+                Exit::Success
+            })
+        }
+        DlqCommand::Migrate => ops_result(
             "dlq migrate",
-            ops::dlq::migrate_command(&settings).await,
+            ops::dlq::migrate_command(settings).await,
             |_| Exit::Success,
         ),
-        Command::Dlq(DlqCommand::Discard(filter)) => ops_result(
+        DlqCommand::Discard(filter) => ops_result(
             "dlq discard",
-            ops::dlq::discard_command(&settings, &filter).await,
+            ops::dlq::discard_command(settings, &filter).await,
             |_| Exit::Success,
         ),
-        Command::Dlq(DlqCommand::Replay(filter)) => ops_result(
+        DlqCommand::Replay(filter) => ops_result(
             "dlq replay",
-            ops::dlq::replay_command(&settings, &filter).await,
+            ops::dlq::replay_command(settings, &filter).await,
             |summary| {
                 if summary.interrupted {
                     Exit::Interrupted
@@ -373,6 +370,20 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                 }
             },
         ),
+    }
+}
+
+/// Run the subcommand to its end.
+pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
+    say_what_is_read(&cli, &settings);
+    let again = invocation(&cli);
+    match cli.command {
+        Command::Run => run_worker(settings).await,
+        Command::Check { no_declare, json } => {
+            let report = ops::check::run(&settings, &config_source(&cli), !no_declare, json).await;
+            success_if(report.failed == 0)
+        }
+        Command::Dlq(command) => dispatch_dlq(command, &settings).await,
         Command::Send {
             file,
             no_validate,
@@ -400,22 +411,18 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
             ext_id,
             message_id,
             json,
-        } => ops_result(
-            "status",
-            ops::status::run(
-                &settings,
-                match (&ext_id, &message_id) {
-                    (_, Some(id)) => ops::status::Lookup::MessageId(id),
-                    (Some(e), None) => ops::status::Lookup::ExtId(e),
-                    // clap requires one of them.
-                    (None, None) => ops::status::Lookup::ExtId(""),
-                },
-                json,
-                &again,
-            )
-            .await,
-            |known| if known { Exit::Success } else { Exit::Unknown },
-        ),
+        } => {
+            let lookup = match (&ext_id, &message_id) {
+                (_, Some(id)) => ops::status::Lookup::MessageId(id),
+                (Some(e), None) => ops::status::Lookup::ExtId(e),
+                // clap requires one of them.
+                (None, None) => ops::status::Lookup::ExtId(""),
+            };
+            let known = ops::status::run(&settings, lookup, json, &again).await;
+            ops_result("status", known, |known| {
+                if known { Exit::Success } else { Exit::Unknown }
+            })
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::app;
 use crate::command::ExtId;
 use crate::config::Settings;
-use crate::dedup::{RedisStore, StoredRecord};
+use crate::dedup::{ExtIdStatus, RedisStore, StoredRecord};
 use crate::pipeline::{LastOutcome, OutcomeKey, Place};
 use crate::text::{printable, shell_quote};
 
@@ -98,6 +98,16 @@ async fn by_ext_id(
         return Ok(known);
     }
     outln!("ext_id:        {}", printable(ext_id.as_str(), 160));
+    print_state(&status, last, known);
+    outln!("post_attempts: {}", status.attempt_markers);
+    if let Some(l) = last {
+        print_outcome(l, Some(ext_id.as_str()), again);
+    }
+    Ok(known)
+}
+
+/// The state lines of `status <ext_id>`: the record, or what stands for it.
+fn print_state(status: &ExtIdStatus, last: Option<&LastOutcome>, known: bool) {
     match &status.record {
         Some(StoredRecord::Created(r)) => {
             outln!("state:         created");
@@ -149,11 +159,6 @@ async fn by_ext_id(
             None => outln!("state:         unknown (never seen, or forgotten after dedup.ttl)"),
         },
     }
-    outln!("post_attempts: {}", status.attempt_markers);
-    if let Some(l) = last {
-        print_outcome(l, Some(ext_id.as_str()), again);
-    }
-    Ok(known)
 }
 
 fn print_message(id: &str, last: Option<&LastOutcome>, as_json: bool, again: &str) {
