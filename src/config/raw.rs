@@ -540,60 +540,13 @@ impl Raw {
         let redis = self.redis.into_settings()?;
         let api = self.api.into_settings(credentials)?;
         let retry = self.retry.into_settings()?;
-        let circuit = CircuitSettings {
-            failure_threshold: in_range(
-                "circuit.failure_threshold",
-                self.circuit.failure_threshold,
-                1,
-                1_000_000,
-            )?,
-            cooldown: at_least(
-                "circuit.cooldown",
-                self.circuit.cooldown,
-                Duration::from_millis(10),
-            )?,
-        };
-        let dedup = DedupSettings {
-            ttl: at_least("dedup.ttl", self.dedup.ttl, Duration::from_secs(1))?,
-            lease: at_least("dedup.lease", self.dedup.lease, Duration::from_millis(100))?,
-            verify_unknown: self.dedup.verify_unknown,
-        };
-        if dedup.ttl <= dedup.lease {
-            return Err(ConfigError::new(
-                "dedup.ttl",
-                format!(
-                    "{} must be longer than dedup.lease ({})",
-                    format_duration(dedup.ttl),
-                    format_duration(dedup.lease)
-                ),
-            ));
-        }
+        let circuit = self.circuit.into_settings()?;
+        let dedup = self.dedup.into_settings()?;
         let shutdown = ShutdownSettings {
             drain_timeout: self.shutdown.drain_timeout,
         };
-        let listen = self.metrics.listen.trim();
-        let metrics = MetricsSettings {
-            listen: listen.parse().map_err(|_| {
-                ConfigError::new(
-                    "metrics.listen",
-                    format!("{listen:?} is not a socket address (e.g. 127.0.0.1:9464)"),
-                )
-            })?,
-        };
-        let level = self.log.level.trim().to_owned();
-        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-            return Err(ConfigError::new(
-                "log.level",
-                format!(
-                    "{level:?} is not a level or filter (e.g. info, debug, group_provisioner=debug)"
-                ),
-            ));
-        }
-        let log = LogSettings {
-            format: self.log.format,
-            level,
-            queue_lines: in_range("log.queue_lines", self.log.queue_lines, 1, 1_000_000)?,
-        };
+        let metrics = self.metrics.into_settings()?;
+        let log = self.log.into_settings()?;
         let topology = self.topology.into_settings()?;
         for tier in &retry.delays {
             let queue = topology.delay_queue(tier);
@@ -617,6 +570,74 @@ impl Raw {
             metrics,
             log,
             topology,
+        })
+    }
+}
+
+impl RawCircuit {
+    fn into_settings(self) -> Result<CircuitSettings, ConfigError> {
+        Ok(CircuitSettings {
+            failure_threshold: in_range(
+                "circuit.failure_threshold",
+                self.failure_threshold,
+                1,
+                1_000_000,
+            )?,
+            cooldown: at_least("circuit.cooldown", self.cooldown, Duration::from_millis(10))?,
+        })
+    }
+}
+
+impl RawDedup {
+    fn into_settings(self) -> Result<DedupSettings, ConfigError> {
+        let dedup = DedupSettings {
+            ttl: at_least("dedup.ttl", self.ttl, Duration::from_secs(1))?,
+            lease: at_least("dedup.lease", self.lease, Duration::from_millis(100))?,
+            verify_unknown: self.verify_unknown,
+        };
+        if dedup.ttl <= dedup.lease {
+            return Err(ConfigError::new(
+                "dedup.ttl",
+                format!(
+                    "{} must be longer than dedup.lease ({})",
+                    format_duration(dedup.ttl),
+                    format_duration(dedup.lease)
+                ),
+            ));
+        }
+        Ok(dedup)
+    }
+}
+
+impl RawMetrics {
+    fn into_settings(self) -> Result<MetricsSettings, ConfigError> {
+        let listen = self.listen.trim();
+        Ok(MetricsSettings {
+            listen: listen.parse().map_err(|_| {
+                ConfigError::new(
+                    "metrics.listen",
+                    format!("{listen:?} is not a socket address (e.g. 127.0.0.1:9464)"),
+                )
+            })?,
+        })
+    }
+}
+
+impl RawLog {
+    fn into_settings(self) -> Result<LogSettings, ConfigError> {
+        let level = self.level.trim().to_owned();
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "{level:?} is not a level or filter (e.g. info, debug, group_provisioner=debug)"
+                ),
+            ));
+        }
+        Ok(LogSettings {
+            format: self.format,
+            level,
+            queue_lines: in_range("log.queue_lines", self.queue_lines, 1, 1_000_000)?,
         })
     }
 }
