@@ -106,32 +106,58 @@ fn s(v: &str) -> ArgValue {
     ArgValue::Str(v.to_owned())
 }
 
+/// The exchanges, in declaration order.
+fn exchanges(t: &TopologySettings) -> Vec<ExchangeSpec> {
+    vec![
+        ExchangeSpec {
+            name: t.command_exchange.clone(),
+            kind: "topic",
+            arguments: Vec::new(),
+        },
+        ExchangeSpec {
+            name: t.dead_letter_exchange.clone(),
+            kind: "direct",
+            arguments: Vec::new(),
+        },
+        // An event no queue is bound for goes to the alternate exchange and waits in
+        // its queue, instead of coming back to the worker (which would have to stop).
+        ExchangeSpec {
+            name: t.unrouted_events.clone(),
+            kind: "fanout",
+            arguments: Vec::new(),
+        },
+        ExchangeSpec {
+            name: t.event_exchange.clone(),
+            kind: "topic",
+            arguments: vec![("alternate-exchange", s(&t.unrouted_events))],
+        },
+    ]
+}
+
+/// The delay queue of one tier: its messages expire back into the command exchange.
+fn delay_queue(t: &TopologySettings, tier: &DelayTier) -> QueueSpec {
+    QueueSpec {
+        name: t.delay_queue(tier),
+        arguments: vec![
+            ("x-queue-type", s("quorum")),
+            (
+                "x-message-ttl",
+                ArgValue::Int(i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX)),
+            ),
+            ("x-dead-letter-exchange", s(&t.command_exchange)),
+            ("x-dead-letter-routing-key", s(&t.command_routing_key)),
+            // Expiry back into the command exchange is a move, not a copy: it must be
+            // confirmed, or a broker failure could drop the command.
+            ("x-dead-letter-strategy", s("at-least-once")),
+            ("x-overflow", s("reject-publish")),
+        ],
+        bindings: Vec::new(),
+    }
+}
+
 impl Topology {
     pub fn new(t: &TopologySettings, tiers: &[DelayTier]) -> Topology {
-        let exchanges = vec![
-            ExchangeSpec {
-                name: t.command_exchange.clone(),
-                kind: "topic",
-                arguments: Vec::new(),
-            },
-            ExchangeSpec {
-                name: t.dead_letter_exchange.clone(),
-                kind: "direct",
-                arguments: Vec::new(),
-            },
-            // An event no queue is bound for goes to the alternate exchange and waits in
-            // its queue, instead of coming back to the worker (which would have to stop).
-            ExchangeSpec {
-                name: t.unrouted_events.clone(),
-                kind: "fanout",
-                arguments: Vec::new(),
-            },
-            ExchangeSpec {
-                name: t.event_exchange.clone(),
-                kind: "topic",
-                arguments: vec![("alternate-exchange", s(&t.unrouted_events))],
-            },
-        ];
+        let exchanges = exchanges(t);
         let mut queues = vec![
             QueueSpec {
                 name: t.work_queue.clone(),
@@ -158,25 +184,7 @@ impl Topology {
                 bindings: vec![(t.dead_letter_exchange.clone(), t.dead_letter_queue.clone())],
             },
         ];
-        for tier in tiers {
-            queues.push(QueueSpec {
-                name: t.delay_queue(tier),
-                arguments: vec![
-                    ("x-queue-type", s("quorum")),
-                    (
-                        "x-message-ttl",
-                        ArgValue::Int(i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX)),
-                    ),
-                    ("x-dead-letter-exchange", s(&t.command_exchange)),
-                    ("x-dead-letter-routing-key", s(&t.command_routing_key)),
-                    // Expiry back into the command exchange is a move, not a copy: it must
-                    // be confirmed, or a broker failure could drop the command.
-                    ("x-dead-letter-strategy", s("at-least-once")),
-                    ("x-overflow", s("reject-publish")),
-                ],
-                bindings: Vec::new(),
-            });
-        }
+        queues.extend(tiers.iter().map(|tier| delay_queue(t, tier)));
         queues.push(QueueSpec {
             name: t.unrouted_events.clone(),
             arguments: vec![("x-queue-type", s("quorum"))],
