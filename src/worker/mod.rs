@@ -167,38 +167,13 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
     .with_recorder(metrics.clone());
     let circuit = processor.circuit().clone();
     let connected = Arc::new(AtomicBool::new(false));
-    let own_queues = Topology::new(&settings.topology, &settings.retry.delays)
-        .queues
-        .into_iter()
-        .map(|q| q.name)
-        .collect();
-    let tier_places: Vec<TierPlace> = settings
-        .retry
-        .delays
-        .iter()
-        .map(|t| TierPlace {
-            queue: settings.topology.delay_queue(t),
-            label: t.label.clone(),
-            delay: t.delay,
-        })
-        .collect();
-    let counter_bounds = CounterBounds {
-        delay_queues: tier_places.iter().map(|t| t.queue.clone()).collect(),
-        max_tries: settings.retry.max_tries,
-    };
-    let settings_nodes = settings.amqp.url.clone();
-    let shared = Arc::new(Shared {
-        tier_places,
+    let shared = Arc::new(Shared::new(
         settings,
         processor,
         worker_id,
-        connected: connected.clone(),
-        own_queues,
-        counter_bounds,
-        probe: Mutex::new(None),
-        node: AtomicUsize::new(crate::amqp::random_start(&settings_nodes)),
-        metrics: metrics.clone(),
-    });
+        connected.clone(),
+        metrics.clone(),
+    ));
     let shutdown = CancellationToken::new();
     let (consuming_tx, consuming) = watch::channel(false);
     let health = Health {
@@ -234,6 +209,50 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     std_listener.set_nonblocking(true).map_err(err)?;
     http::prepare_listener(&std_listener);
     tokio::net::TcpListener::from_std(std_listener).map_err(err)
+}
+
+impl Shared {
+    /// What every session of the worker shares, derived once from the settings.
+    fn new(
+        settings: Settings,
+        processor: Processor<RedisStore, ConvirzaClient>,
+        worker_id: String,
+        connected: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
+    ) -> Shared {
+        let own_queues = Topology::new(&settings.topology, &settings.retry.delays)
+            .queues
+            .into_iter()
+            .map(|q| q.name)
+            .collect();
+        let tier_places: Vec<TierPlace> = settings
+            .retry
+            .delays
+            .iter()
+            .map(|t| TierPlace {
+                queue: settings.topology.delay_queue(t),
+                label: t.label.clone(),
+                delay: t.delay,
+            })
+            .collect();
+        let counter_bounds = CounterBounds {
+            delay_queues: tier_places.iter().map(|t| t.queue.clone()).collect(),
+            max_tries: settings.retry.max_tries,
+        };
+        let node = AtomicUsize::new(crate::amqp::random_start(&settings.amqp.url));
+        Shared {
+            tier_places,
+            settings,
+            processor,
+            worker_id,
+            connected,
+            own_queues,
+            counter_bounds,
+            probe: Mutex::new(None),
+            node,
+            metrics,
+        }
+    }
 }
 
 /// The `run` subcommand: start, wait for SIGTERM/SIGINT, drain. Returns once the worker
