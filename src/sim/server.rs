@@ -229,20 +229,8 @@ fn decide_create(
             None,
         );
     }
-    if let Some(spec) = take(&mut s.faults.fail_next) {
-        return Reply {
-            status: Some(spec.status),
-            fault: Some("fail_next".into()),
-            response: Some(fail_response(&spec)),
-        };
-    }
-    if s.faults.error_rate > 0.0 && rand::random::<f64>() < s.faults.error_rate {
-        let spec = FailNext::new(1, s.faults.error_status.unwrap_or(503));
-        return Reply {
-            status: Some(spec.status),
-            fault: Some("error_rate".into()),
-            response: Some(fail_response(&spec)),
-        };
+    if let Some(failed) = injected_failure(&mut s) {
+        return failed;
     }
     let Some(body) = body else {
         return reply(
@@ -307,6 +295,26 @@ fn decide_create(
     let fault =
         take_count(&mut s.faults.stall_after_commit).then(|| "stall_after_commit".to_owned());
     reply(StatusCode::CREATED, "Group created", data, fault)
+}
+
+/// A failure the faults ask for, before the request is even read.
+fn injected_failure(s: &mut super::State) -> Option<Reply> {
+    if let Some(spec) = take(&mut s.faults.fail_next) {
+        return Some(Reply {
+            status: Some(spec.status),
+            fault: Some("fail_next".into()),
+            response: Some(fail_response(&spec)),
+        });
+    }
+    if s.faults.error_rate > 0.0 && rand::random::<f64>() < s.faults.error_rate {
+        let spec = FailNext::new(1, s.faults.error_status.unwrap_or(503));
+        return Some(Reply {
+            status: Some(spec.status),
+            fault: Some("error_rate".into()),
+            response: Some(fail_response(&spec)),
+        });
+    }
+    None
 }
 
 fn reply(status: StatusCode, message: &str, data: Value, fault: Option<String>) -> Reply {
