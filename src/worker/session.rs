@@ -130,6 +130,88 @@ async fn step<T>(
     }
 }
 
+/// Say the session is up, and warn if the broker allows frames deeper than this process
+/// can parse.
+fn announce(shared: &Shared, conn: &lapin::Connection) {
+    let settings = &shared.settings;
+    tracing::info!(
+        amqp = %settings.amqp.url.urls()[shared.node.load(Ordering::SeqCst) % settings.amqp.url.urls().len()],
+        "connected to the broker; topology declared"
+    );
+    let frame_max = u64::from(conn.configuration().frame_max());
+    if frame_max > amqp::frame_max_covered() {
+        tracing::warn!(
+            frame_max,
+            covered = amqp::frame_max_covered(),
+            "the broker's frame_max lets a publisher nest headers deeper than this process's \
+             thread stacks can parse; lower frame_max or raise RUST_MIN_STACK (512 bytes per \
+             byte of frame_max)"
+        );
+    }
+}
+
+/// Watch the unrouted-events queue's depth, for the metric and its alert, until the
+/// returned guard is dropped with the session.
+async fn watch_unrouted(shared: &Arc<Shared>, conn: &lapin::Connection) -> AbortOnDrop {
+    let channel = conn.create_channel().await.ok();
+    let shared = shared.clone();
+    AbortOnDrop(tokio::spawn(async move {
+        let Some(channel) = channel else { return };
+        let queue = shared.settings.topology.unrouted_events.clone();
+        // A passive declare of a missing queue closes the channel: then there is nothing
+        // to watch until the next session declares it again.
+        while let Ok(n) = amqp::ready_count(&channel, &queue).await {
+            shared.metrics.set_unrouted_events(n);
+            tokio::time::sleep(UNROUTED_POLL).await;
+        }
+    }))
+}
+
+/// End a session: drain (or, at the deadline, hand back) its deliveries when it ends on
+/// purpose; on a lost publish channel, close the consume channel so the broker redelivers.
+async fn wind_down(
+    shared: &Shared,
+    tracker: &TaskTracker,
+    abort: &CancellationToken,
+    conn: &lapin::Connection,
+    consume_channel: &Channel,
+    result: &Result<(), SessionError>,
+) {
+    let settings = &shared.settings;
+    tracker.close();
+    if result.is_ok() {
+        let drain = settings.shutdown.drain_timeout;
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                drain_timeout_ms = drain.as_millis() as u64,
+                in_flight = tracker.len(),
+                "drain timeout: returning unfinished deliveries to the queue"
+            );
+            // Hand their claims back first: the next delivery of each can go ahead at once
+            // (their attempt markers stay open, so a POST in the air is still waited out).
+            let released = shared.processor.release_held().await;
+            tracing::info!(released, "claims of unfinished deliveries handed back");
+            abort.cancel();
+            let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
+        }
+        let _ = conn.close(200, ShortString::from("worker shutdown")).await;
+    }
+    // On a lost session the in-flight tasks cannot settle on a dead channel; the broker
+    // redelivers their messages, so they are left to finish on their own. They hold the
+    // consume channel (to ack on it). When only the publish channel is gone, that channel
+    // still lives: close it, or it would keep their deliveries from the broker until the
+    // slowest of those tasks ends (none of them can settle without publishing). Otherwise
+    // it is either gone with its connection or healthy (our consumer was cancelled), and
+    // the tasks still running may ack on it.
+    if matches!(result, Err(SessionError::PublishChannel)) {
+        let _ = tokio::time::timeout(
+            ABORT_GRACE,
+            consume_channel.close(200, ShortString::from("session lost")),
+        )
+        .await;
+    }
+}
+
 async fn session(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
@@ -142,21 +224,8 @@ async fn session(
         ready = open(shared) => ready?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    tracing::info!(
-        amqp = %settings.amqp.url.urls()[shared.node.load(Ordering::SeqCst) % settings.amqp.url.urls().len()],
-        "connected to the broker; topology declared"
-    );
+    announce(shared, &conn);
     shared.connected.store(true, Ordering::SeqCst);
-    let frame_max = u64::from(conn.configuration().frame_max());
-    if frame_max > amqp::frame_max_covered() {
-        tracing::warn!(
-            frame_max,
-            covered = amqp::frame_max_covered(),
-            "the broker's frame_max lets a publisher nest headers deeper than this process's \
-             thread stacks can parse; lower frame_max or raise RUST_MIN_STACK (512 bytes per \
-             byte of frame_max)"
-        );
-    }
 
     let tracker = TaskTracker::new();
     let links = Arc::new(execute::Links {
@@ -166,22 +235,7 @@ async fn session(
         broken: CancellationToken::new(),
     });
     let (publisher, abort, broken) = (&links.publisher, &links.abort, &links.broken);
-    // The unrouted-events queue's depth, for the metric and its alert; ends with the session.
-    let watch_unrouted = {
-        let channel = conn.create_channel().await.ok();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let Some(channel) = channel else { return };
-            let queue = shared.settings.topology.unrouted_events.clone();
-            // A passive declare of a missing queue closes the channel: then there is
-            // nothing to watch until the next session declares it again.
-            while let Ok(n) = amqp::ready_count(&channel, &queue).await {
-                shared.metrics.set_unrouted_events(n);
-                tokio::time::sleep(UNROUTED_POLL).await;
-            }
-        })
-    };
-    let _stop_watch = AbortOnDrop(watch_unrouted);
+    let _stop_watch = watch_unrouted(shared, &conn).await;
     let circuit = shared.processor.circuit().clone();
     let mut circuit_rx = circuit.subscribe();
 
@@ -231,38 +285,7 @@ async fn session(
     };
     consuming.send_replace(false);
     shared.connected.store(false, Ordering::SeqCst);
-    tracker.close();
-    if result.is_ok() {
-        let drain = settings.shutdown.drain_timeout;
-        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                drain_timeout_ms = drain.as_millis() as u64,
-                in_flight = tracker.len(),
-                "drain timeout: returning unfinished deliveries to the queue"
-            );
-            // Hand their claims back first: the next delivery of each can go ahead at once
-            // (their attempt markers stay open, so a POST in the air is still waited out).
-            let released = shared.processor.release_held().await;
-            tracing::info!(released, "claims of unfinished deliveries handed back");
-            abort.cancel();
-            let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
-        }
-        let _ = conn.close(200, ShortString::from("worker shutdown")).await;
-    }
-    // On a lost session the in-flight tasks cannot settle on a dead channel; the broker
-    // redelivers their messages, so they are left to finish on their own. They hold the
-    // consume channel (to ack on it). When only the publish channel is gone, that channel
-    // still lives: close it, or it would keep their deliveries from the broker until the
-    // slowest of those tasks ends (none of them can settle without publishing). Otherwise
-    // it is either gone with its connection or healthy (our consumer was cancelled), and
-    // the tasks still running may ack on it.
-    if matches!(result, Err(SessionError::PublishChannel)) {
-        let _ = tokio::time::timeout(
-            ABORT_GRACE,
-            consume_channel.close(200, ShortString::from("session lost")),
-        )
-        .await;
-    }
+    wind_down(shared, &tracker, abort, &conn, &consume_channel, &result).await;
     result
 }
 
