@@ -112,12 +112,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
         delivery.redelivered,
         &shared.counter_bounds,
     );
-    let span = tracing::info_span!(
-        "delivery",
-        ext_id = Empty,
-        message_id = inbound.message_id.as_deref(),
-        correlation_id = Empty,
-    );
+    let span = delivery_span(&inbound);
     // Acking or nacking a delivery is claimed first: whichever of the two branches below
     // claims it settles the delivery, and the other waits to be dropped. Without it, an ack
     // in flight at the drain deadline could be followed by a nack of the same tag, which
@@ -148,26 +143,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
     let aborted = async {
         abort.cancelled().await;
         claim_or_wait(&settling).await;
-        // Unfinished at the drain deadline: back to the queue. If a POST was in flight, the
-        // attempt marker makes the next delivery list before posting again.
-        let outcome = match delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
-        {
-            // `false`: the channel is gone and nothing was sent; the broker redelivers.
-            Ok(true) => Outcome::Requeued,
-            Ok(false) | Err(_) => Outcome::Failed,
-        };
-        shared.processor.recorder().command(outcome);
-        tracing::info!(
-            outcome = outcome.as_str(),
-            attempts = inbound.attempts,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "outcome"
-        );
+        give_back(&shared, &delivery, &inbound, started).await;
         None
     };
     // The drain deadline races the settling only: once the delivery is acked (or parked,
@@ -195,6 +171,40 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
             .instrument(span)
             .await;
     }
+}
+
+/// The span of one delivery: every log line about it carries these fields (`ext_id` and
+/// `correlation_id` are recorded once the command is read).
+fn delivery_span(inbound: &Inbound) -> tracing::Span {
+    tracing::info_span!(
+        "delivery",
+        ext_id = Empty,
+        message_id = inbound.message_id.as_deref(),
+        correlation_id = Empty,
+    )
+}
+
+/// Unfinished at the drain deadline: back to the queue. If a POST was in flight, the
+/// attempt marker makes the next delivery list before posting again.
+async fn give_back(shared: &Shared, delivery: &Delivery, inbound: &Inbound, started: Instant) {
+    let outcome = match delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await
+    {
+        // `false`: the channel is gone and nothing was sent; the broker redelivers.
+        Ok(true) => Outcome::Requeued,
+        Ok(false) | Err(_) => Outcome::Failed,
+    };
+    shared.processor.recorder().command(outcome);
+    tracing::info!(
+        outcome = outcome.as_str(),
+        attempts = inbound.attempts,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "outcome"
+    );
 }
 
 /// Take the right to ack or nack a delivery or, when the other side of the race took it
