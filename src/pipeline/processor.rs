@@ -393,6 +393,24 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 };
             }
         };
+        let (record, outcome) = self.record_for(msg, command, &provisioned, attempts).await;
+        let (reported, orphaned) = self.keep_record(command, owner, &record, &outcome).await;
+        let duplicate = provisioned.duplicate || orphaned;
+        let mut event = CreatedEvent::new(msg, command, &reported, duplicate, attempts);
+        if reported.org_unit_id == record.org_unit_id {
+            event.api_request_id = provisioned.api_request_id;
+        }
+        Decision::Created { event }
+    }
+
+    /// The created record and last outcome for a group known to exist after the tries.
+    async fn record_for(
+        &self,
+        msg: &Inbound,
+        command: &CreateGroup,
+        provisioned: &Provisioned,
+        attempts: u32,
+    ) -> (CreatedRecord, LastOutcome) {
         // A group found by List may carry another name or parent than the command (it was
         // created under what an earlier POST sent): the event and record say what exists.
         let (name, parent) = match &provisioned.found {
@@ -413,36 +431,35 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             message_id: msg.message_id.clone(),
             found_at: None,
         };
-        let outcome = if provisioned.duplicate {
-            // It existed before this delivery (its record was lost): keep when it was
-            // created, if an earlier outcome still says so, instead of "created now".
-            record.created_at = self
-                .original_creation(&command.ext_id, provisioned.org_unit_id)
-                .await
-                .unwrap_or_else(|| now.clone());
-            record.found_at = Some(now);
-            LastOutcome::found(
-                msg,
-                command.ext_id.as_str(),
-                attempts,
-                provisioned.org_unit_id,
-            )
-        } else {
-            LastOutcome::created(
-                msg,
-                command.ext_id.as_str(),
-                attempts,
-                provisioned.org_unit_id,
-            )
-        };
-        let mut duplicate = provisioned.duplicate;
-        let mut reported = record.clone();
-        match self
-            .store
-            .record_created(&command.ext_id, owner, &record, &outcome, self.config.ttl)
+        let ext_id = command.ext_id.as_str();
+        let id = provisioned.org_unit_id;
+        if !provisioned.duplicate {
+            return (record, LastOutcome::created(msg, ext_id, attempts, id));
+        }
+        // It existed before this delivery (its record was lost): keep when it was created,
+        // if an earlier outcome still says so, instead of "created now".
+        record.created_at = self
+            .original_creation(&command.ext_id, id)
             .await
-        {
-            Ok(RecordResult::Written) => {}
+            .unwrap_or_else(|| now.clone());
+        record.found_at = Some(now);
+        (record, LastOutcome::found(msg, ext_id, attempts, id))
+    }
+
+    /// Keep `record` (only while this owner holds the claim): the record that stands, and
+    /// whether ours became an orphan.
+    async fn keep_record(
+        &self,
+        command: &CreateGroup,
+        owner: &str,
+        record: &CreatedRecord,
+        outcome: &LastOutcome,
+    ) -> (CreatedRecord, bool) {
+        let kept = self
+            .store
+            .record_created(&command.ext_id, owner, record, outcome, self.config.ttl)
+            .await;
+        match kept {
             Ok(RecordResult::Fenced(Some(existing)))
                 if existing.org_unit_id != record.org_unit_id =>
             {
@@ -455,20 +472,16 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     recorded_org_unit_id = existing.org_unit_id,
                     "orphaned group: created after the claim was lost, while another group is recorded for this ext id"
                 );
-                duplicate = true;
-                reported = existing;
+                return (existing, true);
             }
+            Ok(RecordResult::Written) => {}
             Ok(RecordResult::Fenced(_)) => {
                 tracing::warn!("lease was taken over; the newer owner's record stands");
             }
             // The group exists and the event says so; a later duplicate finds it by List.
             Err(e) => tracing::warn!(error = %e, "could not record the created group in Redis"),
         }
-        let mut event = CreatedEvent::new(msg, command, &reported, duplicate, attempts);
-        if reported.org_unit_id == record.org_unit_id {
-            event.api_request_id = provisioned.api_request_id;
-        }
-        Decision::Created { event }
+        (record.clone(), false)
     }
 
     /// When `org_unit_id` was created, if the last outcome kept for `ext_id` still says it.
