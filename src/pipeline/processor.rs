@@ -30,7 +30,7 @@ use super::provision::{Provisioned, Tries};
 use super::recorder::{NoRecorder, Recorder};
 use super::store::{
     AttemptMarker, Claim, ClaimRequest, CreatedRecord, DedupStore, OutcomeKey, Posting,
-    RecordResult,
+    RecordResult, Unreadable,
 };
 
 #[derive(Debug, Clone)]
@@ -304,13 +304,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             }
             Ok(Claim::HeldByOther { owner }) => {
                 tracing::info!(holder = %owner, "ext id claimed by another worker; deferring");
-                Decision::Delay {
-                    tier: 0,
-                    attempts: msg.attempts,
-                    retries: msg.retries,
-                    deferrals: msg.deferrals.saturating_add(1),
-                    reason: DelayReason::Claimed,
-                }
+                claimed_elsewhere(msg)
             }
             Ok(Claim::Acquired { marker, marked }) => {
                 if marked {
@@ -320,30 +314,8 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     .await
             }
             Ok(Claim::Unreadable(found)) => {
-                // Written by another version, or damaged: it concerns this ext id only. Take
-                // it over (compare-and-set) and treat the group as possibly created.
-                tracing::error!(
-                    found = %found.describe(),
-                    "unreadable dedup record; replacing it with a claim and reconciling through List"
-                );
-                match self
-                    .store
-                    .replace_unreadable(&command.ext_id, &found, &owner, self.config.lease)
+                self.take_over_unreadable(msg, command, trace, tries, &owner, &found)
                     .await
-                {
-                    Ok(true) => {
-                        tries.assume_attempted();
-                        self.work(msg, command, trace, tries, &owner, None).await
-                    }
-                    Ok(false) => Decision::Delay {
-                        tier: 0,
-                        attempts: msg.attempts,
-                        retries: msg.retries,
-                        deferrals: msg.deferrals.saturating_add(1),
-                        reason: DelayReason::Claimed,
-                    },
-                    Err(e) => self.park(msg, 0, SystemFault::Store(e.to_string())),
-                }
             }
         }
     }
@@ -484,6 +456,35 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         (record.clone(), false)
     }
 
+    /// A record written by another version, or damaged: it concerns this ext id only. Take
+    /// it over (compare-and-set) and treat the group as possibly created.
+    async fn take_over_unreadable(
+        &self,
+        msg: &Inbound,
+        command: &CreateGroup,
+        trace: &Traceparent,
+        tries: &Tries,
+        owner: &str,
+        found: &Unreadable,
+    ) -> Decision {
+        tracing::error!(
+            found = %found.describe(),
+            "unreadable dedup record; replacing it with a claim and reconciling through List"
+        );
+        match self
+            .store
+            .replace_unreadable(&command.ext_id, found, owner, self.config.lease)
+            .await
+        {
+            Ok(true) => {
+                tries.assume_attempted();
+                self.work(msg, command, trace, tries, owner, None).await
+            }
+            Ok(false) => claimed_elsewhere(msg),
+            Err(e) => self.park(msg, 0, SystemFault::Store(e.to_string())),
+        }
+    }
+
     /// When `org_unit_id` was created, if the last outcome kept for `ext_id` still says it.
     async fn original_creation(&self, ext_id: &ExtId, org_unit_id: i64) -> Option<String> {
         match self.store.outcome(ext_id).await {
@@ -556,5 +557,17 @@ fn dead_letter(msg: &Inbound, ext_id: Option<&str>, failure: Failure, attempts: 
         failure,
         event,
         attempts,
+    }
+}
+
+/// Another worker holds the claim (or took the record over first): wait in the first tier,
+/// not charged as an attempt.
+fn claimed_elsewhere(msg: &Inbound) -> Decision {
+    Decision::Delay {
+        tier: 0,
+        attempts: msg.attempts,
+        retries: msg.retries,
+        deferrals: msg.deferrals.saturating_add(1),
+        reason: DelayReason::Claimed,
     }
 }
