@@ -186,6 +186,33 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             .await
     }
 
+    /// Write the attempt marker before a POST (unless the claim wrote it moments ago), only
+    /// while this owner still holds the claim.
+    async fn mark_before_post(
+        &self,
+        command: &CreateGroup,
+        tries: &Tries,
+        owner: &str,
+    ) -> Result<(), Disposition> {
+        let posting = Posting {
+            parent: command.parent_id,
+            name: &command.name,
+        };
+        let fresh = PREMARK_FRESH.min(self.config.lease / 4);
+        let marked = tries.take_premark(fresh)
+            || self
+                .store
+                .mark_attempt(&command.ext_id, owner, posting, self.config.ttl)
+                .await
+                .map_err(|e| Disposition::Pause(SystemFault::Store(e.to_string())))?;
+        if !marked {
+            // The claim is not ours any more: another owner may be posting.
+            tries.lease_lost.store(true, Ordering::SeqCst);
+            return Err(Disposition::Pause(SystemFault::LeaseLost));
+        }
+        Ok(())
+    }
+
     async fn try_once(
         &self,
         command: &CreateGroup,
@@ -222,22 +249,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             return Err(Disposition::Pause(SystemFault::LeaseLost));
         }
         self.gate().await?;
-        let posting = Posting {
-            parent: command.parent_id,
-            name: &command.name,
-        };
-        let fresh = PREMARK_FRESH.min(self.config.lease / 4);
-        let marked = tries.take_premark(fresh)
-            || self
-                .store
-                .mark_attempt(&command.ext_id, owner, posting, self.config.ttl)
-                .await
-                .map_err(|e| Disposition::Pause(SystemFault::Store(e.to_string())))?;
-        if !marked {
-            // The claim is not ours any more: another owner may be posting.
-            tries.lease_lost.store(true, Ordering::SeqCst);
-            return Err(Disposition::Pause(SystemFault::LeaseLost));
-        }
+        self.mark_before_post(command, tries, owner).await?;
         tries.may_have_reached.store(true, Ordering::SeqCst);
         tries.posts.fetch_add(1, Ordering::SeqCst);
         match self.api.create_group(command, Some(trace)).await {

@@ -240,24 +240,9 @@ fn decide_create(
             None,
         );
     };
-    let name = match body.get("org_unit_name").and_then(Value::as_str) {
-        Some(n) if !n.trim().is_empty() => n.to_owned(),
-        _ => {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                "org_unit_name is required",
-                Value::Null,
-                None,
-            );
-        }
-    };
-    let Some(parent) = body.get("org_unit_parent_id").and_then(Value::as_i64) else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "org_unit_parent_id is required and must be an integer",
-            Value::Null,
-            None,
-        );
+    let (name, parent) = match name_and_parent(&body) {
+        Ok(np) => np,
+        Err(why) => return reply(StatusCode::BAD_REQUEST, why, Value::Null, None),
     };
     let parent_ok = s
         .group(parent)
@@ -295,6 +280,18 @@ fn decide_create(
     let fault =
         take_count(&mut s.faults.stall_after_commit).then(|| "stall_after_commit".to_owned());
     reply(StatusCode::CREATED, "Group created", data, fault)
+}
+
+/// The request's name and parent, or why the 400 refuses it.
+fn name_and_parent(body: &serde_json::Map<String, Value>) -> Result<(String, i64), &'static str> {
+    let name = match body.get("org_unit_name").and_then(Value::as_str) {
+        Some(n) if !n.trim().is_empty() => n.to_owned(),
+        _ => return Err("org_unit_name is required"),
+    };
+    let Some(parent) = body.get("org_unit_parent_id").and_then(Value::as_i64) else {
+        return Err("org_unit_parent_id is required and must be an integer");
+    };
+    Ok((name, parent))
 }
 
 /// A failure the faults ask for, before the request is even read.

@@ -246,3 +246,83 @@ fn unsafe_code_lives_in_sys_only() {
         }
     }
 }
+
+/// Braces of a line of code, strings, characters and comments left out (roughly: enough
+/// for this code base's style).
+fn braces(line: &str) -> i64 {
+    let code = line.split("//").next().unwrap_or_default();
+    let (mut depth, mut chars, mut in_str) = (0, code.chars().peekable(), false);
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if in_str => {
+                chars.next();
+            }
+            '"' => in_str = !in_str,
+            '\'' if !in_str => {
+                // A char literal ('{', '\n', b'{'): skip to its closing quote; a lifetime has
+                // none within two characters.
+                let rest: String = chars.clone().take(3).collect();
+                if let Some(end) = rest.find('\'') {
+                    for _ in 0..=end {
+                        chars.next();
+                    }
+                }
+            }
+            '{' if !in_str => depth += 1,
+            '}' if !in_str => depth -= 1,
+            _ => {}
+        }
+    }
+    depth
+}
+
+/// No function of `src/` (tests aside) is longer than 80 lines, signature to closing brace.
+#[test]
+fn no_function_is_longer_than_80_lines() {
+    let mut long = Vec::new();
+    for (file, text) in sources() {
+        if file.ends_with("tests.rs") || file.ends_with("fakes.rs") {
+            continue;
+        }
+        let lines: Vec<&str> = text
+            .lines()
+            .take_while(|l| !l.trim_start().starts_with("#[cfg(test)]"))
+            .collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let words: Vec<&str> = lines[i].split_whitespace().collect();
+            let is_fn = words.iter().position(|w| *w == "fn").is_some_and(|p| {
+                words[..p]
+                    .iter()
+                    .all(|w| w.starts_with("pub") || ["async", "const", "unsafe"].contains(w))
+            }) && !lines[i].trim_end().ends_with(';');
+            if !is_fn {
+                i += 1;
+                continue;
+            }
+            let (mut depth, mut j, mut opened) = (0, i, false);
+            while j < lines.len() {
+                let b = braces(lines[j]);
+                opened |= lines[j]
+                    .split("//")
+                    .next()
+                    .unwrap_or_default()
+                    .contains('{');
+                depth += b;
+                if opened && depth <= 0 {
+                    break;
+                }
+                j += 1;
+            }
+            if j - i + 1 > 80 {
+                long.push(format!("src/{file}:{}: {} lines", i + 1, j - i + 1));
+            }
+            i = j + 1;
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions longer than 80 lines:\n{}",
+        long.join("\n")
+    );
+}
