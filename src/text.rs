@@ -41,6 +41,18 @@ pub fn shell_quote(text: &str) -> String {
     format!("'{}'", printable(text, 512).replace('\'', "'\\''"))
 }
 
+/// Cut to at most `max` bytes on a character boundary.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
 /// `1 event`, `3 events`: a count with its noun in the right number.
 pub fn count(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
@@ -102,6 +114,13 @@ mod tests {
                 .expect("sh");
             assert_eq!(String::from_utf8_lossy(&echoed.stdout), text, "{quoted}");
         }
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
     }
 
     #[test]

@@ -1,53 +1,11 @@
-//! The vocabulary of the core's answer: what happens to a delivery ([`Decision`]), why a
-//! command failed ([`Failure`]), which faults are the system's ([`SystemFault`]), and the
-//! closed label sets that logs and metrics use ([`Outcome`], [`FailureKind`],
-//! [`DeferReason`]).
+//! The vocabulary of the core's answer: what happens to a delivery ([`Decision`]), which
+//! faults are the system's ([`SystemFault`]), and the closed label sets that logs and
+//! metrics use ([`Outcome`], [`DeferReason`]). Why a command failed is `failure.rs`.
 
 use std::fmt;
 
 use super::events::{CreatedEvent, FailedEvent};
-
-/// `error.kind` of a failure event and `x-error-kind` of a dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailureKind {
-    InvalidCommand,
-    Rejected,
-    NameConflict,
-    RetriesExhausted,
-}
-
-impl FailureKind {
-    pub const ALL: [FailureKind; 4] = [
-        FailureKind::InvalidCommand,
-        FailureKind::Rejected,
-        FailureKind::NameConflict,
-        FailureKind::RetriesExhausted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::InvalidCommand => "invalid_command",
-            FailureKind::Rejected => "rejected",
-            FailureKind::NameConflict => "name_conflict",
-            FailureKind::RetriesExhausted => "retries_exhausted",
-        }
-    }
-}
-
-impl fmt::Display for FailureKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Why a command failed for good.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub kind: FailureKind,
-    pub message: String,
-    pub http_status: Option<u16>,
-    pub api_request_id: Option<String>,
-}
+use super::failure::Failure;
 
 /// A fault of the system, not of the message: the message is parked and retried later
 /// without spending its attempts.

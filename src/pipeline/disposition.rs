@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::api::ApiError;
 
-use super::decision::{Failure, FailureKind, SystemFault};
+use super::decision::SystemFault;
+use super::failure::{Failure, FailureKind};
 
 /// What a failed try means for the message.
 #[derive(Debug, Clone, PartialEq)]

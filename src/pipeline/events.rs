@@ -6,9 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::CreateGroup;
 
-use super::decision::Failure;
+use super::failure::Failure;
 use super::inbound::Inbound;
 use super::store::CreatedRecord;
+use crate::text::truncate;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreatedEvent {
@@ -99,29 +100,5 @@ impl FailedEvent {
             correlation_id: msg.correlation_id_or(ext_id),
             occurred_at: crate::clock::now_rfc3339(),
         }
-    }
-}
-
-/// Cut to at most `max` bytes on a character boundary.
-pub fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn truncate_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }

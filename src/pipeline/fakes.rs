@@ -14,7 +14,8 @@ use crate::command::{CreateGroup, ExtId};
 use crate::traceparent::Traceparent;
 
 use super::api::{ApiError, Created, GroupApi, GroupSummary, names_match};
-use super::decision::{DeferReason, FailureKind, Outcome};
+use super::decision::{DeferReason, Outcome};
+use super::failure::FailureKind;
 use super::last_outcome::LastOutcome;
 use super::recorder::Recorder;
 use super::store::{

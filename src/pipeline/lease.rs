@@ -11,8 +11,8 @@ use crate::command::ExtId;
 
 use super::api::GroupApi;
 use super::processor::Processor;
-use super::provision::Tries;
 use super::store::DedupStore;
+use super::tries::Tries;
 
 impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     /// Runs beside the work and never returns; the work's completion ends it.

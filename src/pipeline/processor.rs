@@ -1,4 +1,4 @@
-//! [`Processor::process`]: one delivery in, one [`Verdict`] out. Parse, claim, provision
+//! [`Processor::process`]: one delivery in, one [`Processed`] out. Parse, claim, provision
 //! (in `provision.rs`, with the lease kept by `lease.rs`), then settle: record the created
 //! group, or release the claim and choose the delay tier, the dead letter or the parking.
 //!
@@ -20,18 +20,19 @@ use crate::traceparent::Traceparent;
 
 use super::api::{ApiError, GroupApi};
 use super::circuit::{Circuit, CircuitState};
-use super::decision::{Decision, DelayReason, Failure, FailureKind, Outcome, SystemFault};
+use super::decision::{Decision, DelayReason, Outcome, SystemFault};
 use super::disposition::Disposition;
 use super::events::{CreatedEvent, FailedEvent};
+use super::failure::{Failure, FailureKind};
 use super::fingerprint::{fingerprint, warn_if_different};
 use super::inbound::Inbound;
 use super::last_outcome::{LastOutcome, TierPlace};
-use super::provision::{Provisioned, Tries};
 use super::recorder::{NoRecorder, Recorder};
 use super::store::{
     AttemptMarker, Claim, ClaimRequest, CreatedRecord, DedupStore, OutcomeKey, Posting,
     RecordResult, Unreadable,
 };
+use super::tries::{Provisioned, Tries};
 
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -57,7 +58,7 @@ pub struct ProcessorConfig {
 /// The result of processing one delivery: the decision plus what the outcome log line
 /// and the publishes need.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Verdict {
+pub struct Processed {
     pub decision: Decision,
     pub ext_id: Option<String>,
     pub correlation_id: Option<String>,
@@ -157,13 +158,13 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     pub async fn report(
         &self,
         msg: &Inbound,
-        verdict: &Verdict,
+        processed: &Processed,
         outcome: Outcome,
         tiers: &[TierPlace],
         dead_letter_queue: &str,
     ) {
         let redis_at_fault = |fault: &SystemFault| matches!(fault, SystemFault::Store(_));
-        let store_down = match &verdict.decision {
+        let store_down = match &processed.decision {
             Decision::Delay {
                 reason: DelayReason::Parked(SystemFault::CircuitOpen),
                 ..
@@ -180,24 +181,27 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
             return;
         }
         let Some(record) = LastOutcome::settled(
-            &verdict.decision,
+            &processed.decision,
             outcome,
             msg,
-            verdict.ext_id.as_deref(),
-            verdict.http_status,
+            processed.ext_id.as_deref(),
+            processed.http_status,
             tiers,
             dead_letter_queue,
         ) else {
             return;
         };
-        let ext_id = verdict.ext_id.as_deref().and_then(|e| ExtId::parse(e).ok());
+        let ext_id = processed
+            .ext_id
+            .as_deref()
+            .and_then(|e| ExtId::parse(e).ok());
         if let Some(ext_id) = &ext_id {
             self.keep_outcome(OutcomeKey::ExtId(ext_id), &record).await;
         }
         // Only a command without a valid ext id needs a second name: a flood of invalid
         // commands then costs one small key each, never two.
         let invalid = matches!(
-            &verdict.decision,
+            &processed.decision,
             Decision::DeadLetter { failure, .. } if failure.kind == FailureKind::InvalidCommand
         );
         if let (true, None, Some(id)) = (invalid, &ext_id, msg.message_id.as_deref()) {
@@ -216,7 +220,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     }
 
     /// Decide what to do with one delivery. Never fails: every error is a decision.
-    pub async fn process(&self, msg: &Inbound) -> Verdict {
+    pub async fn process(&self, msg: &Inbound) -> Processed {
         let traceparent = msg
             .traceparent
             .as_deref()
@@ -240,7 +244,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     api_request_id: None,
                 };
                 tracing::warn!(error = %crate::text::printable(&failure.message, 1024), "invalid command");
-                return Verdict {
+                return Processed {
                     decision: dead_letter(msg, ext_id.as_deref(), failure, msg.attempts),
                     correlation_id: msg.correlation_id_or(ext_id.as_deref()),
                     ext_id,
@@ -252,7 +256,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
         record_span_ext_id(Some(command.ext_id.as_str()));
         let tries = Tries::default();
         let decision = self.decide(msg, &command, &traceparent, &tries).await;
-        Verdict {
+        Processed {
             decision,
             ext_id: Some(command.ext_id.to_string()),
             correlation_id: msg.correlation_id_or(Some(command.ext_id.as_str())),

@@ -19,97 +19,26 @@
 //! - no POST after the lease was lost, or while the circuit is open; a 429 holds back every
 //!   API call of the worker, not just this one.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::Retryable;
-use tokio::time::Instant;
 
 use crate::command::CreateGroup;
 use crate::traceparent::Traceparent;
 
 use super::api::{ApiError, GroupApi, GroupSummary};
-use super::decision::{Failure, FailureKind, SystemFault};
+use super::decision::SystemFault;
 use super::disposition::{Disposition, disposition};
+use super::failure::{Failure, FailureKind};
 use super::inbound::Inbound;
 use super::processor::Processor;
 use super::reconcile::{Reconciled, reconcile};
 use super::store::{AttemptMarker, DedupStore, Posting};
-
-/// Per-delivery bookkeeping shared by the tries of one retry loop (and the lease keeper).
-#[derive(Default)]
-pub(super) struct Tries {
-    /// POSTs sent by this delivery.
-    posts: AtomicU32,
-    /// POSTs of this delivery that may have created the group (success, 5xx, lost answer).
-    maybe_committed: AtomicU32,
-    /// Whether some earlier POST (any delivery) may have reached the API.
-    may_have_reached: AtomicBool,
-    /// Look the ext id up among all of the parent's children before the next POST.
-    scan_parent: AtomicBool,
-    pub(super) lease_lost: AtomicBool,
-    last_status: AtomicU32,
-    /// When the claim wrote the attempt marker for the first POST itself.
-    premarked_at: std::sync::Mutex<Option<Instant>>,
-}
-
-impl Tries {
-    /// Treat an earlier POST as possible (List before posting), whatever the message says.
-    pub(super) fn assume_attempted(&self) {
-        self.may_have_reached.store(true, Ordering::SeqCst);
-    }
-
-    /// The claim marked the first POST as about to be sent, at `at`.
-    pub(super) fn premarked(&self, at: Instant) {
-        *self.premarked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
-    }
-
-    /// Whether the claim's mark still stands for the POST about to be sent: only for the
-    /// first, and only if it is that recent (a takeover waits `api.timeout` plus a margin
-    /// from the marker's time; a POST sent much later than it would outlast that wait).
-    fn take_premark(&self, fresh: Duration) -> bool {
-        self.premarked_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .is_some_and(|at| at.elapsed() <= fresh)
-    }
-
-    pub(super) fn posts(&self) -> u32 {
-        self.posts.load(Ordering::SeqCst)
-    }
-
-    fn note_status(&self, status: Option<u16>) {
-        if let Some(s) = status {
-            self.last_status.store(u32::from(s), Ordering::SeqCst);
-        }
-    }
-
-    pub(super) fn last_status(&self) -> Option<u16> {
-        u16::try_from(self.last_status.load(Ordering::SeqCst))
-            .ok()
-            .filter(|s| *s != 0)
-    }
-
-    /// A group found by List counts as pre-existing unless a POST of this delivery may
-    /// have created it (`duplicate` in the event).
-    fn found_is_duplicate(&self) -> bool {
-        self.maybe_committed.load(Ordering::SeqCst) == 0
-    }
-}
+use super::tries::{Provisioned, Tries};
 
 /// How long after the claim its attempt marker still stands for the first POST.
 const PREMARK_FRESH: Duration = Duration::from_secs(1);
-
-/// A group known to exist after the retry loop.
-pub(super) struct Provisioned {
-    pub org_unit_id: i64,
-    pub api_request_id: Option<String>,
-    pub duplicate: bool,
-    /// The group as the listing showed it, when it was found rather than created by this
-    /// delivery's POST (its name may differ from the command's).
-    pub found: Option<GroupSummary>,
-}
 
 /// Where the group may be: `(parent, name)` pairs, the command's first.
 struct Lookups(Vec<(i64, String)>);

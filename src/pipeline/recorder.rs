@@ -1,7 +1,8 @@
 //! What the core reports for monitoring, as a trait: the pipeline counts through
 //! [`Recorder`] and never sees the metrics registry (`metrics.rs` implements it).
 
-use super::decision::{DeferReason, FailureKind, Outcome};
+use super::decision::{DeferReason, Outcome};
+use super::failure::FailureKind;
 
 pub trait Recorder: Send + Sync {
     /// One delivery settled with `outcome`.

@@ -62,7 +62,7 @@ impl Harness {
         self.p.api()
     }
 
-    async fn run(&self, msg: Inbound) -> Verdict {
+    async fn run(&self, msg: Inbound) -> Processed {
         self.p.process(&msg).await
     }
 }
@@ -84,14 +84,14 @@ fn ext(s: &str) -> ExtId {
     ExtId::parse(s).expect("ext id")
 }
 
-fn created(v: &Verdict) -> &CreatedEvent {
+fn created(v: &Processed) -> &CreatedEvent {
     match &v.decision {
         Decision::Created { event } => event,
         other => panic!("expected created, got {other:?}"),
     }
 }
 
-fn failure(v: &Verdict) -> (&Failure, &FailedEvent, u32) {
+fn failure(v: &Processed) -> (&Failure, &FailedEvent, u32) {
     match &v.decision {
         Decision::DeadLetter {
             failure,
@@ -102,7 +102,7 @@ fn failure(v: &Verdict) -> (&Failure, &FailedEvent, u32) {
     }
 }
 
-fn parked(v: &Verdict) -> &SystemFault {
+fn parked(v: &Processed) -> &SystemFault {
     match &v.decision {
         Decision::Delay {
             tier: 0,

@@ -21,8 +21,8 @@ use tracing::field::Empty;
 use crate::amqp::headers::{self, HeaderUpdate};
 use crate::amqp::{PublishError, PublishProbe, Publisher, short};
 use crate::pipeline::{
-    Decision, DeferReason, DelayReason, Failure, InFlight, Inbound, Outcome, SystemFault, Verdict,
-    truncate,
+    Decision, DeferReason, DelayReason, Failure, InFlight, Inbound, Outcome, Processed,
+    SystemFault, truncate,
 };
 
 /// Why the publishes of a decision did not all go out.
@@ -119,8 +119,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
     // the broker answers by closing the channel (and the outcome line would lie).
     let settling = AtomicBool::new(false);
     let work = async {
-        let verdict = shared.processor.process(&inbound).await;
-        if let Some(c) = &verdict.correlation_id {
+        let processed = shared.processor.process(&inbound).await;
+        if let Some(c) = &processed.correlation_id {
             tracing::Span::current().record("correlation_id", c.as_str());
         }
         let outcome = Executor {
@@ -131,14 +131,14 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
             consume,
             delivery: &delivery,
             inbound: &inbound,
-            verdict: &verdict,
+            processed: &processed,
             broken,
         }
         .run()
         .await;
-        log_outcome(&verdict, outcome, started);
-        count(&shared, &verdict, outcome);
-        Some((verdict, outcome))
+        log_outcome(&processed, outcome, started);
+        count(&shared, &processed, outcome);
+        Some((processed, outcome))
     };
     let aborted = async {
         abort.cancelled().await;
@@ -158,12 +158,12 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
         s = work => s,
         s = aborted => s,
     };
-    if let Some((verdict, outcome)) = settled {
+    if let Some((processed, outcome)) = settled {
         shared
             .processor
             .report(
                 &inbound,
-                &verdict,
+                &processed,
                 outcome,
                 &shared.tier_places,
                 &shared.settings.topology.dead_letter_queue,
@@ -219,10 +219,10 @@ async fn claim_or_wait(settling: &AtomicBool) {
 }
 
 /// Metrics for one settled delivery: its outcome, and what was published for it.
-fn count(shared: &Shared, verdict: &Verdict, outcome: Outcome) {
+fn count(shared: &Shared, processed: &Processed, outcome: Outcome) {
     let recorder = shared.processor.recorder();
     recorder.command(outcome);
-    match (&verdict.decision, outcome) {
+    match (&processed.decision, outcome) {
         (Decision::DeadLetter { failure, .. }, Outcome::DeadLettered) => {
             recorder.dead_letter(failure.kind)
         }
@@ -235,15 +235,15 @@ fn count(shared: &Shared, verdict: &Verdict, outcome: Outcome) {
     }
 }
 
-fn log_outcome(verdict: &Verdict, outcome: Outcome, started: Instant) {
-    let (attempts, org_unit_id, error_kind, delay_tier) = match &verdict.decision {
+fn log_outcome(processed: &Processed, outcome: Outcome, started: Instant) {
+    let (attempts, org_unit_id, error_kind, delay_tier) = match &processed.decision {
         Decision::Created { event } => (event.attempts, Some(event.org_unit_id), None, None),
         Decision::DeadLetter {
             failure, attempts, ..
         } => (*attempts, None, Some(failure.kind.as_str()), None),
         Decision::Delay { tier, attempts, .. } => (*attempts, None, None, Some(*tier)),
     };
-    let reason = match (&verdict.decision, outcome) {
+    let reason = match (&processed.decision, outcome) {
         (Decision::Delay { reason, .. }, _) => Some(reason.log_label()),
         // The outcome could not be published: the delivery was parked (circuit: publish).
         (_, Outcome::Deferred) => Some("publish"),
@@ -252,7 +252,7 @@ fn log_outcome(verdict: &Verdict, outcome: Outcome, started: Instant) {
     tracing::info!(
         outcome = outcome.as_str(),
         attempts,
-        http_status = verdict.http_status,
+        http_status = processed.http_status,
         org_unit_id,
         error_kind,
         delay_tier,
@@ -273,13 +273,13 @@ struct Executor<'a> {
     consume: &'a Channel,
     delivery: &'a Delivery,
     inbound: &'a Inbound,
-    verdict: &'a Verdict,
+    processed: &'a Processed,
     broken: &'a CancellationToken,
 }
 
 impl Executor<'_> {
     async fn run(&self) -> Outcome {
-        let published = match &self.verdict.decision {
+        let published = match &self.processed.decision {
             Decision::Created { event } => {
                 self.publish_event(&self.shared.settings.topology.created_routing_key, event)
                     .await
@@ -319,7 +319,7 @@ impl Executor<'_> {
             }
         };
         match published {
-            Ok(()) => self.ack(self.verdict.decision.outcome()).await,
+            Ok(()) => self.ack(self.processed.decision.outcome()).await,
             Err(e) => self.recover(e).await,
         }
     }
@@ -355,7 +355,7 @@ impl Executor<'_> {
             // Only this message is concerned: park it, keep the session and the circuit.
             Some(PublishError::TooLarge) | None => {}
         }
-        let is_delay = matches!(self.verdict.decision, Decision::Delay { .. });
+        let is_delay = matches!(self.processed.decision, Decision::Delay { .. });
         if !is_delay {
             let fault = DelayReason::Parked(SystemFault::Publish(error.to_string()));
             let parked = self
@@ -416,7 +416,7 @@ impl Executor<'_> {
         event: &E,
     ) -> Result<(), SettleError> {
         let body = serde_json::to_vec(event).map_err(SettleError::Encode)?;
-        let event_name = routing_key_event_name(&self.verdict.decision);
+        let event_name = routing_key_event_name(&self.processed.decision);
         let probe = PublishProbe {
             exchange: self.shared.settings.topology.event_exchange.clone(),
             routing_key: routing_key.to_owned(),
@@ -455,7 +455,7 @@ impl Executor<'_> {
 
     fn event_properties(&self, event_name: &str) -> BasicProperties {
         let mut headers = FieldTable::default();
-        if let Some(ext) = &self.verdict.ext_id {
+        if let Some(ext) = &self.processed.ext_id {
             headers.insert(
                 ShortString::from(headers::EXT_ID),
                 AMQPValue::LongString(LongString::from(ext.as_str())),
@@ -463,7 +463,7 @@ impl Executor<'_> {
         }
         headers.insert(
             ShortString::from(headers::TRACEPARENT),
-            AMQPValue::LongString(LongString::from(self.verdict.traceparent.to_string())),
+            AMQPValue::LongString(LongString::from(self.processed.traceparent.to_string())),
         );
         let mut properties = BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
@@ -478,7 +478,7 @@ impl Executor<'_> {
                     .unwrap_or(0),
             )
             .with_headers(headers);
-        if let Some(c) = &self.verdict.correlation_id {
+        if let Some(c) = &self.processed.correlation_id {
             properties = properties.with_correlation_id(short(c));
         }
         properties

@@ -7,7 +7,7 @@ use group_provisioner::command::{CreateGroup, ExtId};
 use group_provisioner::dedup::{RedisStore, StoredRecord};
 use group_provisioner::pipeline::{
     Claim, ClaimRequest, Decision, DedupStore, DelayReason, FailureKind, Inbound, LastOutcome,
-    Processor, ProcessorConfig, SystemFault, Verdict,
+    Processed, Processor, ProcessorConfig, SystemFault,
 };
 use group_provisioner::retry::RetryPolicy;
 use group_provisioner::sim::{FailNext, SimHandle};
@@ -58,7 +58,7 @@ impl Core {
         }
     }
 
-    async fn run(&self, body: Value) -> Verdict {
+    async fn run(&self, body: Value) -> Processed {
         self.run_msg(Inbound {
             body: body.to_string().into_bytes(),
             ..Inbound::default()
@@ -66,7 +66,7 @@ impl Core {
         .await
     }
 
-    async fn run_msg(&self, msg: Inbound) -> Verdict {
+    async fn run_msg(&self, msg: Inbound) -> Processed {
         self.processor.process(&msg).await
     }
 

@@ -326,3 +326,67 @@ fn no_function_is_longer_than_80_lines() {
         long.join("\n")
     );
 }
+
+/// No two files import each other, directly or round a longer circle: inside each
+/// directory of `src/`, what a file names of its siblings (`super::x`, `crate::dir::x`,
+/// test code aside) never leads back to it.
+#[test]
+fn no_files_import_each_other_in_a_circle() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut dirs: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for (file, text) in sources() {
+        let Some((dir, name)) = file.rsplit_once('/') else {
+            continue;
+        };
+        let module = name.trim_end_matches(".rs").to_owned();
+        let code: String = text
+            .lines()
+            .take_while(|l| !l.trim_start().starts_with("#[cfg(test)]"))
+            .map(|l| format!("{}\n", l.split("//").next().unwrap_or_default()))
+            .collect();
+        let crate_path = format!("crate::{}::", dir.replace('/', "::"));
+        let mut uses = BTreeSet::new();
+        for prefix in ["super::", crate_path.as_str()] {
+            for (i, _) in code.match_indices(prefix) {
+                let rest = &code[i + prefix.len()..];
+                // `super::x` or a group `super::{x, y::z}`.
+                let names: Vec<String> = match rest.strip_prefix('{') {
+                    Some(group) => group
+                        .split('}')
+                        .next()
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(|n| ident(n.trim()))
+                        .collect(),
+                    None => vec![ident(rest)],
+                };
+                for sibling in names {
+                    if !sibling.is_empty() && sibling != module {
+                        uses.insert(sibling);
+                    }
+                }
+            }
+        }
+        dirs.entry(dir.to_owned()).or_default().insert(module, uses);
+    }
+    for (dir, graph) in &dirs {
+        // Depth-first from each file: reaching it again is a circle.
+        for start in graph.keys() {
+            let mut stack: Vec<Vec<String>> = vec![vec![start.clone()]];
+            let mut seen = BTreeSet::new();
+            while let Some(path) = stack.pop() {
+                let last = path.last().cloned().unwrap_or_default();
+                for next in graph.get(&last).into_iter().flatten() {
+                    if next == start {
+                        panic!("src/{dir}: {} -> {start}", path.join(" -> "));
+                    }
+                    if graph.contains_key(next) && seen.insert(next.clone()) {
+                        let mut longer = path.clone();
+                        longer.push(next.clone());
+                        stack.push(longer);
+                    }
+                }
+            }
+        }
+    }
+}
