@@ -480,6 +480,7 @@ impl Settings {
                 .map_or_else(|| "--config".to_owned(), |p| p.display().to_string());
             ConfigError::new(origin, parse_error_without_text(&e))
         })?;
+        raw::check_keys(&merged)?;
         let raw: raw::Raw = serde_path_to_error::deserialize(merged).map_err(raw::key_error)?;
         raw.into_settings(sources.credentials)
     }

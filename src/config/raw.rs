@@ -232,10 +232,85 @@ struct RawTopology {
     delivery_limit: i64,
 }
 
-/// A deserialization error as `config error: <key>: <reason>`: the key from the path,
-/// the reason in the project's words (unknown keys get a "did you mean").
+/// Every key of the merged configuration, dotted, checked against the keys this version
+/// knows (the defaults and the keys without one) before anything is deserialized: an
+/// unknown key, or a value where a section of keys belongs, is named with a "did you
+/// mean" — decided here, never read back from serde's English.
+pub(super) fn check_keys(merged: &::config::Config) -> Result<(), ConfigError> {
+    let known: Vec<String> = super::defaults()
+        .into_iter()
+        .map(|(k, _)| k)
+        .chain(super::KEYS_WITHOUT_DEFAULT.iter().map(|k| (*k).to_owned()))
+        .collect();
+    let mut stack: Vec<(String, ::config::Value)> = match &merged.cache.kind {
+        ::config::ValueKind::Table(table) => table.clone().into_iter().collect(),
+        _ => Vec::new(),
+    };
+    while let Some((key, value)) = stack.pop() {
+        let section = known.iter().any(|k| k.starts_with(&format!("{key}.")));
+        match value.kind {
+            ::config::ValueKind::Table(inner) if section || !known.contains(&key) => {
+                if !section {
+                    return Err(unknown_key(&key, &known));
+                }
+                stack.extend(inner.into_iter().map(|(k, v)| (format!("{key}.{k}"), v)));
+            }
+            _ if section => {
+                return Err(ConfigError::new(
+                    key,
+                    format!("is {}, expected a section of keys", describe(&value.kind)),
+                ));
+            }
+            _ if !known.contains(&key) => return Err(unknown_key(&key, &known)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A value as a reader names it: its type, then itself (`integer \`5\``).
+fn describe(kind: &::config::ValueKind) -> String {
+    use ::config::ValueKind as K;
+    let name = match kind {
+        K::Nil => return "empty".to_owned(),
+        K::Boolean(_) => "boolean",
+        K::I64(_) | K::I128(_) | K::U64(_) | K::U128(_) => "integer",
+        K::Float(_) => "floating point",
+        K::String(_) => "string",
+        K::Table(_) => "a section",
+        K::Array(_) => "a list",
+    };
+    format!("{name} `{kind}`")
+}
+
+/// `key` is not a key of this version: the closest one in its section, or the same name in
+/// another section (`amqp.key_prefix` → `redis.key_prefix`).
+fn unknown_key(key: &str, known: &[String]) -> ConfigError {
+    let (section, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+    let siblings: Vec<String> = known
+        .iter()
+        .filter_map(|k| {
+            let (s, l) = k.rsplit_once('.')?;
+            (s == section).then(|| l.to_owned())
+        })
+        .collect();
+    let hint = closest(leaf, &siblings)
+        .map(|l| format!("{section}.{l}"))
+        .or_else(|| {
+            known
+                .iter()
+                .find(|k| k.rsplit_once('.').is_some_and(|(_, l)| l == leaf))
+                .cloned()
+        })
+        .map(|full| format!(" (did you mean {full}?)"))
+        .unwrap_or_default();
+    ConfigError::new(key, format!("unknown key{hint}"))
+}
+
+/// A deserialization error as `config error: <key>: <reason>`: the key from the path, the
+/// reason from this crate's own deserializers (keys were checked before: [`check_keys`]).
 pub(super) fn key_error(e: serde_path_to_error::Error<::config::ConfigError>) -> ConfigError {
-    let mut key = e
+    let key = e
         .path()
         .iter()
         .filter_map(|segment| match segment {
@@ -244,67 +319,7 @@ pub(super) fn key_error(e: serde_path_to_error::Error<::config::ConfigError>) ->
         })
         .collect::<Vec<_>>()
         .join(".");
-    let reason = innermost(e.inner());
-    if let Some(rest) = reason.strip_prefix("unknown field `") {
-        let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
-        // The path ends with the unknown key itself; the hint names its section.
-        let unknown = key.clone();
-        key = match key.rsplit_once('.') {
-            Some((section, _)) => section.to_owned(),
-            None if key == field => String::new(),
-            None => key,
-        };
-        let in_section = closest(field, &backticked(expected)).map(|k| {
-            if key.is_empty() {
-                k
-            } else {
-                format!("{key}.{k}")
-            }
-        });
-        // Else the same name in another section (`amqp.key_prefix` → `redis.key_prefix`).
-        let hint = in_section
-            .or_else(|| {
-                super::defaults()
-                    .into_iter()
-                    .map(|(k, _)| k)
-                    .chain(super::KEYS_WITHOUT_DEFAULT.iter().map(|k| (*k).to_owned()))
-                    .find(|k| k.rsplit_once('.').is_some_and(|(_, leaf)| leaf == field))
-            })
-            .map(|full| format!(" (did you mean {full}?)"))
-            .unwrap_or_default();
-        let unknown = if unknown.is_empty() {
-            field.to_owned()
-        } else {
-            unknown
-        };
-        return ConfigError::new(unknown, format!("unknown key{hint}"));
-    }
-    if let Some(rest) = reason.strip_prefix("unknown variant `") {
-        let (value, expected) = rest.split_once('`').unwrap_or((rest, ""));
-        return ConfigError::new(
-            key,
-            format!(
-                "{value:?} is not one of {}",
-                backticked(expected).join(", ")
-            ),
-        );
-    }
-    if let Some(field) = reason.strip_prefix("missing field ") {
-        key = [key.as_str(), field.trim_matches(['`', '"'])]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(".");
-        return ConfigError::new(key, "is required");
-    }
-    if let Some((found, _)) = reason
-        .strip_prefix("invalid type: ")
-        .and_then(|r| r.split_once(", expected struct Raw"))
-    {
-        return ConfigError::new(key, format!("is {found}, expected a section of keys"));
-    }
-    ConfigError::new(key, reason)
+    ConfigError::new(key, innermost(e.inner()))
 }
 
 /// The message of the innermost error (the `config` crate wraps errors with their key,
@@ -322,16 +337,6 @@ fn innermost(e: &::config::ConfigError) -> String {
     }
 }
 
-/// The names quoted in backticks in a serde "expected one of `a`, `b`" message.
-fn backticked(text: &str) -> Vec<String> {
-    text.split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_owned)
-        .collect()
-}
-
-/// A known name that `unknown` looks like a typo of: same prefix either way, or one edit.
 fn closest(unknown: &str, known: &[String]) -> Option<String> {
     known
         .iter()
@@ -890,9 +895,5 @@ mod tests {
         assert_eq!(closest("colour", &known), None);
         assert!(one_edit_apart("prefetch", "perfetch"));
         assert!(!one_edit_apart("prefetch", "prefix"));
-        assert_eq!(
-            backticked("expected one of `url`, `prefetch`"),
-            ["url", "prefetch"]
-        );
     }
 }
