@@ -1,4 +1,8 @@
-//! Logging set-up: JSON lines on stdout by default, `pretty` for humans.
+//! Logging set-up: JSON lines on stdout by default, `pretty` for humans. The lines go
+//! through `tracing-appender`'s non-blocking writer; the JSON layer is this crate's own,
+//! kept because `tracing-subscriber`'s formatter cannot put span fields at the top level
+//! (the test `the_crates_json_formatter_cannot_put_span_fields_at_the_top_level` shows it)
+//! and costs more CPU per line (docs/performance.md).
 //!
 //! Invariants:
 //! - in JSON, the fields of every enclosing span (`ext_id`, `message_id`,
@@ -523,6 +527,38 @@ mod tests {
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
+    }
+
+    /// Why this layer is kept instead of `tracing-subscriber`'s JSON formatter: with its
+    /// event flattened and its current span shown, the formatter still writes the span's
+    /// fields one level down (`span.ext_id`), so `jq 'select(.ext_id == "X")'` misses every
+    /// line about a delivery. This layer writes them at the top level. (The CPU this layer
+    /// saves, measured, is in docs/performance.md.)
+    #[test]
+    fn the_crates_json_formatter_cannot_put_span_fields_at_the_top_level() {
+        let event = || {
+            let span = tracing::info_span!("delivery", ext_id = "X-1", message_id = "m-1");
+            let _enter = span.enter();
+            tracing::info!(outcome = "created", "outcome");
+        };
+        let buffer = Buffer::default();
+        let formatter = tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(buffer.clone());
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(formatter), event);
+        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf8");
+        let theirs: Value = serde_json::from_str(text.trim()).expect("one JSON line");
+        assert_eq!(theirs["outcome"], "created");
+        assert_eq!(theirs["ext_id"], Value::Null, "{theirs}");
+        assert_eq!(theirs["span"]["ext_id"], "X-1", "{theirs}");
+
+        let ours = &lines_of(event)[0];
+        assert_eq!(ours["ext_id"], "X-1");
+        assert_eq!(ours["message_id"], "m-1");
+        assert_eq!(ours["outcome"], "created");
     }
 
     /// Which of a fixed set of events pass `filter(level)`, as "target:level".
