@@ -13,9 +13,9 @@
 //!   has an email and a password), durations are `Duration`s, delay tiers keep their label;
 //! - tokens and passwords are `SecretString`s, URLs `SecretUrl`s.
 
+mod check;
 mod de;
 mod duration;
-mod raw;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ::config::{Config, Environment, File, FileFormat, Map, Source, Value, ValueKind};
+use serde::Deserialize;
 
 pub use duration::{format_duration, parse_duration};
 
@@ -66,7 +67,11 @@ impl ConfigError {
     }
 }
 
-#[derive(Debug, Clone)]
+/// The whole configuration. Deserialized straight from the merged layers: each value is
+/// read and range-checked by its adapter in [`de`] (so an error carries the value's dotted
+/// key), then the rules that tie keys together run in `check::finish`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub amqp: AmqpSettings,
     pub redis: RedisSettings,
@@ -80,29 +85,38 @@ pub struct Settings {
     pub topology: TopologySettings,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
+    #[serde(deserialize_with = "de::amqp_nodes")]
     pub url: AmqpNodes,
+    #[serde(deserialize_with = "de::ranged::<_, u16, 1, 65535>")]
     pub prefetch: u16,
     /// Used by `amqps://` nodes.
+    #[serde(default)]
     pub tls: TlsSettings,
 }
 
 /// `<section>.tls.*`: a private CA (trusted beside the system's roots) and a client
 /// certificate for mutual TLS, read and checked at start so a bad file stops start-up
-/// with the key's name.
-#[derive(Clone, Default)]
+/// with the key's name (the files are named by the configuration; their contents are
+/// filled in by `check::finish`).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     pub ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
     /// PEM, one or more certificates.
+    #[serde(skip)]
     pub ca_pem: Option<Vec<u8>>,
+    #[serde(skip)]
     pub client: Option<ClientIdentity>,
 }
 
 /// A client certificate chain and its private key, both PEM.
 #[derive(Clone)]
 pub struct ClientIdentity {
-    pub cert_file: PathBuf,
     pub cert_pem: Vec<u8>,
     pub key_pem: secrecy::SecretSlice<u8>,
 }
@@ -160,9 +174,9 @@ impl TlsSettings {
             || "system CAs".to_owned(),
             |f| format!("CA {}", f.display()),
         );
-        match &self.client {
-            Some(c) => format!("{ca}, client certificate {}", c.cert_file.display()),
-            None => ca,
+        match (&self.client, &self.cert_file) {
+            (Some(_), Some(file)) => format!("{ca}, client certificate {}", file.display()),
+            _ => ca,
         }
     }
 }
@@ -217,16 +231,22 @@ pub enum RedisMode {
     Cluster,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RedisSettings {
+    #[serde(deserialize_with = "de::redis_url")]
     pub url: SecretUrl,
     pub mode: RedisMode,
     /// Sentinel addresses or cluster seed nodes; empty in standalone mode.
+    #[serde(default, deserialize_with = "de::redis_nodes")]
     pub nodes: Vec<SecretUrl>,
     /// The master's name at the sentinels (sentinel mode).
+    #[serde(default, deserialize_with = "de::nonempty")]
     pub sentinel_master: Option<String>,
+    #[serde(deserialize_with = "de::key_prefix")]
     pub key_prefix: String,
     /// Used by `rediss://` URLs.
+    #[serde(default)]
     pub tls: TlsSettings,
 }
 
@@ -258,14 +278,28 @@ impl ApiAuth {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ApiSettings {
     /// Always without a trailing slash, e.g. `https://platform-api.convirza.com/v3`.
+    #[serde(deserialize_with = "de::api_url")]
     pub base_url: String,
     /// `None` only when loaded for a command that never calls the API
-    /// ([`Settings::load_without_credentials`]).
+    /// ([`Settings::load_without_credentials`]). Made by `check::finish` from `api.auth`
+    /// and the credentials below, which it takes.
+    #[serde(skip)]
     pub auth: Option<ApiAuth>,
+    #[serde(rename = "auth")]
+    mode: AuthMode,
+    #[serde(default, deserialize_with = "de::token")]
+    token: Option<SecretString>,
+    #[serde(default, deserialize_with = "de::nonempty")]
+    email: Option<String>,
+    #[serde(default, deserialize_with = "de::password")]
+    password: Option<SecretString>,
+    #[serde(deserialize_with = "de::api_url")]
     pub auth_url: String,
+    #[serde(deserialize_with = "de::duration_min::<_, 1>")]
     pub timeout: Duration,
 }
 
@@ -311,40 +345,58 @@ pub struct DelayTier {
     pub delay: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RetrySettings {
+    #[serde(deserialize_with = "de::duration_min::<_, 1>")]
     pub initial: Duration,
+    #[serde(deserialize_with = "de::multiplier")]
     pub multiplier: f64,
+    #[serde(deserialize_with = "de::duration_min::<_, 1>")]
     pub max_interval: Duration,
+    #[serde(deserialize_with = "de::ranged::<_, u32, 1, 100>")]
     pub max_tries: u32,
     /// Upper bound applied to a server's `Retry-After`, so a hostile or buggy header cannot
     /// park the worker for hours.
+    #[serde(deserialize_with = "de::duration")]
     pub max_retry_after: Duration,
+    #[serde(deserialize_with = "de::delays")]
     pub delays: Vec<DelayTier>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CircuitSettings {
+    #[serde(deserialize_with = "de::ranged::<_, u32, 1, 1_000_000>")]
     pub failure_threshold: u32,
+    #[serde(deserialize_with = "de::duration_min::<_, 10>")]
     pub cooldown: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DedupSettings {
+    #[serde(deserialize_with = "de::duration_min::<_, 1000>")]
     pub ttl: Duration,
+    #[serde(deserialize_with = "de::duration_min::<_, 100>")]
     pub lease: Duration,
     /// Before the first POST of an ext id the store knows nothing of, look for it among
     /// all of the parent's children (for deployments that cannot trust Redis to keep data).
+    #[serde(deserialize_with = "de::boolean")]
     pub verify_unknown: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
+    #[serde(deserialize_with = "de::duration")]
     pub drain_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
+    #[serde(deserialize_with = "de::socket_addr")]
     pub listen: SocketAddr,
 }
 
@@ -354,29 +406,44 @@ pub enum LogFormat {
     Pretty,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
+    #[serde(deserialize_with = "de::log_level")]
     pub level: String,
     /// Lines held for a slow stdout before lines are dropped.
+    #[serde(deserialize_with = "de::ranged::<_, usize, 1, 1_000_000>")]
     pub queue_lines: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// AMQP names, 1–255 bytes without control characters ([`de::name`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TopologySettings {
+    #[serde(deserialize_with = "de::name")]
     pub command_exchange: String,
+    #[serde(deserialize_with = "de::name")]
     pub command_routing_key: String,
+    #[serde(deserialize_with = "de::name")]
     pub work_queue: String,
+    #[serde(deserialize_with = "de::name")]
     pub dead_letter_exchange: String,
+    #[serde(deserialize_with = "de::name")]
     pub dead_letter_queue: String,
+    #[serde(deserialize_with = "de::name")]
     pub event_exchange: String,
     /// The event exchange's alternate exchange (fanout) and the quorum queue behind it,
     /// one name for both: events no queue is bound for are kept there.
+    #[serde(deserialize_with = "de::name")]
     pub unrouted_events: String,
+    #[serde(deserialize_with = "de::name")]
     pub created_routing_key: String,
+    #[serde(deserialize_with = "de::name")]
     pub failed_routing_key: String,
     /// Quorum `x-delivery-limit` of the work queue: deliveries the broker allows before it
     /// dead-letters a message on its own (the crash-loop guard).
+    #[serde(deserialize_with = "de::ranged::<_, u32, 1, 1_000_000>")]
     pub delivery_limit: u32,
 }
 
@@ -480,9 +547,10 @@ impl Settings {
                 .map_or_else(|| "--config".to_owned(), |p| p.display().to_string());
             ConfigError::new(origin, parse_error_without_text(&e))
         })?;
-        raw::check_keys(&merged)?;
-        let raw: raw::Raw = serde_path_to_error::deserialize(merged).map_err(raw::key_error)?;
-        raw.into_settings(sources.credentials)
+        check::check_keys(&merged)?;
+        let settings: Settings =
+            serde_path_to_error::deserialize(merged).map_err(check::key_error)?;
+        settings.finish(sources.credentials)
     }
 }
 
