@@ -151,8 +151,7 @@ impl Metrics {
             api_durations: Family::new_with_constructor(duration_histogram),
             registry: Registry::default(),
         };
-        m.register_counters(&mut registry);
-        m.register_gauges(&mut registry);
+        m.register_all(&mut registry);
         // Create every series of the closed sets now, so they are exported at 0.
         for reason in ["stalled", "write_error"] {
             drop(m.log_lines_dropped.get_or_create(&LogLossLabels { reason }));
@@ -180,12 +179,6 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn commands_total(&self, outcome: Outcome) -> u64 {
-        self.commands
-            .get_or_create(&OutcomeLabels { outcome })
-            .get()
-    }
-
     /// The OpenMetrics text exposition, with the circuit's state as of now.
     pub fn render(&self, circuit_open: bool) -> String {
         self.circuit_open.set(i64::from(circuit_open));
@@ -203,9 +196,15 @@ impl Metrics {
     }
 }
 
+/// One line per family: name, help, field (the names are the contract).
+macro_rules! register {
+    ($registry:expr, $metrics:expr; $($name:literal, $help:literal, $field:ident;)*) => {
+        $($registry.register($name, $help, $metrics.$field.clone());)*
+    };
+}
+
 impl Metrics {
-    /// The counters and the info (one place per family: the names are the contract).
-    fn register_counters(&self, registry: &mut Registry) {
+    fn register_all(&self, registry: &mut Registry) {
         registry.register(
             "build",
             "Worker version",
@@ -213,80 +212,27 @@ impl Metrics {
                 version: crate::VERSION,
             }),
         );
-        registry.register(
-            "commands",
-            "Deliveries by final outcome",
-            self.commands.clone(),
-        );
-        registry.register(
-            "api_requests",
-            "Convirza API requests by operation and HTTP status (error: no answer)",
-            self.api_requests.clone(),
-        );
         registry.register_with_unit(
             "api_request_duration",
             "Convirza API request latency",
             prometheus_client::registry::Unit::Seconds,
             self.api_durations.clone(),
         );
-        registry.register(
-            "retries",
-            "In-process retries of API calls after transient failures",
-            self.retries.clone(),
-        );
-        registry.register(
-            "deferrals",
-            "Messages moved to a delay queue, by reason",
-            self.deferrals.clone(),
-        );
-    }
-
-    /// The gauges, and the counters of the endpoint and the log.
-    fn register_gauges(&self, registry: &mut Registry) {
-        registry.register(
-            "in_flight",
-            "Deliveries being processed now",
-            self.in_flight.clone(),
-        );
-        registry.register(
-            "circuit_open",
-            "1 while the circuit is open (consumption paused)",
-            self.circuit_open.clone(),
-        );
-        registry.register(
-            "unrouted_events",
-            "Events waiting in the unrouted-events queue: no queue was bound for them (bind one, then events replay-unrouted)",
-            self.unrouted_events.clone(),
-        );
-        registry.register(
-            "dedup_hits",
-            "Commands answered from the Redis created record, without an API call",
-            self.dedup_hits.clone(),
-        );
-        registry.register(
-            "orphaned_groups",
-            "Groups created for an ext id that already had another one recorded (remove them: see the runbook)",
-            self.orphans.clone(),
-        );
-        registry.register(
-            "http_connections_shed",
-            "Connections to this endpoint closed to make room (a flood of slow or idle clients)",
-            self.http_shed.clone(),
-        );
-        registry.register(
-            "dead_letters",
-            "Messages dead-lettered by the worker, by failure kind",
-            self.dead_letters.clone(),
-        );
-        registry.register(
-            "ready",
-            "1 when /readyz answers 200 (broker connected, consumer running, Redis answering, circuit closed), as of the last scrape",
-            self.ready.clone(),
-        );
-        registry.register(
-            "log_lines_dropped",
-            "Log lines lost: stalled (stdout not read fast enough; dropped, not waited for) or write_error (stdout refused them)",
-            self.log_lines_dropped.clone(),
+        #[rustfmt::skip]
+        register!(registry, self;
+            "commands", "Deliveries by final outcome", commands;
+            "api_requests", "Convirza API requests by operation and HTTP status (error: no answer)", api_requests;
+            "retries", "In-process retries of API calls after transient failures", retries;
+            "deferrals", "Messages moved to a delay queue, by reason", deferrals;
+            "in_flight", "Deliveries being processed now", in_flight;
+            "circuit_open", "1 while the circuit is open (consumption paused)", circuit_open;
+            "unrouted_events", "Events waiting in the unrouted-events queue: no queue was bound for them (bind one, then events replay-unrouted)", unrouted_events;
+            "dedup_hits", "Commands answered from the Redis created record, without an API call", dedup_hits;
+            "orphaned_groups", "Groups created for an ext id that already had another one recorded (remove them: see the runbook)", orphans;
+            "http_connections_shed", "Connections to this endpoint closed to make room (a flood of slow or idle clients)", http_shed;
+            "dead_letters", "Messages dead-lettered by the worker, by failure kind", dead_letters;
+            "ready", "1 when /readyz answers 200 (broker connected, consumer running, Redis answering, circuit closed), as of the last scrape", ready;
+            "log_lines_dropped", "Log lines lost: stalled (stdout not read fast enough; dropped, not waited for) or write_error (stdout refused them)", log_lines_dropped;
         );
     }
 }

@@ -101,46 +101,21 @@ fn shallow_properties(properties: &BasicProperties) -> Option<BasicProperties> {
 /// may nest too deep to clone here).
 fn same_but_headers(o: &BasicProperties, headers: FieldTable) -> BasicProperties {
     let mut p = BasicProperties::default().with_headers(headers);
-    let text = |v: &Option<ShortString>| v.clone();
-    if let Some(v) = text(o.content_type()) {
-        p = p.with_content_type(v);
-    }
-    if let Some(v) = text(o.content_encoding()) {
-        p = p.with_content_encoding(v);
-    }
-    if let Some(v) = o.delivery_mode() {
-        p = p.with_delivery_mode(*v);
-    }
-    if let Some(v) = o.priority() {
-        p = p.with_priority(*v);
-    }
-    if let Some(v) = text(o.correlation_id()) {
-        p = p.with_correlation_id(v);
-    }
-    if let Some(v) = text(o.reply_to()) {
-        p = p.with_reply_to(v);
-    }
-    if let Some(v) = text(o.expiration()) {
-        p = p.with_expiration(v);
-    }
-    if let Some(v) = text(o.message_id()) {
-        p = p.with_message_id(v);
-    }
-    if let Some(v) = o.timestamp() {
-        p = p.with_timestamp(*v);
-    }
-    if let Some(v) = text(o.kind()) {
-        p = p.with_type(v);
-    }
-    if let Some(v) = text(o.user_id()) {
-        p = p.with_user_id(v);
-    }
-    if let Some(v) = text(o.app_id()) {
-        p = p.with_app_id(v);
-    }
-    if let Some(v) = text(o.cluster_id()) {
-        p = p.with_cluster_id(v);
-    }
+    copy_properties!(p, o;
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        expiration => with_expiration,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        user_id => with_user_id,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
     p
 }
 

@@ -207,13 +207,6 @@ impl HeaderUpdate {
         self
     }
 
-    pub fn text_opt(self, name: &'static str, value: Option<&str>) -> Self {
-        match value {
-            Some(v) => self.text(name, v),
-            None => self,
-        }
-    }
-
     /// The properties of a copy of a delivery (a dead letter, a delay-tier copy, a replay):
     /// the original properties with these headers set, made persistent, and safe to publish
     /// whatever the publisher sent — inherited headers bounded to
@@ -273,15 +266,11 @@ impl HeaderUpdate {
         let mut p = BasicProperties::default()
             .with_headers(headers)
             .with_delivery_mode(2);
-        if let Some(v) = original.content_type() {
-            p = p.with_content_type(v.clone());
-        }
-        if let Some(v) = original.message_id() {
-            p = p.with_message_id(v.clone());
-        }
-        if let Some(v) = original.correlation_id() {
-            p = p.with_correlation_id(v.clone());
-        }
+        copy_properties!(p, original;
+            content_type => with_content_type,
+            message_id => with_message_id,
+            correlation_id => with_correlation_id,
+        );
         p
     }
 }
@@ -326,40 +315,23 @@ fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProp
     let mut p = BasicProperties::default()
         .with_headers(headers)
         .with_delivery_mode(2);
-    let o = original;
-    if let Some(v) = o.content_type() {
-        p = p.with_content_type(v.clone());
-    }
-    if let Some(v) = o.content_encoding() {
-        p = p.with_content_encoding(v.clone());
-    }
-    if let Some(v) = o.priority() {
-        p = p.with_priority(*v);
-    }
-    if let Some(v) = o.correlation_id() {
-        p = p.with_correlation_id(v.clone());
-    }
+    copy_properties!(p, original;
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
     // Direct reply-to is only valid on the channel that consumes it: the broker closes any
     // other channel that publishes with it, so a copy never carries it.
-    if let Some(v) = o.reply_to()
+    if let Some(v) = original.reply_to()
         && v.as_str() != "amq.rabbitmq.reply-to"
     {
         p = p.with_reply_to(v.clone());
-    }
-    if let Some(v) = o.message_id() {
-        p = p.with_message_id(v.clone());
-    }
-    if let Some(v) = o.timestamp() {
-        p = p.with_timestamp(*v);
-    }
-    if let Some(v) = o.kind() {
-        p = p.with_type(v.clone());
-    }
-    if let Some(v) = o.app_id() {
-        p = p.with_app_id(v.clone());
-    }
-    if let Some(v) = o.cluster_id() {
-        p = p.with_cluster_id(v.clone());
     }
     p
 }

@@ -7,6 +7,16 @@
 //! - values from outside that must fit an AMQP short string are cut to 255 bytes at a
 //!   character boundary instead of panicking.
 
+/// `$p` with every listed property of `$o` that is set: `copy!(p, o; content_type =>
+/// with_content_type, …)`.
+macro_rules! copy_properties {
+    ($p:ident, $o:expr; $($get:ident => $with:ident),* $(,)?) => {
+        $(if let Some(v) = $o.$get() {
+            $p = $p.$with(v.clone());
+        })*
+    };
+}
+
 pub mod deep;
 pub mod headers;
 pub mod publisher;

@@ -108,29 +108,22 @@ fn s(v: &str) -> ArgValue {
 
 /// The exchanges, in declaration order.
 fn exchanges(t: &TopologySettings) -> Vec<ExchangeSpec> {
+    let exchange = |name: &String, kind, arguments| ExchangeSpec {
+        name: name.clone(),
+        kind,
+        arguments,
+    };
     vec![
-        ExchangeSpec {
-            name: t.command_exchange.clone(),
-            kind: "topic",
-            arguments: Vec::new(),
-        },
-        ExchangeSpec {
-            name: t.dead_letter_exchange.clone(),
-            kind: "direct",
-            arguments: Vec::new(),
-        },
+        exchange(&t.command_exchange, "topic", Vec::new()),
+        exchange(&t.dead_letter_exchange, "direct", Vec::new()),
         // An event no queue is bound for goes to the alternate exchange and waits in
         // its queue, instead of coming back to the worker (which would have to stop).
-        ExchangeSpec {
-            name: t.unrouted_events.clone(),
-            kind: "fanout",
-            arguments: Vec::new(),
-        },
-        ExchangeSpec {
-            name: t.event_exchange.clone(),
-            kind: "topic",
-            arguments: vec![("alternate-exchange", s(&t.unrouted_events))],
-        },
+        exchange(&t.unrouted_events, "fanout", Vec::new()),
+        exchange(
+            &t.event_exchange,
+            "topic",
+            vec![("alternate-exchange", s(&t.unrouted_events))],
+        ),
     ]
 }
 
@@ -216,17 +209,20 @@ impl Topology {
             return Ok(DeadLetterQueueState::Current);
         };
         let side = conn.create_channel().await?;
-        let first = match declare_queue(&side, spec).await {
+        let first = match spec.declare(&side).await {
             Ok(()) => {
                 let _ = side.close(200, ShortString::from("declared")).await;
                 return Ok(DeadLetterQueueState::Current);
             }
-            Err(e) if access_refused(&e) => {
+            Err(e) if super::is_soft(&e, AMQPSoftError::ACCESSREFUSED) => {
                 return Ok(DeadLetterQueueState::Unknown(e.to_string()));
             }
             Err(e) => e,
         };
-        let Some(words) = differing_arguments(&first) else {
+        // Only another delivery limit is compared (`PRECONDITION_FAILED - inequivalent arg
+        // 'x-delivery-limit' ...`); any other difference (a classic DLQ, say) still stops
+        // start-up.
+        let Some(words) = differing_argument(&first, "x-delivery-limit") else {
             return Err(first);
         };
         // The broker names only the first argument that differs. The DLQ is an earlier
@@ -243,7 +239,7 @@ impl Topology {
             ..spec.clone()
         };
         let side = conn.create_channel().await?;
-        match declare_queue(&side, &earlier).await {
+        match earlier.declare(&side).await {
             Ok(()) => {
                 let _ = side.close(200, ShortString::from("declared")).await;
                 Ok(DeadLetterQueueState::Legacy(words))
@@ -284,10 +280,10 @@ impl Topology {
                     }
                     DeadLetterQueueState::Current => {}
                     // Declaring is what the worker does; it needs the permission anyway.
-                    DeadLetterQueueState::Unknown(_) => declare_queue(channel, queue).await?,
+                    DeadLetterQueueState::Unknown(_) => queue.declare(channel).await?,
                 }
             } else {
-                declare_queue(channel, queue).await?;
+                queue.declare(channel).await?;
             }
             for (exchange, key) in &queue.bindings {
                 channel
@@ -305,16 +301,21 @@ impl Topology {
     }
 }
 
+impl ExchangeSpec {
+    pub fn exchange_kind(&self) -> ExchangeKind {
+        match self.kind {
+            "topic" => ExchangeKind::Topic,
+            "fanout" => ExchangeKind::Fanout,
+            _ => ExchangeKind::Direct,
+        }
+    }
+}
+
 async fn declare_exchange(channel: &Channel, exchange: &ExchangeSpec) -> Result<(), lapin::Error> {
-    let kind = match exchange.kind {
-        "topic" => ExchangeKind::Topic,
-        "fanout" => ExchangeKind::Fanout,
-        _ => ExchangeKind::Direct,
-    };
     channel
         .exchange_declare(
             ShortString::from(exchange.name.as_str()),
-            kind,
+            exchange.exchange_kind(),
             ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()
@@ -322,26 +323,6 @@ async fn declare_exchange(channel: &Channel, exchange: &ExchangeSpec) -> Result<
             args_table(&exchange.arguments),
         )
         .await
-}
-
-async fn declare_queue(channel: &Channel, queue: &QueueSpec) -> Result<(), lapin::Error> {
-    queue.declare(channel).await
-}
-
-/// The user lacks the `configure` permission the comparing declaration needs.
-fn access_refused(e: &lapin::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ProtocolError(amqp)
-            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
-    )
-}
-
-/// The broker's words when it refused a declaration because the queue exists with another
-/// delivery limit (`PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' ...`). Any
-/// other difference (a classic DLQ, say) still stops start-up.
-fn differing_arguments(e: &lapin::Error) -> Option<String> {
-    differing_argument(e, "x-delivery-limit")
 }
 
 /// The broker's words when it refused a declaration because argument `name` differs.
@@ -356,56 +337,6 @@ fn differing_argument(e: &lapin::Error, name: &str) -> Option<String> {
     let words = amqp.get_message().as_str();
     (precondition && words.contains(&format!("inequivalent arg '{name}'")))
         .then(|| words.to_owned())
-}
-
-fn args_json(arguments: &[(&'static str, ArgValue)]) -> serde_json::Value {
-    let map: serde_json::Map<String, serde_json::Value> = arguments
-        .iter()
-        .map(|(k, v)| {
-            let v = match v {
-                ArgValue::Str(s) => serde_json::Value::from(s.as_str()),
-                ArgValue::Int(n) => serde_json::Value::from(*n),
-            };
-            ((*k).to_owned(), v)
-        })
-        .collect();
-    serde_json::Value::Object(map)
-}
-
-impl Topology {
-    /// The topology as a RabbitMQ definitions document (management plugin format), for
-    /// `deploy/rabbitmq/definitions.json`.
-    pub fn to_definitions(&self, vhost: &str) -> serde_json::Value {
-        use serde_json::{Value, json};
-        let exchanges: Vec<Value> = self
-            .exchanges
-            .iter()
-            .map(|e| {
-                json!({"name": e.name, "vhost": vhost, "type": e.kind, "durable": true,
-                       "auto_delete": false, "internal": false,
-                       "arguments": args_json(&e.arguments)})
-            })
-            .collect();
-        let queues: Vec<Value> = self
-            .queues
-            .iter()
-            .map(|q| {
-                json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": false,
-                       "arguments": args_json(&q.arguments)})
-            })
-            .collect();
-        let bindings: Vec<Value> = self
-            .queues
-            .iter()
-            .flat_map(|q| {
-                q.bindings.iter().map(move |(exchange, key)| {
-                    json!({"source": exchange, "vhost": vhost, "destination": q.name,
-                           "destination_type": "queue", "routing_key": key, "arguments": {}})
-                })
-            })
-            .collect();
-        json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
-    }
 }
 
 fn args_table(arguments: &[(&'static str, ArgValue)]) -> FieldTable {
@@ -430,14 +361,10 @@ impl QueueSpec {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                self.field_table(),
+                args_table(&self.arguments),
             )
             .await
             .map(|_| ())
-    }
-
-    pub fn field_table(&self) -> FieldTable {
-        args_table(&self.arguments)
     }
 }
 
@@ -445,6 +372,56 @@ impl QueueSpec {
 mod tests {
     use super::*;
     use crate::config::Settings;
+
+    fn args_json(arguments: &[(&'static str, ArgValue)]) -> serde_json::Value {
+        let map: serde_json::Map<String, serde_json::Value> = arguments
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    ArgValue::Str(s) => serde_json::Value::from(s.as_str()),
+                    ArgValue::Int(n) => serde_json::Value::from(*n),
+                };
+                ((*k).to_owned(), v)
+            })
+            .collect();
+        serde_json::Value::Object(map)
+    }
+
+    impl Topology {
+        /// The topology as a RabbitMQ definitions document (management plugin format), for
+        /// `deploy/rabbitmq/definitions.json`.
+        fn to_definitions(&self, vhost: &str) -> serde_json::Value {
+            use serde_json::{Value, json};
+            let exchanges: Vec<Value> = self
+                .exchanges
+                .iter()
+                .map(|e| {
+                    json!({"name": e.name, "vhost": vhost, "type": e.kind, "durable": true,
+                       "auto_delete": false, "internal": false,
+                       "arguments": args_json(&e.arguments)})
+                })
+                .collect();
+            let queues: Vec<Value> = self
+                .queues
+                .iter()
+                .map(|q| {
+                    json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": false,
+                       "arguments": args_json(&q.arguments)})
+                })
+                .collect();
+            let bindings: Vec<Value> = self
+                .queues
+                .iter()
+                .flat_map(|q| {
+                    q.bindings.iter().map(move |(exchange, key)| {
+                        json!({"source": exchange, "vhost": vhost, "destination": q.name,
+                           "destination_type": "queue", "routing_key": key, "arguments": {}})
+                    })
+                })
+                .collect();
+            json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
+        }
+    }
 
     /// `deploy/rabbitmq/definitions.json` must be exactly what the code declares, so the
     /// two never drift. On a mismatch the expected document is printed: replace the file

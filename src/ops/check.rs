@@ -4,7 +4,6 @@
 use std::fmt::Display;
 use std::time::Duration;
 
-use lapin::ExchangeKind;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 
@@ -323,11 +322,6 @@ async fn verify(conn: &lapin::Connection, topology: &Topology) -> Result<String,
     let mut missing = Vec::new();
     for e in &topology.exchanges {
         let ch = conn.create_channel().await?;
-        let kind = if e.kind == "topic" {
-            ExchangeKind::Topic
-        } else {
-            ExchangeKind::Direct
-        };
         let passive = ExchangeDeclareOptions {
             passive: true,
             ..ExchangeDeclareOptions::default()
@@ -335,7 +329,7 @@ async fn verify(conn: &lapin::Connection, topology: &Topology) -> Result<String,
         if ch
             .exchange_declare(
                 ShortString::from(e.name.as_str()),
-                kind,
+                e.exchange_kind(),
                 passive,
                 FieldTable::default(),
             )
