@@ -285,6 +285,17 @@ impl RedisStore {
         }
     }
 
+    /// Run one of the scripts on a connection of its own.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        script
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(store_err)
+    }
+
     pub fn group_key(&self, ext_id: &ExtId) -> String {
         self.keys.key(&self.prefix, "group", ext_id)
     }
@@ -337,19 +348,13 @@ impl RedisStore {
         &self,
         key: OutcomeKey<'_>,
     ) -> Result<Option<LastOutcome>, StoreError> {
-        let mut conn = self.conn.clone();
-        let (_, raw, _): (String, Option<Vec<u8>>, i64) = self
-            .read_keys
-            .key(self.outcome_key(key))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+        let (_, raw, _): (String, Option<Vec<u8>>, i64) =
+            self.run(&self.read_keys.key(self.outcome_key(key))).await?;
         Ok(raw.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
     }
 
     /// Everything known about one ext id (read-only).
     pub async fn status(&self, ext_id: &ExtId) -> Result<ExtIdStatus, StoreError> {
-        let mut conn = self.conn.clone();
         // Bytes, not text: a value that is not UTF-8 is still reported, never an error.
         type Read = (
             String,
@@ -361,13 +366,13 @@ impl RedisStore {
             i64,
         );
         let (kind, raw, attempt_kind, attempts, _, outcome, ttl): Read = self
-            .read_keys
-            .key(self.group_key(ext_id))
-            .key(self.attempt_key(ext_id))
-            .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+            .run(
+                self.read_keys
+                    .key(self.group_key(ext_id))
+                    .key(self.attempt_key(ext_id))
+                    .key(self.outcome_key(OutcomeKey::ExtId(ext_id))),
+            )
+            .await?;
         let (record, unreadable) = match (kind.as_str(), raw) {
             ("none", _) => (None, None),
             ("string", Some(bytes)) => match serde_json::from_slice(&bytes) {
@@ -401,31 +406,30 @@ impl RedisStore {
 
 impl DedupStore for RedisStore {
     async fn claim(&self, ext_id: &ExtId, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
-        let mut conn = self.conn.clone();
-        let value = record_json(&StoredRecord::Claimed {
+        let value = encode(&StoredRecord::Claimed {
             owner: request.owner.to_owned(),
             claimed_at: crate::clock::now_rfc3339(),
         })?;
-        let duplicate = serde_json::to_string(request.duplicate).map_err(StoreError::Encode)?;
+        let duplicate = encode(request.duplicate)?;
         let (mark, parent, name) = match request.mark {
             Some(p) => ("1", p.parent.to_string(), p.name),
             None => ("0", String::new(), ""),
         };
         let answer: redis::Value = self
-            .claim
-            .key(self.group_key(ext_id))
-            .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
-            .key(self.attempt_key(ext_id))
-            .arg(value)
-            .arg(millis(request.lease))
-            .arg(duplicate)
-            .arg(millis(request.ttl))
-            .arg(mark)
-            .arg(parent)
-            .arg(name)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+            .run(
+                self.claim
+                    .key(self.group_key(ext_id))
+                    .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
+                    .key(self.attempt_key(ext_id))
+                    .arg(value)
+                    .arg(millis(request.lease))
+                    .arg(duplicate)
+                    .arg(millis(request.ttl))
+                    .arg(mark)
+                    .arg(parent)
+                    .arg(name),
+            )
+            .await?;
         let unexpected = || StoreError::Protocol("unexpected answer to the claim".into());
         let redis::Value::Array(items) = answer else {
             return Err(unexpected());
@@ -471,8 +475,7 @@ impl DedupStore for RedisStore {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let value = record_json(&StoredRecord::Claimed {
+        let value = encode(&StoredRecord::Claimed {
             owner: owner.to_owned(),
             claimed_at: crate::clock::now_rfc3339(),
         })?;
@@ -481,15 +484,15 @@ impl DedupStore for RedisStore {
             Unreadable::WrongType(kind) => ("type", kind.as_bytes()),
         };
         let replaced: i64 = self
-            .replace_unreadable
-            .key(self.group_key(ext_id))
-            .arg(mode)
-            .arg(seen)
-            .arg(value)
-            .arg(millis(lease))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+            .run(
+                self.replace_unreadable
+                    .key(self.group_key(ext_id))
+                    .arg(mode)
+                    .arg(seen)
+                    .arg(value)
+                    .arg(millis(lease)),
+            )
+            .await?;
         Ok(replaced == 1)
     }
 
@@ -499,15 +502,14 @@ impl DedupStore for RedisStore {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
         let renewed: i64 = self
-            .renew
-            .key(self.group_key(ext_id))
-            .arg(owner)
-            .arg(millis(lease))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+            .run(
+                self.renew
+                    .key(self.group_key(ext_id))
+                    .arg(owner)
+                    .arg(millis(lease)),
+            )
+            .await?;
         Ok(renewed == 1)
     }
 
@@ -519,21 +521,20 @@ impl DedupStore for RedisStore {
         outcome: &LastOutcome,
         ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
-        let mut conn = self.conn.clone();
-        let value = record_json(&StoredRecord::Created(record.clone()))?;
-        let outcome = serde_json::to_string(outcome).map_err(StoreError::Encode)?;
+        let value = encode(&StoredRecord::Created(record.clone()))?;
+        let outcome = encode(outcome)?;
         let answer: String = self
-            .record_created
-            .key(self.group_key(ext_id))
-            .key(self.attempt_key(ext_id))
-            .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
-            .arg(owner)
-            .arg(value)
-            .arg(millis(ttl))
-            .arg(outcome)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+            .run(
+                self.record_created
+                    .key(self.group_key(ext_id))
+                    .key(self.attempt_key(ext_id))
+                    .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
+                    .arg(owner)
+                    .arg(value)
+                    .arg(millis(ttl))
+                    .arg(outcome),
+            )
+            .await?;
         match answer.as_str() {
             "ok" => Ok(RecordResult::Written),
             "fenced" => Ok(RecordResult::Fenced(None)),
@@ -545,16 +546,15 @@ impl DedupStore for RedisStore {
     }
 
     async fn release(&self, ext_id: &ExtId, owner: &str, settled: bool) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         let _: i64 = self
-            .release
-            .key(self.group_key(ext_id))
-            .key(self.attempt_key(ext_id))
-            .arg(owner)
-            .arg(if settled { "1" } else { "0" })
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+            .run(
+                self.release
+                    .key(self.group_key(ext_id))
+                    .key(self.attempt_key(ext_id))
+                    .arg(owner)
+                    .arg(if settled { "1" } else { "0" }),
+            )
+            .await?;
         Ok(())
     }
 
@@ -565,29 +565,24 @@ impl DedupStore for RedisStore {
         posting: Posting<'_>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
         let marked: i64 = self
-            .mark_attempt
-            .key(self.group_key(ext_id))
-            .key(self.attempt_key(ext_id))
-            .arg(owner)
-            .arg(millis(ttl))
-            .arg(posting.parent.to_string())
-            .arg(posting.name)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+            .run(
+                self.mark_attempt
+                    .key(self.group_key(ext_id))
+                    .key(self.attempt_key(ext_id))
+                    .arg(owner)
+                    .arg(millis(ttl))
+                    .arg(posting.parent.to_string())
+                    .arg(posting.name),
+            )
+            .await?;
         Ok(marked == 1)
     }
 
     async fn attempt(&self, ext_id: &ExtId) -> Result<Option<AttemptMarker>, StoreError> {
-        let mut conn = self.conn.clone();
         let (raw, now): (Option<Vec<u8>>, i64) = self
-            .read_attempt
-            .key(self.attempt_key(ext_id))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(store_err)?;
+            .run(&self.read_attempt.key(self.attempt_key(ext_id)))
+            .await?;
         Ok(raw.map(|bytes| parse_marker(&bytes, now)))
     }
 
@@ -602,7 +597,7 @@ impl DedupStore for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let text = serde_json::to_string(outcome).map_err(StoreError::Encode)?;
+        let text = encode(outcome)?;
         conn.pset_ex::<_, _, ()>(self.outcome_key(key), text, millis(ttl))
             .await
             .map_err(store_err)
@@ -672,9 +667,9 @@ fn parse_marker(raw: &[u8], now_ms: i64) -> AttemptMarker {
     }
 }
 
-/// A record as stored.
-fn record_json(record: &StoredRecord) -> Result<String, StoreError> {
-    serde_json::to_string(record).map_err(StoreError::Encode)
+/// A value as stored (records, outcomes, token pairs).
+fn encode<T: Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(StoreError::Encode)
 }
 
 /// The login session shared by replicas: `<prefix>:auth:<account>` holds the
@@ -703,7 +698,7 @@ impl TokenStore for RedisStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let text = serde_json::to_string(pair).map_err(StoreError::Encode)?;
+            let text = encode(pair)?;
             conn.pset_ex::<_, _, ()>(format!("{}:auth:{account}", self.prefix), text, millis(ttl))
                 .await
                 .map_err(store_err)
@@ -737,14 +732,13 @@ impl TokenStore for RedisStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
             let _: i64 = self
-                .unlock
-                .key(format!("{}:auth-lock:{account}", self.prefix))
-                .arg(owner)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(store_err)?;
+                .run(
+                    self.unlock
+                        .key(format!("{}:auth-lock:{account}", self.prefix))
+                        .arg(owner),
+                )
+                .await?;
             Ok(())
         })
     }
