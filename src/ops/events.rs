@@ -52,26 +52,20 @@ pub async fn replay_unrouted_command(
     settings: &Settings,
     filter: &UnroutedFilter,
 ) -> Result<UnroutedSummary, OpsError> {
-    let summary = replay_unrouted(settings, filter).await?;
-    if filter.json {
-        outln!(
-            "{}",
-            serde_json::json!({"dry_run": filter.dry_run, "moved": summary.moved, "kept": summary.kept, "came_back": summary.came_back})
-        );
-    } else {
+    let s = replay_unrouted(settings, filter).await?;
+    let json = serde_json::json!({"dry_run": filter.dry_run, "moved": s.moved, "kept": s.kept, "came_back": s.came_back});
+    crate::ops::print_summary(filter.json, json, || {
         let verb = if filter.dry_run {
             "would move"
         } else {
             "moved"
         };
-        outln!(
+        format!(
             "{verb} {}, kept {}, came back {}",
-            summary.moved,
-            summary.kept,
-            summary.came_back
-        );
-    }
-    Ok(summary)
+            s.moved, s.kept, s.came_back
+        )
+    });
+    Ok(s)
 }
 
 pub async fn replay_unrouted(

@@ -72,19 +72,13 @@ pub async fn command(
     json: bool,
 ) -> Result<SendSummary, OpsError> {
     let s = run(settings, file, validate).await?;
-    if json {
-        outln!(
-            "{}",
-            serde_json::json!({"sent": s.sent, "invalid": s.invalid, "failed": s.failed})
-        );
-    } else {
-        outln!(
+    let object = serde_json::json!({"sent": s.sent, "invalid": s.invalid, "failed": s.failed});
+    crate::ops::print_summary(json, object, || {
+        format!(
             "sent {}, invalid {}, failed {}",
-            s.sent,
-            s.invalid,
-            s.failed
-        );
-    }
+            s.sent, s.invalid, s.failed
+        )
+    });
     Ok(s)
 }
 

@@ -140,19 +140,16 @@ pub async fn discard_command(
     filter: &DiscardFilter,
 ) -> Result<DiscardSummary, OpsError> {
     let s = discard(settings, filter).await?;
-    if filter.json {
-        outln!(
-            "{}",
-            serde_json::json!({"dry_run": filter.dry_run, "discarded": s.discarded, "kept": s.kept})
-        );
-    } else {
+    let json =
+        serde_json::json!({"dry_run": filter.dry_run, "discarded": s.discarded, "kept": s.kept});
+    crate::ops::print_summary(filter.json, json, || {
         let verb = if filter.dry_run {
             "would discard"
         } else {
             "discarded"
         };
-        outln!("{verb} {}, kept {}", s.discarded, s.kept);
-    }
+        format!("{verb} {}, kept {}", s.discarded, s.kept)
+    });
     Ok(s)
 }
 

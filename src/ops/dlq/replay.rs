@@ -323,31 +323,24 @@ pub async fn replay_command(
     if filter.kind.as_deref() == Some("invalid_command") {
         warn_invalid_command();
     }
-    let result = replay(settings, filter).await;
-    let s = result?;
-    if filter.json {
-        outln!(
-            "{}",
-            serde_json::json!({"dry_run": filter.dry_run, "moved": s.moved, "skipped": s.skipped, "kept": s.kept, "interrupted": s.interrupted})
-        );
-        return Ok(s);
-    }
-    let verb = if filter.dry_run {
-        "would move"
-    } else {
-        "moved"
-    };
-    outln!(
-        "{verb} {}, skipped {} (replay limit), kept {} (not matching){}",
-        s.moved,
-        s.skipped,
-        s.kept,
-        if s.interrupted {
+    let s = replay(settings, filter).await?;
+    let json = serde_json::json!({"dry_run": filter.dry_run, "moved": s.moved, "skipped": s.skipped, "kept": s.kept, "interrupted": s.interrupted});
+    crate::ops::print_summary(filter.json, json, || {
+        let verb = if filter.dry_run {
+            "would move"
+        } else {
+            "moved"
+        };
+        let interrupted = if s.interrupted {
             " — interrupted"
         } else {
             ""
-        }
-    );
+        };
+        format!(
+            "{verb} {}, skipped {} (replay limit), kept {} (not matching){interrupted}",
+            s.moved, s.skipped, s.kept
+        )
+    });
     Ok(s)
 }
 
