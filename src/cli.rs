@@ -331,33 +331,24 @@ fn invocation(cli: &Cli) -> String {
     }
 }
 
+/// A command whose every success exits 0.
+fn done<T>(what: &str, result: Result<T, OpsError>) -> Exit {
+    ops_result(what, result, |_| Exit::Success)
+}
+
 /// The `dlq` subcommands.
 async fn dispatch_dlq(command: DlqCommand, settings: &Settings) -> Exit {
     match command {
-        DlqCommand::Stats { json } => {
-            ops_result("dlq stats", ops::dlq::stats(settings, json).await, |()| {
-                Exit::Success
-            })
-        }
-        DlqCommand::Peek { limit, json } => ops_result(
+        DlqCommand::Stats { json } => done("dlq stats", ops::dlq::stats(settings, json).await),
+        DlqCommand::Peek { limit, json } => done(
             "dlq peek",
             ops::dlq::peek(settings, limit.max(), json).await,
-            |()| Exit::Success,
         ),
-        DlqCommand::Export { out } => {
-            ops_result("dlq export", ops::dlq::export(settings, &out).await, |()| {
-                Exit::Success
-            })
-        }
-        DlqCommand::Migrate => ops_result(
-            "dlq migrate",
-            ops::dlq::migrate_command(settings).await,
-            |_| Exit::Success,
-        ),
-        DlqCommand::Discard(filter) => ops_result(
+        DlqCommand::Export { out } => done("dlq export", ops::dlq::export(settings, &out).await),
+        DlqCommand::Migrate => done("dlq migrate", ops::dlq::migrate_command(settings).await),
+        DlqCommand::Discard(filter) => done(
             "dlq discard",
             ops::dlq::discard_command(settings, &filter).await,
-            |_| Exit::Success,
         ),
         DlqCommand::Replay(filter) => ops_result(
             "dlq replay",

@@ -25,6 +25,12 @@ use crate::pipeline::{
     SystemFault, truncate,
 };
 
+/// Give a delivery back to its queue.
+const REQUEUE: BasicNackOptions = BasicNackOptions {
+    multiple: false,
+    requeue: true,
+};
+
 /// Why the publishes of a decision did not all go out.
 #[derive(Debug, thiserror::Error)]
 enum SettleError {
@@ -84,11 +90,7 @@ pub(crate) fn guarded(
     let acker = delivery.acker.clone();
     let give_back = move || {
         tokio::spawn(async move {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            let _ = acker.nack(requeue).await;
+            let _ = acker.nack(REQUEUE).await;
         });
     };
     crate::fatal::DeliveryWork::new(handle(shared, links, delivery), give_back)
@@ -187,13 +189,7 @@ fn delivery_span(inbound: &Inbound) -> tracing::Span {
 /// Unfinished at the drain deadline: back to the queue. If a POST was in flight, the
 /// attempt marker makes the next delivery list before posting again.
 async fn give_back(shared: &Shared, delivery: &Delivery, inbound: &Inbound, started: Instant) {
-    let outcome = match delivery
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await
-    {
+    let outcome = match delivery.nack(REQUEUE).await {
         // `false`: the channel is gone and nothing was sent; the broker redelivers.
         Ok(true) => Outcome::Requeued,
         Ok(false) | Err(_) => Outcome::Failed,
@@ -371,14 +367,7 @@ impl Executor<'_> {
             }
         }
         claim_or_wait(self.settling).await;
-        match self
-            .delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
-        {
+        match self.delivery.nack(REQUEUE).await {
             Ok(true) => Outcome::Requeued,
             Ok(false) => {
                 tracing::error!("cannot nack: the channel is gone; the broker redelivers");

@@ -69,14 +69,8 @@ const RECONNECT: RetryPolicy = RetryPolicy {
 /// How often the session reads the unrouted-events queue's depth.
 const UNROUTED_POLL: Duration = Duration::from_secs(5);
 
-/// Aborts its task when dropped (when the session ends, however it ends).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+// Aborts its task when dropped (when the session ends, however it ends).
+use tokio_util::task::AbortOnDropHandle as AbortOnDrop;
 
 /// Connecting or declaring longer than this is treated as a hung broker.
 const BROKER_STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -152,10 +146,10 @@ fn announce(shared: &Shared, conn: &lapin::Connection) {
 
 /// Watch the unrouted-events queue's depth, for the metric and its alert, until the
 /// returned guard is dropped with the session.
-async fn watch_unrouted(shared: &Arc<Shared>, conn: &lapin::Connection) -> AbortOnDrop {
+async fn watch_unrouted(shared: &Arc<Shared>, conn: &lapin::Connection) -> AbortOnDrop<()> {
     let channel = conn.create_channel().await.ok();
     let shared = shared.clone();
-    AbortOnDrop(tokio::spawn(async move {
+    AbortOnDrop::new(tokio::spawn(async move {
         let Some(channel) = channel else { return };
         let queue = shared.settings.topology.unrouted_events.clone();
         // A passive declare of a missing queue closes the channel: then there is nothing
