@@ -43,6 +43,8 @@ pub struct Health {
     pub connected: Arc<AtomicBool>,
     pub consuming: watch::Receiver<bool>,
     pub store: RedisStore,
+    /// What to say about Redis's eviction policy, as last read (`None`: nothing).
+    pub redis_warning: Arc<Mutex<Option<String>>>,
 }
 
 impl Health {
@@ -77,26 +79,30 @@ pub fn router(health: Health) -> Router {
 
 async fn readyz(State(h): State<Health>) -> Response {
     let reasons = h.not_ready().await;
-    if reasons.is_empty() {
-        // Ready all the same: the worker goes on; someone is missing these events.
-        let unrouted = h.metrics.unrouted_events();
-        if unrouted > 0 {
-            return (
-                StatusCode::OK,
-                format!(
-                    "ready\nwarning: {unrouted} events nobody is bound for wait in the unrouted-events queue (bind a queue, then events replay-unrouted)\n"
-                ),
-            )
-                .into_response();
-        }
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    if !reasons.is_empty() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready\n{}\n", reasons.join("\n")),
         )
-            .into_response()
+            .into_response();
     }
+    // Ready all the same: the worker goes on, but someone should act on these.
+    let mut body = String::from("ready\n");
+    let unrouted = h.metrics.unrouted_events();
+    if unrouted > 0 {
+        body.push_str(&format!(
+            "warning: {unrouted} events nobody is bound for wait in the unrouted-events queue (bind a queue, then events replay-unrouted)\n"
+        ));
+    }
+    if let Some(text) = h
+        .redis_warning
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        body.push_str(&format!("warning: {text}\n"));
+    }
+    (StatusCode::OK, body).into_response()
 }
 
 async fn metrics(State(h): State<Health>) -> Response {

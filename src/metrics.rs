@@ -8,7 +8,8 @@
 //!   `provisioner_circuit_open`, `provisioner_dedup_hits_total`,
 //!   `provisioner_dead_letters_total{kind}`, `provisioner_orphaned_groups_total`,
 //!   `provisioner_http_connections_shed_total`, `provisioner_log_lines_dropped_total
-//!   {reason}`, `provisioner_ready`, `provisioner_build_info{version}`;
+//!   {reason}`, `provisioner_ready`, `provisioner_redis_maxmemory_policy{policy}`,
+//!   `provisioner_build_info{version}`;
 //! - label values come from closed, typed sets (outcomes, failure kinds, deferral
 //!   reasons, operations, HTTP status codes), so cardinality stays bounded, and every
 //!   value of a closed set is exported from the start (at 0), so alerts see the series
@@ -98,6 +99,11 @@ struct OperationLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VersionLabels {
     version: &'static str,
 }
@@ -121,6 +127,7 @@ pub struct Metrics {
     circuit_open: Gauge<i64, AtomicI64>,
     ready: Gauge<i64, AtomicI64>,
     unrouted_events: Gauge<i64, AtomicI64>,
+    redis_policy: Family<PolicyLabels, Gauge<i64, AtomicI64>>,
     api_requests: Family<RequestLabels, Counter>,
     api_durations: Family<OperationLabels, Histogram, fn() -> Histogram>,
 }
@@ -147,6 +154,7 @@ impl Metrics {
             circuit_open: Gauge::default(),
             ready: Gauge::default(),
             unrouted_events: Gauge::default(),
+            redis_policy: Family::default(),
             api_requests: Family::default(),
             api_durations: Family::new_with_constructor(duration_histogram),
             registry: Registry::default(),
@@ -177,6 +185,14 @@ impl Metrics {
         self.api_durations
             .get_or_create(&OperationLabels { operation })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Redis's `maxmemory-policy` as last read: one series at 1, labelled with it.
+    pub fn set_redis_policy(&self, policy: &'static str) {
+        self.redis_policy.clear();
+        self.redis_policy
+            .get_or_create(&PolicyLabels { policy })
+            .set(1);
     }
 
     /// The OpenMetrics text exposition, with the circuit's state as of now.
@@ -231,6 +247,7 @@ impl Metrics {
             "orphaned_groups", "Groups created for an ext id that already had another one recorded (remove them: see the runbook)", orphans;
             "http_connections_shed", "Connections to this endpoint closed to make room (a flood of slow or idle clients)", http_shed;
             "dead_letters", "Messages dead-lettered by the worker, by failure kind", dead_letters;
+            "redis_maxmemory_policy", "1, labelled with Redis's maxmemory-policy as last read (unknown: CONFIG GET refused); any policy but noeviction may evict dedup records", redis_policy;
             "ready", "1 when /readyz answers 200 (broker connected, consumer running, Redis answering, circuit closed), as of the last scrape", ready;
             "log_lines_dropped", "Log lines lost: stalled (stdout not read fast enough; dropped, not waited for) or write_error (stdout refused them)", log_lines_dropped;
         );

@@ -20,6 +20,9 @@
 use std::time::Duration;
 
 mod conn;
+mod eviction;
+
+pub use eviction::Eviction;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};

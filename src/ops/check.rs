@@ -250,7 +250,24 @@ async fn check_redis(
     };
     let ok = redis.is_ok();
     report.line("redis", redis);
+    if let (true, Ok(store)) = (ok, store) {
+        check_eviction(report, store).await;
+    }
     ok
+}
+
+/// A Redis that may evict the dedup records fails (or, with no limit set yet, warns).
+async fn check_eviction(report: &mut CheckReport, store: &crate::dedup::RedisStore) {
+    let eviction = match tokio::time::timeout(Duration::from_secs(5), store.eviction()).await {
+        Ok(Ok(eviction)) => eviction,
+        Ok(Err(e)) => crate::dedup::Eviction::Unknown(e.to_string()),
+        Err(_) => crate::dedup::Eviction::Unknown("no answer within 5s".into()),
+    };
+    match eviction.advice() {
+        Some(text) if eviction.fails_check() => report.line("redis", Err(text)),
+        Some(text) => report.warn("redis", text),
+        None => {}
+    }
 }
 
 /// The notes of passes killed before they gave their queue back in order.

@@ -26,7 +26,7 @@ use crate::amqp::topology::Topology;
 use crate::app::{self, AppError};
 use crate::config::Settings;
 use crate::convirza::ConvirzaClient;
-use crate::dedup::RedisStore;
+use crate::dedup::{Eviction, RedisStore};
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
 use crate::pipeline::{Circuit, CircuitState, Processor, TierPlace};
@@ -176,12 +176,19 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
     ));
     let shutdown = CancellationToken::new();
     let (consuming_tx, consuming) = watch::channel(false);
+    let redis_warning = Arc::new(Mutex::new(None));
+    let eviction = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch_eviction(
+        store.clone(),
+        metrics.clone(),
+        redis_warning.clone(),
+    )));
     let health = Health {
         metrics: metrics.clone(),
         circuit: circuit.clone(),
         connected,
         consuming: consuming.clone(),
         store,
+        redis_warning,
     };
     tracing::info!(listen = %metrics_addr, "serving /healthz, /readyz and /metrics");
     let http_stop = CancellationToken::new();
@@ -189,6 +196,7 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
     let worker = session::supervise(shared, shutdown.clone(), consuming_tx);
     let task = tokio::spawn(async move {
         worker.await;
+        drop(eviction);
         // The endpoint outlives the drain, so probes see "not ready" until the end.
         http_stop.cancel();
         let _ = http.await;
@@ -201,6 +209,41 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
         metrics_addr,
         task,
     })
+}
+
+/// How often Redis's eviction policy is read again (it can be changed at runtime).
+const EVICTION_CHECK: Duration = Duration::from_secs(60);
+
+/// Read Redis's eviction policy at start and every [`EVICTION_CHECK`], and say so
+/// whenever what it means changes: a warning while Redis may evict dedup records.
+async fn watch_eviction(
+    store: RedisStore,
+    metrics: Arc<Metrics>,
+    slot: Arc<Mutex<Option<String>>>,
+) {
+    let mut last: Option<Eviction> = None;
+    loop {
+        if let Ok(now) = store.eviction().await
+            && last.as_ref() != Some(&now)
+        {
+            let advice = now.advice();
+            match &advice {
+                Some(text) => tracing::warn!(redis_policy = now.label(), "{text}"),
+                None if last.is_some() => tracing::info!("redis maxmemory-policy is noeviction"),
+                None => {}
+            }
+            metrics.set_redis_policy(now.label());
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = advice;
+            last = Some(now);
+        }
+        // Until Redis first answers, ask again soon.
+        let wait = if last.is_some() {
+            EVICTION_CHECK
+        } else {
+            Duration::from_secs(2)
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {

@@ -417,6 +417,7 @@ fn every_alert_has_its_texts_and_its_runbook_section() {
 /// `_bucket`/`_sum`/`_count` series appear).
 fn exported_metric_names() -> HashSet<String> {
     let metrics = group_provisioner::metrics::Metrics::new();
+    metrics.set_redis_policy("noeviction");
     metrics.api_request(
         group_provisioner::convirza::Operation::CreateGroup,
         Some(201),

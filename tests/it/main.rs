@@ -21,6 +21,7 @@ mod logs;
 mod ops;
 mod passes;
 mod pipeline;
+mod privilege;
 mod process;
 mod redis_modes;
 mod redis_scripts;
