@@ -45,6 +45,9 @@ pub struct Health {
     pub store: RedisStore,
     /// What to say about Redis's eviction policy, as last read (`None`: nothing).
     pub redis_warning: Arc<Mutex<Option<String>>>,
+    /// Why the broker session cannot be established, when the worker knows more than
+    /// "not connected" (a topology it can neither declare nor verify).
+    pub broker_problem: Arc<Mutex<Option<String>>>,
 }
 
 impl Health {
@@ -52,7 +55,14 @@ impl Health {
     pub async fn not_ready(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         if !self.connected.load(Ordering::SeqCst) {
-            reasons.push("broker: not connected".to_owned());
+            let problem = self
+                .broker_problem
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            reasons.push(match problem.as_ref() {
+                Some(line) => format!("broker: not connected: {line}"),
+                None => "broker: not connected".to_owned(),
+            });
         }
         if let CircuitState::Open { fault } = self.circuit.state() {
             reasons.push(format!("circuit open: {fault}"));

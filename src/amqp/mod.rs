@@ -21,6 +21,7 @@ pub mod deep;
 pub mod headers;
 pub mod publisher;
 pub mod topology;
+pub mod verify;
 
 use lapin::types::ShortString;
 use lapin::{Connection, ConnectionProperties};
@@ -222,6 +223,15 @@ pub fn is_soft(e: &lapin::Error, which: lapin::protocol::AMQPSoftError) -> bool 
         lapin::ErrorKind::ProtocolError(amqp)
             if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(s) if *s == which)
     )
+}
+
+/// What the broker said when it closed a channel or connection (`ACCESS_REFUSED - access
+/// to exchange …`), or the client's error when the broker said nothing.
+pub fn broker_words(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
+        _ => e.to_string(),
+    }
 }
 
 /// The virtual host an AMQP URL names (`/` when it names none, as the client reads it).

@@ -92,13 +92,17 @@ pub fn legacy_dead_letter_queue_advice(queue: &str) -> String {
     )
 }
 
-/// What to tell an operator about an event exchange an earlier version declared (no
-/// alternate exchange). Whether a policy sets one cannot be seen from a client.
+/// What to tell an operator about an event exchange without the alternate exchange: an
+/// earlier version declared it so, or a consumer that started before any worker declared
+/// it itself. Whether a policy sets one cannot be seen from a client.
 pub fn legacy_event_exchange_advice(exchange: &str, unrouted: &str) -> String {
     format!(
-        "event exchange {exchange:?} was declared by an earlier version without an alternate \
-         exchange: unless a policy sets `alternate-exchange` to {unrouted:?}, an event no queue \
-         is bound for stops the worker; see docs/operations.md \"Events nobody is bound for\""
+        "event exchange {exchange:?} has no alternate exchange (declared by an earlier version, \
+         or by a consumer that started before any worker and declared it without \
+         `alternate-exchange`): unless a policy sets `alternate-exchange` to {unrouted:?}, an \
+         event no queue is bound for stalls the worker (it keeps that command and opens the \
+         circuit, pausing all consumption, until a queue is bound); re-declare it with the \
+         argument or add the policy: docs/operations.md \"Events nobody is bound for\""
     )
 }
 

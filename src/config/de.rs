@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 use super::duration::{format_duration, parse_duration};
-use super::{AmqpNodes, AuthMode, DelayTier, LogFormat, RedisMode};
+use super::{AmqpNodes, AuthMode, Declare, DelayTier, LogFormat, RedisMode};
 use crate::secret::{ExposeSecret, SecretString, SecretUrl, redact_url};
 
 /// An error made from one of this module's reasons.
@@ -57,6 +57,12 @@ impl<'de> serde::Deserialize<'de> for RedisMode {
                 ("cluster", RedisMode::Cluster),
             ],
         )
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Declare {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Declare, D::Error> {
+        one_of(d, &[("all", Declare::All), ("verify", Declare::Verify)])
     }
 }
 
@@ -538,4 +544,22 @@ pub fn api_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         )));
     }
     Ok(v.trim_end_matches('/').to_owned())
+}
+
+/// `amqp.management_url`: an HTTP URL without credentials (the management API is read
+/// with those of `amqp.url`); empty means unset.
+pub fn management_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = String::deserialize(d)?;
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    let v = url(&value, &["http", "https"]).map_err(custom)?;
+    let parsed = reqwest::Url::parse(&v).map_err(|e| custom(e.to_string()))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(custom(format!(
+            "{:?} carries credentials; the management API is read with those of amqp.url",
+            redact_url(&v)
+        )));
+    }
+    Ok(Some(v.trim_end_matches('/').to_owned()))
 }

@@ -37,7 +37,8 @@ pub const ENV_PREFIX: &str = "PROVISIONER";
 pub const DEFAULTS_TOML: &str = include_str!("../../config/example.toml");
 /// Keys that exist but have no default (credentials; which are required depends on
 /// `api.auth`).
-pub const KEYS_WITHOUT_DEFAULT: [&str; 11] = [
+pub const KEYS_WITHOUT_DEFAULT: [&str; 12] = [
+    "amqp.management_url",
     "redis.nodes",
     "redis.sentinel_master",
     "api.token",
@@ -95,6 +96,10 @@ pub struct AmqpSettings {
     /// Used by `amqps://` nodes.
     #[serde(default)]
     pub tls: TlsSettings,
+    /// Where `topology.declare = "verify"` reads the topology (RabbitMQ's management API);
+    /// unset: the connected node's host, port 15672 (15671 for `amqps`).
+    #[serde(default, deserialize_with = "de::management_url")]
+    pub management_url: Option<String>,
 }
 
 /// `<section>.tls.*`: a private CA (trusted beside the system's roots) and a client
@@ -445,6 +450,18 @@ pub struct TopologySettings {
     /// dead-letters a message on its own (the crash-loop guard).
     #[serde(deserialize_with = "de::ranged::<_, u32, 1, 1_000_000>")]
     pub delivery_limit: u32,
+    /// Whether the worker declares the topology or only verifies it.
+    pub declare: Declare,
+}
+
+/// `topology.declare`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declare {
+    /// Declare everything (idempotent); where the broker refuses for want of `configure`,
+    /// verify instead.
+    All,
+    /// Never declare: verify that what ops declared is what the worker relies on.
+    Verify,
 }
 
 impl TopologySettings {

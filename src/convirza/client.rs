@@ -322,12 +322,13 @@ impl ConvirzaClient {
                     message: format!(
                         "HTTP {} but the body was lost: {}",
                         status.as_u16(),
-                        error_chain(&e)
+                        crate::text::error_chain(&e)
                     ),
                 },
-                Operation::ListChildGroups => {
-                    transient(None, format!("list body lost: {}", error_chain(&e)))
-                }
+                Operation::ListChildGroups => transient(
+                    None,
+                    format!("list body lost: {}", crate::text::error_chain(&e)),
+                ),
             }),
             Err(_) => Ok((status, headers, bytes::Bytes::new())),
         }
@@ -347,7 +348,7 @@ fn transient(status: Option<u16>, message: String) -> ApiError {
 /// once it may have been sent, a create is an unknown outcome. (A list is read-only, so
 /// its failures are always just transient.)
 fn transport_error(op: Operation, e: &reqwest::Error) -> ApiError {
-    let message = error_chain(e);
+    let message = crate::text::error_chain(e);
     if e.is_connect() || op == Operation::ListChildGroups {
         return transient(None, message);
     }
@@ -358,20 +359,6 @@ fn transport_error(op: Operation, e: &reqwest::Error) -> ApiError {
             message
         },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// Turn one HTTP answer into success or a classified error. Pure, so every branch is

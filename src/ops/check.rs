@@ -4,10 +4,10 @@
 use std::fmt::Display;
 use std::time::Duration;
 
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::ShortString;
 
-use crate::amqp::topology::{self, DeadLetterQueueState, Topology};
+use crate::amqp::topology::{self, Topology};
+use crate::amqp::verify::{self, Established};
 use crate::app;
 use crate::config::Settings;
 use crate::pipeline::DedupStore;
@@ -62,15 +62,6 @@ impl CheckReport {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum VerifyError {
-    /// Queues or exchanges `--no-declare` did not find.
-    #[error("missing: {}", .0.join(", "))]
-    Missing(Vec<String>),
-    #[error(transparent)]
-    Broker(#[from] lapin::Error),
-}
-
 /// Whether a pass over the DLQ / the unrouted events runs now (`None`: cannot tell). A
 /// note of a pass that is not running means it was killed.
 type PassesRunning = (Option<bool>, Option<bool>);
@@ -103,7 +94,7 @@ async fn check_broker(
     settings: &Settings,
     declare: bool,
 ) -> PassesRunning {
-    let (conn, channel, node) = match super::connect_node(settings, "check").await {
+    let (conn, _channel, node) = match super::connect_node(settings, "check").await {
         Ok(c) => c,
         Err(e) => {
             report.line("rabbitmq", Err(e));
@@ -123,11 +114,7 @@ async fn check_broker(
         Ok::<_, String>(format!("{reached}; {}", app::amqp_tls_state(settings))),
     );
     let topology = Topology::new(&settings.topology, &settings.retry.delays);
-    if declare {
-        check_declared(report, &topology, &conn, &channel).await;
-    } else {
-        check_verified(report, &topology, &conn).await;
-    }
+    check_topology(report, settings, &topology, &conn, node, declare).await;
     check_unrouted(report, &topology, &conn).await;
     let passes = (
         crate::ops::dlq::pass_running(&conn, &topology.dead_letter_queue).await,
@@ -146,63 +133,54 @@ async fn check_broker(
     passes
 }
 
-/// The topology declared (as the worker does), and what the declaration found.
-async fn check_declared(
+/// The topology as the worker establishes it: declared, or verified where this user may
+/// not (or `--no-declare`, `topology.declare = "verify"`: must not) declare it.
+async fn check_topology(
     report: &mut CheckReport,
+    settings: &Settings,
     topology: &Topology,
     conn: &lapin::Connection,
-    channel: &lapin::Channel,
+    node: usize,
+    declare: bool,
 ) {
-    match topology.declare(conn, channel).await {
-        Ok(declared) => {
-            if declared.legacy_event_exchange.is_some() {
-                report.warn(
-                    "events",
-                    topology::legacy_event_exchange_advice(
-                        &topology.event_exchange,
-                        &topology.unrouted_events,
-                    ),
-                );
-            }
-            report.line(
-                "topology",
-                Ok::<_, String>(format!(
-                    "declared {} exchanges, {} queues",
-                    topology.exchanges.len(),
-                    topology.queues.len()
-                )),
-            );
-            report_dead_letter_queue(
-                report,
-                topology,
-                declared.legacy_dead_letter_queue.is_some(),
-            );
+    let work = verify::establish(settings, conn, node, topology, !declare);
+    let established = match tokio::time::timeout(Duration::from_secs(60), work).await {
+        Ok(Ok(established)) => established,
+        Ok(Err(e)) => return report.line("topology", Err(e.to_string())),
+        Err(_) => return report.line("topology", Err("no answer within 60s")),
+    };
+    let counts = format!(
+        "{} exchanges, {} queues",
+        topology.exchanges.len(),
+        topology.queues.len()
+    );
+    let how = match &established {
+        Established::Declared(_) => format!("declared {counts}"),
+        Established::Verified { refused: None, .. } => {
+            format!("verified {counts} (read through the management API)")
         }
-        Err(e) => report.line("topology", Err(e)),
-    }
-}
-
-/// `--no-declare`: the topology only verified, and the DLQ's arguments compared.
-async fn check_verified(report: &mut CheckReport, topology: &Topology, conn: &lapin::Connection) {
-    let verified = verify(conn, topology).await;
-    let present = verified.is_ok();
-    report.line("topology", verified);
-    if !present {
-        return;
-    }
-    // Comparing arguments takes a declare (a no-op when they match).
-    match topology.dead_letter_queue_state(conn).await {
-        Ok(DeadLetterQueueState::Current) => report_dead_letter_queue(report, topology, false),
-        Ok(DeadLetterQueueState::Legacy(_)) => report_dead_letter_queue(report, topology, true),
-        Ok(DeadLetterQueueState::Unknown(why)) => report.warn(
-            "dlq",
-            format!(
-                "arguments of {} not compared ({why}): if an earlier version declared it, run `group-provisioner dlq migrate` with a user that may",
-                topology.dead_letter_queue
-            ),
+        Established::Verified {
+            refused: Some(_), ..
+        } => format!(
+            "verified {counts} (this user may not declare them; read through the management API)"
         ),
-        Err(e) => report.line("dlq", Err(e)),
+    };
+    let declared = established.declared();
+    if declared.legacy_event_exchange.is_some() {
+        report.warn(
+            "events",
+            topology::legacy_event_exchange_advice(
+                &topology.event_exchange,
+                &topology.unrouted_events,
+            ),
+        );
     }
+    report.line("topology", Ok::<_, String>(how));
+    report_dead_letter_queue(
+        report,
+        topology,
+        declared.legacy_dead_letter_queue.is_some(),
+    );
 }
 
 /// Events nobody is bound for: the worker goes on, but someone is missing them.
@@ -331,44 +309,4 @@ fn report_dead_letter_queue(report: &mut CheckReport, topology: &Topology, legac
         ))
     };
     report.line("dlq", result);
-}
-
-/// `--no-declare`: every exchange and queue must already exist (passive declares, one
-/// channel each, since a missing one closes the channel).
-async fn verify(conn: &lapin::Connection, topology: &Topology) -> Result<String, VerifyError> {
-    let mut missing = Vec::new();
-    for e in &topology.exchanges {
-        let ch = conn.create_channel().await?;
-        let passive = ExchangeDeclareOptions {
-            passive: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        if ch
-            .exchange_declare(
-                ShortString::from(e.name.as_str()),
-                e.exchange_kind(),
-                passive,
-                FieldTable::default(),
-            )
-            .await
-            .is_err()
-        {
-            missing.push(format!("exchange {}", e.name));
-        }
-    }
-    for q in &topology.queues {
-        let ch = conn.create_channel().await?;
-        if crate::amqp::ready_count(&ch, &q.name).await.is_err() {
-            missing.push(format!("queue {}", q.name));
-        }
-    }
-    if missing.is_empty() {
-        Ok(format!(
-            "{} exchanges, {} queues present (not declared)",
-            topology.exchanges.len(),
-            topology.queues.len()
-        ))
-    } else {
-        Err(VerifyError::Missing(missing))
-    }
 }

@@ -52,6 +52,10 @@ pub(crate) struct Shared {
     probe: Mutex<Option<Probe>>,
     /// The process's metrics (the session reports the unrouted-events queue's depth).
     pub metrics: Arc<Metrics>,
+    /// The broker refused to let this user declare the topology: sessions verify it.
+    pub declare_refused: AtomicBool,
+    /// Why the broker session cannot be established, for `/readyz` (the topology line).
+    pub broker_problem: Arc<Mutex<Option<String>>>,
     /// The `amqp.url` node the next connection tries first: a random one at start (so
     /// replicas spread), the next one after a session is lost.
     pub node: AtomicUsize,
@@ -189,6 +193,7 @@ pub fn start(settings: Settings) -> Result<WorkerHandle, StartError> {
         consuming: consuming.clone(),
         store,
         redis_warning,
+        broker_problem: shared.broker_problem.clone(),
     };
     tracing::info!(listen = %metrics_addr, "serving /healthz, /readyz and /metrics");
     let http_stop = CancellationToken::new();
@@ -255,6 +260,13 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 }
 
 impl Shared {
+    fn set_broker_problem(&self, problem: Option<String>) {
+        *self
+            .broker_problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
     /// What every session of the worker shares, derived once from the settings.
     fn new(
         settings: Settings,
@@ -292,6 +304,8 @@ impl Shared {
             own_queues,
             counter_bounds,
             probe: Mutex::new(None),
+            declare_refused: AtomicBool::new(false),
+            broker_problem: Arc::new(Mutex::new(None)),
             node,
             metrics,
         }

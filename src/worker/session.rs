@@ -25,7 +25,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::amqp::verify::{self, EstablishError, Established};
 use crate::amqp::{self, PublishError, Publisher, topology::Topology};
+use crate::config::Declare;
 use crate::pipeline::{ApiError, CircuitState, DedupStore, GroupApi, StoreError};
 use crate::retry::RetryPolicy;
 
@@ -47,7 +49,11 @@ pub enum SessionError {
     #[error("broker channel error: {0}")]
     Channel(#[source] StepError),
     #[error("cannot declare the topology: {0}")]
-    Topology(#[source] StepError),
+    Topology(String),
+    /// The topology can be neither declared nor verified: one line with the object, the
+    /// permission and the fix. Retried every [`TOPOLOGY_RETRY`], not sooner.
+    #[error("{0}")]
+    Unusable(String),
     #[error("consumer failed: {0}")]
     Consume(#[source] StepError),
     #[error("the broker cancelled our consumer (work queue deleted?)")]
@@ -65,6 +71,10 @@ const RECONNECT: RetryPolicy = RetryPolicy {
     max_tries: u32::MAX,
     max_retry_after: Duration::ZERO,
 };
+
+/// How often a topology that can be neither declared nor verified is tried again (and
+/// said again): ops must act, and the line must not flood the log.
+const TOPOLOGY_RETRY: Duration = Duration::from_secs(30);
 
 /// How often the session reads the unrouted-events queue's depth.
 const UNROUTED_POLL: Duration = Duration::from_secs(5);
@@ -98,9 +108,17 @@ pub(crate) async fn supervise(
                 let nodes = shared.settings.amqp.url.urls().len();
                 let next = (shared.node.load(Ordering::SeqCst) + 1) % nodes;
                 shared.node.store(next, Ordering::SeqCst);
-                let wait = reconnect_delay(failures);
-                failures = failures.saturating_add(1);
-                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker session lost; reconnecting");
+                let wait = if let SessionError::Unusable(line) = &e {
+                    tracing::error!(retry_in_ms = TOPOLOGY_RETRY.as_millis() as u64, "{line}");
+                    shared.set_broker_problem(Some(line.clone()));
+                    TOPOLOGY_RETRY
+                } else {
+                    let wait = reconnect_delay(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker session lost; reconnecting");
+                    shared.set_broker_problem(None);
+                    wait
+                };
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = shutdown.cancelled() => break,
@@ -127,11 +145,16 @@ async fn step<T>(
 /// Say the session is up, and warn if the broker allows frames deeper than this process
 /// can parse.
 fn announce(shared: &Shared, conn: &lapin::Connection) {
+    shared.set_broker_problem(None);
     let settings = &shared.settings;
-    tracing::info!(
-        amqp = %settings.amqp.url.urls()[shared.node.load(Ordering::SeqCst) % settings.amqp.url.urls().len()],
-        "connected to the broker; topology declared"
-    );
+    let amqp = &settings.amqp.url.urls()
+        [shared.node.load(Ordering::SeqCst) % settings.amqp.url.urls().len()];
+    if settings.topology.declare == Declare::Verify || shared.declare_refused.load(Ordering::SeqCst)
+    {
+        tracing::info!(%amqp, "connected to the broker; topology verified");
+    } else {
+        tracing::info!(%amqp, "connected to the broker; topology declared");
+    }
     let frame_max = u64::from(conn.configuration().frame_max());
     if frame_max > amqp::frame_max_covered() {
         tracing::warn!(
@@ -306,12 +329,8 @@ async fn open(shared: &Shared) -> Result<(lapin::Connection, Channel, Channel), 
     .await
     .map_err(SessionError::Channel)?;
     let topology = Topology::new(&settings.topology, &settings.retry.delays);
-    let declared = step(
-        "declare topology",
-        topology.declare(&conn, &publish_channel),
-    )
-    .await
-    .map_err(SessionError::Topology)?;
+    let established = establish(shared, &conn, node, &topology).await?;
+    let declared = established.declared();
     if let Some(words) = &declared.legacy_event_exchange {
         tracing::warn!(
             exchange = %topology.event_exchange,
@@ -338,6 +357,41 @@ async fn open(shared: &Shared) -> Result<(lapin::Connection, Channel, Channel), 
     .await
     .map_err(SessionError::Channel)?;
     Ok((conn, publish_channel, consume_channel))
+}
+
+/// The topology declared, or verified where this user may not (or is told not to) declare
+/// it. A refusal is remembered: later sessions verify without asking again.
+async fn establish(
+    shared: &Shared,
+    conn: &lapin::Connection,
+    node: usize,
+    topology: &Topology,
+) -> Result<Established, SessionError> {
+    let skip = shared.declare_refused.load(Ordering::SeqCst);
+    let work = verify::establish(&shared.settings, conn, node, topology, skip);
+    let established = match tokio::time::timeout(BROKER_STEP_TIMEOUT, work).await {
+        Ok(Ok(established)) => established,
+        Ok(Err(EstablishError::Declare(words))) => return Err(SessionError::Topology(words)),
+        Ok(Err(EstablishError::Unusable(line))) => return Err(SessionError::Unusable(line)),
+        Err(_) => {
+            return Err(SessionError::Topology(format!(
+                "no answer within {BROKER_STEP_TIMEOUT:?}"
+            )));
+        }
+    };
+    if let Established::Verified {
+        refused: Some(words),
+        ..
+    } = &established
+    {
+        shared.declare_refused.store(true, Ordering::SeqCst);
+        tracing::warn!(
+            broker = %words,
+            "this user may not declare the topology; verified it instead and runs on it \
+             (topology.declare = \"verify\" skips the attempt)"
+        );
+    }
+    Ok(established)
 }
 
 async fn consume(shared: &Shared, channel: &Channel) -> Result<(Consumer, String), SessionError> {

@@ -131,15 +131,27 @@ fn http() -> reqwest::Client {
 /// A broker user with full permissions on `vhost` (management HTTP API); delete it with
 /// [`delete_user`].
 pub async fn create_user(name: &str, password: &str, vhost: &str) {
+    create_user_with(name, password, vhost, [".*", ".*", ".*"], "").await;
+}
+
+/// A broker user with these (configure, write, read) permissions on `vhost` and these
+/// tags; delete it with [`delete_user`].
+pub async fn create_user_with(
+    name: &str,
+    password: &str,
+    vhost: &str,
+    [configure, write, read]: [&str; 3],
+    tags: &str,
+) {
     let c = http();
     for (path, body) in [
         (
             format!("users/{name}"),
-            serde_json::json!({"password": password, "tags": ""}),
+            serde_json::json!({"password": password, "tags": tags}),
         ),
         (
             format!("permissions/{vhost}/{name}"),
-            serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+            serde_json::json!({"configure": configure, "write": write, "read": read}),
         ),
     ] {
         let r = c
@@ -661,6 +673,7 @@ impl TestEnv {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("PROVISIONER__AMQP__URL", amqp_env(&s.amqp.url))
+            .env("PROVISIONER__AMQP__MANAGEMENT_URL", MANAGEMENT.get())
             .env("PROVISIONER__REDIS__URL", s.redis.url.expose())
             .env("PROVISIONER__REDIS__KEY_PREFIX", &s.redis.key_prefix)
             .env("PROVISIONER__API__BASE_URL", &s.api.base_url)
@@ -687,6 +700,7 @@ pub fn test_settings(vhost: &str, prefix: &str, api_base: &str) -> Settings {
             r#"
 [amqp]
 url = "amqp://guest:guest@{AMQP_HOST}/{vhost}"
+management_url = "{MANAGEMENT}"
 prefetch = 32
 [redis]
 url = "{REDIS_URL}"

@@ -188,3 +188,204 @@ async fn the_worker_and_status_run_as_the_documented_redis_acl_user() {
     assert!(refused.is_empty(), "errors as the ACL user: {refused:?}");
     env.cleanup().await;
 }
+
+/// The (configure, write, read) permissions docs/deployment.md gives `role`, and whether
+/// it gives the user the `management` tag.
+fn documented_role(role: &str) -> ([String; 3], bool) {
+    let docs = include_str!("../../docs/deployment.md");
+    let start = docs
+        .lines()
+        .position(|l| l.starts_with(&format!("# role: {role} ")))
+        .unwrap_or_else(|| panic!("docs/deployment.md has no `# role: {role}` line"));
+    let block: Vec<&str> = docs
+        .lines()
+        .skip(start + 1)
+        .take_while(|l| !l.starts_with("# role:") && !l.starts_with("```"))
+        .collect();
+    let perms = block
+        .iter()
+        .find(|l| l.starts_with("rabbitmqctl set_permissions"))
+        .unwrap_or_else(|| panic!("role {role}: no set_permissions line"));
+    let quoted: Vec<String> = perms
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    let [configure, write, read]: [String; 3] = quoted
+        .try_into()
+        .unwrap_or_else(|q| panic!("role {role}: expected three quoted patterns, got {q:?}"));
+    let management = block
+        .iter()
+        .any(|l| l.starts_with("rabbitmqctl set_user_tags") && l.ends_with(" management"));
+    ([configure, write, read], management)
+}
+
+/// A broker user with the permissions the docs give `role` on the test's vhost, and its
+/// AMQP URL. Delete it with [`delete_user`].
+async fn documented_user(env: &TestEnv, role: &str) -> (String, String) {
+    let ([c, w, r], management) = documented_role(role);
+    let name = unique(&format!("gp-{role}"));
+    let tags = if management { "management" } else { "" };
+    create_user_with(&name, "role-secret", &env.vhost, [&c, &w, &r], tags).await;
+    let url = format!("amqp://{name}:role-secret@{AMQP_HOST}/{}", env.vhost);
+    (name, url)
+}
+
+/// Delete one queue as the operator who owns the topology.
+async fn delete_queue(env: &TestEnv, queue: &str) {
+    let r = reqwest::Client::new()
+        .delete(format!("{MANAGEMENT}/api/queues/{}/{queue}", env.vhost))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("management API");
+    assert!(r.status().is_success(), "DELETE {queue}: {}", r.status());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_configure_runs_on_the_topology_ops_declared() {
+    let env = TestEnv::new().await;
+    // Ops declare the topology (as importing deploy/rabbitmq/definitions.json does).
+    env.declare_topology().await;
+    let (user, url) = documented_user(&env, "worker-verify").await;
+    let amqp = ("PROVISIONER__AMQP__URL", url.as_str());
+
+    let o = cli(&env, &["check", "--no-declare"], &[amqp]).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("ok    topology") && l.contains("verified")),
+        "{}",
+        stdout(&o)
+    );
+
+    // Told to verify: nothing declared, no channel refused, not one ERROR line.
+    let mut worker =
+        WorkerProcess::spawn(&env, &[amqp, ("PROVISIONER__TOPOLOGY__DECLARE", "verify")]);
+    worker.wait_consuming().await;
+    worker
+        .wait_line("the verified topology", T, |l| {
+            l["message"] == "connected to the broker; topology verified"
+        })
+        .await;
+    let mut tap = env.event_tap().await;
+    let (bodies, exts) = commands(&unique("verify"), 3);
+    env.send_many(&bodies).await;
+    all_done_exactly_once(&env, &mut tap, &exts, &exts, T).await;
+    worker.stop().await;
+    let errors: Vec<String> = worker
+        .lines()
+        .into_iter()
+        .filter(|l| l["level"] == "ERROR")
+        .map(|l| l.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // Left at "all": the refusal is said once, then the worker verifies and runs.
+    let mut worker = WorkerProcess::spawn(&env, &[amqp]);
+    let warned = worker
+        .wait_line("the refusal, said", T, |l| {
+            l["level"] == "WARN"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("this user may not declare the topology"))
+        })
+        .await;
+    assert!(
+        warned["broker"]
+            .as_str()
+            .is_some_and(|b| b.contains("ACCESS_REFUSED")),
+        "{warned}"
+    );
+    worker.wait_consuming().await;
+    let (bodies, more) = commands(&unique("fallback"), 3);
+    env.send_many(&bodies).await;
+    let all: std::collections::HashSet<String> = exts.union(&more).cloned().collect();
+    all_done_exactly_once(&env, &mut tap, &more, &all, T).await;
+    worker.stop().await;
+    delete_user(&user).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topology_neither_declarable_nor_verifiable_is_one_line_and_not_ready() {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let missing = env
+        .settings
+        .topology
+        .delay_queue(&env.settings.retry.delays[0]);
+    delete_queue(&env, &missing).await;
+    let (user, url) = documented_user(&env, "worker-verify").await;
+    let amqp = ("PROVISIONER__AMQP__URL", url.as_str());
+    let said = |text: &str| {
+        text.contains(&format!("queue {missing} is missing"))
+            && text.contains("this user may not declare it (ACCESS_REFUSED")
+            && text.contains("import deploy/rabbitmq/definitions.json")
+    };
+
+    let o = cli(&env, &["check"], &[amqp]).await;
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL  topology") && said(l)),
+        "{out}"
+    );
+
+    let worker = WorkerProcess::spawn(&env, &[amqp]);
+    let line = worker
+        .wait_line("the one line", T, |l| {
+            l["level"] == "ERROR" && l["message"].as_str().is_some_and(said)
+        })
+        .await;
+    // Said again only at a bounded rate, while the worker waits for ops.
+    assert_eq!(line["retry_in_ms"], json!(30_000), "{line}");
+    let body = wait_for("not ready, with the line", T, || async {
+        let body = readyz(&worker).await;
+        (body.starts_with("not ready") && said(&body)).then_some(body)
+    })
+    .await;
+    assert!(
+        body.contains("broker: not connected: the topology"),
+        "{body}"
+    );
+    assert!(
+        !worker.lines().iter().any(|l| l["message"] == "consuming"),
+        "consumed on a topology it could not verify"
+    );
+    // Ops fix the topology: the worker starts on its own at its next try.
+    env.declare_topology().await;
+    worker
+        .wait_line("consuming once fixed", Duration::from_secs(45), |l| {
+            l["message"] == "consuming"
+        })
+        .await;
+
+    // Without the management tag the topology cannot be read: said, with the fix.
+    let ([c, w, r], _) = documented_role("worker-verify");
+    let untagged = unique("gp-untagged");
+    create_user_with(&untagged, "role-secret", &env.vhost, [&c, &w, &r], "").await;
+    let url = format!("amqp://{untagged}:role-secret@{AMQP_HOST}/{}", env.vhost);
+    let o = cli(
+        &env,
+        &["check", "--no-declare"],
+        &[("PROVISIONER__AMQP__URL", &url)],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).lines().any(|l| l.starts_with("FAIL  topology")
+            && l.contains("cannot verify the topology")
+            && l.contains("needs the `management` tag")),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("role-secret"), "{}", stdout(&o));
+    drop(worker);
+    delete_user(&user).await;
+    delete_user(&untagged).await;
+    env.cleanup().await;
+}

@@ -1,0 +1,518 @@
+//! A topology someone else declared (`topology.declare = "verify"`, or a user the broker
+//! refuses `configure`): read through RabbitMQ's management HTTP API and compared with
+//! what the worker would declare — each exchange's kind and arguments, each queue's type
+//! and arguments (an argument may also come from a policy), and the bindings. The worker
+//! runs on it only when nothing it relies on differs; every difference is named.
+//!
+//! Invariants:
+//! - nothing is created or changed: only GETs, so a user without `configure` can do it,
+//!   and no AMQP channel is closed by the broker on the way (lapin logs such a close as an
+//!   error, and a verification that passes must be quiet);
+//! - the two differences an earlier version's declaration leaves (a DLQ without its own
+//!   delivery limit, an event exchange without the alternate exchange) are reported as
+//!   declaring reports them ([`Declared`]), not as failures: the worker ran on them before;
+//! - the comparison is a pure function of what was read ([`compare`]).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use lapin::protocol::AMQPSoftError;
+use lapin::types::ShortString;
+
+use super::topology::{ArgValue, Declared, ExchangeSpec, QueueSpec, Topology};
+use crate::config::{AmqpSettings, Declare, Settings};
+
+/// How the topology came to be there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Established {
+    Declared(Declared),
+    /// Verified: declared by someone else. `refused`: the broker's words when declaring
+    /// was tried and refused for want of `configure`.
+    Verified {
+        declared: Declared,
+        refused: Option<String>,
+    },
+}
+
+impl Established {
+    pub fn declared(&self) -> &Declared {
+        match self {
+            Established::Declared(d) | Established::Verified { declared: d, .. } => d,
+        }
+    }
+}
+
+/// Why the worker cannot run on this broker's topology.
+#[derive(Debug, thiserror::Error)]
+pub enum EstablishError {
+    /// Declaring failed for another reason than a permission (a broker fault, or an
+    /// object that exists with other arguments): the broker's words.
+    #[error("cannot declare the topology: {0}")]
+    Declare(String),
+    /// Neither declared nor verified: one line that names what, the permission and the
+    /// fix.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// Declare the topology (`topology.declare = "all"`, unless `skip_declare`: an earlier
+/// attempt was refused), or verify it where this user may not or must not declare it.
+/// The caller bounds how long it may take.
+pub async fn establish(
+    settings: &Settings,
+    conn: &lapin::Connection,
+    node: usize,
+    topology: &Topology,
+    skip_declare: bool,
+) -> Result<Established, EstablishError> {
+    let mut refused = None;
+    if settings.topology.declare == Declare::All && !skip_declare {
+        match declare(conn, topology).await {
+            Ok(declared) => return Ok(Established::Declared(declared)),
+            Err(e) if super::is_soft(&e, AMQPSoftError::ACCESSREFUSED) => {
+                refused = Some(super::broker_words(&e));
+            }
+            Err(e) => return Err(EstablishError::Declare(e.to_string())),
+        }
+    }
+    let vhost =
+        super::vhost(settings.amqp.url.urls()[node % settings.amqp.url.urls().len()].expose());
+    let seen = match Management::for_node(&settings.amqp, node) {
+        Ok(api) => api.observe(topology).await,
+        Err(e) => Err(e),
+    };
+    let fix = match &refused {
+        Some(words) => format!(
+            "this user may not declare it ({words}): import deploy/rabbitmq/definitions.json \
+             into vhost {vhost:?}, or grant the user `configure` on the topology's names"
+        ),
+        None => format!(
+            "declare it as deploy/rabbitmq/definitions.json does (or import that file into \
+             vhost {vhost:?}), or set topology.declare = \"all\" for a user with `configure`"
+        ),
+    };
+    let seen = seen.map_err(|e| {
+        EstablishError::Unusable(format!("cannot verify the topology ({e}); {fix}"))
+    })?;
+    let (problems, declared) = compare(topology, &seen);
+    if problems.is_empty() {
+        return Ok(Established::Verified { declared, refused });
+    }
+    Err(EstablishError::Unusable(format!(
+        "the topology in vhost {vhost:?} is not what the worker relies on: {}; {fix}",
+        problems.join("; ")
+    )))
+}
+
+/// Declare on a channel of its own (a refusal closes the channel it happens on).
+async fn declare(conn: &lapin::Connection, topology: &Topology) -> Result<Declared, lapin::Error> {
+    let side = conn.create_channel().await?;
+    let declared = topology.declare(conn, &side).await?;
+    let _ = side.close(200, ShortString::from("declared")).await;
+    Ok(declared)
+}
+
+/// The management API of one broker node, read with the AMQP user's credentials.
+pub struct Management {
+    client: reqwest::Client,
+    base: reqwest::Url,
+    user: String,
+    password: String,
+    vhost: String,
+}
+
+/// What the management API said of each object (`None`: it does not exist).
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub exchanges: HashMap<String, Option<Value>>,
+    pub queues: HashMap<String, Option<Value>>,
+    /// Per queue: its (exchange, routing key) bindings.
+    pub bindings: HashMap<String, Vec<(String, String)>>,
+}
+
+/// Why the topology could not be read at all.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the topology through the management API at {url}: {why}")]
+pub struct ReadError {
+    pub url: String,
+    pub why: String,
+}
+
+impl Management {
+    /// For the node `amqp.url` names at `node`: `amqp.management_url` if set, otherwise
+    /// that node's host on port 15672 (15671 for `amqps`).
+    pub fn for_node(settings: &AmqpSettings, node: usize) -> Result<Management, ReadError> {
+        let urls = settings.url.urls();
+        let raw = urls[node % urls.len()].expose();
+        let fail = |why: String| ReadError {
+            url: settings
+                .management_url
+                .clone()
+                .unwrap_or_else(|| "(from amqp.url)".into()),
+            why,
+        };
+        let uri: lapin::uri::AMQPUri = raw.parse().map_err(|e: String| fail(e))?;
+        let tls = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+        let base = match &settings.management_url {
+            Some(url) => url.clone(),
+            None => {
+                let (scheme, port) = if tls {
+                    ("https", 15671)
+                } else {
+                    ("http", 15672)
+                };
+                format!("{scheme}://{}:{port}", uri.authority.host)
+            }
+        };
+        let base = reqwest::Url::parse(&base).map_err(|e| fail(e.to_string()))?;
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(pem) = &settings.tls.ca_pem {
+            for cert in
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| fail(e.to_string()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Management {
+            client: builder.build().map_err(|e| fail(e.to_string()))?,
+            base,
+            user: uri.authority.userinfo.username,
+            password: uri.authority.userinfo.password,
+            vhost: uri.vhost,
+        })
+    }
+
+    fn url(&self, kind: &str, name: &str, tail: Option<&str>) -> reqwest::Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(["api", kind, &self.vhost, name]);
+            path.extend(tail);
+        }
+        url
+    }
+
+    /// GET one object; `None` when it does not exist.
+    async fn get(&self, url: reqwest::Url) -> Result<Option<Value>, ReadError> {
+        let shown = url.to_string();
+        let fail = |why: String| ReadError {
+            url: self.base.to_string(),
+            why,
+        };
+        let response = self
+            .client
+            .get(url)
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| fail(crate::text::error_chain(&e)))?;
+        match response.status() {
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => response
+                .json()
+                .await
+                .map(Some)
+                .map_err(|e| fail(format!("{shown}: {e}"))),
+            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => {
+                Err(fail(format!(
+                    "{} for user {:?}: it needs the `management` tag (read-only; `rabbitmqctl \
+                 set_user_tags {} management`)",
+                    response.status(),
+                    self.user,
+                    self.user
+                )))
+            }
+            s => Err(fail(format!("{shown}: HTTP {s}"))),
+        }
+    }
+
+    /// Read every object of `topology`.
+    pub async fn observe(&self, topology: &Topology) -> Result<Observed, ReadError> {
+        let mut seen = Observed::default();
+        for e in &topology.exchanges {
+            let found = self.get(self.url("exchanges", &e.name, None)).await?;
+            seen.exchanges.insert(e.name.clone(), found);
+        }
+        for q in &topology.queues {
+            let found = self.get(self.url("queues", &q.name, None)).await?;
+            if found.is_some() && !q.bindings.is_empty() {
+                let list = self
+                    .get(self.url("queues", &q.name, Some("bindings")))
+                    .await?
+                    .unwrap_or_default();
+                let pairs = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| (text(&b["source"]), text(&b["routing_key"])))
+                    .collect();
+                seen.bindings.insert(q.name.clone(), pairs);
+            }
+            seen.queues.insert(q.name.clone(), found);
+        }
+        Ok(seen)
+    }
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_owned()
+}
+
+fn matches(want: &ArgValue, got: &Value) -> bool {
+    match want {
+        ArgValue::Str(s) => got.as_str() == Some(s.as_str()),
+        ArgValue::Int(i) => got.as_i64() == Some(*i),
+    }
+}
+
+fn show(v: &ArgValue) -> String {
+    match v {
+        ArgValue::Str(s) => format!("{s:?}"),
+        ArgValue::Int(i) => i.to_string(),
+    }
+}
+
+/// An argument's effective value: the object's own, or its policy's (`x-foo` is `foo`
+/// in a policy).
+fn effective<'a>(object: &'a Value, key: &str) -> Option<&'a Value> {
+    let own = object["arguments"].get(key);
+    own.or_else(|| {
+        let short = key.strip_prefix("x-").unwrap_or(key);
+        ["effective_policy_definition", "operator_policy_definition"]
+            .iter()
+            .find_map(|p| object[*p].get(short))
+    })
+}
+
+/// What differs between `topology` and what was read: the problems (empty: the worker
+/// can run on it), and the tolerated differences of an earlier version.
+pub fn compare(topology: &Topology, seen: &Observed) -> (Vec<String>, Declared) {
+    let mut problems = Vec::new();
+    let mut declared = Declared::default();
+    for e in &topology.exchanges {
+        match seen.exchanges.get(&e.name).and_then(Option::as_ref) {
+            None => problems.push(format!("exchange {} is missing", e.name)),
+            Some(found) => compare_exchange(topology, e, found, &mut problems, &mut declared),
+        }
+    }
+    for q in &topology.queues {
+        match seen.queues.get(&q.name).and_then(Option::as_ref) {
+            None => problems.push(format!("queue {} is missing", q.name)),
+            Some(found) => {
+                compare_queue(topology, q, found, &mut problems, &mut declared);
+                let bound = seen.bindings.get(&q.name);
+                for (exchange, key) in &q.bindings {
+                    let has = |b: &Vec<(String, String)>| {
+                        b.iter().any(|(e, k)| e == exchange && k == key)
+                    };
+                    if !bound.is_some_and(has) {
+                        problems.push(format!(
+                            "queue {} is not bound to exchange {exchange} with routing key {key:?}",
+                            q.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    (problems, declared)
+}
+
+fn compare_exchange(
+    topology: &Topology,
+    e: &ExchangeSpec,
+    found: &Value,
+    problems: &mut Vec<String>,
+    declared: &mut Declared,
+) {
+    let kind = text(&found["type"]);
+    if kind != e.kind {
+        problems.push(format!(
+            "exchange {} is {kind}, expected {}",
+            e.name, e.kind
+        ));
+    }
+    for (key, want) in &e.arguments {
+        match effective(found, key) {
+            Some(got) if matches(want, got) => {}
+            None if e.name == topology.event_exchange && *key == "alternate-exchange" => {
+                declared.legacy_event_exchange = Some(format!("no {key} on {}", e.name));
+            }
+            got => problems.push(differs("exchange", &e.name, key, want, got)),
+        }
+    }
+}
+
+fn compare_queue(
+    topology: &Topology,
+    q: &QueueSpec,
+    found: &Value,
+    problems: &mut Vec<String>,
+    declared: &mut Declared,
+) {
+    for (key, want) in &q.arguments {
+        let got = if *key == "x-queue-type" {
+            found.get("type")
+        } else {
+            effective(found, key)
+        };
+        match got {
+            Some(got) if matches(want, got) => {}
+            None if q.name == topology.dead_letter_queue && *key == "x-delivery-limit" => {
+                declared.legacy_dead_letter_queue = Some(format!("no {key} on {}", q.name));
+            }
+            got => problems.push(differs("queue", &q.name, key, want, got)),
+        }
+    }
+    let own = found["arguments"].as_object().into_iter().flatten();
+    for (key, value) in own {
+        if !q.arguments.iter().any(|(k, _)| k == key) {
+            problems.push(format!(
+                "queue {} has {key} = {value}, which this worker does not declare",
+                q.name
+            ));
+        }
+    }
+}
+
+fn differs(what: &str, name: &str, key: &str, want: &ArgValue, got: Option<&Value>) -> String {
+    match got {
+        Some(got) => format!("{what} {name}: {key} is {got}, expected {}", show(want)),
+        None => format!("{what} {name}: {key} is not set, expected {}", show(want)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use serde_json::json;
+
+    fn topology() -> Topology {
+        let s = Settings::from_toml("[api]\ntoken = \"t\"\n").expect("defaults");
+        Topology::new(&s.topology, &s.retry.delays)
+    }
+
+    /// What the management API shows for a topology the worker declared itself.
+    fn as_declared(t: &Topology) -> Observed {
+        let args = |a: &[(&'static str, ArgValue)]| -> Value {
+            a.iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        ArgValue::Str(s) => json!(s),
+                        ArgValue::Int(i) => json!(i),
+                    };
+                    ((*k).to_owned(), v)
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let mut seen = Observed::default();
+        for e in &t.exchanges {
+            seen.exchanges.insert(
+                e.name.clone(),
+                Some(json!({"type": e.kind, "arguments": args(&e.arguments)})),
+            );
+        }
+        for q in &t.queues {
+            seen.queues.insert(
+                q.name.clone(),
+                Some(json!({"type": "quorum", "arguments": args(&q.arguments)})),
+            );
+            seen.bindings.insert(q.name.clone(), q.bindings.clone());
+        }
+        seen
+    }
+
+    #[test]
+    fn the_worker_s_own_declaration_verifies() {
+        let t = topology();
+        let (problems, declared) = compare(&t, &as_declared(&t));
+        assert_eq!(problems, Vec::<String>::new());
+        assert_eq!(declared, Declared::default());
+    }
+
+    #[test]
+    fn each_difference_is_named() {
+        let t = topology();
+        let mut seen = as_declared(&t);
+        let delay = t.queues[2].name.clone();
+        seen.queues.insert(delay.clone(), None);
+        let work = &t.queues[0].name;
+        let q = seen
+            .queues
+            .get_mut(work)
+            .and_then(Option::as_mut)
+            .expect("work queue");
+        q["type"] = json!("classic");
+        q["arguments"]
+            .as_object_mut()
+            .expect("args")
+            .remove("x-dead-letter-exchange");
+        q["arguments"]["x-message-ttl"] = json!(60000);
+        seen.bindings.insert(work.clone(), Vec::new());
+        let (problems, _) = compare(&t, &seen);
+        assert_eq!(
+            problems,
+            vec![
+                format!("queue {work}: x-queue-type is \"classic\", expected \"quorum\""),
+                format!(
+                    "queue {work}: x-dead-letter-exchange is not set, expected \"provisioning.dlx\""
+                ),
+                format!(
+                    "queue {work} has x-message-ttl = 60000, which this worker does not declare"
+                ),
+                format!(
+                    "queue {work} is not bound to exchange provisioning with routing key \"group.create\""
+                ),
+                format!("queue {delay} is missing"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_policy_may_supply_an_argument() {
+        let t = topology();
+        let mut seen = as_declared(&t);
+        let work = &t.queues[0].name;
+        let q = seen
+            .queues
+            .get_mut(work)
+            .and_then(Option::as_mut)
+            .expect("work queue");
+        q["arguments"]
+            .as_object_mut()
+            .expect("args")
+            .remove("x-delivery-limit");
+        q["effective_policy_definition"] = json!({"delivery-limit": 10});
+        assert_eq!(compare(&t, &seen).0, Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_earlier_version_s_objects_are_tolerated_as_when_declaring() {
+        let t = topology();
+        let mut seen = as_declared(&t);
+        for (map, name, key) in [
+            (
+                &mut seen.exchanges,
+                t.event_exchange.clone(),
+                "alternate-exchange",
+            ),
+            (
+                &mut seen.queues,
+                t.dead_letter_queue.clone(),
+                "x-delivery-limit",
+            ),
+        ] {
+            let o = map.get_mut(&name).and_then(Option::as_mut).expect("object");
+            o["arguments"].as_object_mut().expect("args").remove(key);
+        }
+        let (problems, declared) = compare(&t, &seen);
+        assert_eq!(problems, Vec::<String>::new());
+        assert!(declared.legacy_event_exchange.is_some());
+        assert!(declared.legacy_dead_letter_queue.is_some());
+    }
+}
