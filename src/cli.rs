@@ -48,10 +48,11 @@ pub enum Command {
     Run,
     /// Validate the configuration and reach RabbitMQ, Redis and the API; exit 0 only if all pass.
     #[command(
-        after_help = "Checks, one line each (ok / WARN / FAIL with the reason):\n  config    where the settings came from\n  rabbitmq  the broker answers (which node, TLS)\n  topology  declared (or only verified, with --no-declare)\n  dlq       the DLQ keeps dead letters however often it is read; an interrupted\n            dlq migrate; a DLQ pass that was killed (the order it may have changed)\n  events    events nobody is bound for, waiting in the unrouted-events queue\n  redis     the dedup store answers (TLS)\n  api       an authenticated GET /v3/groups/list?limit=1 that creates nothing\n\nExample (Kubernetes init step):\n  group-provisioner check --config /etc/provisioner.toml --no-declare"
+        after_help = "Checks, one line each (ok / WARN / FAIL with the reason):\n  config    where the settings came from\n  rabbitmq  the broker answers (which node, TLS)\n  topology  declared, or verified through the management API (--no-declare,\n            topology.declare = \"verify\", or a user the broker refuses configure)\n  dlq       the DLQ keeps dead letters however often it is read; an interrupted\n            dlq migrate; a DLQ pass that was killed (the order it may have changed)\n  events    events nobody is bound for, waiting in the unrouted-events queue\n  redis     the dedup store answers (TLS); its maxmemory-policy cannot evict\n  api       an authenticated GET /v3/groups/list?limit=1 that creates nothing\n\nExample (Kubernetes init step):\n  group-provisioner check --config /etc/provisioner.toml --no-declare"
     )]
     Check {
-        /// Only verify that the topology exists; declare nothing.
+        /// Declare nothing: verify the topology through the management API (as
+        /// `topology.declare = "verify"` does).
         #[arg(long)]
         no_declare: bool,
         /// One JSON object: {"ok", "failed", "items": [{"status", "item", "detail"}]}.

@@ -142,22 +142,29 @@ async fn an_event_nobody_is_bound_for_is_kept_and_the_worker_goes_on() {
     env.cleanup().await;
 }
 
-/// An event exchange an earlier version declared (no alternate exchange): the worker runs
-/// on it as before, and `check` says what is missing.
+/// An event exchange without the alternate exchange (an earlier version's, or a consumer's
+/// that started first and declared it as the AsyncAPI document's exchange binding reads:
+/// topic, durable, nothing else): the worker runs on it as before, and `check` says both
+/// cases and what it costs, for the `check` that declares and the one that verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_exchange_of_an_earlier_version_is_reported() {
+async fn an_event_exchange_without_the_alternate_exchange_is_reported() {
     let env = TestEnv::new().await;
     env.declare_legacy_event_exchange().await;
     let mut events = env.event_tap().await;
-    let o = cli(&env, &["check"], &[]).await;
-    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    assert!(
-        stdout(&o)
-            .lines()
-            .any(|l| l.starts_with("WARN  events") && l.contains("alternate-exchange")),
-        "{}",
-        stdout(&o)
-    );
+    for args in [&["check"][..], &["check", "--no-declare"]] {
+        let o = cli(&env, args, &[]).await;
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stdout(&o));
+        assert!(
+            stdout(&o).lines().any(|l| l.starts_with("WARN  events")
+                && l.contains("alternate-exchange")
+                && l.contains("an earlier version")
+                && l.contains("a consumer that started before any worker")
+                && l.contains("stalls the worker")
+                && l.contains("pausing all consumption")),
+            "{args:?}: {}",
+            stdout(&o)
+        );
+    }
     let worker = env.spawn_worker().await;
     env.send(
         &json!({"org_unit_ext_id": "OLD-EX", "org_unit_name": "Old", "org_unit_parent_id": 1000}),

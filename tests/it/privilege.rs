@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::faults::{all_done_exactly_once, commands};
 use crate::helpers::*;
-use crate::process::{WorkerProcess, cli, json_lines, stderr, stdout};
+use crate::process::{WorkerProcess, cli, cli_with_stdin, json_lines, stderr, stdout};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -387,5 +387,206 @@ async fn a_topology_neither_declarable_nor_verifiable_is_one_line_and_not_ready(
     drop(worker);
     delete_user(&user).await;
     delete_user(&untagged).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_consumers_and_operator_commands_need_only_their_documented_permissions() {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker().await;
+    let t = &env.settings.topology;
+    let command = |ext: &str| {
+        format!(
+            "{{\"org_unit_ext_id\":\"{ext}\",\"org_unit_name\":\"{ext} team\",\"org_unit_parent_id\":1000}}\n"
+        )
+    };
+    let as_user = |url: &str| [("PROVISIONER__AMQP__URL", url.to_owned())];
+
+    // A publisher that may only write to the command exchange: `send`.
+    let (publisher, publisher_url) = documented_user(&env, "publisher").await;
+    let early = unique("PUB-EARLY");
+    let [(k, v)] = as_user(&publisher_url);
+    let o = cli_with_stdin(&env, &["send", "-"], &[(k, &v)], Some(&command(&early))).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    // Nobody is bound yet: its event waits in the unrouted-events queue.
+    wait_for("the unrouted event", T, || async {
+        (env.queue_depth(&t.unrouted_events).await == 1).then_some(())
+    })
+    .await;
+
+    // A consumer that declares, binds and reads only its own queue.
+    let (consumer, consumer_url) = documented_user(&env, "consumer").await;
+    let conn = lapin::Connection::connect(&consumer_url, lapin::ConnectionProperties::default())
+        .await
+        .expect("the consumer connects");
+    let ch = conn.create_channel().await.expect("channel");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare("my-events".into(), durable, FieldTable::default())
+        .await
+        .expect("the consumer declares its queue");
+    ch.queue_bind(
+        "my-events".into(),
+        t.event_exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("the consumer binds its queue");
+    let mut events = ch
+        .basic_consume(
+            "my-events".into(),
+            "privilege-test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("the consumer reads its queue");
+    let mut next_ext = async || {
+        let d = tokio::time::timeout(T, events.next())
+            .await
+            .expect("an event within the deadline")
+            .expect("a delivery")
+            .expect("not an error");
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+        let body: serde_json::Value = serde_json::from_slice(&d.data).expect("event JSON");
+        body["ext_id"].as_str().unwrap_or_default().to_owned()
+    };
+
+    // `events replay-unrouted` with its own set delivers the early event.
+    let (unrouted, unrouted_url) = documented_user(&env, "unrouted").await;
+    let [(k, v)] = as_user(&unrouted_url);
+    let o = cli(&env, &["events", "replay-unrouted"], &[(k, &v)]).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("moved 1, kept 0, came back 0"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(next_ext().await, early);
+
+    // Three invalid commands become dead letters; the dlq commands run with their set.
+    for i in 0..3 {
+        env.send(&json!({"org_unit_ext_id": format!("BAD-{i}"), "org_unit_parent_id": 1000}))
+            .await;
+    }
+    for _ in 0..3 {
+        assert!(next_ext().await.starts_with("BAD-"));
+    }
+    wait_for("three dead letters", T, || async {
+        (env.queue_depth(&t.dead_letter_queue).await == 3).then_some(())
+    })
+    .await;
+    let (operator, operator_url) = documented_user(&env, "dlq").await;
+    let [(k, v)] = as_user(&operator_url);
+    let export = std::env::temp_dir().join(format!("{}.jsonl", unique("privilege")));
+    let export = export.to_str().expect("path").to_owned();
+    for args in [
+        &["dlq", "stats"][..],
+        &["dlq", "peek", "--limit", "2"],
+        &["dlq", "export", "--out", &export],
+        &["dlq", "replay", "--ext-id", "BAD-0"],
+        &["dlq", "discard", "--ext-id", "BAD-1", "--yes"],
+    ] {
+        let o = cli(&env, args, &[(k, &v)]).await;
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{args:?}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        assert!(
+            !stderr(&o).contains("could not be compared") && !stderr(&o).contains("ACCESS_REFUSED"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    let _ = std::fs::remove_file(&export);
+    // The replayed one was dead-lettered again (still invalid); the discarded one is gone.
+    assert_eq!(next_ext().await, "BAD-0");
+    wait_for("two dead letters", T, || async {
+        (env.queue_depth(&t.dead_letter_queue).await == 2).then_some(())
+    })
+    .await;
+
+    let _ = conn.close(200, "done".into()).await;
+    worker.shutdown();
+    worker.join().await;
+    for user in [publisher, consumer, unrouted, operator] {
+        delete_user(&user).await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_the_documented_declaring_set_declares_defers_dead_letters_and_replies() {
+    use group_provisioner::sim::FailNext;
+    use lapin::BasicProperties;
+
+    let env = TestEnv::new().await;
+    let (user, url) = documented_user(&env, "worker").await;
+    let amqp = ("PROVISIONER__AMQP__URL", url.as_str());
+    // A fresh vhost: `check` declares everything as this user.
+    let o = cli(&env, &["check"], &[amqp]).await;
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("ok    topology   declared")),
+        "{}",
+        stdout(&o)
+    );
+    let mut tap = env.event_tap().await;
+    let replies = env.event_queue("no.such.key").await;
+    // Every in-process try fails once: the command goes to a delay tier and comes back.
+    env.sim
+        .sim
+        .update_faults(|f| f.fail_next = Some(FailNext::new(4, 503)));
+    let mut worker = WorkerProcess::spawn(&env, &[amqp]);
+    worker.wait_consuming().await;
+    let ext = unique("WORKER-ROLE");
+    env.send_raw(
+        json!({"org_unit_ext_id": ext, "org_unit_name": "Role", "org_unit_parent_id": 1000})
+            .to_string()
+            .as_bytes(),
+        BasicProperties::default().with_reply_to(replies.as_str().into()),
+    )
+    .await;
+    env.send(&json!({"org_unit_ext_id": "BAD-ROLE", "org_unit_parent_id": 1000}))
+        .await;
+    let got = tap.take(2, T).await;
+    let created = got
+        .iter()
+        .find(|e| e.routing_key == "group.created")
+        .expect("a group.created");
+    assert_eq!(created.body["ext_id"], json!(ext));
+    assert!(got.iter().any(|e| e.routing_key == "group.create.failed"));
+    worker
+        .wait_line("the deferral", T, |l| l["outcome"] == "deferred")
+        .await;
+    env.wait_drained(1, T).await;
+    wait_for("the reply", T, || async {
+        (env.queue_depth(&replies).await == 1).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    let errors: Vec<String> = worker
+        .lines()
+        .into_iter()
+        .filter(|l| l["level"] == "ERROR")
+        .map(|l| l.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    delete_user(&user).await;
     env.cleanup().await;
 }
