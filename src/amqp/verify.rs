@@ -515,4 +515,29 @@ mod tests {
         assert!(declared.legacy_event_exchange.is_some());
         assert!(declared.legacy_dead_letter_queue.is_some());
     }
+
+    #[test]
+    fn the_management_api_is_the_node_s_host_unless_configured() {
+        let mut s = Settings::from_toml(
+            "[api]\ntoken = \"t\"\n[amqp]\nurl = [\"amqp://u:p@a:5672/v\", \"amqps://u:p@b/%2f\"]\n",
+        )
+        .expect("settings");
+        let at = |s: &Settings, node| {
+            let m = Management::for_node(&s.amqp, node).expect("management");
+            (m.url("queues", "q x", Some("bindings")).to_string(), m.user)
+        };
+        assert_eq!(
+            at(&s, 0),
+            (
+                "http://a:15672/api/queues/v/q%20x/bindings".into(),
+                "u".into()
+            )
+        );
+        assert_eq!(at(&s, 1).0, "https://b:15671/api/queues/%2F/q%20x/bindings");
+        s.amqp.management_url = Some("http://mgmt:8080/rabbit".into());
+        assert_eq!(
+            at(&s, 1).0,
+            "http://mgmt:8080/rabbit/api/queues/%2F/q%20x/bindings"
+        );
+    }
 }

@@ -459,6 +459,8 @@ fn every_key() -> (Vec<(String, String)>, PemFiles) {
     keys.extend(KEYS_WITHOUT_DEFAULT.iter().map(|k| {
         let sample = if k.ends_with("nodes") {
             "redis://127.0.0.1:26379".to_owned()
+        } else if k.ends_with("_url") {
+            "http://127.0.0.1:15672".to_owned()
         } else if k.ends_with("key_file") {
             key.display().to_string()
         } else if k.ends_with("_file") {
@@ -617,7 +619,7 @@ fn every_key_has_a_reader() {
     })
     .expect("every documented key is known");
     assert_eq!(s.retry.delays.len(), 5);
-    assert_eq!(defaults().len(), 35, "a key was added or lost: document it");
+    assert_eq!(defaults().len(), 36, "a key was added or lost: document it");
 }
 
 /// The README table must list every key with its default, and `config/example.toml`
@@ -662,4 +664,35 @@ fn credentials_sent_in_clear_are_named() {
     assert!(warnings[1].contains("password is sent in clear"));
     let default = Settings::from_toml(TOKEN).expect("loads");
     assert!(default.api.cleartext_warnings().is_empty());
+}
+
+#[test]
+fn topology_declare_and_the_management_url_are_checked() {
+    let e = err("[topology]\ndeclare = \"maybe\"\n");
+    assert_eq!(
+        e.to_string(),
+        "config error: topology.declare: \"maybe\" is not one of all, verify"
+    );
+    let e = err("[amqp]\nmanagement_url = \"http://ops:hunter2@rabbit:15672\"\n");
+    assert_eq!(e.key, "amqp.management_url");
+    assert!(e.reason.contains("carries credentials"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = err("[amqp]\nmanagement_url = \"amqp://rabbit\"\n");
+    assert_eq!(e.key, "amqp.management_url");
+    let s = Settings::from_toml(
+        "[api]\ntoken = \"t\"\n[amqp]\nmanagement_url = \"https://rabbit:15671/\"\n[topology]\ndeclare = \"verify\"\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        s.amqp.management_url.as_deref(),
+        Some("https://rabbit:15671")
+    );
+    assert_eq!(s.topology.declare, Declare::Verify);
+    assert_eq!(
+        Settings::from_toml(TOKEN)
+            .expect("defaults")
+            .topology
+            .declare,
+        Declare::All
+    );
 }
