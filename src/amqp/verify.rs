@@ -1,7 +1,8 @@
 //! A topology someone else declared (`topology.declare = "verify"`, or a user the broker
 //! refuses `configure`): read through RabbitMQ's management HTTP API and compared with
 //! what the worker would declare — each exchange's kind and arguments, each queue's type
-//! and arguments (an argument may also come from a policy), and the bindings. The worker
+//! and arguments (an argument may also come from a policy), the bindings, and no argument
+//! or policy that would drop or expire messages where the worker declares none. The worker
 //! runs on it only when nothing it relies on differs; every difference is named.
 //!
 //! Invariants:
@@ -367,16 +368,28 @@ fn compare_queue(
             got => problems.push(differs("queue", &q.name, key, want, got)),
         }
     }
-    let own = found["arguments"].as_object().into_iter().flatten();
-    for (key, value) in own {
-        if !q.arguments.iter().any(|(k, _)| k == key) {
+    // Only what could drop or expire a message the worker relies on; other arguments
+    // (a leader locator, an initial group size) are the platform's business.
+    for key in LOSSY {
+        if q.arguments.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        if let Some(value) = effective(found, key) {
             problems.push(format!(
-                "queue {} has {key} = {value}, which this worker does not declare",
+                "queue {} has {key} = {value}, which could drop or expire its messages",
                 q.name
             ));
         }
     }
 }
+
+/// Queue arguments (or policy keys) that make a queue drop or expire messages.
+const LOSSY: [&str; 4] = [
+    "x-message-ttl",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+];
 
 fn differs(what: &str, name: &str, key: &str, want: &ArgValue, got: Option<&Value>) -> String {
     match got {
@@ -453,6 +466,7 @@ mod tests {
             .expect("args")
             .remove("x-dead-letter-exchange");
         q["arguments"]["x-message-ttl"] = json!(60000);
+        q["arguments"]["x-quorum-initial-group-size"] = json!(3);
         seen.bindings.insert(work.clone(), Vec::new());
         let (problems, _) = compare(&t, &seen);
         assert_eq!(
@@ -463,7 +477,7 @@ mod tests {
                     "queue {work}: x-dead-letter-exchange is not set, expected \"provisioning.dlx\""
                 ),
                 format!(
-                    "queue {work} has x-message-ttl = 60000, which this worker does not declare"
+                    "queue {work} has x-message-ttl = 60000, which could drop or expire its messages"
                 ),
                 format!(
                     "queue {work} is not bound to exchange provisioning with routing key \"group.create\""
@@ -489,6 +503,19 @@ mod tests {
             .remove("x-delivery-limit");
         q["effective_policy_definition"] = json!({"delivery-limit": 10});
         assert_eq!(compare(&t, &seen).0, Vec::<String>::new());
+        // A policy that would expire commands is named as a queue argument would be.
+        let q = seen
+            .queues
+            .get_mut(work)
+            .and_then(Option::as_mut)
+            .expect("work queue");
+        q["effective_policy_definition"]["max-length"] = json!(1000);
+        assert_eq!(
+            compare(&t, &seen).0,
+            vec![format!(
+                "queue {work} has x-max-length = 1000, which could drop or expire its messages"
+            )]
+        );
     }
 
     #[test]
