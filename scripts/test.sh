@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: makes sure RabbitMQ and Redis run, then runs every test against the
 # machine's RabbitMQ (3.x), then every broker-facing (integration) test again against a
-# RabbitMQ 4.x node (scripts/rabbitmq4.sh; GP_TEST_RABBITMQ4=skip leaves that out).
+# RabbitMQ 4.x node (scripts/rabbitmq4.sh), and the failover tests on a 3-node 4.x cluster
+# (scripts/rabbitmq-cluster.sh); GP_TEST_RABBITMQ4=skip leaves both out.
 # This is the command the README documents and .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,5 +40,12 @@ fi
 scripts/rabbitmq4.sh start
 echo "test: integration tests again, against RabbitMQ 4.x on 127.0.0.1:5673"
 GP_TEST_RABBITMQ=4 cargo test --locked --test integration -- --test-threads "$threads"
+leftovers
+# Failover on a 3-node RabbitMQ 4.x cluster: these tests stop and kill nodes, so they run
+# one at a time, and only here (elsewhere they are ignored).
+scripts/rabbitmq-cluster.sh start
+echo "test: failover tests on a 3-node RabbitMQ 4.x cluster (127.0.0.1:5681-5683)"
+GP_TEST_AMQP_HOST=127.0.0.1:5681 GP_TEST_MANAGEMENT=http://127.0.0.1:15681 \
+  cargo test --locked --test integration cluster:: -- --ignored --test-threads 1
 leftovers
 rmdir "$test_tmp"

@@ -115,6 +115,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
         &shared.counter_bounds,
     );
     let span = delivery_span(&inbound);
+    let settled_key = shared.settled.key(&inbound);
+    if let Some(outcome) = shared.settled.settled(&inbound, settled_key) {
+        ack_again(consume, &delivery, &inbound, outcome, started)
+            .instrument(span)
+            .await;
+        return;
+    }
     // Acking or nacking a delivery is claimed first: whichever of the two branches below
     // claims it settles the delivery, and the other waits to be dropped. Without it, an ack
     // in flight at the drain deadline could be followed by a nack of the same tag, which
@@ -126,6 +133,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
             tracing::Span::current().record("correlation_id", c.as_str());
         }
         let outcome = Executor {
+            settled_key,
             dead_letter_written: AtomicBool::new(false),
             settling: &settling,
             shared: &shared,
@@ -173,6 +181,31 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
             .instrument(span)
             .await;
     }
+}
+
+/// A redelivery of a message this process settled already (its ack was lost with the
+/// connection): acked again, nothing published, its one outcome line says so, and it is
+/// not counted a second time.
+async fn ack_again(
+    consume: &Channel,
+    delivery: &Delivery,
+    inbound: &Inbound,
+    outcome: Outcome,
+    started: Instant,
+) {
+    if let Err(e) = consume
+        .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+        .await
+    {
+        tracing::error!(error = %e, "ack failed; the broker will redeliver");
+    }
+    tracing::info!(
+        outcome = outcome.as_str(),
+        attempts = inbound.attempts,
+        already_settled = true,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "outcome"
+    );
 }
 
 /// The span of one delivery: every log line about it carries these fields (`ext_id` and
@@ -259,6 +292,8 @@ fn log_outcome(processed: &Processed, outcome: Outcome, started: Instant) {
 }
 
 struct Executor<'a> {
+    /// This delivery's identity in [`super::settled::Settled`].
+    settled_key: u64,
     /// Set once this delivery's dead letter is written (a later failure must not write
     /// another).
     dead_letter_written: AtomicBool,
@@ -382,6 +417,9 @@ impl Executor<'_> {
 
     async fn ack(&self, outcome: Outcome) -> Outcome {
         claim_or_wait(self.settling).await;
+        // Every publish of the outcome is confirmed: if this ack is lost with the
+        // connection, the redelivery is only acked again.
+        self.shared.settled.remember(self.settled_key, outcome);
         // On the channel itself rather than through the delivery's acker, which hands each
         // ack to the client's internal task first: one task hop and one spawn fewer per
         // delivery. The acker's own guard against a second settle is `settling` here; the

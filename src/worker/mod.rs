@@ -10,6 +10,7 @@
 
 mod execute;
 mod session;
+mod settled;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     probe: Mutex<Option<Probe>>,
     /// The process's metrics (the session reports the unrouted-events queue's depth).
     pub metrics: Arc<Metrics>,
+    /// Deliveries settled lately, so a redelivery after a lost ack is not done twice.
+    pub settled: settled::Settled,
     /// The broker refused to let this user declare the topology: sessions verify it.
     pub declare_refused: AtomicBool,
     /// Why the broker session cannot be established, for `/readyz` (the topology line).
@@ -305,6 +308,7 @@ impl Shared {
             counter_bounds,
             probe: Mutex::new(None),
             declare_refused: AtomicBool::new(false),
+            settled: settled::Settled::default(),
             broker_problem: Arc::new(Mutex::new(None)),
             node,
             metrics,

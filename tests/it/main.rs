@@ -5,6 +5,7 @@
 mod auth;
 mod cli;
 mod client;
+mod cluster;
 mod contract;
 mod core;
 mod deploy;
