@@ -52,24 +52,28 @@ pub enum EstablishError {
     /// object that exists with other arguments): the broker's words.
     #[error("cannot declare the topology: {0}")]
     Declare(String),
-    /// Neither declared nor verified: one line that names what, the permission and the
-    /// fix.
-    #[error("{0}")]
-    Unusable(String),
+    /// The topology differs from what the worker relies on (`unreadable`: false), or could
+    /// not be read at all (true). `line` names what, the permission and the fix;
+    /// `refused`: the broker's words if declaring was refused.
+    #[error("{line}")]
+    Unusable {
+        line: String,
+        unreadable: bool,
+        refused: Option<String>,
+    },
 }
 
-/// Declare the topology (`topology.declare = "all"`, unless `skip_declare`: an earlier
-/// attempt was refused), or verify it where this user may not or must not declare it.
-/// The caller bounds how long it may take.
+/// Declare the topology (`topology.declare = "all"`), or verify it where this user may not
+/// or must not declare it. `refused`: the broker's words from an earlier refusal to
+/// declare (then it is not asked again). The caller bounds how long it may take.
 pub async fn establish(
     settings: &Settings,
     conn: &lapin::Connection,
     node: usize,
     topology: &Topology,
-    skip_declare: bool,
+    mut refused: Option<String>,
 ) -> Result<Established, EstablishError> {
-    let mut refused = None;
-    if settings.topology.declare == Declare::All && !skip_declare {
+    if settings.topology.declare == Declare::All && refused.is_none() {
         match declare(conn, topology).await {
             Ok(declared) => return Ok(Established::Declared(declared)),
             Err(e) if super::is_soft(&e, AMQPSoftError::ACCESSREFUSED) => {
@@ -78,13 +82,9 @@ pub async fn establish(
             Err(e) => return Err(EstablishError::Declare(e.to_string())),
         }
     }
-    let vhost =
-        super::vhost(settings.amqp.url.urls()[node % settings.amqp.url.urls().len()].expose());
-    let seen = match Management::for_node(&settings.amqp, node) {
-        Ok(api) => api.observe(topology).await,
-        Err(e) => Err(e),
-    };
-    let fix = match &refused {
+    let urls = settings.amqp.url.urls();
+    let vhost = super::vhost(urls[node % urls.len()].expose());
+    let declare_fix = match &refused {
         Some(words) => format!(
             "this user may not declare it ({words}): import deploy/rabbitmq/definitions.json \
              into vhost {vhost:?}, or grant the user `configure` on the topology's names"
@@ -94,17 +94,33 @@ pub async fn establish(
              vhost {vhost:?}), or set topology.declare = \"all\" for a user with `configure`"
         ),
     };
+    let seen = match Management::for_node(&settings.amqp, node) {
+        Ok(api) => api.observe(topology).await,
+        Err(e) => Err(e),
+    };
     let seen = seen.map_err(|e| {
-        EstablishError::Unusable(format!("cannot verify the topology ({e}); {fix}"))
+        let declare = match &refused {
+            Some(words) => format!("; declaring it is refused too ({words})"),
+            None => String::new(),
+        };
+        EstablishError::Unusable {
+            line: format!("cannot verify the topology: {e}{declare}"),
+            unreadable: true,
+            refused: refused.clone(),
+        }
     })?;
     let (problems, declared) = compare(topology, &seen);
     if problems.is_empty() {
         return Ok(Established::Verified { declared, refused });
     }
-    Err(EstablishError::Unusable(format!(
-        "the topology in vhost {vhost:?} is not what the worker relies on: {}; {fix}",
-        problems.join("; ")
-    )))
+    Err(EstablishError::Unusable {
+        line: format!(
+            "the topology in vhost {vhost:?} is not what the worker relies on: {}; {declare_fix}",
+            problems.join("; ")
+        ),
+        unreadable: false,
+        refused,
+    })
 }
 
 /// Declare on a channel of its own (a refusal closes the channel it happens on).
@@ -135,7 +151,7 @@ pub struct Observed {
 
 /// Why the topology could not be read at all.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read the topology through the management API at {url}: {why}")]
+#[error("the management API at {url} (amqp.management_url): {why}")]
 pub struct ReadError {
     pub url: String,
     pub why: String,
@@ -158,13 +174,27 @@ impl Management {
         let tls = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
         let base = match &settings.management_url {
             Some(url) => url.clone(),
-            None => {
+            // Guessed only beside a default AMQP port: another port says another broker
+            // (or a proxy) whose management port cannot be guessed.
+            None if [5672, 5671].contains(&uri.authority.port) => {
                 let (scheme, port) = if tls {
                     ("https", 15671)
                 } else {
                     ("http", 15672)
                 };
-                format!("{scheme}://{}:{port}", uri.authority.host)
+                let host = &uri.authority.host;
+                if host.contains(':') {
+                    format!("{scheme}://[{host}]:{port}")
+                } else {
+                    format!("{scheme}://{host}:{port}")
+                }
+            }
+            None => {
+                return Err(fail(format!(
+                    "not set, and AMQP port {} is not a default one, so the management API's \
+                     address cannot be guessed: set amqp.management_url",
+                    uri.authority.port
+                )));
             }
         };
         let base = reqwest::Url::parse(&base).map_err(|e| fail(e.to_string()))?;
@@ -276,17 +306,32 @@ fn show(v: &ArgValue) -> String {
     }
 }
 
-/// An argument's effective value: the object's own, or its policy's (`x-foo` is `foo`
-/// in a policy).
-fn effective<'a>(object: &'a Value, key: &str) -> Option<&'a Value> {
+/// An argument's value as the broker applies it, from the object's own arguments and its
+/// effective policy (`x-foo` is `foo` there; it includes the operator policy): a limit is
+/// the smaller of the two, `overflow` is the policy's first, anything else the argument's
+/// first (RabbitMQ's quorum queue rules).
+fn effective(object: &Value, key: &str) -> Option<Value> {
     let own = object["arguments"].get(key);
-    own.or_else(|| {
-        let short = key.strip_prefix("x-").unwrap_or(key);
-        ["effective_policy_definition", "operator_policy_definition"]
-            .iter()
-            .find_map(|p| object[*p].get(short))
-    })
+    let policy = object["effective_policy_definition"].get(key.strip_prefix("x-").unwrap_or(key));
+    let smaller = |a: &Value, b: &Value| match (a.as_i64(), b.as_i64()) {
+        (Some(x), Some(y)) if y < x => b.clone(),
+        _ => a.clone(),
+    };
+    match (own, policy) {
+        (Some(a), Some(p)) if LIMITS.contains(&key) => Some(smaller(a, p)),
+        (Some(_), Some(p)) if key == "x-overflow" => Some(p.clone()),
+        (own, policy) => own.or(policy).cloned(),
+    }
 }
+
+/// Arguments whose effective value is the smaller of the queue's and its policy's.
+const LIMITS: [&str; 5] = [
+    "x-delivery-limit",
+    "x-message-ttl",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+];
 
 /// What differs between `topology` and what was read: the problems (empty: the worker
 /// can run on it), and the tolerated differences of an earlier version.
@@ -336,8 +381,22 @@ fn compare_exchange(
             e.name, e.kind
         ));
     }
+    // A transient or auto-deleted exchange disappears (with its bindings) when the broker
+    // restarts or the last binding goes; an internal one refuses the worker's publishes.
+    for (flag, want) in [
+        ("durable", true),
+        ("auto_delete", false),
+        ("internal", false),
+    ] {
+        if found[flag].as_bool().is_some_and(|v| v != want) {
+            problems.push(format!(
+                "exchange {}: {flag} is {}, expected {want}",
+                e.name, !want
+            ));
+        }
+    }
     for (key, want) in &e.arguments {
-        match effective(found, key) {
+        match effective(found, key).as_ref() {
             Some(got) if matches(want, got) => {}
             None if e.name == topology.event_exchange && *key == "alternate-exchange" => {
                 declared.legacy_event_exchange = Some(format!("no {key} on {}", e.name));
@@ -356,11 +415,11 @@ fn compare_queue(
 ) {
     for (key, want) in &q.arguments {
         let got = if *key == "x-queue-type" {
-            found.get("type")
+            found.get("type").cloned()
         } else {
             effective(found, key)
         };
-        match got {
+        match got.as_ref() {
             Some(got) if matches(want, got) => {}
             None if q.name == topology.dead_letter_queue && *key == "x-delivery-limit" => {
                 declared.legacy_dead_letter_queue = Some(format!("no {key} on {}", q.name));
@@ -427,7 +486,10 @@ mod tests {
         for e in &t.exchanges {
             seen.exchanges.insert(
                 e.name.clone(),
-                Some(json!({"type": e.kind, "arguments": args(&e.arguments)})),
+                Some(
+                    json!({"type": e.kind, "durable": true, "auto_delete": false,
+                    "internal": false, "arguments": args(&e.arguments)}),
+                ),
             );
         }
         for q in &t.queues {
@@ -503,6 +565,46 @@ mod tests {
             .remove("x-delivery-limit");
         q["effective_policy_definition"] = json!({"delivery-limit": 10});
         assert_eq!(compare(&t, &seen).0, Vec::<String>::new());
+        // A smaller limit in a policy wins over the argument, as in the broker.
+        let dlq = t.dead_letter_queue.clone();
+        let q = seen
+            .queues
+            .get_mut(&dlq)
+            .and_then(Option::as_mut)
+            .expect("dlq");
+        q["effective_policy_definition"] = json!({"delivery-limit": 20});
+        assert_eq!(
+            compare(&t, &seen).0,
+            vec![format!(
+                "queue {dlq}: x-delivery-limit is 20, expected 2147483647"
+            )]
+        );
+        let q = seen
+            .queues
+            .get_mut(&dlq)
+            .and_then(Option::as_mut)
+            .expect("dlq");
+        q["effective_policy_definition"] = json!({});
+        // A policy's overflow wins over the argument (drop-head would downgrade the
+        // at-least-once dead-lettering).
+        let q = seen
+            .queues
+            .get_mut(work)
+            .and_then(Option::as_mut)
+            .expect("work queue");
+        q["effective_policy_definition"]["overflow"] = json!("drop-head");
+        assert_eq!(
+            compare(&t, &seen).0,
+            vec![format!(
+                "queue {work}: x-overflow is \"drop-head\", expected \"reject-publish\""
+            )]
+        );
+        let q = seen
+            .queues
+            .get_mut(work)
+            .and_then(Option::as_mut)
+            .expect("work queue");
+        q["effective_policy_definition"] = json!({"delivery-limit": 10});
         // A policy that would expire commands is named as a queue argument would be.
         let q = seen
             .queues
@@ -546,7 +648,7 @@ mod tests {
     #[test]
     fn the_management_api_is_the_node_s_host_unless_configured() {
         let mut s = Settings::from_toml(
-            "[api]\ntoken = \"t\"\n[amqp]\nurl = [\"amqp://u:p@a:5672/v\", \"amqps://u:p@b/%2f\"]\n",
+            "[api]\ntoken = \"t\"\n[amqp]\nurl = [\"amqp://u:p@a:5672/v\", \"amqps://u:p@b/%2f\", \"amqp://u:p@c:5673/v\"]\n",
         )
         .expect("settings");
         let at = |s: &Settings, node| {
@@ -561,6 +663,9 @@ mod tests {
             )
         );
         assert_eq!(at(&s, 1).0, "https://b:15671/api/queues/%2F/q%20x/bindings");
+        // Another AMQP port: no guess.
+        let e = Management::for_node(&s.amqp, 2).err().expect("no guess");
+        assert!(e.to_string().contains("set amqp.management_url"), "{e}");
         s.amqp.management_url = Some("http://mgmt:8080/rabbit".into());
         assert_eq!(
             at(&s, 1).0,

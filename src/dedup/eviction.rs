@@ -62,6 +62,8 @@ impl Eviction {
             Eviction::MayEvict { policy, maxmemory } => {
                 let when = if *maxmemory == 0 {
                     "once a maxmemory limit is set".to_owned()
+                } else if *maxmemory == u64::MAX {
+                    "when it reaches its maxmemory (which could not be read)".to_owned()
                 } else {
                     format!("when it reaches maxmemory ({maxmemory} bytes)")
                 };
@@ -121,7 +123,8 @@ impl RedisStore {
         }
         let maxmemory = match read("maxmemory").await {
             Ok(value) => value.and_then(|v| v.parse().ok()).unwrap_or(0),
-            Err(e) if refused(&e) => 0,
+            // The policy evicts; whether a limit is set cannot be told: assume one is.
+            Err(e) if refused(&e) => u64::MAX,
             Err(e) => return Err(super::store_err(e)),
         };
         Ok(Eviction::MayEvict { policy, maxmemory })

@@ -55,8 +55,9 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     /// Deliveries settled lately, so a redelivery after a lost ack is not done twice.
     pub settled: settled::Settled,
-    /// The broker refused to let this user declare the topology: sessions verify it.
-    pub declare_refused: AtomicBool,
+    /// The broker's words when it refused to let this user declare the topology: later
+    /// sessions verify it without asking again.
+    declare_refused: Mutex<Option<String>>,
     /// Why the broker session cannot be established, for `/readyz` (the topology line).
     pub broker_problem: Arc<Mutex<Option<String>>>,
     /// The `amqp.url` node the next connection tries first: a random one at start (so
@@ -263,6 +264,12 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 }
 
 impl Shared {
+    fn declare_refused(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.declare_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn set_broker_problem(&self, problem: Option<String>) {
         *self
             .broker_problem
@@ -307,7 +314,7 @@ impl Shared {
             own_queues,
             counter_bounds,
             probe: Mutex::new(None),
-            declare_refused: AtomicBool::new(false),
+            declare_refused: Mutex::new(None),
             settled: settled::Settled::default(),
             broker_problem: Arc::new(Mutex::new(None)),
             node,

@@ -149,8 +149,7 @@ fn announce(shared: &Shared, conn: &lapin::Connection) {
     let settings = &shared.settings;
     let amqp = &settings.amqp.url.urls()
         [shared.node.load(Ordering::SeqCst) % settings.amqp.url.urls().len()];
-    if settings.topology.declare == Declare::Verify || shared.declare_refused.load(Ordering::SeqCst)
-    {
+    if settings.topology.declare == Declare::Verify || shared.declare_refused().is_some() {
         tracing::info!(%amqp, "connected to the broker; topology verified");
     } else {
         tracing::info!(%amqp, "connected to the broker; topology declared");
@@ -367,12 +366,19 @@ async fn establish(
     node: usize,
     topology: &Topology,
 ) -> Result<Established, SessionError> {
-    let skip = shared.declare_refused.load(Ordering::SeqCst);
-    let work = verify::establish(&shared.settings, conn, node, topology, skip);
+    let refused = shared.declare_refused().clone();
+    let work = verify::establish(&shared.settings, conn, node, topology, refused.clone());
     let established = match tokio::time::timeout(BROKER_STEP_TIMEOUT, work).await {
         Ok(Ok(established)) => established,
         Ok(Err(EstablishError::Declare(words))) => return Err(SessionError::Topology(words)),
-        Ok(Err(EstablishError::Unusable(line))) => return Err(SessionError::Unusable(line)),
+        Ok(Err(EstablishError::Unusable {
+            line, refused: now, ..
+        })) => {
+            // Remembered either way: a refused declaration is not tried (and logged by the
+            // client) again every 30 s.
+            *shared.declare_refused() = now;
+            return Err(SessionError::Unusable(line));
+        }
         Err(_) => {
             return Err(SessionError::Topology(format!(
                 "no answer within {BROKER_STEP_TIMEOUT:?}"
@@ -383,8 +389,9 @@ async fn establish(
         refused: Some(words),
         ..
     } = &established
+        && refused.is_none()
     {
-        shared.declare_refused.store(true, Ordering::SeqCst);
+        *shared.declare_refused() = Some(words.clone());
         tracing::warn!(
             broker = %words,
             "this user may not declare the topology; verified it instead and runs on it \

@@ -369,17 +369,26 @@ async fn a_topology_neither_declarable_nor_verifiable_is_one_line_and_not_ready(
     let untagged = unique("gp-untagged");
     create_user_with(&untagged, "role-secret", &env.vhost, [&c, &w, &r], "").await;
     let url = format!("amqp://{untagged}:role-secret@{AMQP_HOST}/{}", env.vhost);
-    let o = cli(
-        &env,
-        &["check", "--no-declare"],
-        &[("PROVISIONER__AMQP__URL", &url)],
-    )
-    .await;
+    let untagged_env = [("PROVISIONER__AMQP__URL", url.as_str())];
+    // `check --no-declare` (an init step) still checks that everything exists, and says
+    // what it could not compare.
+    let o = cli(&env, &["check", "--no-declare"], &untagged_env).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(
+        stdout(&o).lines().any(|l| l.starts_with("WARN  topology")
+            && l.contains("needs the `management` tag")
+            && l.contains("only the existence of each exchange and queue was checked")),
+        "{}",
+        stdout(&o)
+    );
+    // A worker can neither declare nor verify: the one line says both.
+    let o = cli(&env, &["check"], &untagged_env).await;
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     assert!(
         stdout(&o).lines().any(|l| l.starts_with("FAIL  topology")
             && l.contains("cannot verify the topology")
-            && l.contains("needs the `management` tag")),
+            && l.contains("needs the `management` tag")
+            && l.contains("declaring it is refused too (ACCESS_REFUSED")),
         "{}",
         stdout(&o)
     );
