@@ -169,18 +169,25 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
         s = aborted => s,
     };
     if let Some((processed, outcome)) = settled {
-        shared
-            .processor
-            .report(
-                &inbound,
-                &processed,
-                outcome,
-                &shared.tier_places,
-                &shared.settings.topology.dead_letter_queue,
-            )
+        report(&shared, &inbound, &processed, outcome)
             .instrument(span)
             .await;
     }
+}
+
+/// What the delivery ended as, kept for `status` (after the ack: it is a report, not
+/// part of settling).
+async fn report(shared: &Shared, inbound: &Inbound, processed: &Processed, outcome: Outcome) {
+    shared
+        .processor
+        .report(
+            inbound,
+            processed,
+            outcome,
+            &shared.tier_places,
+            &shared.settings.topology.dead_letter_queue,
+        )
+        .await;
 }
 
 /// A redelivery of a message this process settled already (its ack was lost with the
