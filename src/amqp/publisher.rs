@@ -3,6 +3,12 @@
 //!
 //! Invariant: nothing is sent whose content header would exceed the negotiated frame size
 //! (the broker would close the whole connection for it): [`Publisher::fits`] says so first.
+//! A confirm is waited for at most the publisher's confirm timeout: a broker may hold
+//! confirms for as long as a queue has no quorum or a memory alarm lasts, and a delivery
+//! must not wait on that in silence. A publish not confirmed in time may still have been
+//! routed; callers treat it like a nack that may have been delivered (at least once).
+
+use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
@@ -23,6 +29,15 @@ pub enum PublishError {
     Nacked {
         exchange: String,
         routing_key: String,
+    },
+    #[error(
+        "the broker did not confirm the message for {exchange:?}/{routing_key:?} within {}",
+        crate::config::format_duration(*after)
+    )]
+    Unconfirmed {
+        exchange: String,
+        routing_key: String,
+        after: Duration,
     },
     #[error("message unroutable at {exchange:?}/{routing_key:?}: {reply}")]
     Unroutable {
@@ -46,7 +61,11 @@ pub struct Publisher {
     channel: Channel,
     /// The negotiated frame size (0: unknown, nothing is checked).
     frame_max: u32,
+    confirm_timeout: Duration,
 }
+
+/// Where no timeout is configured (the CLI's own publishes): the worker's default.
+const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Publisher {
     /// `channel` must already be in confirm mode.
@@ -54,12 +73,18 @@ impl Publisher {
         Publisher {
             channel,
             frame_max: 0,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
         }
     }
 
     /// Check every publish against `frame_max`, the connection's negotiated frame size.
     pub fn with_frame_max(mut self, frame_max: u32) -> Publisher {
         self.frame_max = frame_max;
+        self
+    }
+
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Publisher {
+        self.confirm_timeout = timeout;
         self
     }
 
@@ -112,7 +137,14 @@ impl Publisher {
             )
             .await
             .map_err(PublishError::Channel)?;
-        match confirm.await.map_err(PublishError::Channel)? {
+        let confirmed = tokio::time::timeout(self.confirm_timeout, confirm)
+            .await
+            .map_err(|_| PublishError::Unconfirmed {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                after: self.confirm_timeout,
+            })?;
+        match confirmed.map_err(PublishError::Channel)? {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable {
                 exchange: exchange.to_owned(),

@@ -93,6 +93,11 @@ pub struct AmqpSettings {
     pub url: AmqpNodes,
     #[serde(deserialize_with = "de::ranged::<_, u16, 1, 65535>")]
     pub prefetch: u16,
+    /// How long a publish waits for the broker's confirm before it counts as refused: a
+    /// broker that holds confirms (a queue without a quorum, a memory alarm) must not hold
+    /// every delivery with them, silently.
+    #[serde(deserialize_with = "de::duration_min::<_, 100>")]
+    pub confirm_timeout: Duration,
     /// Used by `amqps://` nodes.
     #[serde(default)]
     pub tls: TlsSettings,

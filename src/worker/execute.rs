@@ -376,9 +376,15 @@ impl Executor<'_> {
                 claim_or_wait(self.settling).await;
                 return Outcome::Failed;
             }
-            // The broker refuses or cannot route what we publish: a fault of the system that
-            // every delivery will hit. The circuit's probe tests exactly this publish.
-            Some(PublishError::Unroutable { .. } | PublishError::Nacked { .. }) => {
+            // The broker refuses, cannot route or does not confirm what we publish: a fault
+            // of the system that every delivery will hit. The circuit's probe tests exactly
+            // this publish. (An unconfirmed one may have been routed: its retry can send a
+            // second event, the contract's "at least once".)
+            Some(
+                PublishError::Unroutable { .. }
+                | PublishError::Nacked { .. }
+                | PublishError::Unconfirmed { .. },
+            ) => {
                 let probe = match &error {
                     SettleError::Event { probe, .. } => Probe::Publish(probe.clone()),
                     SettleError::Copy { queue, .. } => Probe::Queue(queue.clone()),

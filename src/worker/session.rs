@@ -245,7 +245,9 @@ async fn session(
 
     let tracker = TaskTracker::new();
     let links = Arc::new(execute::Links {
-        publisher: Publisher::new(publish_channel).with_frame_max(conn.configuration().frame_max()),
+        publisher: Publisher::new(publish_channel)
+            .with_frame_max(conn.configuration().frame_max())
+            .with_confirm_timeout(shared.settings.amqp.confirm_timeout),
         consume: consume_channel.clone(),
         abort: CancellationToken::new(),
         broken: CancellationToken::new(),

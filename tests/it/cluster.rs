@@ -295,3 +295,146 @@ async fn a_crash_of_the_workers_node() {
 async fn the_loss_of_the_work_queue_leaders_node_while_the_worker_is_elsewhere() {
     failover(Failure::StopLeader).await;
 }
+
+/// Two of the three nodes stopped: every quorum queue loses its quorum, and the broker
+/// holds the confirms of events routed to a consumer's quorum queue for as long as that
+/// lasts (it neither acks nor nacks). The worker gives up waiting after its
+/// `amqp.confirm_timeout`, says so, and keeps the deliveries (parked or returned, never
+/// acked without a confirmed outcome); when the nodes come back, every command is created
+/// exactly once, has its event, and nothing is dead-lettered — with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the 3-node cluster: scripts/test.sh runs it"]
+async fn confirms_held_while_a_quorum_is_lost_are_given_up_on_and_retried() {
+    cluster(&["start"]);
+    let mut env = TestEnv::new().await;
+    env.declare_topology().await;
+    reconnect(&mut env, 2).await;
+    let consumers = quorum_consumer(&env).await;
+    let url = amqp_url(2, &env.vhost);
+    let mut worker = WorkerProcess::spawn(
+        &env,
+        &worker_env(&[])
+            .into_iter()
+            .chain([
+                ("PROVISIONER__AMQP__URL", url.as_str()),
+                ("PROVISIONER__AMQP__PREFETCH", "8"),
+                ("PROVISIONER__AMQP__CONFIRM_TIMEOUT", "2s"),
+            ])
+            .collect::<Vec<_>>(),
+    );
+    worker.wait_consuming().await;
+    let mut tap = env.event_tap().await;
+    // Slow enough that deliveries are in flight when the quorum goes.
+    env.sim.sim.update_faults(|f| f.latency_ms = 50);
+    let (bodies, exts) = commands(&unique("noquorum"), 1000);
+    env.send_many(&bodies).await;
+    let before = tap.take(20, Duration::from_secs(60)).await;
+    let restore = [
+        Restore(1, Failure::StopWorkers),
+        Restore(3, Failure::StopWorkers),
+    ];
+    cluster(&["ctl", "1", "stop_app"]);
+    cluster(&["ctl", "3", "stop_app"]);
+    let lost_at = Instant::now();
+    let held = worker
+        .wait_line("a confirm given up on", Duration::from_secs(60), |l| {
+            l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("did not confirm the message"))
+        })
+        .await;
+    assert_eq!(held["level"], "ERROR", "{held}");
+    cluster(&["ctl", "1", "start_app"]);
+    cluster(&["ctl", "3", "start_app"]);
+    let back_at = Instant::now();
+    drop(restore);
+    // The tap (a classic queue on c2) may hold events of publishes whose confirm was given
+    // up on, of the circuit's probe (which publishes that same event again) and of the
+    // retried delivery: each ext id has an event, every one names the same group, and the
+    // only ones that say `duplicate: false` are the one event the creation published.
+    let remaining: HashSet<String> = exts
+        .iter()
+        .filter(|x| !before.iter().any(|e| e.body["ext_id"] == x.as_str()))
+        .cloned()
+        .collect();
+    let mut events = before;
+    events.extend(collect_created(&mut tap, &remaining, Duration::from_secs(180)).await);
+    let done = back_at.elapsed();
+    let creations = one_creation_each(&events);
+    env.wait_drained(0, Duration::from_secs(60)).await;
+    assert_exactly_once(&env, &exts);
+    assert!(
+        env.queue_depth(&consumers).await as usize >= exts.len(),
+        "the consumer's quorum queue has every event"
+    );
+    assert!(
+        worker.child.try_wait().ok().flatten().is_none(),
+        "the worker kept running"
+    );
+    let dead = worker
+        .lines()
+        .iter()
+        .filter(|l| l["message"] == "outcome" && l["outcome"] == "dead_lettered")
+        .count();
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    let seconds = events.len() - creations;
+    eprintln!(
+        "cluster quorum loss: nodes down {} ms; all {} commands done {} ms after they came \
+         back; {seconds} second events",
+        (back_at - lost_at).as_millis(),
+        exts.len(),
+        done.as_millis(),
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A consumer's durable quorum queue bound to every event: a publish routed to it needs a
+/// quorum to be confirmed.
+async fn quorum_consumer(env: &TestEnv) -> String {
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), header_value("quorum"));
+    let queue = unique("quorum-consumer");
+    env.channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("a consumer's quorum queue");
+    env.channel
+        .queue_bind(
+            queue.as_str().into(),
+            env.settings.topology.event_exchange.as_str().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("bind");
+    queue
+}
+
+/// Every event of an ext id names the same group, and the only ones that say
+/// `duplicate: false` are copies of the one event its creation published (re-sent when
+/// its confirm was lost). Returns how many ext ids the events cover.
+fn one_creation_each(events: &[Event]) -> usize {
+    let mut first: HashMap<String, &Value> = HashMap::new();
+    for e in events {
+        let ext = e.body["ext_id"].as_str().unwrap_or_default().to_owned();
+        match first.get(&ext) {
+            None => {
+                first.insert(ext, &e.body);
+            }
+            Some(f) if e.body["duplicate"] == Value::Bool(false) => {
+                assert_eq!(*f, &e.body, "a second creation event")
+            }
+            Some(f) => assert_eq!(f["org_unit_id"], e.body["org_unit_id"], "{}", e.body),
+        }
+    }
+    first.len()
+}

@@ -583,3 +583,121 @@ async fn a_log_reader_that_goes_away_costs_lines_not_commands() {
     let _ = child.kill().await;
     env.cleanup().await;
 }
+
+/// A consumer's queue that refuses events (full, `reject-publish`): the broker nacks every
+/// event publish. Each command is parked and retried, none is lost or dead-lettered, and
+/// once the queue stops refusing, every ext id has its event and one group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_broker_nacks_are_retried_not_lost() {
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    let refusing = env.event_queue("#").await;
+    env.channel
+        .queue_delete(refusing.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(0),
+    );
+    args.insert("x-overflow".into(), header_value("reject-publish"));
+    env.channel
+        .queue_declare(refusing.as_str().into(), Default::default(), args)
+        .await
+        .expect("a queue that refuses everything");
+    env.channel
+        .queue_bind(
+            refusing.as_str().into(),
+            env.settings.topology.event_exchange.as_str().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("bind");
+    let mut worker = WorkerProcess::spawn(&env, &worker_env(&[]));
+    let (bodies, exts) = commands(&unique("NACK"), 20);
+    env.send_many(&bodies).await;
+    let opened = worker
+        .wait_line("circuit opened", Duration::from_secs(30), |l| {
+            l["circuit"] == "open"
+        })
+        .await;
+    assert_eq!(opened["fault"], "publish", "{opened}");
+    let refused = worker
+        .wait_line("the nack logged", Duration::from_secs(10), |l| {
+            l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("refused the message (nack)"))
+        })
+        .await;
+    assert_eq!(refused["level"], "ERROR", "{refused}");
+    env.channel
+        .queue_delete(refusing.as_str().into(), Default::default())
+        .await
+        .expect("the consumer's queue goes away");
+    // Events of nacked publishes may have reached the tap already (the broker routes to
+    // every other queue): each ext id has an event; the API saw each ext id once.
+    collect_created(&mut tap, &exts, Duration::from_secs(60)).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    worker
+        .wait_line("circuit closed", Duration::from_secs(10), |l| {
+            l["circuit"] == "closed"
+        })
+        .await;
+    let dead = worker
+        .lines()
+        .iter()
+        .filter(|l| l["message"] == "outcome" && l["outcome"] == "dead_lettered")
+        .count();
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// The broker cancels the worker's consumer (here: ops delete the work queue and the
+/// worker's next session declares it again; a cluster may cancel consumers on its own).
+/// The worker says so, starts a new session and consumes again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_broker_cancels_is_resumed_on_its_own() {
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    let mut worker = WorkerProcess::spawn(&env, &worker_env(&[]));
+    worker.wait_consuming().await;
+    env.channel
+        .queue_delete(
+            env.settings.topology.work_queue.as_str().into(),
+            Default::default(),
+        )
+        .await
+        .expect("delete the work queue");
+    let lost = worker
+        .wait_line("the cancel noticed", Duration::from_secs(30), |l| {
+            l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cancelled our consumer"))
+        })
+        .await;
+    assert_eq!(
+        lost["message"], "broker session lost; reconnecting",
+        "{lost}"
+    );
+    wait_for("consuming again", Duration::from_secs(30), || async {
+        let n = worker
+            .lines()
+            .iter()
+            .filter(|l| l["message"] == "consuming")
+            .count();
+        (n >= 2).then_some(())
+    })
+    .await;
+    let (bodies, exts) = commands(&unique("CANCEL"), 10);
+    env.send_many(&bodies).await;
+    collect_created(&mut tap, &exts, Duration::from_secs(60)).await;
+    env.wait_drained(0, Duration::from_secs(30)).await;
+    assert_exactly_once(&env, &exts);
+    worker.stop().await;
+    env.cleanup().await;
+}
