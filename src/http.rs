@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper::body::Incoming;
@@ -115,11 +115,24 @@ async fn readyz(State(h): State<Health>) -> Response {
     (StatusCode::OK, body).into_response()
 }
 
-async fn metrics(State(h): State<Health>) -> Response {
+async fn metrics(State(h): State<Health>, headers: HeaderMap) -> Response {
     // Readiness as a series, so an alert reads it whatever the scrape job is called.
     h.metrics.set_ready(h.not_ready().await.is_empty());
     let body = h.metrics.render(h.circuit.is_open());
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = metrics::Format::negotiate(accept);
+    let body = match format {
+        metrics::Format::OpenMetrics => body,
+        metrics::Format::Classic => metrics::classic(&body),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "Accept"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// Connections served at once; more close the oldest one still waiting for its request.

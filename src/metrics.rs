@@ -31,8 +31,84 @@ use prometheus_client::registry::Registry;
 use crate::convirza::Operation;
 use crate::pipeline::{DeferReason, FailureKind, Outcome, Recorder};
 
-/// The content type of [`Metrics::render`].
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The two expositions `/metrics` speaks, chosen by the scraper's `Accept` header as the
+/// Prometheus client libraries do: OpenMetrics when asked for, the classic text format
+/// (0.0.4) otherwise: what `curl` and older scrapers get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    Classic,
+}
+
+impl Format {
+    /// OpenMetrics when the header accepts `application/openmetrics-text` at least as much
+    /// as `text/plain` (or `*/*`): Prometheus asks for it first; `*/*` alone or no header
+    /// gets the classic format.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let (mut openmetrics, mut text) = (0.0_f32, 0.0_f32);
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Classic
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// The classic text format (0.0.4) of an OpenMetrics exposition from `prometheus-client`
+/// (which writes only OpenMetrics): counters are typed under their `_total` sample name,
+/// an info metric becomes a gauge under its `_info` name, and `# UNIT` and `# EOF` go.
+/// Sample lines are the same in both formats for the metric types used here.
+pub fn classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // prometheus-client writes `# HELP` before `# TYPE`, and the name HELP needs depends on
+    // the type: hold it until the TYPE line comes.
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = rest.split_once(' ').map(|(_, text)| text).or(Some(""));
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            let _ = writeln!(out, "{line}");
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+        let (name, kind) = match kind {
+            "counter" => (format!("{name}_total"), "counter"),
+            "info" => (format!("{name}_info"), "gauge"),
+            "gauge" | "histogram" | "summary" => (name.to_owned(), kind),
+            _ => (name.to_owned(), "untyped"),
+        };
+        if let Some(text) = help.take() {
+            let _ = writeln!(out, "# HELP {name} {text}");
+        }
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    }
+    out
+}
 
 const BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -312,6 +388,50 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::pipeline::InFlight;
+
+    #[test]
+    fn the_format_follows_the_accept_header() {
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; version=1.0.0")),
+            Format::OpenMetrics
+        );
+        for classic in [
+            None,
+            Some(""),
+            Some("*/*"),
+            Some("text/plain"),
+            Some("text/plain;version=0.0.4"),
+            Some("text/plain;q=0.9,application/openmetrics-text;q=0.5"),
+            Some("application/openmetrics-text;q=0"),
+            Some("application/json"),
+        ] {
+            assert_eq!(Format::negotiate(classic), Format::Classic, "{classic:?}");
+        }
+    }
+
+    #[test]
+    fn the_classic_format_types_counters_and_info_under_their_sample_names() {
+        let m = Metrics::new();
+        m.command(Outcome::Created);
+        m.api_request(Operation::CreateGroup, Some(201), Duration::from_millis(20));
+        let text = classic(&m.render(false));
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        for line in [
+            "# HELP provisioner_commands_total Deliveries by final outcome.",
+            "# TYPE provisioner_commands_total counter",
+            "provisioner_commands_total{outcome=\"created\"} 1",
+            "# TYPE provisioner_build_info gauge",
+            "# TYPE provisioner_api_request_duration_seconds histogram",
+            "# TYPE provisioner_in_flight gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
+        }
+    }
 
     #[test]
     fn renders_every_metric_with_the_contract_names() {
