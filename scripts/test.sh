@@ -8,9 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
-# The contract's Python example publisher is run by the tests.
-python3 -c 'import pika' 2>/dev/null \
-  || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'pika==1.4.4'
+# The contract's Python example publisher is run by the tests, and the Prometheus client's
+# parsers read /metrics in both formats.
+python3 -c 'import pika, prometheus_client' 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    'pika==1.4.4' 'prometheus_client==0.23.1'
 # What is not Rust: alert rules, manifests, CRD objects, the AsyncAPI document.
 scripts/check-deploy.sh
 # Tests are I/O-bound (broker, Redis, simulator); 4 threads keep a 2-core machine busy

@@ -134,3 +134,105 @@ async fn a_flood_of_slow_clients_neither_silences_probes_nor_parks_commands() {
     w.stop().await;
     env.cleanup().await;
 }
+
+/// `/metrics` body and content type for an `Accept` header (none: no header).
+async fn scrape(addr: std::net::SocketAddr, accept: Option<&str>) -> (String, String) {
+    let mut request = reqwest::Client::new().get(format!("http://{addr}/metrics"));
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = request.send().await.expect("scrape");
+    assert!(response.status().is_success());
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    (content_type, response.text().await.expect("body"))
+}
+
+/// What the Prometheus Python client's parser for `format` reads in `body`.
+async fn parsed(format: &str, body: &str) -> serde_json::Value {
+    let mut child = tokio::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/tools/parse_metrics.py"
+        ))
+        .arg(format)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(body.as_bytes()).await.expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("parser ran");
+    assert!(
+        out.status.success(),
+        "the {format} parser refused the body (prometheus_client installed? scripts/test.sh \
+         installs it): {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// Every sample as (name, labels, value), whatever family the parser put it in.
+fn samples(families: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    families
+        .as_object()
+        .expect("families")
+        .values()
+        .flat_map(|f| f["samples"].as_array().expect("samples").iter())
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Prometheus asks for OpenMetrics and gets it; `curl`, older scrapers and anything asking
+/// for `text/plain` get the classic text format. Each body passes the official parser of
+/// its format, and both carry the same samples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_come_in_the_format_the_scraper_asks_for() {
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    let mut w = WorkerProcess::spawn(&env, &worker_env(&[]));
+    env.send(&json!({"org_unit_ext_id": unique("METRICS"), "org_unit_name": "Metrics", "org_unit_parent_id": 1000}))
+        .await;
+    tap.next(Duration::from_secs(30)).await;
+    let addr = w.metrics_addr().await;
+    let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,\
+        application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+    let (om_type, om_body) = scrape(addr, Some(prometheus)).await;
+    assert_eq!(
+        om_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let om = parsed("openmetrics", &om_body).await;
+    assert_eq!(om["provisioner_commands"]["type"], "counter", "{om}");
+    assert_eq!(om["provisioner_build"]["type"], "info", "{om}");
+    for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+        let (content_type, body) = scrape(addr, accept).await;
+        assert_eq!(
+            content_type, "text/plain; version=0.0.4; charset=utf-8",
+            "{accept:?}"
+        );
+        assert!(!body.contains("# EOF"), "{accept:?}: {body}");
+        let text = parsed("classic", &body).await;
+        assert_eq!(text["provisioner_commands"]["type"], "counter", "{text}");
+        assert_eq!(
+            text["provisioner_api_request_duration_seconds"]["type"],
+            "histogram"
+        );
+        // The scrapes differ only in what moved between them (none here: the worker is
+        // idle; `provisioner_ready` is re-read, and equal).
+        assert_eq!(samples(&text), samples(&om), "{accept:?}");
+    }
+    let created = om_body
+        .lines()
+        .find(|l| l.starts_with("provisioner_commands_total{outcome=\"created\"}"));
+    assert_eq!(
+        created,
+        Some("provisioner_commands_total{outcome=\"created\"} 1")
+    );
+    w.stop().await;
+    env.cleanup().await;
+}
