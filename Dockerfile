@@ -1,6 +1,7 @@
 # group-provisioner: the worker and convirza-sim in one small, non-root image.
 #
-#   docker build -t group-provisioner .
+#   docker build -t group-provisioner:0.2.0 \
+#     --build-arg REVISION="$(git rev-parse HEAD)" .
 #   docker run --rm group-provisioner --help
 #   docker run --rm --entrypoint convirza-sim group-provisioner --listen 0.0.0.0:8080
 #
@@ -18,9 +19,18 @@ RUN mkdir -p src/bin benches tests/it \
  && cargo build --release --locked --bins \
  && rm -rf src benches tests
 COPY . .
-RUN touch src/lib.rs src/bin/*.rs && cargo build --release --locked --bins
+# The image has no .git: the commit comes in as a build argument (build.rs reads it).
+ARG REVISION=unknown
+RUN touch src/lib.rs src/bin/*.rs \
+ && GP_BUILD_COMMIT="$REVISION" cargo build --release --locked --bins
 
 FROM debian:bookworm-slim
+ARG REVISION=unknown
+# Keep in step with Cargo.toml's version (a test checks it).
+LABEL org.opencontainers.image.title="group-provisioner" \
+      org.opencontainers.image.version="0.2.0" \
+      org.opencontainers.image.revision="$REVISION" \
+      org.opencontainers.image.source="https://github.com/example/group-provisioner"
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \

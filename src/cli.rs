@@ -18,7 +18,7 @@ use crate::worker::StartError;
 #[derive(Debug, Parser)]
 #[command(
     name = "group-provisioner",
-    version,
+    version = crate::LONG_VERSION,
     about = "Creates Convirza groups from RabbitMQ commands, effectively once per external id.",
     after_help = "Configuration: defaults, then the TOML file, then PROVISIONER__SECTION__KEY \
 environment variables (e.g. PROVISIONER__API__TOKEN). See README.md for every key.\n\n\

@@ -54,3 +54,14 @@ pub mod worker;
 
 /// The version stamped on dead letters and logs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit this binary was built from (`build.rs`), or `unknown`.
+pub const COMMIT: &str = env!("GP_COMMIT");
+
+/// What `--version` prints after the program's name.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("GP_COMMIT"),
+    ")"
+);

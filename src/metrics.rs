@@ -9,7 +9,7 @@
 //!   `provisioner_dead_letters_total{kind}`, `provisioner_orphaned_groups_total`,
 //!   `provisioner_http_connections_shed_total`, `provisioner_log_lines_dropped_total
 //!   {reason}`, `provisioner_ready`, `provisioner_redis_maxmemory_policy{policy}`,
-//!   `provisioner_build_info{version}`;
+//!   `provisioner_build_info{version,commit}`;
 //! - label values come from closed, typed sets (outcomes, failure kinds, deferral
 //!   reasons, operations, HTTP status codes), so cardinality stays bounded, and every
 //!   value of a closed set is exported from the start (at 0), so alerts see the series
@@ -182,6 +182,7 @@ struct PolicyLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VersionLabels {
     version: &'static str,
+    commit: &'static str,
 }
 
 fn duration_histogram() -> Histogram {
@@ -302,6 +303,7 @@ impl Metrics {
             "Worker version",
             Info::new(VersionLabels {
                 version: crate::VERSION,
+                commit: crate::COMMIT,
             }),
         );
         registry.register_with_unit(
@@ -448,8 +450,13 @@ mod tests {
         let guard = InFlight::start(&m);
         let text = m.render(true);
         drop(guard);
+        let build = format!(
+            "provisioner_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::VERSION,
+            crate::COMMIT
+        );
         for line in [
-            "provisioner_build_info{version=\"0.1.0\"} 1",
+            build.as_str(),
             "provisioner_commands_total{outcome=\"created\"} 2",
             "provisioner_commands_total{outcome=\"dead_lettered\"} 1",
             "provisioner_commands_total{outcome=\"failed\"} 0",

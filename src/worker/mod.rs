@@ -329,6 +329,7 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
     let stop = crate::shutdown::listen();
     tracing::info!(
         version = crate::VERSION,
+        commit = crate::COMMIT,
         api = %settings.api.base_url,
         amqp = %settings.amqp.url,
         amqp_tls = %crate::app::amqp_tls_state(&settings),

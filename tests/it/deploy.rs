@@ -568,3 +568,135 @@ fn paths_in_docs_exist() {
         }
     }
 }
+
+/// The commit this checkout is at, as `build.rs` finds it (`unknown` without git).
+fn head_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[test]
+fn version_prints_the_version_and_the_commit() {
+    let out = std::process::Command::new(crate::process::BIN)
+        .arg("--version")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!(
+            "group-provisioner {} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            head_commit()
+        )
+    );
+}
+
+/// Backticked spans of a Markdown text.
+fn code_spans(text: &str) -> Vec<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// The changelog only names config keys, metrics, alerts, subcommands and flags that exist,
+/// and its newest release is the crate's version, which the image labels and the
+/// Kubernetes manifests use too.
+#[test]
+fn the_changelog_names_only_what_exists_and_the_version_is_one_everywhere() {
+    let changelog = read("CHANGELOG.md");
+    let version = env!("CARGO_PKG_VERSION");
+    let newest = changelog
+        .lines()
+        .find_map(|l| l.strip_prefix("## ["))
+        .and_then(|l| l.split(']').next());
+    assert_eq!(newest, Some(version), "CHANGELOG.md's newest release");
+    assert!(
+        read("Dockerfile").contains(&format!("org.opencontainers.image.version=\"{version}\"")),
+        "the Dockerfile's version label"
+    );
+    for label in ["revision", "source"] {
+        assert!(read("Dockerfile").contains(&format!("org.opencontainers.image.{label}=")));
+    }
+    assert!(
+        read("deploy/kubernetes/kustomization.yaml").contains(&format!("newTag: \"{version}\""))
+    );
+
+    let keys: HashSet<String> = defaults()
+        .into_iter()
+        .map(|(k, _)| k)
+        .chain(KEYS_WITHOUT_DEFAULT.iter().map(|k| (*k).to_owned()))
+        .collect();
+    let sections: HashSet<&str> = keys.iter().filter_map(|k| k.split('.').next()).collect();
+    let metrics = exported_metric_names();
+    let rules = read("deploy/kubernetes/prometheus-rules.yaml");
+    let top_help = help("group-provisioner", &[]);
+    let (mut named_keys, mut named_metrics) = (0, 0);
+    for span in code_spans(&changelog) {
+        let first = span.split([' ', '{']).next().unwrap_or_default();
+        if first
+            .split('.')
+            .next()
+            .is_some_and(|s| sections.contains(s))
+            && first.contains('.')
+            && first
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+        {
+            assert!(
+                keys.contains(first),
+                "CHANGELOG.md names config key {first}: unknown"
+            );
+            named_keys += 1;
+        }
+        if first.starts_with("provisioner_") {
+            assert!(
+                metrics.contains(first),
+                "CHANGELOG.md names metric {first}: unknown"
+            );
+            named_metrics += 1;
+        }
+        // A subcommand and its flags, e.g. `check --no-declare`, `dlq discard --export`.
+        let words: Vec<&str> = span.split(' ').collect();
+        let path: Vec<&str> = words
+            .iter()
+            .take_while(|w| {
+                w.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !w.starts_with('-')
+            })
+            .copied()
+            .collect();
+        if path.first().is_some_and(|w| {
+            top_help
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{w} ")))
+        }) {
+            let sub_help = help("group-provisioner", &path);
+            for flag in words.iter().filter(|w| w.starts_with("--")) {
+                assert!(
+                    sub_help.contains(*flag),
+                    "CHANGELOG.md: `{span}`: no {flag}"
+                );
+            }
+        }
+    }
+    for word in changelog.split(|c: char| !c.is_ascii_alphanumeric()) {
+        if word.starts_with("Provisioner") && word.len() > "Provisioner".len() {
+            assert!(
+                rules.contains(&format!("alert: {word}")),
+                "CHANGELOG.md names alert {word}: unknown"
+            );
+        }
+    }
+    assert!(
+        named_keys >= 4 && named_metrics >= 4,
+        "the check found the names"
+    );
+}

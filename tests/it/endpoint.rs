@@ -233,6 +233,24 @@ async fn metrics_come_in_the_format_the_scraper_asks_for() {
         created,
         Some("provisioner_commands_total{outcome=\"created\"} 1")
     );
+    // The build, with the commit `--version` prints (a test in deploy.rs ties that one to
+    // the checkout).
+    let version = std::process::Command::new(crate::process::BIN)
+        .arg("--version")
+        .output()
+        .expect("runs");
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    let commit = version
+        .trim()
+        .strip_suffix(')')
+        .and_then(|v| v.rsplit_once("(commit "))
+        .map(|(_, c)| c)
+        .expect("--version names the commit");
+    let build = format!(
+        "provisioner_build_info{{version=\"{}\",commit=\"{commit}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(om_body.lines().any(|l| l == build), "{build} in\n{om_body}");
     w.stop().await;
     env.cleanup().await;
 }
