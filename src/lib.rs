@@ -40,6 +40,7 @@ pub mod http;
 pub mod id;
 pub mod metrics;
 pub mod ops;
+pub mod otel;
 pub mod pipeline;
 pub mod retry;
 pub mod secret;

@@ -8,7 +8,7 @@
 //!   `provisioner_circuit_open`, `provisioner_dedup_hits_total`,
 //!   `provisioner_dead_letters_total{kind}`, `provisioner_orphaned_groups_total`,
 //!   `provisioner_http_connections_shed_total`, `provisioner_log_lines_dropped_total
-//!   {reason}`, `provisioner_ready`, `provisioner_redis_maxmemory_policy{policy}`,
+//!   {reason}`, `provisioner_trace_spans_dropped_total{reason}`, `provisioner_ready`, `provisioner_redis_maxmemory_policy{policy}`,
 //!   `provisioner_build_info{version,commit}`;
 //! - label values come from closed, typed sets (outcomes, failure kinds, deferral
 //!   reasons, operations, HTTP status codes), so cardinality stays bounded, and every
@@ -200,6 +200,8 @@ pub struct Metrics {
     orphans: Counter,
     http_shed: Counter,
     log_lines_dropped: Family<LogLossLabels, Counter>,
+    /// Same label shape: `queue_full` or `export_failed` (`otel::spans_dropped`).
+    spans_dropped: Family<LogLossLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     circuit_open: Gauge<i64, AtomicI64>,
     ready: Gauge<i64, AtomicI64>,
@@ -227,6 +229,7 @@ impl Metrics {
             orphans: Counter::default(),
             http_shed: Counter::default(),
             log_lines_dropped: Family::default(),
+            spans_dropped: Family::default(),
             in_flight: Gauge::default(),
             circuit_open: Gauge::default(),
             ready: Gauge::default(),
@@ -240,6 +243,9 @@ impl Metrics {
         // Create every series of the closed sets now, so they are exported at 0.
         for reason in ["stalled", "write_error"] {
             drop(m.log_lines_dropped.get_or_create(&LogLossLabels { reason }));
+        }
+        for reason in ["queue_full", "export_failed"] {
+            drop(m.spans_dropped.get_or_create(&LogLossLabels { reason }));
         }
         for outcome in Outcome::ALL {
             drop(m.commands.get_or_create(&OutcomeLabels { outcome }));
@@ -280,6 +286,11 @@ impl Metrics {
             let counter = self
                 .log_lines_dropped
                 .get_or_create(&LogLossLabels { reason });
+            counter.inc_by(seen.saturating_sub(counter.get()));
+        }
+        let (queue_full, export_failed) = crate::otel::spans_dropped();
+        for (reason, seen) in [("queue_full", queue_full), ("export_failed", export_failed)] {
+            let counter = self.spans_dropped.get_or_create(&LogLossLabels { reason });
             counter.inc_by(seen.saturating_sub(counter.get()));
         }
         let mut out = String::with_capacity(4096);
@@ -328,6 +339,7 @@ impl Metrics {
             "redis_maxmemory_policy", "1, labelled with Redis's maxmemory-policy as last read (unknown: CONFIG GET refused); any policy but noeviction may evict dedup records", redis_policy;
             "ready", "1 when /readyz answers 200 (broker connected, consumer running, Redis answering, circuit closed), as of the last scrape", ready;
             "log_lines_dropped", "Log lines lost: stalled (stdout not read fast enough; dropped, not waited for) or write_error (stdout refused them)", log_lines_dropped;
+            "trace_spans_dropped", "Trace spans lost (OTLP export on): queue_full (the exporter fell behind; dropped, not waited for) or export_failed (the collector did not take them)", spans_dropped;
         );
     }
 }

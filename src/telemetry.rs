@@ -40,18 +40,40 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, LogSettings};
 
-pub fn init(settings: &LogSettings) {
+/// The worker's logging, and its traces when the `OTEL_*` environment asks for them
+/// (`crate::otel`); `Err` names what in that environment is wrong. Runs inside the runtime.
+pub fn init(settings: &LogSettings) -> Result<(), String> {
+    let tracer = crate::otel::init()?;
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = match settings.format {
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter(&settings.level))
             .with(JsonLines::new(stdout_writer(settings.queue_lines)))
+            .with(traces(tracer))
             .try_init(),
         LogFormat::Pretty => tracing_subscriber::registry()
             .with(filter(&settings.level))
             .with(tracing_subscriber::fmt::layer().with_writer(stdout_writer(settings.queue_lines)))
+            .with(traces(tracer))
             .try_init(),
     };
+    Ok(())
+}
+
+/// The layer that turns spans into OpenTelemetry spans, when traces are exported.
+fn traces<S>(
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+    })
 }
 
 /// `log.level` as a filter, with other crates held at `info` or quieter.
@@ -409,11 +431,16 @@ where
     }
 }
 
-/// Records fields as `(name, JSON value)`; a name recorded again replaces its value.
+/// Records fields as `(name, JSON value)`; a name recorded again replaces its value. A
+/// field named with a dot (`messaging.system`, `otel.kind`) is an OpenTelemetry attribute,
+/// for the trace only: log lines keep their keys.
 struct Encoder<'a>(&'a mut Vec<(&'static str, String)>);
 
 impl Encoder<'_> {
     fn put(&mut self, field: &Field, value: String) {
+        if field.name().contains('.') {
+            return;
+        }
         match self.0.iter_mut().find(|(n, _)| *n == field.name()) {
             Some(slot) => slot.1 = value,
             None => self.0.push((field.name(), value)),

@@ -47,6 +47,20 @@ pub enum PublishError {
     },
 }
 
+impl PublishError {
+    /// A short, closed name of the failure (a trace's `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PublishError::Channel(_) => "channel_closed",
+            PublishError::NoConfirms => "no_confirms",
+            PublishError::TooLarge => "too_large",
+            PublishError::Nacked { .. } => "nacked",
+            PublishError::Unconfirmed { .. } => "unconfirmed",
+            PublishError::Unroutable { .. } => "unroutable",
+        }
+    }
+}
+
 /// One publish, kept so it can be made again (the circuit's probe for a publish fault).
 #[derive(Debug, Clone)]
 pub struct PublishProbe {

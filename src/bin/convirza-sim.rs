@@ -89,7 +89,7 @@ async fn main() -> std::io::Result<()> {
     } else {
         group_provisioner::config::LogFormat::Pretty
     };
-    group_provisioner::telemetry::init(&group_provisioner::config::LogSettings {
+    let _ = group_provisioner::telemetry::init(&group_provisioner::config::LogSettings {
         format,
         level: "info".into(),
         queue_lines: 8192,

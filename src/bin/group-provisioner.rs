@@ -29,6 +29,8 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async_main());
     group_provisioner::fatal::exiting();
+    // Spans still queued go out while the runtime (the gRPC client's) still runs.
+    group_provisioner::otel::shutdown(std::time::Duration::from_secs(2));
     // Tasks still running (a lost session's, past the drain) may log as they are dropped.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     // Log lines are written in batches: the last ones go out before the process ends.
@@ -44,7 +46,10 @@ async fn async_main() -> ExitCode {
     };
     // Operator commands print for humans; only the worker logs JSON lines to stdout.
     if matches!(cli.command, Command::Run) {
-        telemetry::init(&settings.log);
+        if let Err(e) = telemetry::init(&settings.log) {
+            eprintln!("config error: {e}");
+            return ExitCode::from(2);
+        }
     } else {
         telemetry::init_for_cli();
     }

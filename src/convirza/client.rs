@@ -10,6 +10,7 @@ use crate::command::CreateGroup;
 use crate::pipeline::{ApiError, Created, GroupSummary, names_match};
 use crate::retry::parse_retry_after;
 use crate::traceparent::Traceparent;
+use tracing::Instrument as _;
 
 use super::Auth;
 use super::model::{Envelope, GroupPage};
@@ -271,8 +272,11 @@ impl ConvirzaClient {
                 .request(method.clone(), url.clone())
                 .bearer_auth(token.expose_secret())
                 .header(reqwest::header::ACCEPT, "application/json");
-            if let Some(tp) = trace {
-                req = req.header("traceparent", tp.to_string());
+            // With traces exported, the request's own span is the API's parent.
+            let span = crate::otel::http_client_span(method.as_str(), &url);
+            let tp = crate::otel::traceparent_of(&span).or_else(|| trace.map(|t| t.to_string()));
+            if let Some(tp) = tp {
+                req = req.header("traceparent", tp);
             }
             if let Some(b) = &body {
                 req = req
@@ -280,9 +284,10 @@ impl ConvirzaClient {
                     .body(b.clone());
             }
             let started = Instant::now();
-            let result = self.exchange(op, req).await;
+            let result = self.exchange(op, req).instrument(span.clone()).await;
             let elapsed = started.elapsed();
             let status = result.as_ref().map(|(s, _, _)| s.as_u16()).ok();
+            crate::otel::record_http_result(&span, status);
             if let Some(observe) = &self.observer {
                 observe(op, status, elapsed);
             }

@@ -18,6 +18,7 @@
 //!   or when no claim exists at all; a created record is never overwritten.
 
 use std::time::Duration;
+use tracing::Instrument as _;
 
 mod conn;
 mod eviction;
@@ -409,66 +410,71 @@ impl RedisStore {
 
 impl DedupStore for RedisStore {
     async fn claim(&self, ext_id: &ExtId, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
-        let value = encode(&StoredRecord::Claimed {
-            owner: request.owner.to_owned(),
-            claimed_at: crate::clock::now_rfc3339(),
-        })?;
-        let duplicate = encode(request.duplicate)?;
-        let (mark, parent, name) = match request.mark {
-            Some(p) => ("1", p.parent.to_string(), p.name),
-            None => ("0", String::new(), ""),
-        };
-        let answer: redis::Value = self
-            .run(
-                self.claim
-                    .key(self.group_key(ext_id))
-                    .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
-                    .key(self.attempt_key(ext_id))
-                    .arg(value)
-                    .arg(millis(request.lease))
-                    .arg(duplicate)
-                    .arg(millis(request.ttl))
-                    .arg(mark)
-                    .arg(parent)
-                    .arg(name),
-            )
-            .await?;
-        let unexpected = || StoreError::Protocol("unexpected answer to the claim".into());
-        let redis::Value::Array(items) = answer else {
-            return Err(unexpected());
-        };
-        match items.as_slice() {
-            [redis::Value::BulkString(tag), marked, marker, now] if tag == b"acquired" => {
-                let now = match now {
-                    redis::Value::Int(n) => *n,
-                    _ => return Err(unexpected()),
-                };
-                let marker = match marker {
-                    redis::Value::BulkString(raw) => Some(parse_marker(raw, now)),
-                    redis::Value::Nil => None,
-                    _ => return Err(unexpected()),
-                };
-                Ok(Claim::Acquired {
-                    marker,
-                    marked: matches!(marked, redis::Value::Int(1)),
-                })
+        let span = crate::otel::db_span("dedup claim");
+        async move {
+            let value = encode(&StoredRecord::Claimed {
+                owner: request.owner.to_owned(),
+                claimed_at: crate::clock::now_rfc3339(),
+            })?;
+            let duplicate = encode(request.duplicate)?;
+            let (mark, parent, name) = match request.mark {
+                Some(p) => ("1", p.parent.to_string(), p.name),
+                None => ("0", String::new(), ""),
+            };
+            let answer: redis::Value = self
+                .run(
+                    self.claim
+                        .key(self.group_key(ext_id))
+                        .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
+                        .key(self.attempt_key(ext_id))
+                        .arg(value)
+                        .arg(millis(request.lease))
+                        .arg(duplicate)
+                        .arg(millis(request.ttl))
+                        .arg(mark)
+                        .arg(parent)
+                        .arg(name),
+                )
+                .await?;
+            let unexpected = || StoreError::Protocol("unexpected answer to the claim".into());
+            let redis::Value::Array(items) = answer else {
+                return Err(unexpected());
+            };
+            match items.as_slice() {
+                [redis::Value::BulkString(tag), marked, marker, now] if tag == b"acquired" => {
+                    let now = match now {
+                        redis::Value::Int(n) => *n,
+                        _ => return Err(unexpected()),
+                    };
+                    let marker = match marker {
+                        redis::Value::BulkString(raw) => Some(parse_marker(raw, now)),
+                        redis::Value::Nil => None,
+                        _ => return Err(unexpected()),
+                    };
+                    Ok(Claim::Acquired {
+                        marker,
+                        marked: matches!(marked, redis::Value::Int(1)),
+                    })
+                }
+                [
+                    redis::Value::BulkString(tag),
+                    redis::Value::BulkString(bytes),
+                ] if tag == b"found" => match serde_json::from_slice(bytes) {
+                    Ok(StoredRecord::Created(record)) => Ok(Claim::Created(record)),
+                    Ok(StoredRecord::Claimed { owner, .. }) => Ok(Claim::HeldByOther { owner }),
+                    Err(_) => Ok(Claim::Unreadable(Unreadable::Value(bytes.clone()))),
+                },
+                [
+                    redis::Value::BulkString(tag),
+                    redis::Value::BulkString(kind),
+                ] if tag == b"type" => Ok(Claim::Unreadable(Unreadable::WrongType(
+                    String::from_utf8_lossy(kind).into_owned(),
+                ))),
+                _ => Err(unexpected()),
             }
-            [
-                redis::Value::BulkString(tag),
-                redis::Value::BulkString(bytes),
-            ] if tag == b"found" => match serde_json::from_slice(bytes) {
-                Ok(StoredRecord::Created(record)) => Ok(Claim::Created(record)),
-                Ok(StoredRecord::Claimed { owner, .. }) => Ok(Claim::HeldByOther { owner }),
-                Err(_) => Ok(Claim::Unreadable(Unreadable::Value(bytes.clone()))),
-            },
-            [
-                redis::Value::BulkString(tag),
-                redis::Value::BulkString(kind),
-            ] if tag == b"type" => Ok(Claim::Unreadable(Unreadable::WrongType(
-                String::from_utf8_lossy(kind).into_owned(),
-            ))),
-            _ => Err(unexpected()),
         }
+        .instrument(span)
+        .await
     }
 
     async fn replace_unreadable(
@@ -524,28 +530,33 @@ impl DedupStore for RedisStore {
         outcome: &LastOutcome,
         ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
-        let value = encode(&StoredRecord::Created(record.clone()))?;
-        let outcome = encode(outcome)?;
-        let answer: String = self
-            .run(
-                self.record_created
-                    .key(self.group_key(ext_id))
-                    .key(self.attempt_key(ext_id))
-                    .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
-                    .arg(owner)
-                    .arg(value)
-                    .arg(millis(ttl))
-                    .arg(outcome),
-            )
-            .await?;
-        match answer.as_str() {
-            "ok" => Ok(RecordResult::Written),
-            "fenced" => Ok(RecordResult::Fenced(None)),
-            text => match self.parse(ext_id, text)? {
-                StoredRecord::Created(existing) => Ok(RecordResult::Fenced(Some(existing))),
-                StoredRecord::Claimed { .. } => Ok(RecordResult::Fenced(None)),
-            },
+        let span = crate::otel::db_span("dedup record");
+        async move {
+            let value = encode(&StoredRecord::Created(record.clone()))?;
+            let outcome = encode(outcome)?;
+            let answer: String = self
+                .run(
+                    self.record_created
+                        .key(self.group_key(ext_id))
+                        .key(self.attempt_key(ext_id))
+                        .key(self.outcome_key(OutcomeKey::ExtId(ext_id)))
+                        .arg(owner)
+                        .arg(value)
+                        .arg(millis(ttl))
+                        .arg(outcome),
+                )
+                .await?;
+            match answer.as_str() {
+                "ok" => Ok(RecordResult::Written),
+                "fenced" => Ok(RecordResult::Fenced(None)),
+                text => match self.parse(ext_id, text)? {
+                    StoredRecord::Created(existing) => Ok(RecordResult::Fenced(Some(existing))),
+                    StoredRecord::Claimed { .. } => Ok(RecordResult::Fenced(None)),
+                },
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn release(&self, ext_id: &ExtId, owner: &str, settled: bool) -> Result<(), StoreError> {

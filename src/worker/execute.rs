@@ -114,7 +114,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, links: Arc<Links>, delivery: Del
         delivery.redelivered,
         &shared.counter_bounds,
     );
-    let span = delivery_span(&inbound);
+    let span = delivery_span(&inbound, &shared.settings.topology.work_queue);
     let settled_key = shared.settled.key(&inbound);
     if let Some(outcome) = shared.settled.settled(&inbound, settled_key) {
         ack_again(consume, &delivery, &inbound, outcome, started)
@@ -216,14 +216,35 @@ async fn ack_again(
 }
 
 /// The span of one delivery: every log line about it carries these fields (`ext_id` and
-/// `correlation_id` are recorded once the command is read).
-fn delivery_span(inbound: &Inbound) -> tracing::Span {
-    tracing::info_span!(
+/// `correlation_id` are recorded once the command is read). When traces are exported it
+/// is also the trace's consumer span (messaging conventions; the dotted attributes stay out
+/// of the log lines), the child of the command's `traceparent`.
+fn delivery_span(inbound: &Inbound, queue: &str) -> tracing::Span {
+    if !crate::otel::enabled() {
+        return tracing::info_span!(
+            "delivery",
+            ext_id = Empty,
+            message_id = inbound.message_id.as_deref(),
+            correlation_id = Empty,
+        );
+    }
+    let span = tracing::info_span!(
         "delivery",
         ext_id = Empty,
         message_id = inbound.message_id.as_deref(),
         correlation_id = Empty,
-    )
+        otel.name = format!("process {queue}"),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = queue,
+        messaging.message.id = inbound.message_id.as_deref(),
+        messaging.message.conversation_id = inbound.correlation_id.as_deref(),
+        messaging.message.body.size = inbound.body.len(),
+    );
+    crate::otel::set_remote_parent(&span, inbound.traceparent.as_deref());
+    span
 }
 
 /// Unfinished at the drain deadline: back to the queue. If a POST was in flight, the
@@ -457,13 +478,25 @@ impl Executor<'_> {
     ) -> Result<(), SettleError> {
         let body = serde_json::to_vec(event).map_err(SettleError::Encode)?;
         let event_name = routing_key_event_name(&self.processed.decision);
+        let exchange = &self.shared.settings.topology.event_exchange;
+        // With traces exported, the publish's own span is the consumers' parent.
+        let span = crate::otel::publish_span(exchange, routing_key);
         let probe = PublishProbe {
-            exchange: self.shared.settings.topology.event_exchange.clone(),
+            exchange: exchange.clone(),
             routing_key: routing_key.to_owned(),
             body,
-            properties: self.event_properties(event_name),
+            properties: self.event_properties(event_name, crate::otel::traceparent_of(&span)),
         };
-        if let Err(source) = self.publisher.publish_probe(&probe).await {
+        let published = self
+            .publisher
+            .publish_probe(&probe)
+            .instrument(span.clone())
+            .await;
+        if let Err(source) = published {
+            if !span.is_none() {
+                span.record("error.type", source.kind());
+                span.record("otel.status_code", "error");
+            }
             return Err(SettleError::Event {
                 source,
                 probe: Box::new(probe),
@@ -493,7 +526,7 @@ impl Executor<'_> {
         Ok(())
     }
 
-    fn event_properties(&self, event_name: &str) -> BasicProperties {
+    fn event_properties(&self, event_name: &str, traceparent: Option<String>) -> BasicProperties {
         let mut headers = FieldTable::default();
         if let Some(ext) = &self.processed.ext_id {
             headers.insert(
@@ -503,7 +536,9 @@ impl Executor<'_> {
         }
         headers.insert(
             ShortString::from(headers::TRACEPARENT),
-            AMQPValue::LongString(LongString::from(self.processed.traceparent.to_string())),
+            AMQPValue::LongString(LongString::from(
+                traceparent.unwrap_or_else(|| self.processed.traceparent.to_string()),
+            )),
         );
         let mut properties = BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
@@ -649,6 +684,11 @@ impl Executor<'_> {
                     self.inbound.first_failed_at.as_deref().unwrap_or(&now),
                 )
                 .text(headers::X_LAST_FAILED_AT, &now);
+        }
+        // With traces exported, the next delivery is this one's child: one ext id's story
+        // across its delay tiers reads as one trace.
+        if let Some(tp) = crate::otel::current_traceparent() {
+            update = update.text(headers::TRACEPARENT, &tp);
         }
         let queue = settings.topology.delay_queue(delay);
         self.publish_copy("", &queue, &queue, update).await

@@ -7,8 +7,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Crates that talk to the outside world.
-const IO_CRATES: [&str; 5] = ["lapin", "redis", "reqwest", "axum", "prometheus_client"];
-const ADAPTERS: [&str; 7] = [
+const IO_CRATES: [&str; 8] = [
+    "lapin",
+    "redis",
+    "reqwest",
+    "axum",
+    "prometheus_client",
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+];
+const ADAPTERS: [&str; 8] = [
+    "otel",
     "amqp",
     "dedup",
     "convirza",

@@ -28,3 +28,4 @@ mod redis_modes;
 mod redis_scripts;
 mod secrets;
 mod tls;
+mod traces;
