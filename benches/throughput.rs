@@ -4,6 +4,7 @@
 //!     BENCH_N=3000 BENCH_RUNS=1 cargo bench --bench throughput   # quicker, rougher
 //!     BENCH_ONLY=0 BENCH_N=30000 cargo bench --bench throughput  # one scenario, to profile
 //!     BENCH_WORKER_BIN=/tmp/other-build BENCH_ONLY=0 cargo bench …  # another build of the worker
+//!     BENCH_OTLP=on BENCH_ONLY=0 cargo bench …    # trace export on (to a sink; `down`: none)
 //!
 //! Every figure is the median of `BENCH_RUNS` (default 3) runs, each in its own vhost, Redis
 //! prefix and convirza-sim (in this process, answering on loopback). The work queue is
@@ -315,6 +316,16 @@ fn spawn_worker(env: &TestEnv, prefetch: u16) -> Measured {
     if let Ok(threads) = std::env::var("TOKIO_WORKER_THREADS") {
         cmd.env("TOKIO_WORKER_THREADS", threads);
     }
+    // BENCH_OTLP: trace export on, to a collector that takes everything (`on`) or to one
+    // that is down (`down`); unset: off, the default.
+    if let Some(endpoint) = otlp_endpoint() {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
+        // The sampler and the batch settings, as given to the benchmark.
+        for (key, value) in std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")) {
+            cmd.env(key, value);
+        }
+    }
     let mut child = cmd.spawn().expect("worker starts");
     // Logs go to a pipe that is read, as a container runtime reads them.
     if let Some(mut out) = child.stdout.take() {
@@ -323,6 +334,39 @@ fn spawn_worker(env: &TestEnv, prefetch: u16) -> Measured {
         });
     }
     Measured { child }
+}
+
+/// Where the worker exports traces for `BENCH_OTLP=on|down`: a sink in this process that
+/// answers every export with success (an empty response is a valid one), or a port nothing
+/// listens on.
+fn otlp_endpoint() -> Option<String> {
+    static SINK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match std::env::var("BENCH_OTLP").as_deref() {
+        Ok("on") => Some(
+            SINK.get_or_init(|| {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                listener.set_nonblocking(true).expect("nonblocking");
+                tokio::spawn(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                    let app = axum::Router::new().route(
+                        "/v1/traces",
+                        axum::routing::post(|_: axum::body::Bytes| async {
+                            [("content-type", "application/x-protobuf")]
+                        }),
+                    );
+                    let _ = axum::serve(listener, app).await;
+                });
+                format!("http://{addr}")
+            })
+            .clone(),
+        ),
+        Ok("down") => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            Some(format!("http://{}", listener.local_addr().expect("addr")))
+        }
+        _ => None,
+    }
 }
 
 /// The bare loop (`floor` false) or the stack floor (`floor` true) in its own process.

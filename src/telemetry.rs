@@ -61,9 +61,9 @@ pub fn init(settings: &LogSettings) -> Result<(), String> {
 }
 
 /// The layer that turns spans into OpenTelemetry spans, when traces are exported.
-fn traces<S>(
-    tracer: Option<opentelemetry_sdk::trace::Tracer>,
-) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>>
+/// Only this crate's spans and log lines: the HTTP, AMQP and Redis stacks' own would make
+/// traces of their internals (and the exporter's own calls would trace themselves).
+fn traces<S>(tracer: Option<opentelemetry_sdk::trace::Tracer>) -> Option<impl Layer<S>>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -73,6 +73,7 @@ where
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| ours(meta.target())))
     })
 }
 

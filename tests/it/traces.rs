@@ -12,6 +12,9 @@ use axum::body::Bytes;
 use axum::routing::post;
 use lapin::BasicProperties;
 use lapin::types::{FieldTable, ShortString};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -35,6 +38,8 @@ struct Got {
     attributes: HashMap<String, String>,
     events: Vec<String>,
     service: String,
+    start: u64,
+    end: u64,
 }
 
 impl Got {
@@ -57,9 +62,57 @@ fn text(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> Str
     }
 }
 
-/// An OTLP/HTTP trace receiver on 127.0.0.1, port 0.
+/// Every span of an export request, as the receiver keeps it.
+fn keep_spans(keep: &Mutex<Vec<Got>>, request: ExportTraceServiceRequest) {
+    let mut got = keep.lock().expect("lock");
+    for rs in request.resource_spans {
+        let service = rs
+            .resource
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find(|a| a.key == "service.name")
+            .map(|a| text(a.value.as_ref()))
+            .unwrap_or_default();
+        for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+            got.push(Got {
+                name: span.name.clone(),
+                trace_id: hex(&span.trace_id),
+                span_id: hex(&span.span_id),
+                parent: hex(&span.parent_span_id),
+                kind: span.kind,
+                attributes: span
+                    .attributes
+                    .iter()
+                    .map(|a| (a.key.clone(), text(a.value.as_ref())))
+                    .collect(),
+                events: span.events.iter().map(|e| e.name.clone()).collect(),
+                service: service.clone(),
+                start: span.start_time_unix_nano,
+                end: span.end_time_unix_nano,
+            });
+        }
+    }
+}
+
+/// The same receiver's gRPC service.
+struct Grpc(Arc<Mutex<Vec<Got>>>);
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        keep_spans(&self.0, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP trace receiver on 127.0.0.1, port 0: over HTTP (`/v1/traces`, protobuf) or
+/// gRPC.
 struct Receiver {
     endpoint: String,
+    protocol: &'static str,
     spans: Arc<Mutex<Vec<Got>>>,
     _server: tokio::task::JoinHandle<()>,
 }
@@ -75,32 +128,7 @@ impl Receiver {
                 async move {
                     let request =
                         ExportTraceServiceRequest::decode(body).expect("an OTLP trace request");
-                    let mut got = keep.lock().expect("lock");
-                    for rs in request.resource_spans {
-                        let service = rs
-                            .resource
-                            .iter()
-                            .flat_map(|r| r.attributes.iter())
-                            .find(|a| a.key == "service.name")
-                            .map(|a| text(a.value.as_ref()))
-                            .unwrap_or_default();
-                        for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
-                            got.push(Got {
-                                name: span.name.clone(),
-                                trace_id: hex(&span.trace_id),
-                                span_id: hex(&span.span_id),
-                                parent: hex(&span.parent_span_id),
-                                kind: span.kind,
-                                attributes: span
-                                    .attributes
-                                    .iter()
-                                    .map(|a| (a.key.clone(), text(a.value.as_ref())))
-                                    .collect(),
-                                events: span.events.iter().map(|e| e.name.clone()).collect(),
-                                service: service.clone(),
-                            });
-                        }
-                    }
+                    keep_spans(&keep, request);
                     (
                         [("content-type", "application/x-protobuf")],
                         ExportTraceServiceResponse::default().encode_to_vec(),
@@ -117,6 +145,28 @@ impl Receiver {
         });
         Receiver {
             endpoint,
+            protocol: "http/protobuf",
+            spans,
+            _server: server,
+        }
+    }
+
+    async fn start_grpc() -> Receiver {
+        let spans: Arc<Mutex<Vec<Got>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let service = TraceServiceServer::new(Grpc(spans.clone()));
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        Receiver {
+            endpoint,
+            protocol: "grpc",
             spans,
             _server: server,
         }
@@ -147,7 +197,7 @@ impl Receiver {
 fn otel_env(receiver: &Receiver) -> Vec<(&'static str, String)> {
     vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.clone()),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", receiver.protocol.to_owned()),
         ("OTEL_SERVICE_NAME", "provisioner-under-test".to_owned()),
         // Export every 100 ms, so a test waits for its spans briefly.
         ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
@@ -192,7 +242,15 @@ const CLIENT: i32 = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commands_trace_runs_from_its_publisher_through_the_api_to_its_event() {
-    let receiver = Receiver::start().await;
+    one_commands_trace(Receiver::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_goes_out_over_grpc_too() {
+    one_commands_trace(Receiver::start_grpc().await).await;
+}
+
+async fn one_commands_trace(receiver: Receiver) {
     let env = TestEnv::new().await;
     let mut tap = env.event_tap().await;
     let mut worker = spawn(&env, &receiver, &[]);
@@ -213,6 +271,7 @@ async fn a_commands_trace_runs_from_its_publisher_through_the_api_to_its_event()
             ],
         )
         .await;
+    eprintln!("{}", tree(&spans, UPSTREAM, 0));
     let one = |name: &str| {
         let found: Vec<&Got> = spans.iter().filter(|s| s.name == name).collect();
         assert_eq!(found.len(), 1, "{name}: {spans:#?}");
@@ -323,6 +382,7 @@ async fn a_retried_command_shows_every_attempt_in_one_trace() {
             ],
         )
         .await;
+    eprintln!("{}", tree(&spans, UPSTREAM, 0));
     let deliveries: Vec<&Got> = spans.iter().filter(|s| s.name == delivery).collect();
     let first = deliveries
         .iter()
@@ -391,4 +451,32 @@ async fn a_collector_that_is_down_costs_spans_not_commands() {
     assert!(receiver.spans.lock().expect("lock").is_empty());
     worker.stop().await;
     env.cleanup().await;
+}
+
+/// The spans under `parent`, indented, with their ids and main attributes: printed by the
+/// test, so a failure shows the trace the receiver got.
+fn tree(spans: &[Got], parent: &str, depth: usize) -> String {
+    let mut out = String::new();
+    let mut children: Vec<&Got> = spans.iter().filter(|s| s.parent == parent).collect();
+    children.sort_by_key(|s| s.start);
+    for s in children {
+        let mut attrs: Vec<String> = s
+            .attributes
+            .iter()
+            .filter(|(k, _)| k.contains('.') || k.as_str() == "ext_id")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        attrs.sort();
+        out.push_str(&format!(
+            "{}{} [span {}, kind {}, {:.1} ms] {}\n",
+            "  ".repeat(depth),
+            s.name,
+            s.span_id,
+            s.kind,
+            s.end.saturating_sub(s.start) as f64 / 1e6,
+            attrs.join(" ")
+        ));
+        out.push_str(&tree(spans, &s.span_id, depth + 1));
+    }
+    out
 }
