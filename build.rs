@@ -20,18 +20,29 @@ fn main() {
         .map(|c| c.trim().to_owned())
         .filter(|c| !c.is_empty());
     let commit = given.or_else(|| {
-        // Build again when HEAD moves: HEAD itself, the branch it points to, packed refs.
-        if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
-            println!("cargo:rerun-if-changed={dir}/HEAD");
-            println!("cargo:rerun-if-changed={dir}/packed-refs");
-            if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-                println!("cargo:rerun-if-changed={dir}/{branch}");
+        // Build again when HEAD moves: HEAD itself, the branch it points to, packed refs
+        // (paths as git resolves them, so a worktree works too). Only paths that exist:
+        // cargo re-runs a build script for ever when one it watches is missing.
+        let mut watch = vec![git(&["rev-parse", "--git-path", "HEAD"])];
+        if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            watch.push(git(&["rev-parse", "--git-path", &branch]));
+        }
+        watch.push(git(&["rev-parse", "--git-path", "packed-refs"]));
+        for path in watch.into_iter().flatten() {
+            if std::path::Path::new(&path).exists() {
+                println!("cargo:rerun-if-changed={path}");
             }
         }
         git(&["rev-parse", "HEAD"])
     });
+    // Also a tag or a describe string from the build argument; nothing that could break
+    // out of a label or a version line.
     let commit = commit
-        .filter(|c| c.len() <= 64 && c.chars().all(|ch| ch.is_ascii_alphanumeric()))
+        .filter(|c| {
+            c.len() <= 64
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '_'))
+        })
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=GP_COMMIT={commit}");
 }

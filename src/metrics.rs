@@ -50,8 +50,9 @@ impl Format {
             let mut parts = range.split(';').map(str::trim);
             let media = parts.next().unwrap_or("").to_ascii_lowercase();
             let q = parts
-                .filter_map(|p| p.strip_prefix("q="))
-                .find_map(|q| q.parse::<f32>().ok())
+                .filter_map(|p| p.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, q)| q.trim().trim_matches('"').parse::<f32>().ok())
                 .unwrap_or(1.0);
             match media.as_str() {
                 "application/openmetrics-text" => openmetrics = openmetrics.max(q),
@@ -419,6 +420,8 @@ mod tests {
             Some("text/plain;version=0.0.4"),
             Some("text/plain;q=0.9,application/openmetrics-text;q=0.5"),
             Some("application/openmetrics-text;q=0"),
+            Some("application/openmetrics-text; Q=0"),
+            Some("application/openmetrics-text;q=\"0\""),
             Some("application/json"),
         ] {
             assert_eq!(Format::negotiate(classic), Format::Classic, "{classic:?}");

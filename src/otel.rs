@@ -12,7 +12,9 @@
 //!   as is every span of a batch the exporter could not deliver (`reason="export_failed"`);
 //! - the protocol (`OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf`, the default, or `grpc`),
 //!   sampler (`OTEL_TRACES_SAMPLER[_ARG]`), resource (`OTEL_SERVICE_NAME`,
-//!   `OTEL_RESOURCE_ATTRIBUTES`), timeouts and headers are read by the SDK itself.
+//!   `OTEL_RESOURCE_ATTRIBUTES`), timeouts and headers are read by the SDK itself; what
+//!   it would take silently (an unknown protocol or sampler, a ratio that is not one,
+//!   compression this build lacks) stops start-up, naming the variable.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -67,16 +69,109 @@ pub fn wanted() -> bool {
     endpoint && !disabled && !exporter_none
 }
 
+/// What the SDK would take silently, checked first: each wrong value is an error naming
+/// its variable (and never quoting an endpoint, which may hold credentials).
+fn check_env() -> Result<(), String> {
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        if let Some(url) = env(var) {
+            let usable = reqwest::Url::parse(url.trim())
+                .ok()
+                .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !usable {
+                return Err(format!("{var}: not an http(s) URL"));
+            }
+        }
+    }
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Some(p) = env(var)
+            && !matches!(
+                p.trim().to_ascii_lowercase().as_str(),
+                "grpc" | "http/protobuf"
+            )
+        {
+            return Err(format!("{var}: {p:?} is not grpc or http/protobuf"));
+        }
+    }
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ] {
+        if let Some(c) = env(var).filter(|c| !c.trim().eq_ignore_ascii_case("none")) {
+            return Err(format!(
+                "{var}: {c:?}: this build sends traces uncompressed (none)"
+            ));
+        }
+    }
+    const SAMPLERS: [&str; 6] = [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ];
+    if let Some(sampler) = env("OTEL_TRACES_SAMPLER") {
+        let sampler = sampler.trim().to_ascii_lowercase();
+        if !SAMPLERS.contains(&sampler.as_str()) {
+            return Err(format!(
+                "OTEL_TRACES_SAMPLER: {sampler:?} is not one of {}",
+                SAMPLERS.join(", ")
+            ));
+        }
+        if sampler.ends_with("traceidratio") {
+            let ratio = env("OTEL_TRACES_SAMPLER_ARG").and_then(|a| a.trim().parse::<f64>().ok());
+            if !ratio.is_some_and(|r| (0.0..=1.0).contains(&r)) {
+                return Err("OTEL_TRACES_SAMPLER_ARG: a ratio from 0 to 1 is needed".to_owned());
+            }
+        }
+    }
+    if env("OTEL_BSP_SCHEDULE_DELAY").is_some_and(|d| d.trim() == "0") {
+        return Err("OTEL_BSP_SCHEDULE_DELAY: 0 would export in a busy loop".to_owned());
+    }
+    Ok(())
+}
+
+/// Where traces go, for the start-up line: scheme, host and port only.
+pub fn describe() -> String {
+    let endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .and_then(|e| reqwest::Url::parse(e.trim()).ok())
+        .map(|u| {
+            format!(
+                "{}://{}:{}",
+                u.scheme(),
+                u.host_str().unwrap_or_default(),
+                u.port_or_known_default().unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|| "http/protobuf".to_owned());
+    let sampler = env("OTEL_TRACES_SAMPLER").unwrap_or_else(|| "parentbased_always_on".to_owned());
+    format!("{endpoint} ({protocol}, sampler {sampler})")
+}
+
 /// The tracer for the `tracing` layer when the environment asks for export; `Err` with
-/// why when it asks but the exporter cannot be built (a bad endpoint or protocol).
+/// why when it asks but a variable is wrong or the exporter cannot be built.
 /// Must run inside the Tokio runtime (the gRPC client lives on it).
 pub fn init() -> Result<Option<Tracer>, String> {
     if !wanted() {
         return Ok(None);
     }
+    check_env()?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .build()
-        .map_err(|e| format!("cannot build the OTLP trace exporter: {e}"))?;
+        // The exporter's own words may quote the endpoint: only the variable is named.
+        .map_err(|_| {
+            "OTEL_EXPORTER_OTLP_ENDPOINT: the OTLP trace exporter cannot be built for it".to_owned()
+        })?;
     let batch = BatchSpanProcessor::builder(Counted(exporter))
         .with_batch_config(
             BatchConfigBuilder::default()
@@ -92,15 +187,13 @@ pub fn init() -> Result<Option<Tracer>, String> {
     if !named {
         resource = resource.with_service_name("group-provisioner");
     }
-    let resource = resource
-        .with_attributes([
-            KeyValue::new("service.version", crate::VERSION),
-            KeyValue::new("vcs.ref.head.revision", crate::COMMIT),
-        ])
-        .build();
+    resource = resource.with_attribute(KeyValue::new("service.version", crate::VERSION));
+    if crate::COMMIT != "unknown" {
+        resource = resource.with_attribute(KeyValue::new("vcs.ref.head.revision", crate::COMMIT));
+    }
     let provider = SdkTracerProvider::builder()
         .with_span_processor(Bounded(batch))
-        .with_resource(resource)
+        .with_resource(resource.build())
         .build();
     let tracer = provider.tracer("group-provisioner");
     let _ = PROVIDER.set(provider);
@@ -140,9 +233,10 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
 }
 
 /// The client span of one HTTP request (HTTP client conventions), a child of the current
-/// span; none when traces are not exported. Its `traceparent` goes out with the request.
+/// span; none when traces are not exported or there is no current span (a child made a
+/// root would start a trace of its own, and its `traceparent` would name the wrong one). Its `traceparent` goes out with the request.
 pub fn http_client_span(method: &str, url: &reqwest::Url) -> tracing::Span {
-    if !enabled() {
+    if !enabled() || tracing::Span::current().is_none() {
         return tracing::Span::none();
     }
     tracing::info_span!(
@@ -182,12 +276,12 @@ pub fn record_http_result(span: &tracing::Span, status: Option<u16>) {
 /// The producer span of one event publish (messaging conventions), a child of the current
 /// span; none when traces are not exported. Its `traceparent` goes out in the event.
 pub fn publish_span(exchange: &str, routing_key: &str) -> tracing::Span {
-    if !enabled() {
+    if !enabled() || tracing::Span::current().is_none() {
         return tracing::Span::none();
     }
     tracing::info_span!(
         "publish",
-        otel.name = format!("send {exchange}"),
+        otel.name = format!("publish {exchange}"),
         otel.kind = "producer",
         otel.status_code = tracing::field::Empty,
         messaging.system = "rabbitmq",
@@ -202,7 +296,7 @@ pub fn publish_span(exchange: &str, routing_key: &str) -> tracing::Span {
 /// The client span of one dedup step against Redis (its script runs as one `EVALSHA`),
 /// none when traces are not exported.
 pub fn db_span(name: &'static str) -> tracing::Span {
-    if !enabled() {
+    if !enabled() || tracing::Span::current().is_none() {
         return tracing::Span::none();
     }
     tracing::info_span!(
@@ -277,8 +371,16 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
         let _ = PENDING.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
             Some(p.saturating_sub(n))
         });
-        if result.is_err() {
-            DROPPED_EXPORT_FAILED.fetch_add(n as u64, Ordering::Relaxed);
+        if let Err(e) = &result {
+            let failed = DROPPED_EXPORT_FAILED.fetch_add(n as u64, Ordering::Relaxed);
+            // Said once, then again every 10,000 spans lost: enough to see why.
+            if failed == 0 || failed / 10_000 != (failed + n as u64) / 10_000 {
+                tracing::warn!(
+                    error = %e,
+                    spans_lost = failed + n as u64,
+                    "trace export failed; spans are dropped (provisioner_trace_spans_dropped_total)"
+                );
+            }
         }
         result
     }

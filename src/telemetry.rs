@@ -44,19 +44,33 @@ use crate::config::{LogFormat, LogSettings};
 /// (`crate::otel`); `Err` names what in that environment is wrong. Runs inside the runtime.
 pub fn init(settings: &LogSettings) -> Result<(), String> {
     let tracer = crate::otel::init()?;
+    // Spans are made at `info`: a log level above it leaves nothing to export.
+    let hides_spans = matches!(
+        settings.level.trim().to_ascii_lowercase().as_str(),
+        "warn" | "error" | "off"
+    );
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = match settings.format {
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter(&settings.level))
             .with(JsonLines::new(stdout_writer(settings.queue_lines)))
-            .with(traces(tracer))
+            .with(traces(tracer.clone()))
             .try_init(),
         LogFormat::Pretty => tracing_subscriber::registry()
             .with(filter(&settings.level))
             .with(tracing_subscriber::fmt::layer().with_writer(stdout_writer(settings.queue_lines)))
-            .with(traces(tracer))
+            .with(traces(tracer.clone()))
             .try_init(),
     };
+    if tracer.is_some() {
+        tracing::info!(traces = %crate::otel::describe(), "exporting traces");
+        if hides_spans {
+            tracing::warn!(
+                log_level = %settings.level,
+                "trace export is on but log.level is above info, where the worker's spans are made: no trace will be exported; set log.level = \"info\""
+            );
+        }
+    }
     Ok(())
 }
 
@@ -73,7 +87,9 @@ where
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| ours(meta.target())))
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                ours(meta.target())
+            }))
     })
 }
 
@@ -377,7 +393,7 @@ where
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut fields = SpanFields::default();
-        attrs.record(&mut Encoder(&mut fields.0));
+        attrs.record(&mut Encoder(&mut fields.0, SPAN));
         span.extensions_mut().insert(fields);
     }
 
@@ -385,13 +401,13 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut extensions = span.extensions_mut();
         if let Some(fields) = extensions.get_mut::<SpanFields>() {
-            values.record(&mut Encoder(&mut fields.0));
+            values.record(&mut Encoder(&mut fields.0, SPAN));
         }
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let mut own = Vec::with_capacity(8);
-        event.record(&mut Encoder(&mut own));
+        event.record(&mut Encoder(&mut own, EVENT));
         let now = OffsetDateTime::now_utc();
         let mut line = String::with_capacity(512);
         line.push_str("{\"timestamp\":");
@@ -433,13 +449,16 @@ where
 }
 
 /// Records fields as `(name, JSON value)`; a name recorded again replaces its value. A
-/// field named with a dot (`messaging.system`, `otel.kind`) is an OpenTelemetry attribute,
-/// for the trace only: log lines keep their keys.
-struct Encoder<'a>(&'a mut Vec<(&'static str, String)>);
+/// span field named with a dot (`messaging.system`, `otel.kind`) is an OpenTelemetry
+/// attribute, for the trace only (`SPAN`): log lines keep their keys.
+struct Encoder<'a>(&'a mut Vec<(&'static str, String)>, bool);
+
+const SPAN: bool = true;
+const EVENT: bool = false;
 
 impl Encoder<'_> {
     fn put(&mut self, field: &Field, value: String) {
-        if field.name().contains('.') {
+        if self.1 && field.name().contains('.') {
             return;
         }
         match self.0.iter_mut().find(|(n, _)| *n == field.name()) {

@@ -267,7 +267,7 @@ async fn one_commands_trace(receiver: Receiver) {
                 "dedup claim",
                 "POST /v3/groups",
                 "dedup record",
-                "send provisioning.events",
+                "publish provisioning.events",
             ],
         )
         .await;
@@ -301,7 +301,7 @@ async fn one_commands_trace(receiver: Receiver) {
         "dedup claim",
         "dedup record",
         "POST /v3/groups",
-        "send provisioning.events",
+        "publish provisioning.events",
     ] {
         let span = one(child);
         assert_eq!(
@@ -324,7 +324,7 @@ async fn one_commands_trace(receiver: Receiver) {
         format!("00-{TRACE}-{}-01", http.span_id),
         "the API's parent is the request's span"
     );
-    let publish = one("send provisioning.events");
+    let publish = one("publish provisioning.events");
     assert_eq!(publish.kind, PRODUCER);
     assert_eq!(
         publish.attr("messaging.rabbitmq.destination.routing_key"),
@@ -449,6 +449,25 @@ async fn a_collector_that_is_down_costs_spans_not_commands() {
     })
     .await;
     assert!(receiver.spans.lock().expect("lock").is_empty());
+    let said = worker
+        .wait_line("the failure said", Duration::from_secs(5), |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("trace export failed"))
+        })
+        .await;
+    assert_eq!(said["level"], "WARN", "{said}");
+    let started = worker
+        .wait_line("where traces go", Duration::from_secs(5), |l| {
+            l["message"] == "exporting traces"
+        })
+        .await;
+    assert!(
+        started["traces"]
+            .as_str()
+            .is_some_and(|t| t.contains("http/protobuf")),
+        "{started}"
+    );
     worker.stop().await;
     env.cleanup().await;
 }
@@ -479,4 +498,51 @@ fn tree(spans: &[Got], parent: &str, depth: usize) -> String {
         out.push_str(&tree(spans, &s.span_id, depth + 1));
     }
     out
+}
+
+/// What the SDK would take silently stops start-up with exit 2, naming the variable and
+/// never quoting the endpoint (it may hold credentials).
+#[test]
+fn a_wrong_otel_variable_stops_start_up_and_names_it() {
+    let endpoint = (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://user:s3cret@127.0.0.1:4318",
+    );
+    for (bad, named) in [
+        (
+            vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "user:s3cret@collector")],
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        (
+            vec![endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        (
+            vec![endpoint, ("OTEL_TRACES_SAMPLER", "sometimes")],
+            "OTEL_TRACES_SAMPLER",
+        ),
+        (
+            vec![
+                endpoint,
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0,1"),
+            ],
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            vec![endpoint, ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ),
+    ] {
+        let mut env = bad.clone();
+        env.push(("PROVISIONER__API__TOKEN", "t"));
+        let out = crate::process::run_with_env(&["run"], &env);
+        let err = crate::process::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert!(
+            err.starts_with(&format!("config error: {named}: ")),
+            "{bad:?}: {err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
 }
