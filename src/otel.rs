@@ -303,9 +303,23 @@ pub fn db_span(name: &'static str) -> tracing::Span {
         "redis",
         otel.name = name,
         otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
         db.system.name = "redis",
         db.operation.name = "EVALSHA",
+        error.type = tracing::field::Empty,
     )
+}
+
+/// A dedup step that failed (Redis did not answer, or answered what the store refuses):
+/// its span says so.
+pub fn record_db_result(span: &tracing::Span, failed: bool) {
+    if span.is_none() {
+        return;
+    }
+    if failed {
+        span.record("error.type", "redis");
+        span.record("otel.status_code", "error");
+    }
 }
 
 /// Make `span` the child of the trace a command's `traceparent` names (when traces are

@@ -411,7 +411,7 @@ impl RedisStore {
 impl DedupStore for RedisStore {
     async fn claim(&self, ext_id: &ExtId, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
         let span = crate::otel::db_span("dedup claim");
-        async move {
+        let result = async move {
             let value = encode(&StoredRecord::Claimed {
                 owner: request.owner.to_owned(),
                 claimed_at: crate::clock::now_rfc3339(),
@@ -473,8 +473,10 @@ impl DedupStore for RedisStore {
                 _ => Err(unexpected()),
             }
         }
-        .instrument(span)
-        .await
+        .instrument(span.clone())
+        .await;
+        crate::otel::record_db_result(&span, result.is_err());
+        result
     }
 
     async fn replace_unreadable(
@@ -531,7 +533,7 @@ impl DedupStore for RedisStore {
         ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
         let span = crate::otel::db_span("dedup record");
-        async move {
+        let result = async move {
             let value = encode(&StoredRecord::Created(record.clone()))?;
             let outcome = encode(outcome)?;
             let answer: String = self
@@ -555,8 +557,10 @@ impl DedupStore for RedisStore {
                 },
             }
         }
-        .instrument(span)
-        .await
+        .instrument(span.clone())
+        .await;
+        crate::otel::record_db_result(&span, result.is_err());
+        result
     }
 
     async fn release(&self, ext_id: &ExtId, owner: &str, settled: bool) -> Result<(), StoreError> {

@@ -546,3 +546,23 @@ fn a_wrong_otel_variable_stops_start_up_and_names_it() {
         assert!(!err.contains("s3cret"), "{err}");
     }
 }
+
+/// Spans are made at `info`: with a log level above it nothing could be exported, and the
+/// worker says so at start instead of exporting nothing in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_level_that_hides_the_spans_is_said_at_start() {
+    let receiver = Receiver::start().await;
+    let env = TestEnv::new().await;
+    let mut worker = spawn(&env, &receiver, &[("PROVISIONER__LOG__LEVEL", "warn")]);
+    let said = worker
+        .wait_line("the warning", Duration::from_secs(30), |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("trace export is on but log.level is above info"))
+        })
+        .await;
+    assert_eq!(said["level"], "WARN", "{said}");
+    assert_eq!(said["log_level"], "warn", "{said}");
+    worker.stop().await;
+    env.cleanup().await;
+}
