@@ -337,11 +337,11 @@ async fn confirms_held_while_a_quorum_is_lost_are_given_up_on_and_retried() {
     cluster(&["ctl", "3", "stop_app"]);
     let lost_at = Instant::now();
     let held = worker
-        .wait_line("a confirm given up on", Duration::from_secs(60), |l| {
-            l["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("did not confirm the message"))
-        })
+        .wait_text(
+            "error",
+            "did not confirm the message",
+            Duration::from_secs(60),
+        )
         .await;
     assert_eq!(held["level"], "ERROR", "{held}");
     cluster(&["ctl", "1", "start_app"]);

@@ -626,11 +626,11 @@ async fn events_the_broker_nacks_are_retried_not_lost() {
         .await;
     assert_eq!(opened["fault"], "publish", "{opened}");
     let refused = worker
-        .wait_line("the nack logged", Duration::from_secs(10), |l| {
-            l["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("refused the message (nack)"))
-        })
+        .wait_text(
+            "error",
+            "refused the message (nack)",
+            Duration::from_secs(10),
+        )
         .await;
     assert_eq!(refused["level"], "ERROR", "{refused}");
     env.channel
@@ -674,11 +674,7 @@ async fn a_consumer_the_broker_cancels_is_resumed_on_its_own() {
         .await
         .expect("delete the work queue");
     let lost = worker
-        .wait_line("the cancel noticed", Duration::from_secs(30), |l| {
-            l["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("cancelled our consumer"))
-        })
+        .wait_text("error", "cancelled our consumer", Duration::from_secs(30))
         .await;
     assert_eq!(
         lost["message"], "broker session lost; reconnecting",

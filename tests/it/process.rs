@@ -142,6 +142,16 @@ impl WorkerProcess {
         .await
     }
 
+    /// Wait for a line whose text field `field` (`message`, `error`) contains `text`.
+    pub async fn wait_text(&self, field: &str, text: &str, deadline: Duration) -> Value {
+        self.wait_line(
+            &format!("a line whose {field} says {text:?}"),
+            deadline,
+            |l| l[field].as_str().is_some_and(|v| v.contains(text)),
+        )
+        .await
+    }
+
     /// Wait until the worker logs that it consumes the work queue.
     pub async fn wait_consuming(&self) {
         self.wait_line("consuming", Duration::from_secs(30), |l| {

@@ -450,11 +450,7 @@ async fn a_collector_that_is_down_costs_spans_not_commands() {
     .await;
     assert!(receiver.spans.lock().expect("lock").is_empty());
     let said = worker
-        .wait_line("the failure said", Duration::from_secs(5), |l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("trace export failed"))
-        })
+        .wait_text("message", "trace export failed", Duration::from_secs(5))
         .await;
     assert_eq!(said["level"], "WARN", "{said}");
     let started = worker
@@ -555,11 +551,11 @@ async fn a_log_level_that_hides_the_spans_is_said_at_start() {
     let env = TestEnv::new().await;
     let mut worker = spawn(&env, &receiver, &[("PROVISIONER__LOG__LEVEL", "warn")]);
     let said = worker
-        .wait_line("the warning", Duration::from_secs(30), |l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("trace export is on but log.level is above info"))
-        })
+        .wait_text(
+            "message",
+            "trace export is on but log.level is above info",
+            Duration::from_secs(30),
+        )
         .await;
     assert_eq!(said["level"], "WARN", "{said}");
     assert_eq!(said["log_level"], "warn", "{said}");
