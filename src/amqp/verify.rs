@@ -502,6 +502,14 @@ mod tests {
         seen
     }
 
+    /// The observed queue `name` (it must be there), to change what the broker "said".
+    fn queue<'a>(seen: &'a mut Observed, name: &str) -> &'a mut Value {
+        seen.queues
+            .get_mut(name)
+            .and_then(Option::as_mut)
+            .unwrap_or_else(|| panic!("queue {name} observed"))
+    }
+
     #[test]
     fn the_worker_s_own_declaration_verifies() {
         let t = topology();
@@ -517,11 +525,7 @@ mod tests {
         let delay = t.queues[2].name.clone();
         seen.queues.insert(delay.clone(), None);
         let work = &t.queues[0].name;
-        let q = seen
-            .queues
-            .get_mut(work)
-            .and_then(Option::as_mut)
-            .expect("work queue");
+        let q = queue(&mut seen, work);
         q["type"] = json!("classic");
         q["arguments"]
             .as_object_mut()
@@ -554,11 +558,7 @@ mod tests {
         let t = topology();
         let mut seen = as_declared(&t);
         let work = &t.queues[0].name;
-        let q = seen
-            .queues
-            .get_mut(work)
-            .and_then(Option::as_mut)
-            .expect("work queue");
+        let q = queue(&mut seen, work);
         q["arguments"]
             .as_object_mut()
             .expect("args")
@@ -567,11 +567,7 @@ mod tests {
         assert_eq!(compare(&t, &seen).0, Vec::<String>::new());
         // A smaller limit in a policy wins over the argument, as in the broker.
         let dlq = t.dead_letter_queue.clone();
-        let q = seen
-            .queues
-            .get_mut(&dlq)
-            .and_then(Option::as_mut)
-            .expect("dlq");
+        let q = queue(&mut seen, &dlq);
         q["effective_policy_definition"] = json!({"delivery-limit": 20});
         assert_eq!(
             compare(&t, &seen).0,
@@ -579,19 +575,10 @@ mod tests {
                 "queue {dlq}: x-delivery-limit is 20, expected 2147483647"
             )]
         );
-        let q = seen
-            .queues
-            .get_mut(&dlq)
-            .and_then(Option::as_mut)
-            .expect("dlq");
-        q["effective_policy_definition"] = json!({});
+        queue(&mut seen, &dlq)["effective_policy_definition"] = json!({});
         // A policy's overflow wins over the argument (drop-head would downgrade the
         // at-least-once dead-lettering).
-        let q = seen
-            .queues
-            .get_mut(work)
-            .and_then(Option::as_mut)
-            .expect("work queue");
+        let q = queue(&mut seen, work);
         q["effective_policy_definition"]["overflow"] = json!("drop-head");
         assert_eq!(
             compare(&t, &seen).0,
@@ -599,19 +586,9 @@ mod tests {
                 "queue {work}: x-overflow is \"drop-head\", expected \"reject-publish\""
             )]
         );
-        let q = seen
-            .queues
-            .get_mut(work)
-            .and_then(Option::as_mut)
-            .expect("work queue");
-        q["effective_policy_definition"] = json!({"delivery-limit": 10});
         // A policy that would expire commands is named as a queue argument would be.
-        let q = seen
-            .queues
-            .get_mut(work)
-            .and_then(Option::as_mut)
-            .expect("work queue");
-        q["effective_policy_definition"]["max-length"] = json!(1000);
+        queue(&mut seen, work)["effective_policy_definition"] =
+            json!({"delivery-limit": 10, "max-length": 1000});
         assert_eq!(
             compare(&t, &seen).0,
             vec![format!(

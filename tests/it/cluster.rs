@@ -394,29 +394,7 @@ async fn confirms_held_while_a_quorum_is_lost_are_given_up_on_and_retried() {
 async fn quorum_consumer(env: &TestEnv) -> String {
     let mut args = lapin::types::FieldTable::default();
     args.insert("x-queue-type".into(), header_value("quorum"));
-    let queue = unique("quorum-consumer");
-    env.channel
-        .queue_declare(
-            queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .expect("a consumer's quorum queue");
-    env.channel
-        .queue_bind(
-            queue.as_str().into(),
-            env.settings.topology.event_exchange.as_str().into(),
-            "#".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .expect("bind");
-    queue
+    env.event_queue_with("#", args).await
 }
 
 /// Every event of an ext id names the same group, and the only ones that say

@@ -353,6 +353,13 @@ impl TestEnv {
 
     /// A durable queue bound to the event exchange for one routing key only.
     pub async fn event_queue(&self, routing_key: &str) -> String {
+        self.event_queue_with(routing_key, FieldTable::default())
+            .await
+    }
+
+    /// A durable queue with these arguments (a quorum queue, a length limit), bound to the
+    /// event exchange with `routing_key`: an event consumer's queue.
+    pub async fn event_queue_with(&self, routing_key: &str, arguments: FieldTable) -> String {
         let queue = unique("events-only");
         self.channel
             .queue_declare(
@@ -361,7 +368,7 @@ impl TestEnv {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                arguments,
             )
             .await
             .expect("queue");

@@ -218,8 +218,7 @@ fn spawn(
 async fn send_traced(env: &TestEnv, ext: &str, traceparent: &str) {
     let mut headers = FieldTable::default();
     headers.insert(ShortString::from("traceparent"), header_value(traceparent));
-    let body =
-        json!({"org_unit_ext_id": ext, "org_unit_name": "Traced", "org_unit_parent_id": 1000});
+    let body = json!({"org_unit_ext_id": ext, "org_unit_name": format!("Traced {ext}"), "org_unit_parent_id": 1000});
     env.send_raw(
         body.to_string().as_bytes(),
         BasicProperties::default()
@@ -559,6 +558,58 @@ async fn a_log_level_that_hides_the_spans_is_said_at_start() {
         .await;
     assert_eq!(said["level"], "WARN", "{said}");
     assert_eq!(said["log_level"], "warn", "{said}");
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A hostile publisher's trace headers with export on: a 64 KiB `traceparent`, one in
+/// upper case, one with a zero trace id, control characters. Each command is still
+/// created, and its delivery starts a trace of its own instead of joining a bogus one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_trace_headers_start_a_trace_of_their_own() {
+    let receiver = Receiver::start().await;
+    let env = TestEnv::new().await;
+    let mut tap = env.event_tap().await;
+    let mut worker = spawn(&env, &receiver, &[]);
+    let hostile = [
+        format!("00-{}-{UPSTREAM}-01", "f".repeat(65_536)),
+        format!("00-{}-{}-01", TRACE.to_uppercase(), UPSTREAM.to_uppercase()),
+        format!("00-{}-{UPSTREAM}-01", "0".repeat(32)),
+        format!("00-{TRACE}-{UPSTREAM}-01\u{1b}[2J\r\n"),
+    ];
+    let mut exts = Vec::new();
+    for tp in &hostile {
+        let ext = unique("HOSTILE-TP");
+        send_traced(&env, &ext, tp).await;
+        exts.push(ext);
+    }
+    let created = collect_created(
+        &mut tap,
+        &exts.iter().cloned().collect(),
+        Duration::from_secs(30),
+    )
+    .await;
+    for e in &created {
+        let tp = e.header("traceparent").expect("a traceparent on the event");
+        assert!(!tp.contains(TRACE), "joined a bogus trace: {tp}");
+    }
+    wait_for(
+        "a delivery span per command",
+        Duration::from_secs(30),
+        || async {
+            let spans = receiver.spans.lock().expect("lock");
+            let roots = spans
+                .iter()
+                .filter(|s| s.name.starts_with("process ") && s.parent.is_empty())
+                .filter(|s| {
+                    s.attr("ext_id")
+                        .is_some_and(|x| exts.iter().any(|e| e == x))
+                })
+                .count();
+            (roots == exts.len()).then_some(())
+        },
+    )
+    .await;
     worker.stop().await;
     env.cleanup().await;
 }
