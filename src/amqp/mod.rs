@@ -211,6 +211,25 @@ pub async fn ready_count(channel: &lapin::Channel, queue: &str) -> Result<u32, l
     Ok(declared.message_count())
 }
 
+/// That `exchange` exists, by a passive declare (an error if it does not, which also
+/// closes `channel`, as AMQP does; the kind is not compared).
+pub async fn passive_exchange(
+    channel: &lapin::Channel,
+    exchange: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            ShortString::from(exchange),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..lapin::options::ExchangeDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+}
+
 /// The broker said the queue or exchange does not exist.
 pub fn is_not_found(e: &lapin::Error) -> bool {
     is_soft(e, lapin::protocol::AMQPSoftError::NOTFOUND)

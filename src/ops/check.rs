@@ -206,18 +206,7 @@ async fn check_existence(
     let mut missing = Vec::new();
     for e in &topology.exchanges {
         let present = match conn.create_channel().await {
-            Ok(ch) => ch
-                .exchange_declare(
-                    ShortString::from(e.name.as_str()),
-                    e.exchange_kind(),
-                    lapin::options::ExchangeDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await
-                .is_ok(),
+            Ok(ch) => crate::amqp::passive_exchange(&ch, &e.name).await.is_ok(),
             Err(_) => false,
         };
         if !present {

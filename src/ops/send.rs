@@ -4,9 +4,8 @@ use std::io::{IsTerminal, Read};
 use std::path::Path;
 
 use lapin::BasicProperties;
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Confirmation, ExchangeKind};
+use lapin::Confirmation;
+use lapin::types::ShortString;
 
 use crate::command::CreateGroup;
 use crate::config::Settings;
@@ -142,16 +141,7 @@ async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), 
     }
     let (conn, channel) = connect(settings, "send").await?;
     let t = &settings.topology;
-    channel
-        .exchange_declare(
-            ShortString::from(t.command_exchange.as_str()),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    crate::amqp::passive_exchange(&channel, &t.command_exchange)
         .await
         .map_err(|source| OpsError::Topology {
             what: format!("command exchange {:?}", t.command_exchange),
