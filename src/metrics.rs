@@ -78,7 +78,9 @@ impl Format {
 /// The classic text format (0.0.4) of an OpenMetrics exposition from `prometheus-client`
 /// (which writes only OpenMetrics): counters are typed under their `_total` sample name,
 /// an info metric becomes a gauge under its `_info` name, and `# UNIT` and `# EOF` go.
-/// Sample lines are the same in both formats for the metric types used here.
+/// Sample lines are the same in both formats for the metric types used here. Hand-written
+/// because no kept crate does it for this registry (the test
+/// `the_kept_crate_writes_openmetrics_only` shows what `prometheus-client` writes).
 pub fn classic(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     // prometheus-client writes `# HELP` before `# TYPE`, and the name HELP needs depends on
@@ -426,6 +428,26 @@ mod tests {
         ] {
             assert_eq!(Format::negotiate(classic), Format::Classic, "{classic:?}");
         }
+    }
+
+    /// Why `classic` exists: `prometheus-client` writes OpenMetrics only (a counter typed
+    /// under its family name, `# EOF`), which a classic-format reader types as `untyped`
+    /// (the `_total` sample matches no TYPE line); the `prometheus` crate writes the classic format but only for its
+    /// own registry, which would mean keeping every metric twice.
+    #[test]
+    fn the_kept_crate_writes_openmetrics_only() {
+        let mut registry = Registry::default();
+        let counter: Counter = Counter::default();
+        registry.register("jobs", "Jobs", counter.clone());
+        counter.inc();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encodes");
+        assert!(out.contains("# TYPE jobs counter\n"), "{out}");
+        assert!(out.contains("jobs_total 1\n"), "{out}");
+        assert!(out.ends_with("# EOF\n"), "{out}");
+        let classic = classic(&out);
+        assert!(classic.contains("# TYPE jobs_total counter\n"), "{classic}");
+        assert!(!classic.contains("# EOF"), "{classic}");
     }
 
     #[test]
