@@ -88,6 +88,17 @@ pub enum Command {
         #[arg(value_enum)]
         which: SchemaKind,
     },
+    /// The DLQ web console on its own listener (console.listen, default 127.0.0.1:9465):
+    /// overview, dead letters, ext id stories, replay and discard with a confirmation.
+    #[command(
+        after_help = "Logins: console.operator_user / console.operator_password (may replay, discard and\ndownload exports) and console.viewer_user / console.viewer_password (may only look);\nit refuses to start without a password for at least one of them, except on a loopback\naddress with --no-auth. Every action and login is a log line (JSON, like the worker's).\n\nExample:\n  PROVISIONER__CONSOLE__OPERATOR_PASSWORD=... group-provisioner console --config /etc/provisioner.toml"
+    )]
+    Console {
+        /// Let anyone who reaches the listener act, without a login: only on a loopback
+        /// address, and only when no password is configured.
+        #[arg(long)]
+        no_auth: bool,
+    },
     /// What happened to one ext id: the dedup record, the POSTs made, and the last outcome
     /// with where the message is now (exit 0 known, 1 unknown, 3 store unreachable).
     #[command(
@@ -371,6 +382,14 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
     let again = invocation(&cli);
     match cli.command {
         Command::Run => run_worker(settings).await,
+        Command::Console { no_auth } => match crate::console::run(settings, no_auth).await {
+            Ok(()) => Exit::Success,
+            Err(crate::console::ConsoleError::Config(e)) => config_error(&e),
+            Err(e) => {
+                tracing::error!(error = %e, "console cannot run");
+                Exit::Failure
+            }
+        },
         Command::Check { no_declare, json } => {
             let report = ops::check::run(&settings, &config_source(&cli), !no_declare, json).await;
             success_if(report.failed == 0)

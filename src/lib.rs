@@ -31,6 +31,7 @@ pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;
+pub mod console;
 pub mod contract;
 pub mod convirza;
 pub mod dedup;

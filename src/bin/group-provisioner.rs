@@ -44,8 +44,9 @@ async fn async_main() -> ExitCode {
         Ok(s) => s,
         Err(exit) => return exit.into(),
     };
-    // Operator commands print for humans; only the worker logs JSON lines to stdout.
-    if matches!(cli.command, Command::Run) {
+    // Operator commands print for humans; the worker and the console log JSON lines to
+    // stdout (the console's are its audit trail).
+    if matches!(cli.command, Command::Run | Command::Console { .. }) {
         if let Err(e) = telemetry::init(&settings.log) {
             eprintln!("config error: {e}");
             return ExitCode::from(2);

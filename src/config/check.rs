@@ -179,6 +179,16 @@ impl Settings {
             ));
         }
         self.check_names()?;
+        let console = &self.console;
+        if console.operator_user == console.viewer_user {
+            return Err(ConfigError::new(
+                "console.viewer_user",
+                format!(
+                    "{:?} is also console.operator_user: each role needs its own user",
+                    console.viewer_user
+                ),
+            ));
+        }
         Ok(self)
     }
 

@@ -430,6 +430,35 @@ pub fn password<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>,
     Ok(value.filter(|s| !s.expose_secret().is_empty()))
 }
 
+/// A console password: unset, or at least [`CONSOLE_PASSWORD_MIN`] characters (it guards
+/// the buttons that move and remove dead letters).
+pub fn console_password<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SecretString>, D::Error> {
+    let value = password(d)?;
+    match value {
+        Some(p) if p.expose_secret().chars().count() < CONSOLE_PASSWORD_MIN => Err(custom(
+            format!("is shorter than {CONSOLE_PASSWORD_MIN} characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
+pub const CONSOLE_PASSWORD_MIN: usize = 12;
+
+/// A console user name: 1-64 characters of A-Z a-z 0-9 _ - . @ (it is written in every
+/// audit line).
+pub fn user_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = String::deserialize(d)?;
+    let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@');
+    if value.is_empty() || value.len() > 64 || !value.chars().all(safe) {
+        return Err(custom(format!(
+            "{value:?} must be 1-64 characters of A-Z a-z 0-9 _ - . @"
+        )));
+    }
+    Ok(value)
+}
+
 /// `redis.key_prefix`. Keys are also matched by patterns (`KEYS`, `SCAN MATCH` in
 /// runbooks): no glob characters, nothing that needs quoting.
 pub fn key_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -37,7 +37,7 @@ pub const ENV_PREFIX: &str = "PROVISIONER";
 pub const DEFAULTS_TOML: &str = include_str!("../../config/example.toml");
 /// Keys that exist but have no default (credentials; which are required depends on
 /// `api.auth`).
-pub const KEYS_WITHOUT_DEFAULT: [&str; 12] = [
+pub const KEYS_WITHOUT_DEFAULT: [&str; 14] = [
     "amqp.management_url",
     "redis.nodes",
     "redis.sentinel_master",
@@ -50,6 +50,8 @@ pub const KEYS_WITHOUT_DEFAULT: [&str; 12] = [
     "redis.tls.ca_file",
     "redis.tls.cert_file",
     "redis.tls.key_file",
+    "console.operator_password",
+    "console.viewer_password",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +86,7 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub log: LogSettings,
     pub topology: TopologySettings,
+    pub console: ConsoleSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -408,6 +411,28 @@ pub struct ShutdownSettings {
 pub struct MetricsSettings {
     #[serde(deserialize_with = "de::socket_addr")]
     pub listen: SocketAddr,
+}
+
+/// `group-provisioner console`: the DLQ web console. Who may log in is a user name and a
+/// password per role; a role without a password has no user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    #[serde(deserialize_with = "de::socket_addr")]
+    pub listen: SocketAddr,
+    /// A login lasts this long, then the console asks again.
+    #[serde(deserialize_with = "de::duration_min::<_, 1000>")]
+    pub session_ttl: Duration,
+    /// Where a discard from the console writes its export (created, owner-only, at start).
+    pub export_dir: PathBuf,
+    #[serde(deserialize_with = "de::user_name")]
+    pub operator_user: String,
+    #[serde(default, deserialize_with = "de::console_password")]
+    pub operator_password: Option<SecretString>,
+    #[serde(deserialize_with = "de::user_name")]
+    pub viewer_user: String,
+    #[serde(default, deserialize_with = "de::console_password")]
+    pub viewer_password: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -89,6 +89,19 @@ pub async fn run(
     report
 }
 
+/// The broker's items of `check` (rabbitmq, topology, dlq, events) as (status, item,
+/// detail), printed nowhere: what the console's overview shows. The topology is
+/// established as the worker would (`topology.declare`).
+pub async fn broker_items(settings: &Settings) -> Vec<(&'static str, String, String)> {
+    let mut report = CheckReport {
+        json: true,
+        ..CheckReport::default()
+    };
+    let declare = settings.topology.declare == Declare::All;
+    check_broker(&mut report, settings, declare).await;
+    report.items
+}
+
 /// rabbitmq, topology, dlq, events.
 async fn check_broker(
     report: &mut CheckReport,

@@ -34,6 +34,10 @@ pub struct UnroutedFilter {
     /// The summary as one JSON object: {"dry_run", "moved", "kept", "came_back"}.
     #[arg(long)]
     pub json: bool,
+    /// Only these events, each at most once (the console's confirmed pick; the console
+    /// reports for itself, so nothing is printed per event).
+    #[arg(skip)]
+    pub only: Option<super::dlq::Selection>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -78,6 +82,7 @@ pub async fn replay_unrouted(
     let publisher = Publisher::new(reader.channel().clone());
     let mut summary = UnroutedSummary::default();
     let mut result = Ok(());
+    let mut only = filter.only.clone();
     loop {
         let event = match reader.next().await {
             Ok(Some(e)) => e,
@@ -95,13 +100,14 @@ pub async fn replay_unrouted(
             .as_deref()
             .is_none_or(|x| ext_id.as_deref() == Some(x))
             && filter.event.as_deref().is_none_or(|k| routing_key == k)
-            && filter.limit.is_none_or(|l| summary.moved < l);
+            && filter.limit.is_none_or(|l| summary.moved < l)
+            && only.as_mut().is_none_or(|s| s.take(&event));
         if !matches {
             summary.kept += 1;
             continue;
         }
         if filter.dry_run {
-            if !filter.json {
+            if !filter.json && filter.only.is_none() {
                 outln!(
                     "would replay {} {}",
                     crate::text::printable(&routing_key, 64),

@@ -62,13 +62,34 @@ pub async fn run(
     }
 }
 
-async fn by_ext_id(
-    store: &RedisStore,
-    ext_id: &ExtId,
-    as_json: bool,
-    again: &str,
-) -> Result<bool, crate::pipeline::StoreError> {
-    let status = store.status(ext_id).await?;
+/// What is known of one ext id, as `status --json` prints it, for the console's page.
+#[derive(Debug)]
+pub struct Story {
+    pub known: bool,
+    /// The `status --json` object.
+    pub json: Value,
+    /// Where the message is now, in words (the text output's `now:` line).
+    pub now: Option<String>,
+}
+
+/// [`Story`] of `ext_id`; `again` is how a suggested command calls this binary.
+pub async fn story(settings: &Settings, ext_id: &ExtId, again: &str) -> Result<Story, OpsError> {
+    let store_error = |source| OpsError::Store {
+        url: settings.redis.url.to_string(),
+        source,
+    };
+    let store = app::dedup_store(settings).map_err(store_error)?;
+    let status = store.status(ext_id).await.map_err(store_error)?;
+    let (known, json) = status_json(ext_id, &status);
+    let now = status
+        .last_outcome
+        .as_ref()
+        .map(|l| where_now(l, Some(ext_id.as_str()), again));
+    Ok(Story { known, json, now })
+}
+
+/// Whether anything is known, and the `--json` object.
+fn status_json(ext_id: &ExtId, status: &ExtIdStatus) -> (bool, Value) {
     let last = status.last_outcome.as_ref();
     let known = status.record.is_some()
         || status.unreadable.is_some()
@@ -84,16 +105,28 @@ async fn by_ext_id(
             None => "unknown",
         },
     };
+    let out = json!({
+        "ext_id": ext_id.as_str(),
+        "state": state,
+        "record": status.record,
+        "ttl_ms": status.ttl_ms,
+        "post_attempts": status.attempt_markers,
+        "unreadable": status.unreadable,
+        "last_outcome": last.map(outcome_json),
+    });
+    (known, out)
+}
+
+async fn by_ext_id(
+    store: &RedisStore,
+    ext_id: &ExtId,
+    as_json: bool,
+    again: &str,
+) -> Result<bool, crate::pipeline::StoreError> {
+    let status = store.status(ext_id).await?;
+    let last = status.last_outcome.as_ref();
+    let (known, out) = status_json(ext_id, &status);
     if as_json {
-        let out = json!({
-            "ext_id": ext_id.as_str(),
-            "state": state,
-            "record": status.record,
-            "ttl_ms": status.ttl_ms,
-            "post_attempts": status.attempt_markers,
-            "unreadable": status.unreadable,
-            "last_outcome": last.map(outcome_json),
-        });
         outln!("{out}");
         return Ok(known);
     }

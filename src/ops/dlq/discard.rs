@@ -58,6 +58,9 @@ pub struct DiscardFilter {
     /// The summary as one JSON object: {"dry_run", "discarded", "kept"}.
     #[arg(long)]
     pub json: bool,
+    /// Only these letters, each at most once (the console's confirmed pick).
+    #[arg(skip)]
+    pub only: Option<super::Selection>,
 }
 
 fn parse_age(text: &str) -> Result<Duration, String> {
@@ -73,6 +76,11 @@ pub struct DiscardSummary {
 }
 
 impl DiscardFilter {
+    /// The console reports for itself: nothing per letter on standard output.
+    fn quiet(&self) -> bool {
+        self.only.is_some()
+    }
+
     fn matches(&self, letter: &DeadLetter, now: SystemTime) -> bool {
         self.ext_id
             .as_deref()
@@ -95,7 +103,7 @@ pub(super) const DELIVERY_COUNTS: [&str; 2] = ["x-delivery-count", "x-acquired-c
 /// passes themselves change (its position, the broker's delivery counts), with every
 /// object's keys in one order (removing a key may reorder the others, and the broker adds
 /// `x-delivery-count` only from the second reading on).
-fn identity(letter: &DeadLetter) -> String {
+pub(super) fn identity(letter: &DeadLetter) -> String {
     identity_of(letter.to_json())
 }
 
@@ -211,9 +219,14 @@ async fn export_matching(
     };
     let mut lines = HashMap::new();
     let mut n = 0;
+    let mut only = filter.only.clone();
     let written = loop {
         match reader.next().await {
-            Ok(Some(l)) if filter.limit.is_none_or(|max| n < max) && filter.matches(&l, now) => {
+            Ok(Some(l))
+                if filter.limit.is_none_or(|max| n < max)
+                    && filter.matches(&l, now)
+                    && only.as_mut().is_none_or(|s| s.take(&l)) =>
+            {
                 if let Err(source) = writeln!(file.writer, "{}", l.to_json()) {
                     break Err(OpsError::Output {
                         path: file.tmp.clone(),
@@ -251,6 +264,8 @@ async fn remove_matching(
     let mut reader = DlqReader::open(settings, "discard", None).await?;
     let mut summary = DiscardSummary::default();
     let mut notes = (!filter.dry_run).then(|| super::notes::Notes::new(settings));
+    // Without an export, the selection itself (with one, the export is already only it).
+    let mut only = filter.only.clone().filter(|_| exported.is_none());
     let place = Place::Discarded {
         export: filter
             .export
@@ -265,6 +280,7 @@ async fn remove_matching(
         };
         let wanted = filter.limit.is_none_or(|max| summary.discarded < max)
             && filter.matches(&letter, now)
+            && only.as_mut().is_none_or(|s| s.take(&letter))
             && match exported.as_mut() {
                 None => true,
                 Some(lines) => match lines.get_mut(&identity(&letter)) {
@@ -281,6 +297,7 @@ async fn remove_matching(
         }
         if filter.dry_run {
             if !filter.json
+                && !filter.quiet()
                 && let Err(e) = super::out_line(format_args!(
                     "would discard #{} kind={} ext_id={}",
                     letter.position,

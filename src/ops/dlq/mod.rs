@@ -8,7 +8,8 @@
 //! - `file.rs` — the export file: new, complete or absent, never over another file;
 //! - `kinds.rs` — the `--kind` and `--limit` values the tools accept;
 //! - `marker.rs` — what a pass that never ended did to the order, for the next one and `check`;
-//! - `notes.rs` — the last outcome of a replayed or discarded dead letter, for `status`.
+//! - `notes.rs` — the last outcome of a replayed or discarded dead letter, for `status`;
+//! - `selection.rs` — letters picked by content, each acted on at most once (the console).
 
 mod discard;
 mod file;
@@ -19,6 +20,7 @@ mod migrate;
 mod notes;
 mod reader;
 mod replay;
+mod selection;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -37,7 +39,8 @@ pub(crate) use file::ExportFile;
 pub use json::amqp_to_json;
 pub use migrate::{Migration, interrupted_migration, migrate, migrate_command};
 pub use reader::{DeadLetter, DlqReader, pass_running};
-pub use replay::{ReplayFilter, ReplaySummary, replay, replay_command};
+pub use replay::{DEFAULT_MAX_REPLAYS, ReplayFilter, ReplaySummary, replay, replay_command};
+pub use selection::Selection;
 
 pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
     let mut reader = DlqReader::open(settings, "stats", None).await?;

@@ -33,12 +33,19 @@ pub struct ReplayFilter {
     #[arg(long)]
     pub dry_run: bool,
     /// Skip messages already replayed this many times.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = DEFAULT_MAX_REPLAYS)]
     pub max_replays: u32,
     /// The summary as one JSON object: {"dry_run", "moved", "skipped", "kept", "interrupted"}.
     #[arg(long)]
     pub json: bool,
+    /// Only these letters, each at most once (the console's confirmed pick; the console
+    /// reports for itself, so nothing is printed per letter).
+    #[arg(skip)]
+    pub only: Option<super::Selection>,
 }
+
+/// The replay loop guard: a letter replayed this many times stays (`--max-replays`).
+pub const DEFAULT_MAX_REPLAYS: u32 = 5;
 
 fn parse_rate(text: &str) -> Result<f64, String> {
     let number = text.trim().trim_end_matches("/s");
@@ -69,7 +76,13 @@ enum Pick {
     Move,
 }
 
-fn pick(filter: &ReplayFilter, letter: &DeadLetter, moved: usize) -> Pick {
+/// `only` is the filter's selection, taken from as letters are picked.
+fn pick(
+    filter: &ReplayFilter,
+    letter: &DeadLetter,
+    moved: usize,
+    only: &mut Option<super::Selection>,
+) -> Pick {
     let matches = filter
         .ext_id
         .as_deref()
@@ -77,7 +90,7 @@ fn pick(filter: &ReplayFilter, letter: &DeadLetter, moved: usize) -> Pick {
         && filter.kind.as_deref().is_none_or(|k| letter.kind == k);
     if filter.limit.is_some_and(|l| moved >= l) {
         Pick::Done
-    } else if !matches {
+    } else if !matches || !only.as_mut().is_none_or(|s| s.take(letter)) {
         Pick::Keep
     } else if letter.replay_count() >= filter.max_replays {
         Pick::Skip
@@ -95,7 +108,9 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
         publisher: Publisher::new(reader.channel().clone()),
         settings,
         notes: (!filter.dry_run).then(|| super::notes::Notes::new(settings)),
+        quiet: filter.only.is_some(),
     };
+    let mut only = filter.only.clone();
     let mut summary = ReplaySummary::default();
     let mut pace = Pace::new(filter.rate);
     let mut result = Ok(());
@@ -112,12 +127,11 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
                 break;
             }
         };
-        if letter.kind == "invalid_command"
-            && !matches!(pick(filter, &letter, summary.moved), Pick::Keep)
-        {
+        let picked = pick(filter, &letter, summary.moved, &mut only);
+        if letter.kind == "invalid_command" && !matches!(picked, Pick::Keep) {
             warn_invalid_command();
         }
-        match pick(filter, &letter, summary.moved) {
+        match picked {
             Pick::Done => {
                 summary.kept += 1 + reader.remaining();
                 break;
@@ -135,6 +149,7 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
             Pick::Move if filter.dry_run => {
                 summary.moved += 1;
                 if !filter.json
+                    && !mover.quiet
                     && let Err(e) =
                         super::out_line(format_args!("would replay {}", letter.describe()))
                 {
@@ -211,6 +226,8 @@ struct Mover<'a> {
     publisher: Publisher,
     settings: &'a Settings,
     notes: Option<super::notes::Notes>,
+    /// Nothing printed per letter.
+    quiet: bool,
 }
 
 impl Mover<'_> {
@@ -261,7 +278,9 @@ impl Mover<'_> {
             return Err((e, true));
         }
         // A closed stdout costs only the report of what was moved, never the pass.
-        let _ = super::out_line(format_args!("replayed {}", letter.describe()));
+        if !self.quiet {
+            let _ = super::out_line(format_args!("replayed {}", letter.describe()));
+        }
         Ok(())
     }
 }

@@ -1,0 +1,287 @@
+//! `group-provisioner console`: a web console for the dead-letter queue, on its own
+//! listener (`console.listen`, default `127.0.0.1:9465`).
+//!
+//! Invariants:
+//! - It reads and acts only through the operator commands' library code (`ops::dlq`,
+//!   `ops::events`, `ops::status`): the same passes, so the DLQ keeps its order and loses
+//!   nothing, and the same replay limit ([`crate::ops::dlq::DEFAULT_MAX_REPLAYS`]).
+//! - An action is previewed, then confirmed: the preview fixes the letters it will touch
+//!   (a [`crate::ops::dlq::Selection`]) and shows how many; the confirmation runs that
+//!   plan once. A plan confirmed twice, or letters another plan already moved, are acted
+//!   on at most once. An action runs to its end even if the browser goes away.
+//! - Nobody sees a page without logging in, unless it was started with `--no-auth` on a
+//!   loopback address; a viewer may look, only an operator may act (`auth`). Every POST
+//!   carries the session's CSRF token, and a POST from another origin is refused.
+//! - Everything from a message is made printable (`text::printable`) and escaped (maud)
+//!   before it reaches a page; no page holds a secret. Every response carries a CSP that
+//!   allows no inline script, `X-Frame-Options: DENY` and `Referrer-Policy: no-referrer`.
+//! - Every action, refusal and login is a log line naming the user: the audit trail.
+//!
+//! - `auth.rs` — users, sessions, CSRF, the role extractors;
+//! - `view.rs` — the DLQ read into bounded summaries, the filter, the overview's figures;
+//! - `actions.rs` — preview, confirm, run once, the export download, the audit lines;
+//! - `pages.rs` — the HTML (typed maud templates).
+
+mod actions;
+mod auth;
+mod pages;
+mod view;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::config::{ConfigError, Settings};
+use crate::ops::OpsError;
+
+/// A list view read within this long is reused: a page with several requests, or several
+/// people at once, costs one pass over the DLQ.
+const VIEW_REUSE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("console.export_dir {dir}: {source}", dir = .dir.display())]
+    ExportDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the console stopped: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What every request shares.
+pub struct Console {
+    settings: Settings,
+    users: auth::Users,
+    sessions: auth::Sessions,
+    /// The CSRF token of every request with `--no-auth` (there are no sessions then).
+    open_csrf: String,
+    plans: actions::Plans,
+    view: tokio::sync::Mutex<Option<(Instant, Arc<view::Snapshot>)>>,
+}
+
+pub type Shared = Arc<Console>;
+
+impl Console {
+    /// The DLQ as of at most [`VIEW_REUSE`] ago (one pass for requests that come together).
+    async fn snapshot(&self) -> Result<Arc<view::Snapshot>, OpsError> {
+        let mut cached = self.view.lock().await;
+        if let Some((at, s)) = cached.as_ref()
+            && at.elapsed() < VIEW_REUSE
+        {
+            return Ok(s.clone());
+        }
+        let fresh = Arc::new(view::read(&self.settings).await?);
+        *cached = Some((Instant::now(), fresh.clone()));
+        Ok(fresh)
+    }
+
+    /// The DLQ now, for an action's preview (and for the pages after it).
+    async fn fresh_snapshot(&self) -> Result<Arc<view::Snapshot>, OpsError> {
+        self.forget_view().await;
+        self.snapshot().await
+    }
+
+    async fn forget_view(&self) {
+        *self.view.lock().await = None;
+    }
+}
+
+/// The console's users from the settings, or the refusal to start without any
+/// (`no_auth` is accepted on a loopback address only).
+fn users(settings: &Settings, no_auth: bool) -> Result<auth::Users, ConfigError> {
+    let c = &settings.console;
+    match (auth::Users::from_settings(c), no_auth) {
+        (Some(_), true) => Err(ConfigError::new(
+            "console.operator_password",
+            "--no-auth was given, but passwords are configured: drop one or the other",
+        )),
+        (Some(users), false) => Ok(users),
+        (None, true) if c.listen.ip().is_loopback() => Ok(auth::Users::Open),
+        (None, true) => Err(ConfigError::new(
+            "console.listen",
+            format!(
+                "{} is not a loopback address: --no-auth is refused there (set console.operator_password and console.viewer_password)",
+                c.listen
+            ),
+        )),
+        (None, false) => Err(ConfigError::new(
+            "console.operator_password",
+            "the console does not start without credentials: set console.operator_password and/or console.viewer_password (e.g. PROVISIONER__CONSOLE__OPERATOR_PASSWORD, at least 12 characters), or give --no-auth on a loopback address",
+        )),
+    }
+}
+
+/// Run the console until SIGTERM or SIGINT.
+pub async fn run(settings: Settings, no_auth: bool) -> Result<(), ConsoleError> {
+    let users = users(&settings, no_auth)?;
+    actions::prepare_export_dir(&settings.console.export_dir).map_err(|source| {
+        ConsoleError::ExportDir {
+            dir: settings.console.export_dir.clone(),
+            source,
+        }
+    })?;
+    let addr = settings.console.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ConsoleError::Listen { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    let open = users.open();
+    let console = Arc::new(Console {
+        settings,
+        users,
+        sessions: auth::Sessions::default(),
+        open_csrf: auth::random_token(),
+        plans: actions::Plans::default(),
+        view: tokio::sync::Mutex::new(None),
+    });
+    if open {
+        tracing::warn!(
+            listen = %bound,
+            "console: --no-auth: anyone who reaches this loopback address may replay and discard dead letters"
+        );
+    }
+    tracing::info!(
+        listen = %bound,
+        version = crate::VERSION,
+        commit = crate::COMMIT,
+        dead_letter_queue = %console.settings.topology.dead_letter_queue,
+        "console: listening on http://{bound}/"
+    );
+    axum::serve(listener, router(console))
+        .with_graceful_shutdown(crate::shutdown::listen())
+        .await
+        .map_err(ConsoleError::Serve)?;
+    tracing::info!("console: stopped");
+    Ok(())
+}
+
+fn router(console: Shared) -> Router {
+    Router::new()
+        .route("/", get(pages::overview))
+        .route("/letters", get(pages::letters))
+        .route("/letters/{id}", get(pages::letter))
+        .route("/story", get(pages::story))
+        .route("/actions/preview", post(actions::preview))
+        .route("/actions/run", post(actions::run))
+        .route("/exports/{name}", get(actions::download))
+        .route("/login", get(pages::login).post(actions::login))
+        .route("/logout", post(actions::logout))
+        .route("/assets/console.css", get(css))
+        .route("/assets/console.js", get(js))
+        .fallback(pages::not_found)
+        .layer(DefaultBodyLimit::max(256 * 1024))
+        .layer(middleware::from_fn(same_origin))
+        .layer(middleware::map_response(security_headers))
+        .with_state(console)
+}
+
+async fn css() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("assets/console.css"),
+    )
+}
+
+async fn js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("assets/console.js"),
+    )
+}
+
+/// A POST whose `Origin` is another site is refused before any handler sees it (the
+/// CSRF token is the main guard; this one costs nothing).
+async fn same_origin(request: Request, next: Next) -> Response {
+    if request.method() == Method::POST
+        && let Some(origin) = request.headers().get(header::ORIGIN)
+    {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let origin_host = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.split_once("://"))
+            .map(|(_, rest)| rest);
+        if host.is_none() || origin_host != host {
+            tracing::warn!(
+                audit = "refused",
+                path = %request.uri().path(),
+                "console: a POST from another origin was refused"
+            );
+            return (StatusCode::FORBIDDEN, "cross-origin request refused").into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretString;
+
+    fn settings(listen: &str, password: Option<&str>) -> Settings {
+        let mut s = Settings::from_sources(crate::config::Sources {
+            env: Some(std::collections::HashMap::new()),
+            credentials: crate::config::Credentials::Optional,
+            ..crate::config::Sources::default()
+        })
+        .expect("defaults");
+        s.console.listen = listen.parse().expect("address");
+        s.console.operator_password = password.map(SecretString::from);
+        s
+    }
+
+    #[test]
+    fn no_credentials_no_console_except_loopback_with_the_flag() {
+        let refused = users(&settings("127.0.0.1:9465", None), false)
+            .err()
+            .expect("refused");
+        assert_eq!(refused.key, "console.operator_password");
+        assert!(users(&settings("127.0.0.1:9465", None), true).is_ok_and(|u| u.open()));
+        assert!(users(&settings("[::1]:9465", None), true).is_ok_and(|u| u.open()));
+        let remote = users(&settings("0.0.0.0:9465", None), true)
+            .err()
+            .expect("refused");
+        assert_eq!(remote.key, "console.listen");
+        let with = users(&settings("0.0.0.0:9465", Some("a-long-password")), false);
+        assert!(with.is_ok_and(|u| !u.open()));
+        assert!(users(&settings("127.0.0.1:9465", Some("a-long-password")), true).is_err());
+    }
+}
