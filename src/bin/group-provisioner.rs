@@ -46,8 +46,13 @@ async fn async_main() -> ExitCode {
     };
     // Operator commands print for humans; the worker and the console log JSON lines to
     // stdout (the console's are its audit trail).
-    if matches!(cli.command, Command::Run | Command::Console { .. }) {
-        if let Err(e) = telemetry::init(&settings.log) {
+    let log = match cli.command {
+        Command::Console { .. } => Some(group_provisioner::console::log_settings(&settings.log)),
+        Command::Run => Some(settings.log.clone()),
+        _ => None,
+    };
+    if let Some(log) = log {
+        if let Err(e) = telemetry::init(&log) {
             eprintln!("config error: {e}");
             return ExitCode::from(2);
         }

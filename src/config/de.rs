@@ -432,9 +432,7 @@ pub fn password<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>,
 
 /// A console password: unset, or at least [`CONSOLE_PASSWORD_MIN`] characters (it guards
 /// the buttons that move and remove dead letters).
-pub fn console_password<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<SecretString>, D::Error> {
+pub fn console_password<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
     let value = password(d)?;
     match value {
         Some(p) if p.expose_secret().chars().count() < CONSOLE_PASSWORD_MIN => Err(custom(

@@ -21,14 +21,16 @@ use axum::extract::{self, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 
-use crate::ops::dlq::{self, DEFAULT_MAX_REPLAYS, DiscardFilter, DlqReader, ReplayFilter, Selection};
+use crate::ops::dlq::{
+    self, DEFAULT_MAX_REPLAYS, DiscardFilter, DlqReader, ReplayFilter, Selection,
+};
 use crate::ops::events::{UnroutedFilter, replay_unrouted};
 use crate::text::printable;
 
+use super::Shared;
 use super::auth::{self, Operator, Session};
 use super::pages;
 use super::view::{Filter, LetterView};
-use super::Shared;
 
 /// A plan not confirmed within this long is forgotten.
 const PLAN_TTL: Duration = Duration::from_secs(15 * 60);
@@ -184,7 +186,12 @@ pub async fn login(State(c): State<Shared>, body: Bytes) -> Response {
     };
     let ttl = c.settings.console.session_ttl;
     let id = c.sessions.start(user, role, ttl);
-    tracing::info!(audit = "login", user, role = role.as_str(), "console: logged in");
+    tracing::info!(
+        audit = "login",
+        user,
+        role = role.as_str(),
+        "console: logged in"
+    );
     (
         [(header::SET_COOKIE, auth::set_cookie(&id, ttl))],
         Redirect::to("/"),
@@ -214,7 +221,11 @@ pub async fn logout(
 }
 
 /// `POST /actions/preview`: what an action would touch, and the button that confirms it.
-pub async fn preview(State(c): State<Shared>, Operator(session): Operator, body: Bytes) -> Response {
+pub async fn preview(
+    State(c): State<Shared>,
+    Operator(session): Operator,
+    body: Bytes,
+) -> Response {
     let form = Form::parse(&body);
     if !session.csrf_ok(form.get("csrf")) {
         return bad_csrf(&session, "/actions/preview");

@@ -160,10 +160,7 @@ impl Sessions {
     }
 
     pub fn end(&self, id: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 }
 
@@ -261,8 +258,11 @@ mod tests {
 
     #[test]
     fn each_user_logs_in_with_their_own_password_only() {
-        let users = Users::from_settings(&settings(Some("operator-secret-1"), Some("viewer-secret-1")))
-            .expect("users");
+        let users = Users::from_settings(&settings(
+            Some("operator-secret-1"),
+            Some("viewer-secret-1"),
+        ))
+        .expect("users");
         assert_eq!(users.check("op", "operator-secret-1"), Some(Role::Operator));
         assert_eq!(users.check("view", "viewer-secret-1"), Some(Role::Viewer));
         assert_eq!(users.check("op", "viewer-secret-1"), None);
@@ -270,7 +270,8 @@ mod tests {
         assert_eq!(users.check("op", "operator-secret-"), None);
         assert_eq!(users.check("", ""), None);
         assert!(Users::from_settings(&settings(None, None)).is_none());
-        let viewer_only = Users::from_settings(&settings(None, Some("viewer-secret-1"))).expect("users");
+        let viewer_only =
+            Users::from_settings(&settings(None, Some("viewer-secret-1"))).expect("users");
         assert_eq!(viewer_only.check("op", ""), None);
     }
 
@@ -278,7 +279,9 @@ mod tests {
     fn sessions_expire_and_end() {
         let sessions = Sessions::default();
         let id = sessions.start("op", Role::Operator, Duration::from_secs(60));
-        assert!(matches!(sessions.get(&id), Lookup::Live(s) if s.user == "op" && s.csrf.len() == 64));
+        assert!(
+            matches!(sessions.get(&id), Lookup::Live(s) if s.user == "op" && s.csrf.len() == 64)
+        );
         sessions.end(&id);
         assert!(matches!(sessions.get(&id), Lookup::None));
         let short = sessions.start("op", Role::Operator, Duration::ZERO);
@@ -289,7 +292,10 @@ mod tests {
     #[test]
     fn the_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, "a=1; gp_console=abc; b=2".parse().expect("header"));
+        h.insert(
+            header::COOKIE,
+            "a=1; gp_console=abc; b=2".parse().expect("header"),
+        );
         assert_eq!(cookie(&h).as_deref(), Some("abc"));
         assert_eq!(cookie(&HeaderMap::new()), None);
     }

@@ -104,6 +104,15 @@ impl Console {
     }
 }
 
+/// The console's logging: the worker's, without the broker client's own lines. The
+/// console's passes refuse and close channels on purpose (a passive declare of a queue
+/// that is not there), which that client logs as errors; the audit trail stays readable.
+pub fn log_settings(log: &crate::config::LogSettings) -> crate::config::LogSettings {
+    let mut log = log.clone();
+    log.level = format!("{},lapin=off,amq_protocol=off", log.level.trim());
+    log
+}
+
 /// The console's users from the settings, or the refusal to start without any
 /// (`no_auth` is accepted on a loopback address only).
 fn users(settings: &Settings, no_auth: bool) -> Result<auth::Users, ConfigError> {

@@ -351,7 +351,11 @@ pub async fn letter(
     Path(id): Path<String>,
 ) -> Response {
     if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return error_page(StatusCode::NOT_FOUND, Some(&session), "No such dead letter.");
+        return error_page(
+            StatusCode::NOT_FOUND,
+            Some(&session),
+            "No such dead letter.",
+        );
     }
     let found = match view::find(&c.settings, &id).await {
         Ok(Some(letter)) => letter,

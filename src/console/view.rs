@@ -341,7 +341,10 @@ mod tests {
         assert_eq!(o.per_hour[0], 1);
         assert_eq!(o.per_hour[3], 1);
         assert_eq!(o.older, 1);
-        assert_eq!(o.oldest_first_failed.as_deref(), Some("2026-12-01T00:00:00Z"));
+        assert_eq!(
+            o.oldest_first_failed.as_deref(),
+            Some("2026-12-01T00:00:00Z")
+        );
     }
 
     #[test]

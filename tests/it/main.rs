@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod client;
 mod cluster;
+mod console;
 mod contract;
 mod core;
 mod deploy;

@@ -725,7 +725,8 @@ async fn plant_dead_letters_of(env: &TestEnv, letters: &[(String, &str)]) {
     }
 }
 
-async fn dlq_order(env: &TestEnv) -> Vec<String> {
+/// The DLQ's ext ids in queue order (`dlq peek --json`).
+pub async fn dlq_order(env: &TestEnv) -> Vec<String> {
     let o = cli(env, &["dlq", "peek", "--limit", "1000", "--json"], &[]).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     json_lines(&o)

@@ -46,6 +46,14 @@ impl WorkerProcess {
         WorkerProcess::start(cmd, extra_env)
     }
 
+    /// Another long-running subcommand of the binary (`console`), its log lines collected
+    /// the same way.
+    pub fn spawn_args(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> WorkerProcess {
+        let mut cmd = env.command(BIN);
+        cmd.args(args);
+        WorkerProcess::start(cmd, extra_env)
+    }
+
     /// The worker with at most `nofile` file descriptors, as in a container with the common
     /// default of 1,024.
     pub fn spawn_with_nofile(

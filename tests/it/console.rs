@@ -1,0 +1,588 @@
+//! `group-provisioner console`, through the binary against the suite's broker and Redis:
+//! logins and roles, CSRF and origins, sessions that end, actions previewed then run once
+//! (also when two operators confirm the same letters at once), the replay limit, unrouted
+//! events — and, in a real headless Chromium over WebDriver, an operator's whole night
+//! with screenshots of each page (`browser_…`).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::ops::dlq_order;
+use crate::process::WorkerProcess;
+
+pub const T: Duration = Duration::from_secs(60);
+pub const OPERATOR_PASSWORD: &str = "operator-password-5f2c";
+pub const VIEWER_PASSWORD: &str = "viewer-password-9a1e";
+
+/// A console process on port 0, with both roles and an export directory of its own.
+pub struct ConsoleProcess {
+    pub process: WorkerProcess,
+    pub base: String,
+    pub exports: TempDir,
+}
+
+impl ConsoleProcess {
+    pub async fn start(env: &TestEnv, extra: &[(&str, &str)]) -> ConsoleProcess {
+        let exports = tempdir("console-exports");
+        let dir = exports.display().to_string();
+        let mut vars: Vec<(&str, &str)> = vec![
+            ("PROVISIONER__CONSOLE__LISTEN", "127.0.0.1:0"),
+            ("PROVISIONER__CONSOLE__OPERATOR_PASSWORD", OPERATOR_PASSWORD),
+            ("PROVISIONER__CONSOLE__VIEWER_PASSWORD", VIEWER_PASSWORD),
+            ("PROVISIONER__CONSOLE__EXPORT_DIR", &dir),
+        ];
+        vars.extend_from_slice(extra);
+        let process = WorkerProcess::spawn_args(env, &["console"], &vars);
+        let line = process.wait_text("message", "console: listening", T).await;
+        let listen = line["listen"].as_str().expect("listen address").to_owned();
+        ConsoleProcess {
+            process,
+            base: format!("http://{listen}"),
+            exports,
+        }
+    }
+
+    /// The audit lines of one kind (`action`, `login`, `refused`, …) once there are at
+    /// least `n` of them (the log is read as the process writes it).
+    pub async fn audit(&self, kind: &str, n: usize) -> Vec<Value> {
+        wait_for(&format!("{n} audit lines {kind:?}"), T, || async {
+            let lines: Vec<Value> = self
+                .process
+                .lines()
+                .into_iter()
+                .filter(|l| l["audit"] == kind)
+                .collect();
+            (lines.len() >= n).then_some(lines)
+        })
+        .await
+    }
+}
+
+/// One logged-in browser-less user: the session cookie and the page's CSRF token.
+pub struct Login {
+    http: reqwest::Client,
+    base: String,
+    cookie: String,
+    pub csrf: String,
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// A form body, as a browser sends it.
+pub fn form(request: reqwest::RequestBuilder, pairs: &[(&str, &str)]) -> reqwest::RequestBuilder {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    request
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+}
+
+/// `value` of the first `name="…" value="…"` input in `html`.
+pub fn field(html: &str, name: &str) -> Option<String> {
+    let at = html.find(&format!("name=\"{name}\" value=\""))?;
+    let rest = &html[at + name.len() + 15..];
+    rest.split('"').next().map(str::to_owned)
+}
+
+impl Login {
+    pub async fn new(base: &str, user: &str, password: &str) -> Login {
+        let http = http();
+        let r = form(
+            http.post(format!("{base}/login")),
+            &[("user", user), ("password", password)],
+        )
+        .send()
+        .await
+        .expect("login");
+        assert_eq!(r.status().as_u16(), 303, "login as {user}");
+        let cookie = r
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .expect("a session cookie")
+            .to_owned();
+        let mut login = Login {
+            http,
+            base: base.to_owned(),
+            cookie,
+            csrf: String::new(),
+        };
+        let (status, page) = login.get("/story").await;
+        assert_eq!(status, 200, "{page}");
+        login.csrf = field(&page, "csrf").expect("a CSRF token on the page");
+        login
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .expect("GET");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    pub async fn post(&self, path: &str, fields: &[(&str, &str)]) -> (u16, String) {
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie);
+        let r = form(request, fields).send().await.expect("POST");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// Preview `action` (a button's `do`) with `fields`: the plan id, if anything matched.
+    pub async fn preview(&self, action: &str, fields: &[(&str, &str)]) -> (u16, String) {
+        let mut all = vec![("csrf", self.csrf.as_str()), ("do", action)];
+        all.extend_from_slice(fields);
+        self.post("/actions/preview", &all).await
+    }
+
+    pub async fn run(&self, plan: &str) -> (u16, String) {
+        self.post("/actions/run", &[("csrf", &self.csrf), ("plan", plan)])
+            .await
+    }
+}
+
+/// A dead letter to plant: its ext id, kind, and headers beyond the usual ones.
+pub struct Letter {
+    pub ext_id: String,
+    pub kind: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, AMQPValue)>,
+}
+
+impl Letter {
+    pub fn new(ext_id: &str, kind: &str) -> Letter {
+        Letter {
+            ext_id: ext_id.to_owned(),
+            kind: kind.to_owned(),
+            body: json!({"org_unit_ext_id": ext_id, "org_unit_name": format!("Team {ext_id}"), "org_unit_parent_id": 1000})
+                .to_string()
+                .into_bytes(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: AMQPValue) -> Letter {
+        self.headers.push((name.to_owned(), value));
+        self
+    }
+}
+
+/// Dead letters straight into the DLQ, in order, with the headers the worker writes.
+pub async fn plant(env: &TestEnv, letters: &[Letter]) {
+    env.declare_topology().await;
+    let dlq = env.settings.topology.dead_letter_queue.clone();
+    for l in letters {
+        let mut headers = FieldTable::default();
+        for (k, v) in [
+            ("x-error-kind", l.kind.as_str()),
+            ("x-error-message", "parent 1000 is not active"),
+            ("x-first-failed-at", "2026-01-01T00:00:00Z"),
+            ("x-last-failed-at", "2026-01-01T00:00:00Z"),
+        ] {
+            headers.insert(k.into(), header_value(v));
+        }
+        headers.insert("x-attempts".into(), AMQPValue::LongInt(2));
+        headers.insert("x-http-status".into(), header_value("422"));
+        for (k, v) in &l.headers {
+            headers.insert(k.as_str().into(), v.clone());
+        }
+        env.channel
+            .basic_publish(
+                "".into(),
+                dlq.as_str().into(),
+                BasicPublishOptions::default(),
+                &l.body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_headers(headers),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+}
+
+/// Take every message from `queue` (acked): their ext ids, in order.
+async fn take_all(env: &TestEnv, queue: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(m) = env
+        .channel
+        .basic_get(
+            queue.into(),
+            BasicGetOptions {
+                no_ack: true,
+                ..BasicGetOptions::default()
+            },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let body: Value = serde_json::from_slice(&m.delivery.data).unwrap_or(Value::Null);
+        out.push(body["org_unit_ext_id"].as_str().unwrap_or("?").to_owned());
+    }
+    out
+}
+
+fn cli_env(env: &TestEnv) -> tokio::process::Command {
+    env.command(crate::process::BIN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_does_not_start_without_credentials_or_on_a_wide_address_without_them() {
+    let env = TestEnv::new().await;
+    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+        (&["console"], &[], "console.operator_password"),
+        (
+            &["console", "--no-auth"],
+            &[("PROVISIONER__CONSOLE__LISTEN", "0.0.0.0:0")],
+            "console.listen",
+        ),
+        (
+            &["console"],
+            &[("PROVISIONER__CONSOLE__OPERATOR_PASSWORD", "tiny-pw9")],
+            "console.operator_password",
+        ),
+        (
+            &["console"],
+            &[
+                ("PROVISIONER__CONSOLE__OPERATOR_PASSWORD", OPERATOR_PASSWORD),
+                ("PROVISIONER__CONSOLE__VIEWER_USER", "operator"),
+            ],
+            "console.viewer_user",
+        ),
+    ];
+    for (args, vars, key) in cases {
+        let mut cmd = cli_env(&env);
+        cmd.args(args)
+            .env("PROVISIONER__CONSOLE__LISTEN", "127.0.0.1:0");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = tokio::time::timeout(T, cmd.output())
+            .await
+            .expect("the console stops at once")
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {vars:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("config error: {key}:")),
+            "{args:?} {vars:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("tiny-pw9"),
+            "a password is never quoted: {stderr}"
+        );
+    }
+    // On loopback, --no-auth opens it to whoever reaches it: every page, no login.
+    env.declare_topology().await;
+    let exports = tempdir("console-open");
+    let dir = exports.display().to_string();
+    let open = WorkerProcess::spawn_args(
+        &env,
+        &["console", "--no-auth"],
+        &[
+            ("PROVISIONER__CONSOLE__LISTEN", "127.0.0.1:0"),
+            ("PROVISIONER__CONSOLE__EXPORT_DIR", &dir),
+        ],
+    );
+    let line = open.wait_text("message", "console: listening", T).await;
+    let base = format!("http://{}", line["listen"].as_str().expect("address"));
+    let r = http()
+        .get(format!("{base}/letters"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        open.lines().iter().any(|l| l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("--no-auth"))),
+        "the open console says so"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_looks_and_every_action_is_refused_to_them() {
+    let env = TestEnv::new().await;
+    let letters: Vec<Letter> = (0..3)
+        .map(|i| Letter::new(&format!("V-{i}"), "rejected"))
+        .collect();
+    plant(&env, &letters).await;
+    let console = ConsoleProcess::start(&env, &[]).await;
+    let viewer = Login::new(&console.base, "viewer", VIEWER_PASSWORD).await;
+    let (status, page) = viewer.get("/letters").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("3 of 3 dead letters match"), "{page}");
+    assert!(
+        !page.contains("name=\"id\""),
+        "no selection boxes for a viewer"
+    );
+    assert!(
+        !page.contains("Replay all"),
+        "no action buttons for a viewer"
+    );
+    let (status, page) = viewer.preview("replay-all", &[]).await;
+    assert_eq!(status, 403, "{page}");
+    assert!(page.contains("only an operator may"), "{page}");
+    let (status, _) = viewer.run("anything").await;
+    assert_eq!(status, 403);
+    let (status, _) = viewer.get("/exports/discard-x.jsonl").await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        env.queue_depth(&env.settings.topology.dead_letter_queue)
+            .await,
+        3
+    );
+    let refused = console.audit("refused", 3).await;
+    assert!(refused.iter().all(|l| l["user"] == "viewer"), "{refused:?}");
+    // A wrong password: refused, said in the log with the user, and no session.
+    let r = form(
+        http().post(format!("{}/login", console.base)),
+        &[("user", "operator"), ("password", VIEWER_PASSWORD)],
+    )
+    .send()
+    .await
+    .expect("login");
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    let refused_logins = console.audit("login_refused", 1).await;
+    assert_eq!(refused_logins.len(), 1, "{refused_logins:?}");
+    assert_eq!(refused_logins[0]["user"], "operator");
+    drop(console);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_need_the_session_s_csrf_token_and_this_origin_and_sessions_end() {
+    let env = TestEnv::new().await;
+    plant(&env, &[Letter::new("C-1", "rejected")]).await;
+    let console = ConsoleProcess::start(&env, &[("PROVISIONER__CONSOLE__SESSION_TTL", "3s")]).await;
+    let operator = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
+    let other = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
+    assert_ne!(operator.csrf, other.csrf, "each session has its own token");
+    for csrf in ["", "0", other.csrf.as_str()] {
+        let (status, page) = operator
+            .post("/actions/preview", &[("csrf", csrf), ("do", "discard-all")])
+            .await;
+        assert_eq!(status, 403, "csrf {csrf:?}: {page}");
+    }
+    let cross = form(
+        http()
+            .post(format!("{}/actions/preview", console.base))
+            .header("cookie", &operator.cookie)
+            .header("origin", "http://evil.example"),
+        &[("csrf", operator.csrf.as_str()), ("do", "discard-all")],
+    )
+    .send()
+    .await
+    .expect("POST");
+    assert_eq!(cross.status().as_u16(), 403);
+    // Security headers on every answer, the login page and a 404 included.
+    for path in ["/", "/login", "/letters", "/nowhere", "/assets/console.js"] {
+        let r = http()
+            .get(format!("{}{path}", console.base))
+            .header("cookie", &operator.cookie)
+            .send()
+            .await
+            .expect("GET");
+        let h = r.headers();
+        let csp = h
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{path}: {csp}"
+        );
+        assert_eq!(
+            h.get("x-frame-options").map(|v| v.as_bytes()),
+            Some(&b"DENY"[..]),
+            "{path}"
+        );
+        assert_eq!(
+            h.get("referrer-policy").map(|v| v.as_bytes()),
+            Some(&b"no-referrer"[..]),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        env.queue_depth(&env.settings.topology.dead_letter_queue)
+            .await,
+        1,
+        "nothing was acted on"
+    );
+    // The session ends after console.session_ttl: the next page asks for a login again,
+    // and says why.
+    let location = wait_for("the session to expire", Duration::from_secs(20), || async {
+        let r = http()
+            .get(format!("{}/letters", console.base))
+            .header("cookie", &operator.cookie)
+            .send()
+            .await
+            .expect("GET");
+        (r.status().as_u16() == 303).then(|| {
+            r.headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        })
+    })
+    .await;
+    assert_eq!(location, "/login?expired=1");
+    let (status, _) = operator.get("/").await;
+    assert_eq!(status, 303, "an ended session stays ended");
+    drop(console);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_confirming_the_same_letters_move_each_of_them_once() {
+    let env = TestEnv::new().await;
+    let letters: Vec<Letter> = (0..30)
+        .map(|i| {
+            let kind = if i % 3 == 0 {
+                "retries_exhausted"
+            } else {
+                "rejected"
+            };
+            Letter::new(&format!("TWO-{i:02}"), kind)
+        })
+        .collect();
+    plant(&env, &letters).await;
+    let before = dlq_order(&env).await;
+    let console = ConsoleProcess::start(&env, &[]).await;
+    let a = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
+    let b = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
+    let (status, page_a) = a.preview("replay-all", &[("kind", "rejected")]).await;
+    assert_eq!(status, 200, "{page_a}");
+    assert!(page_a.contains("Replay 20 dead letters"), "{page_a}");
+    let (_, page_b) = b.preview("replay-all", &[("kind", "rejected")]).await;
+    let (plan_a, plan_b) = (
+        field(&page_a, "plan").expect("plan"),
+        field(&page_b, "plan").expect("plan"),
+    );
+    // Both confirm at the same moment.
+    let ((sa, ra), (sb, rb)) = tokio::join!(a.run(&plan_a), b.run(&plan_b));
+    assert_eq!((sa, sb), (200, 200), "{ra}\n{rb}");
+    let actions = console.audit("action", 2).await;
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    let moved: u64 = actions
+        .iter()
+        .map(|l| l["count"].as_u64().unwrap_or(99))
+        .sum();
+    assert_eq!(
+        moved, 20,
+        "each letter moved once between the two: {actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .all(|l| l["user"] == "operator" && l["filter"] == "kind=rejected")
+    );
+    // No worker runs: the work queue holds what was replayed, each ext id once.
+    let replayed = take_all(&env, &env.settings.topology.work_queue).await;
+    let unique: BTreeSet<&String> = replayed.iter().collect();
+    assert_eq!((replayed.len(), unique.len()), (20, 20), "{replayed:?}");
+    // The rest stays, in its order.
+    let kept: Vec<String> = before
+        .iter()
+        .filter(|e| !unique.contains(e))
+        .cloned()
+        .collect();
+    assert_eq!(dlq_order(&env).await, kept);
+    // The same confirmation again does nothing.
+    let (status, page) = a.run(&plan_a).await;
+    assert_eq!(status, 409, "{page}");
+    assert!(page.contains("already ran"), "{page}");
+    assert_eq!(console.audit("action", 2).await.len(), 2);
+    drop(console);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_limit_holds_in_the_console_and_unrouted_events_are_replayed() {
+    let env = TestEnv::new().await;
+    plant(
+        &env,
+        &[
+            Letter::new("LIM-1", "rejected").header("x-replay-count", AMQPValue::LongInt(5)),
+            Letter::new("LIM-2", "rejected"),
+        ],
+    )
+    .await;
+    // Two events nobody is bound for: kept in the unrouted-events queue.
+    for ext in ["UNR-1", "UNR-2"] {
+        let mut h = FieldTable::default();
+        h.insert("ext_id".into(), header_value(ext));
+        env.channel
+            .basic_publish(
+                env.settings.topology.event_exchange.as_str().into(),
+                "group.created".into(),
+                BasicPublishOptions::default(),
+                json!({"org_unit_ext_id": ext}).to_string().as_bytes(),
+                BasicProperties::default().with_headers(h),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let unrouted = env.settings.topology.unrouted_events.clone();
+    wait_for("2 unrouted events", T, || async {
+        (env.queue_depth(&unrouted).await == 2).then_some(())
+    })
+    .await;
+    let console = ConsoleProcess::start(&env, &[]).await;
+    let op = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
+    let (_, overview) = op.get("/").await;
+    assert!(
+        overview.contains("<strong>2</strong> events wait"),
+        "{overview}"
+    );
+    let (_, page) = op.preview("replay-all", &[]).await;
+    assert!(page.contains("Replay 2 dead letters"), "{page}");
+    assert!(
+        page.contains("<strong>1</strong> of them were replayed 5 times"),
+        "{page}"
+    );
+    let (_, done) = op.run(&field(&page, "plan").expect("plan")).await;
+    assert!(done.contains("Replayed <strong>1</strong> of 2"), "{done}");
+    assert_eq!(
+        dlq_order(&env).await,
+        ["LIM-1"],
+        "the letter at the limit stays"
+    );
+    // Unrouted events: bind a queue, then replay them from the console.
+    let bound = env.event_queue("group.created").await;
+    let (_, page) = op.preview("replay-unrouted", &[]).await;
+    assert!(page.contains("Replay 2 unrouted events"), "{page}");
+    let (_, done) = op.run(&field(&page, "plan").expect("plan")).await;
+    assert!(done.contains("Replayed <strong>2</strong> of 2"), "{done}");
+    assert_eq!(take_all(&env, &bound).await, ["UNR-1", "UNR-2"]);
+    assert_eq!(env.queue_depth(&unrouted).await, 0);
+    drop(console);
+    env.cleanup().await;
+}
