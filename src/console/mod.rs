@@ -14,7 +14,7 @@
 //!   carries the session's CSRF token, and a POST from another origin is refused.
 //! - Everything from a message is made printable (`text::printable`) and escaped (maud)
 //!   before it reaches a page; no page holds a secret. Every response carries a CSP that
-//!   allows no inline script, `X-Frame-Options: DENY` and `Referrer-Policy: no-referrer`.
+//!   allows no inline script, `X-Frame-Options: DENY` and `Referrer-Policy: same-origin`.
 //! - Every action, refusal and login is a log line naming the user: the audit trail.
 //!
 //! - `auth.rs` — users, sessions, CSRF, the role extractors;
@@ -251,7 +251,9 @@ async fn security_headers(mut response: Response) -> Response {
             "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not `no-referrer`: with it a browser sends `Origin: null` on its own form posts,
+        // and `same_origin` could not tell them from a sandboxed page's.
+        (header::REFERRER_POLICY, "same-origin"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::CACHE_CONTROL, "no-store"),
     ] {

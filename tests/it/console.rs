@@ -423,7 +423,7 @@ async fn posts_need_the_session_s_csrf_token_and_this_origin_and_sessions_end() 
         );
         assert_eq!(
             h.get("referrer-policy").map(|v| v.as_bytes()),
-            Some(&b"no-referrer"[..]),
+            Some(&b"same-origin"[..]),
             "{path}"
         );
     }

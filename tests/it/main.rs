@@ -3,6 +3,7 @@
 //! names, own Redis key prefix) so the suite runs in parallel and twice in a row.
 
 mod auth;
+mod browser;
 mod cli;
 mod client;
 mod cluster;
