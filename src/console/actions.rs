@@ -13,8 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{self, State};
@@ -30,97 +29,8 @@ use crate::text::printable;
 use super::Shared;
 use super::auth::{self, Operator, Session};
 use super::pages;
+use super::plan::{Action, Done, PLAN_TTL, Plan};
 use super::view::{Filter, LetterView};
-
-/// A plan not confirmed within this long is forgotten.
-const PLAN_TTL: Duration = Duration::from_secs(15 * 60);
-const MAX_PLANS: usize = 1_000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Replay,
-    Discard,
-    ReplayUnrouted,
-}
-
-impl Action {
-    /// A button's `do`: the action, and whether it is for the selected letters only
-    /// (else for every letter the filter lets through).
-    fn parse(text: &str) -> Option<(Action, bool)> {
-        match text {
-            "replay-selected" => Some((Action::Replay, true)),
-            "replay-all" => Some((Action::Replay, false)),
-            "discard-selected" => Some((Action::Discard, true)),
-            "discard-all" => Some((Action::Discard, false)),
-            "replay-unrouted" => Some((Action::ReplayUnrouted, false)),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Replay => "replay",
-            Action::Discard => "discard",
-            Action::ReplayUnrouted => "replay_unrouted",
-        }
-    }
-
-    /// "Replay 3 dead letters", for buttons and headings.
-    pub fn describe(self, n: usize) -> String {
-        let letters = crate::text::count(n as u64, "dead letter", "dead letters");
-        match self {
-            Action::Replay => format!("Replay {letters}"),
-            Action::Discard => format!("Discard {letters}"),
-            Action::ReplayUnrouted => format!(
-                "Replay {}",
-                crate::text::count(n as u64, "unrouted event", "unrouted events")
-            ),
-        }
-    }
-}
-
-/// An action previewed and waiting for its confirmation.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub action: Action,
-    pub user: String,
-    pub selection: Selection,
-    /// The filter or "selected", for the audit line.
-    pub scope: String,
-    /// What the confirmation page lists (the first ones).
-    pub letters: Vec<LetterView>,
-    /// Of the selection, letters at the replay limit: a replay leaves them.
-    pub at_limit: usize,
-    expires: Instant,
-}
-
-#[derive(Default)]
-pub struct Plans(Mutex<HashMap<String, Plan>>);
-
-impl Plans {
-    fn keep(&self, plan: Plan) -> String {
-        let id = auth::random_token();
-        let now = Instant::now();
-        let mut plans = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        plans.retain(|_, p| p.expires > now);
-        if plans.len() >= MAX_PLANS
-            && let Some(oldest) = plans
-                .iter()
-                .min_by_key(|(_, p)| p.expires)
-                .map(|(k, _)| k.clone())
-        {
-            plans.remove(&oldest);
-        }
-        plans.insert(id.clone(), plan);
-        id
-    }
-
-    /// The plan, taken out: nobody can confirm it again.
-    fn take(&self, id: &str) -> Option<Plan> {
-        let mut plans = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        plans.remove(id).filter(|p| p.expires > Instant::now())
-    }
-}
 
 /// A form body's fields (a name may repeat: the selected letters' `id`).
 struct Form(Vec<(String, String)>);
@@ -321,16 +231,6 @@ async fn plan_unrouted(c: &Shared) -> Planned {
         selection.insert(v.id.clone());
     }
     Ok((selection, views, "all unrouted events".into()))
-}
-
-/// What an action did, for the result page.
-#[derive(Debug, Default)]
-pub struct Done {
-    pub done: usize,
-    /// Left where they were: at the replay limit, or no longer there.
-    pub left: usize,
-    pub export: Option<String>,
-    pub error: Option<String>,
 }
 
 /// `POST /actions/run`: run a previewed plan, once.
@@ -577,23 +477,5 @@ mod tests {
         assert_eq!(f.get("csrf"), "t");
         assert_eq!(f.filter().ext_id, "A&B");
         assert_eq!(f.get("missing"), "");
-    }
-
-    #[test]
-    fn a_plan_is_taken_once() {
-        let plans = Plans::default();
-        let plan = Plan {
-            action: Action::Replay,
-            user: "op".into(),
-            selection: Selection::default(),
-            scope: "all".into(),
-            letters: Vec::new(),
-            at_limit: 0,
-            expires: Instant::now() + PLAN_TTL,
-        };
-        let id = plans.keep(plan);
-        assert!(plans.take(&id).is_some());
-        assert!(plans.take(&id).is_none());
-        assert!(plans.take("").is_none());
     }
 }

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -193,6 +192,13 @@ pub fn clear_cookie() -> String {
     format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
 }
 
+/// Why a request does not reach its page: no live session (to the login page), or a
+/// viewer where an operator is needed (`pages.rs` renders it).
+pub enum Denied {
+    Login { expired: bool },
+    NotOperator(Session),
+}
+
 /// Anyone logged in (or anyone, with `--no-auth`).
 pub struct Viewer(pub Session);
 
@@ -200,9 +206,9 @@ pub struct Viewer(pub Session);
 pub struct Operator(pub Session);
 
 impl FromRequestParts<Shared> for Viewer {
-    type Rejection = Response;
+    type Rejection = Denied;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Response> {
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Denied> {
         if state.users.open() {
             return Ok(Viewer(Session {
                 user: "local (no auth)".into(),
@@ -214,16 +220,16 @@ impl FromRequestParts<Shared> for Viewer {
         let lookup = cookie(&parts.headers).map_or(Lookup::None, |id| state.sessions.get(&id));
         match lookup {
             Lookup::Live(s) => Ok(Viewer(s)),
-            Lookup::Expired => Err(Redirect::to("/login?expired=1").into_response()),
-            Lookup::None => Err(Redirect::to("/login").into_response()),
+            Lookup::Expired => Err(Denied::Login { expired: true }),
+            Lookup::None => Err(Denied::Login { expired: false }),
         }
     }
 }
 
 impl FromRequestParts<Shared> for Operator {
-    type Rejection = Response;
+    type Rejection = Denied;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Response> {
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Denied> {
         let Viewer(session) = Viewer::from_request_parts(parts, state).await?;
         if session.role != Role::Operator {
             tracing::warn!(
@@ -233,8 +239,7 @@ impl FromRequestParts<Shared> for Operator {
                 path = %parts.uri.path(),
                 "console: a viewer tried to act; refused"
             );
-            let page = super::pages::refused(&session);
-            return Err((StatusCode::FORBIDDEN, page).into_response());
+            return Err(Denied::NotOperator(session));
         }
         Ok(Operator(session))
     }

@@ -20,11 +20,13 @@
 //! - `auth.rs` — users, sessions, CSRF, the role extractors;
 //! - `view.rs` — the DLQ read into bounded summaries, the filter, the overview's figures;
 //! - `actions.rs` — preview, confirm, run once, the export download, the audit lines;
+//! - `plan.rs` — an action between its preview and its run (plain data);
 //! - `pages.rs` — the HTML (typed maud templates).
 
 mod actions;
 mod auth;
 mod pages;
+mod plan;
 mod view;
 
 use std::net::SocketAddr;
@@ -73,7 +75,7 @@ pub struct Console {
     sessions: auth::Sessions,
     /// The CSRF token of every request with `--no-auth` (there are no sessions then).
     open_csrf: String,
-    plans: actions::Plans,
+    plans: plan::Plans,
     view: tokio::sync::Mutex<Option<(Instant, Arc<view::Snapshot>)>>,
 }
 
@@ -158,7 +160,7 @@ pub async fn run(settings: Settings, no_auth: bool) -> Result<(), ConsoleError> 
         users,
         sessions: auth::Sessions::default(),
         open_csrf: auth::random_token(),
-        plans: actions::Plans::default(),
+        plans: plan::Plans::default(),
         view: tokio::sync::Mutex::new(None),
     });
     if open {

@@ -7,7 +7,7 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
@@ -16,8 +16,8 @@ use crate::command::ExtId;
 use crate::text::printable;
 
 use super::Shared;
-use super::actions::{Action, Done, Plan};
-use super::auth::{Role, Session, Viewer};
+use super::auth::{Denied, Role, Session, Viewer};
+use super::plan::{Action, Done, Plan};
 use super::view::{self, Filter, LetterView, Overview};
 
 /// Letters per page of the list.
@@ -71,7 +71,19 @@ pub fn error_page(status: StatusCode, session: Option<&Session>, message: &str) 
     (status, layout("Not done", session, body)).into_response()
 }
 
-pub fn refused(session: &Session) -> Markup {
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Login { expired: true } => Redirect::to("/login?expired=1").into_response(),
+            Denied::Login { expired: false } => Redirect::to("/login").into_response(),
+            Denied::NotOperator(session) => {
+                (StatusCode::FORBIDDEN, refused(&session)).into_response()
+            }
+        }
+    }
+}
+
+fn refused(session: &Session) -> Markup {
     layout(
         "Not allowed",
         Some(session),
@@ -101,7 +113,7 @@ pub struct LoginQuery {
 
 pub async fn login(State(c): State<Shared>, Query(q): Query<LoginQuery>) -> Response {
     if c.users.open() {
-        return axum::response::Redirect::to("/").into_response();
+        return Redirect::to("/").into_response();
     }
     login_page(None, q.expired.is_some()).into_response()
 }
@@ -274,21 +286,7 @@ pub async fn letters(
     let matching = filter.apply(&snapshot);
     let act = may_act(&session);
     let body = html! {
-        form.filter method="get" action="/letters" role="search" {
-            label for="kind" { "Kind" }
-            select #kind name="kind" {
-                option value="" selected[filter.kind.is_empty()] { "any" }
-                @for k in &kinds {
-                    option value=(k) selected[filter.kind == *k] { (printable(k, 64)) }
-                }
-            }
-            label for="ext_id" { "Ext id" }
-            input #ext_id name="ext_id" type="text" value=(filter.ext_id);
-            label for="older_than" { "Older than" }
-            input #older_than name="older_than" type="text" placeholder="e.g. 2h, 7d" value=(filter.older_than);
-            button type="submit" { "Filter" }
-            @if !filter.is_empty() { a href="/letters" { "Clear" } }
-        }
+        (filter_form(&filter, &kinds))
         @match &matching {
             Err(e) => p.error role="alert" { (e) },
             Ok(list) => {
@@ -297,31 +295,7 @@ pub async fn letters(
                 p role="status" { (list.len()) " of " (snapshot.letters.len()) " dead letters match (" (filter.describe()) "). Page " (page) " of " (pages) "." }
                 form method="post" action="/actions/preview" {
                     @if act { (hidden(&session, &filter)) }
-                    div.scroll {
-                        table.letters {
-                            thead { tr {
-                                @if act { th scope="col" { input #select-all type="checkbox" aria-label="Select every letter on this page"; } }
-                                th scope="col" { "#" } th scope="col" { "Kind" } th scope="col" { "Ext id" }
-                                th scope="col" { "Attempts" } th scope="col" { "HTTP" } th scope="col" { "Replays" }
-                                th scope="col" { "Last failed" } th scope="col" { "Error" }
-                            } }
-                            tbody {
-                                @for l in &shown {
-                                    tr {
-                                        @if act { td { input type="checkbox" name="id" value=(l.id) id=(format!("pick-{}", l.position)) aria-label=(format!("Select dead letter #{}", l.position)); } }
-                                        td { a href=(format!("/letters/{}", l.id)) { "#" (l.position) } }
-                                        td { (printable(&l.kind, 64)) }
-                                        td { (ext_id_cell(l)) }
-                                        td.num { (l.attempts) }
-                                        td.num { @if let Some(h) = l.http_status { (h) } @else { "–" } }
-                                        td.num { (l.replay_count) }
-                                        td { (l.last_failed_at.as_deref().unwrap_or("–")) }
-                                        td.error-text { (l.error.as_deref().map(|e| printable(e, 120)).unwrap_or_default()) }
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    (letters_table(&shown, act))
                     @if act && !list.is_empty() {
                         fieldset.actions {
                             legend { "Act on these dead letters (you confirm on the next page)" }
@@ -342,6 +316,56 @@ pub async fn letters(
         }
     };
     layout("Dead letters", Some(&session), body).into_response()
+}
+
+fn filter_form(filter: &Filter, kinds: &std::collections::BTreeSet<&str>) -> Markup {
+    html! {
+        form.filter method="get" action="/letters" role="search" {
+            label for="kind" { "Kind" }
+            select #kind name="kind" {
+                option value="" selected[filter.kind.is_empty()] { "any" }
+                @for k in kinds {
+                    option value=(k) selected[filter.kind == *k] { (printable(k, 64)) }
+                }
+            }
+            label for="ext_id" { "Ext id" }
+            input #ext_id name="ext_id" type="text" value=(filter.ext_id);
+            label for="older_than" { "Older than" }
+            input #older_than name="older_than" type="text" placeholder="e.g. 2h, 7d" value=(filter.older_than);
+            button type="submit" { "Filter" }
+            @if !filter.is_empty() { a href="/letters" { "Clear" } }
+        }
+    }
+}
+
+fn letters_table(shown: &[&&LetterView], act: bool) -> Markup {
+    html! {
+        div.scroll {
+            table.letters {
+                thead { tr {
+                    @if act { th scope="col" { input #select-all type="checkbox" aria-label="Select every letter on this page"; } }
+                    th scope="col" { "#" } th scope="col" { "Kind" } th scope="col" { "Ext id" }
+                    th scope="col" { "Attempts" } th scope="col" { "HTTP" } th scope="col" { "Replays" }
+                    th scope="col" { "Last failed" } th scope="col" { "Error" }
+                } }
+                tbody {
+                    @for l in shown {
+                        tr {
+                            @if act { td { input type="checkbox" name="id" value=(l.id) id=(format!("pick-{}", l.position)) aria-label=(format!("Select dead letter #{}", l.position)); } }
+                            td { a href=(format!("/letters/{}", l.id)) { "#" (l.position) } }
+                            td { (printable(&l.kind, 64)) }
+                            td { (ext_id_cell(l)) }
+                            td.num { (l.attempts) }
+                            td.num { @if let Some(h) = l.http_status { (h) } @else { "–" } }
+                            td.num { (l.replay_count) }
+                            td { (l.last_failed_at.as_deref().unwrap_or("–")) }
+                            td.error-text { (l.error.as_deref().map(|e| printable(e, 120)).unwrap_or_default()) }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `GET /letters/{id}`.
@@ -374,35 +398,9 @@ pub async fn letter(
             );
         }
     };
-    let text = |key: &str, max: usize| -> String {
-        match &found[key] {
-            Value::Null => "–".to_owned(),
-            Value::String(s) => printable(s, max),
-            other => printable(&other.to_string(), max),
-        }
-    };
-    let ext_id = found["ext_id"].as_str().filter(|x| x.len() <= 255);
     let title = format!("Dead letter #{}", found["position"]);
     let body = html! {
-        dl.fields {
-            dt { "Kind" } dd { (text("kind", 64)) }
-            dt { "Ext id" } dd {
-                @match ext_id {
-                    Some(x) => a href=(story_link(x)) { (printable(x, 160)) },
-                    None => (text("ext_id", 160)),
-                }
-            }
-            dt { "Error" } dd { (text("error_message", 2_000)) }
-            dt { "Attempts" } dd { (text("attempts", 20)) }
-            dt { "HTTP status" } dd { (text("http_status", 20)) }
-            dt { "Replays" } dd { (text("replay_count", 20)) }
-            dt { "First failed" } dd { (text("first_failed_at", 64)) }
-            dt { "Last failed" } dd { (text("last_failed_at", 64)) }
-            dt { "Worker version" } dd { (text("worker_version", 64)) }
-            dt { "Message id" } dd { (text("message_id", 255)) }
-            dt { "Correlation id" } dd { (text("correlation_id", 255)) }
-            dt { "Content type" } dd { (text("content_type", 255)) }
-        }
+        (letter_fields(&found))
         @if may_act(&session) {
             form method="post" action="/actions/preview" {
                 input type="hidden" name="csrf" value=(session.csrf);
@@ -426,6 +424,39 @@ pub async fn letter(
         }
     };
     layout(&title, Some(&session), body).into_response()
+}
+
+/// The summary of one letter (its `dlq peek --json` object), each value printable.
+fn letter_fields(found: &Value) -> Markup {
+    let text = |key: &str, max: usize| -> String {
+        match &found[key] {
+            Value::Null => "–".to_owned(),
+            Value::String(s) => printable(s, max),
+            other => printable(&other.to_string(), max),
+        }
+    };
+    let ext_id = found["ext_id"].as_str().filter(|x| x.len() <= 255);
+    html! {
+    dl.fields {
+        dt { "Kind" } dd { (text("kind", 64)) }
+        dt { "Ext id" } dd {
+            @match ext_id {
+                Some(x) => a href=(story_link(x)) { (printable(x, 160)) },
+                None => (text("ext_id", 160)),
+            }
+        }
+        dt { "Error" } dd { (text("error_message", 2_000)) }
+        dt { "Attempts" } dd { (text("attempts", 20)) }
+        dt { "HTTP status" } dd { (text("http_status", 20)) }
+        dt { "Replays" } dd { (text("replay_count", 20)) }
+        dt { "First failed" } dd { (text("first_failed_at", 64)) }
+        dt { "Last failed" } dd { (text("last_failed_at", 64)) }
+        dt { "Worker version" } dd { (text("worker_version", 64)) }
+        dt { "Message id" } dd { (text("message_id", 255)) }
+        dt { "Correlation id" } dd { (text("correlation_id", 255)) }
+        dt { "Content type" } dd { (text("content_type", 255)) }
+    }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

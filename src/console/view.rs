@@ -349,11 +349,15 @@ mod tests {
 
     #[test]
     fn bodies_are_pretty_and_printable() {
+        // JSON: pretty, and an escape stays a JSON escape.
         let letter = serde_json::json!({"body": "{\"a\":\"\\u001b[31mred\"}"});
         let text = body_text(&letter);
-        assert!(text.contains("\"a\": "), "{text}");
-        assert!(text.contains("\\u{1b}[31mred"), "{text}");
+        assert!(text.contains("\"a\": \"\\u001b[31mred\""), "{text}");
         assert!(!text.contains('\u{1b}'));
+        // Not JSON: each line printable.
+        let raw = serde_json::json!({"body": "line one\n\u{1b}]0;title\u{7}two"});
+        let text = body_text(&raw);
+        assert_eq!(text, "line one\n\\u{1b}]0;title\\u{7}two\n");
         let binary = serde_json::json!({"body": null, "body_base64": "/wA="});
         assert!(body_text(&binary).starts_with("(not UTF-8"));
     }

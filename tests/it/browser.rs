@@ -338,6 +338,12 @@ async fn browser_an_operator_works_the_dlq_in_the_console() {
         exported, rest,
         "the export holds exactly what was discarded, in order"
     );
+    let name = href.rsplit('/').next().expect("a file name");
+    let on_disk = std::fs::read_to_string(console.exports.join(name)).expect("the export file");
+    assert_eq!(
+        on_disk, text,
+        "the download is the file in console.export_dir"
+    );
     assert_eq!(dlq_order(&env).await, Vec::<String>::new());
     let audit = console.audit("action", 2).await;
     assert_eq!(audit[1]["action"], "discard");

@@ -161,7 +161,6 @@ impl Login {
 
 /// A dead letter to plant: its ext id, kind, and headers beyond the usual ones.
 pub struct Letter {
-    pub ext_id: String,
     pub kind: String,
     pub body: Vec<u8>,
     pub headers: Vec<(String, AMQPValue)>,
@@ -170,7 +169,6 @@ pub struct Letter {
 impl Letter {
     pub fn new(ext_id: &str, kind: &str) -> Letter {
         Letter {
-            ext_id: ext_id.to_owned(),
             kind: kind.to_owned(),
             body: json!({"org_unit_ext_id": ext_id, "org_unit_name": format!("Team {ext_id}"), "org_unit_parent_id": 1000})
                 .to_string()
@@ -227,13 +225,7 @@ async fn take_all(env: &TestEnv, queue: &str) -> Vec<String> {
     let mut out = Vec::new();
     while let Some(m) = env
         .channel
-        .basic_get(
-            queue.into(),
-            BasicGetOptions {
-                no_ack: true,
-                ..BasicGetOptions::default()
-            },
-        )
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
         .await
         .expect("basic.get")
     {
@@ -250,7 +242,9 @@ fn cli_env(env: &TestEnv) -> tokio::process::Command {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_does_not_start_without_credentials_or_on_a_wide_address_without_them() {
     let env = TestEnv::new().await;
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    // (arguments, environment, the key the error names)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
         (&["console"], &[], "console.operator_password"),
         (
             &["console", "--no-auth"],

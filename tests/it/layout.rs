@@ -27,7 +27,7 @@ const ADAPTERS: [&str; 8] = [
     "telemetry",
     "config",
 ];
-const COMMANDS: [&str; 4] = ["worker", "ops", "cli", "app"];
+const COMMANDS: [&str; 5] = ["worker", "ops", "console", "cli", "app"];
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("src readable") {
@@ -217,7 +217,12 @@ fn only_the_cli_wires_the_commands() {
     // The binary reaches `cli` as `group_provisioner::cli`; no library module does.
     assert_eq!(users("cli"), BTreeSet::new());
     assert_eq!(users("worker"), BTreeSet::from(["cli".to_owned()]));
-    assert_eq!(users("ops"), BTreeSet::from(["cli".to_owned()]));
+    // The console acts through the operator commands' library code, as the CLI does.
+    assert_eq!(
+        users("ops"),
+        BTreeSet::from(["cli".to_owned(), "console".to_owned()])
+    );
+    assert_eq!(users("console"), BTreeSet::from(["cli".to_owned()]));
 }
 
 #[test]
