@@ -1,6 +1,6 @@
 # group-provisioner: the worker and convirza-sim in one small, non-root image.
 #
-#   docker build -t group-provisioner:0.2.0 \
+#   docker build -t group-provisioner:0.3.0 \
 #     --build-arg REVISION="$(git rev-parse HEAD)" .
 #   docker run --rm group-provisioner --help
 #   docker run --rm --entrypoint convirza-sim group-provisioner --listen 0.0.0.0:8080
@@ -28,7 +28,7 @@ FROM debian:bookworm-slim
 ARG REVISION=unknown
 # Keep in step with Cargo.toml's version (a test checks it).
 LABEL org.opencontainers.image.title="group-provisioner" \
-      org.opencontainers.image.version="0.2.0" \
+      org.opencontainers.image.version="0.3.0" \
       org.opencontainers.image.revision="$REVISION" \
       org.opencontainers.image.source="https://github.com/example/group-provisioner"
 RUN apt-get update \

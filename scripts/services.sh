@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make RabbitMQ (127.0.0.1:5672, management on :15672) and Redis (127.0.0.1:6379) available.
+# Make RabbitMQ (127.0.0.1:5672, management on :15672) and Redis (127.0.0.1:6379) available,
+# and Chromium with chromedriver for the console's browser tests.
 # Installs them with apt-get when absent (needs root), starts them when stopped, waits until
 # they accept connections. Safe to run when they are already up. Source it or run it.
 # It changes the machine's broker in one way, and says so when it does: it enables the
@@ -48,7 +49,17 @@ ensure_services() {
   fi
 }
 
+# The console's browser tests drive Debian's headless Chromium through chromedriver.
+ensure_browser() {
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "services: installing chromium and chromium-driver with apt-get (the console's browser tests)" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   ensure_services
+  ensure_browser
   echo "services: rabbitmq and redis are up"
 fi

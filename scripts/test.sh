@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
+ensure_browser
 # The contract's Python example publisher is run by the tests, and the Prometheus client's
 # parsers read /metrics in both formats.
 python3 -c 'import pika, prometheus_client' 2>/dev/null \
