@@ -176,7 +176,7 @@ type Planned = Result<(Selection, Vec<LetterView>, String), String>;
 
 /// The selected letters (by id) or every letter the filter lets through, as they are now.
 async fn plan_letters(c: &Shared, form: &Form, selected: bool) -> Planned {
-    let snapshot = c.fresh_snapshot().await.map_err(|e| e.to_string())?;
+    let snapshot = c.fresh_snapshot().await?;
     let (letters, scope): (Vec<LetterView>, String) = if selected {
         let ids: Vec<&str> = form.all("id").collect();
         let mut picked = Vec::new();
@@ -207,10 +207,9 @@ async fn plan_letters(c: &Shared, form: &Form, selected: bool) -> Planned {
 
 /// Every event waiting in the unrouted-events queue, as it is now.
 async fn plan_unrouted(c: &Shared) -> Planned {
-    let settings = &c.settings;
-    let queue = settings.topology.unrouted_events.clone();
-    let read = async {
-        let mut reader = DlqReader::open_queue(settings, &queue, "console view", None).await?;
+    let read = |settings: std::sync::Arc<crate::config::Settings>| async move {
+        let queue = settings.topology.unrouted_events.clone();
+        let mut reader = DlqReader::open_queue(&settings, &queue, "console view", None).await?;
         let mut views = Vec::new();
         let result = loop {
             match reader.next().await {
@@ -225,7 +224,7 @@ async fn plan_unrouted(c: &Shared) -> Planned {
         };
         dlq::ended(result, reader.close().await).map(|()| views)
     };
-    let views = read.await.map_err(|e| e.to_string())?;
+    let views = super::whole(&c.settings, read).await?;
     let mut selection = Selection::default();
     for v in &views {
         selection.insert(v.id.clone());

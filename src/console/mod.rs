@@ -70,7 +70,7 @@ pub enum ConsoleError {
 
 /// What every request shares.
 pub struct Console {
-    settings: Settings,
+    settings: Arc<Settings>,
     users: auth::Users,
     sessions: auth::Sessions,
     /// The CSRF token of every request with `--no-auth` (there are no sessions then).
@@ -83,26 +83,44 @@ pub type Shared = Arc<Console>;
 
 impl Console {
     /// The DLQ as of at most [`VIEW_REUSE`] ago (one pass for requests that come together).
-    async fn snapshot(&self) -> Result<Arc<view::Snapshot>, OpsError> {
+    async fn snapshot(&self) -> Result<Arc<view::Snapshot>, String> {
         let mut cached = self.view.lock().await;
         if let Some((at, s)) = cached.as_ref()
             && at.elapsed() < VIEW_REUSE
         {
             return Ok(s.clone());
         }
-        let fresh = Arc::new(view::read(&self.settings).await?);
+        let fresh = Arc::new(whole(&self.settings, |s| async move { view::read(&s).await }).await?);
         *cached = Some((Instant::now(), fresh.clone()));
         Ok(fresh)
     }
 
     /// The DLQ now, for an action's preview (and for the pages after it).
-    async fn fresh_snapshot(&self) -> Result<Arc<view::Snapshot>, OpsError> {
+    async fn fresh_snapshot(&self) -> Result<Arc<view::Snapshot>, String> {
         self.forget_view().await;
         self.snapshot().await
     }
 
     async fn forget_view(&self) {
         *self.view.lock().await = None;
+    }
+}
+
+/// Run a pass to its end even if the request future that asked for it is dropped (the
+/// server drops a request's future when its connection fails): a pass cut short gives
+/// back what it read behind what it had not read yet, which rotates the queue
+/// (`ops::dlq::reader`). Its error, as text for a page.
+async fn whole<T, F>(
+    settings: &Arc<Settings>,
+    pass: impl FnOnce(Arc<Settings>) -> F,
+) -> Result<T, String>
+where
+    F: Future<Output = Result<T, OpsError>> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::spawn(pass(settings.clone())).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the pass stopped: {e}")),
     }
 }
 
@@ -156,7 +174,7 @@ pub async fn run(settings: Settings, no_auth: bool) -> Result<(), ConsoleError> 
     let bound = listener.local_addr().unwrap_or(addr);
     let open = users.open();
     let console = Arc::new(Console {
-        settings,
+        settings: Arc::new(settings),
         users,
         sessions: auth::Sessions::default(),
         open_csrf: auth::random_token(),

@@ -381,7 +381,13 @@ pub async fn letter(
             "No such dead letter.",
         );
     }
-    let found = match view::find(&c.settings, &id).await {
+    let wanted = id.clone();
+    let found = match super::whole(
+        &c.settings,
+        |s| async move { view::find(&s, &wanted).await },
+    )
+    .await
+    {
         Ok(Some(letter)) => letter,
         Ok(None) => {
             return error_page(
