@@ -444,6 +444,29 @@ pub fn console_password<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret
 
 pub const CONSOLE_PASSWORD_MIN: usize = 12;
 
+/// `console.public_url`: the origin people reach the console at (`https://dlq.example.com`),
+/// as `scheme://host[:port]`; no path, no credentials.
+pub fn public_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = String::deserialize(d)?;
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    let v = url(&value, &["http", "https"]).map_err(custom)?;
+    let parsed = reqwest::Url::parse(&v).map_err(|e| custom(e.to_string()))?;
+    let plain = parsed.username().is_empty()
+        && parsed.password().is_none()
+        && parsed.path() == "/"
+        && parsed.query().is_none()
+        && parsed.fragment().is_none();
+    if !plain {
+        return Err(custom(format!(
+            "{:?} must be an origin only, e.g. https://dlq.example.com (no path, no credentials)",
+            redact_url(&v)
+        )));
+    }
+    Ok(Some(parsed.origin().ascii_serialization()))
+}
+
 /// A console user name: 1-64 characters of A-Z a-z 0-9 _ - . @ (it is written in every
 /// audit line).
 pub fn user_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -37,7 +37,7 @@ pub const ENV_PREFIX: &str = "PROVISIONER";
 pub const DEFAULTS_TOML: &str = include_str!("../../config/example.toml");
 /// Keys that exist but have no default (credentials; which are required depends on
 /// `api.auth`).
-pub const KEYS_WITHOUT_DEFAULT: [&str; 14] = [
+pub const KEYS_WITHOUT_DEFAULT: [&str; 15] = [
     "amqp.management_url",
     "redis.nodes",
     "redis.sentinel_master",
@@ -50,6 +50,7 @@ pub const KEYS_WITHOUT_DEFAULT: [&str; 14] = [
     "redis.tls.ca_file",
     "redis.tls.cert_file",
     "redis.tls.key_file",
+    "console.public_url",
     "console.operator_password",
     "console.viewer_password",
 ];
@@ -420,6 +421,11 @@ pub struct MetricsSettings {
 pub struct ConsoleSettings {
     #[serde(deserialize_with = "de::socket_addr")]
     pub listen: SocketAddr,
+    /// Where people reach it, when that is not `listen` (a TLS proxy): its pages are
+    /// served to that host too, forms posted from that origin are accepted, and with
+    /// `https` the session cookie is `Secure`. `scheme://host[:port]`.
+    #[serde(default, deserialize_with = "de::public_url")]
+    pub public_url: Option<String>,
     /// A login lasts this long, then the console asks again.
     #[serde(deserialize_with = "de::duration_min::<_, 1000>")]
     pub session_ttl: Duration,

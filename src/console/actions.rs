@@ -79,9 +79,15 @@ fn bad_csrf(session: &Session, path: &str) -> Response {
 
 /// `POST /login`.
 pub async fn login(State(c): State<Shared>, body: Bytes) -> Response {
+    if c.users.open() {
+        // Nobody logs in with --no-auth: no session is made for whatever name was sent.
+        return Redirect::to("/").into_response();
+    }
     let form = Form::parse(&body);
     let user = form.get("user");
     let Some(role) = c.users.check(user, form.get("password")) else {
+        // One refused login at a time, each taking REFUSED_DELAY.
+        let _turn = c.refused_logins.lock().await;
         tracing::warn!(
             audit = "login_refused",
             user = %printable(user, 64),
@@ -96,6 +102,12 @@ pub async fn login(State(c): State<Shared>, body: Bytes) -> Response {
     };
     let ttl = c.settings.console.session_ttl;
     let id = c.sessions.start(user, role, ttl);
+    let secure = c
+        .settings
+        .console
+        .public_url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"));
     tracing::info!(
         audit = "login",
         user,
@@ -103,7 +115,7 @@ pub async fn login(State(c): State<Shared>, body: Bytes) -> Response {
         "console: logged in"
     );
     (
-        [(header::SET_COOKIE, auth::set_cookie(&id, ttl))],
+        [(header::SET_COOKIE, auth::set_cookie(&id, ttl, secure))],
         Redirect::to("/"),
     )
         .into_response()
@@ -209,7 +221,9 @@ async fn plan_letters(c: &Shared, form: &Form, selected: bool) -> Planned {
 async fn plan_unrouted(c: &Shared) -> Planned {
     let read = |settings: std::sync::Arc<crate::config::Settings>| async move {
         let queue = settings.topology.unrouted_events.clone();
-        let mut reader = DlqReader::open_queue(&settings, &queue, "console view", None).await?;
+        let wait = super::VIEW_LOCK_WAIT;
+        let mut reader =
+            DlqReader::open_waiting(&settings, &queue, "console view", None, wait).await?;
         let mut views = Vec::new();
         let result = loop {
             match reader.next().await {
@@ -253,49 +267,58 @@ pub async fn run(State(c): State<Shared>, Operator(session): Operator, body: Byt
         );
     }
     let planned = plan.selection.len();
-    // In a task of its own: the pass ends as it should even if the browser goes away.
-    let task = tokio::spawn(execute(c.clone(), plan.clone()));
+    // In a task of its own, audit line included: the action ends as it should, and is
+    // written down, even if the browser goes away.
+    let task = tokio::spawn(super::contained(execute_and_audit(
+        c.clone(),
+        plan.clone(),
+        session.role.as_str(),
+    )));
     let done = task.await.unwrap_or_else(|e| Done {
         error: Some(format!("the action stopped: {e}")),
         ..Done::default()
     });
+    pages::result(&session, &plan, planned, &done).into_response()
+}
+
+/// Run the plan, then write its audit line and forget the list view it changed.
+async fn execute_and_audit(c: Shared, plan: Plan, role: &'static str) -> Done {
+    let planned = plan.selection.len();
+    let done = execute(c.clone(), plan.clone()).await;
     c.forget_view().await;
-    let fields = (
-        session.user.as_str(),
-        session.role.as_str(),
+    let (user, action, filter) = (
+        plan.user.as_str(),
         plan.action.as_str(),
         plan.scope.as_str(),
     );
     match &done.error {
         None => tracing::info!(
             audit = "action",
-            user = fields.0,
-            role = fields.1,
-            action = fields.2,
-            filter = fields.3,
+            user,
+            role,
+            action,
+            filter,
             planned,
             count = done.done,
             left = done.left,
             export = done.export.as_deref(),
-            "console: {} done",
-            plan.action.as_str()
+            "console: {action} done"
         ),
         Some(error) => tracing::error!(
             audit = "action",
-            user = fields.0,
-            role = fields.1,
-            action = fields.2,
-            filter = fields.3,
+            user,
+            role,
+            action,
+            filter,
             planned,
             count = done.done,
             left = done.left,
             export = done.export.as_deref(),
             error = %error,
-            "console: {} failed",
-            plan.action.as_str()
+            "console: {action} failed"
         ),
     }
-    pages::result(&session, &plan, planned, &done).into_response()
+    done
 }
 
 async fn execute(c: Shared, plan: Plan) -> Done {
@@ -425,6 +448,53 @@ pub async fn download(
         }
         Err(_) => pages::error_page(StatusCode::NOT_FOUND, Some(&session), "No such export."),
     }
+}
+
+/// `GET /exports`: the discards' exports, newest first, for an operator.
+pub async fn exports(State(c): State<Shared>, Operator(session): Operator) -> Response {
+    let dir = c.settings.console.export_dir.clone();
+    let listed = tokio::task::spawn_blocking(move || list_exports(&dir)).await;
+    let files = match listed {
+        Ok(Ok(files)) => files,
+        Ok(Err(e)) => {
+            return pages::error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(&session),
+                &format!("console.export_dir cannot be read: {e}"),
+            );
+        }
+        Err(e) => {
+            return pages::error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(&session),
+                &format!("console.export_dir cannot be read: {e}"),
+            );
+        }
+    };
+    pages::exports(&session, &files).into_response()
+}
+
+/// An export file: its name, size in bytes, and when it was written (RFC 3339).
+pub type ExportEntry = (String, u64, String);
+
+fn list_exports(dir: &Path) -> std::io::Result<Vec<ExportEntry>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let meta = entry.metadata()?;
+        if !is_export_name(&name) || !meta.is_file() {
+            continue;
+        }
+        let written = meta
+            .modified()
+            .ok()
+            .map(crate::clock::rfc3339)
+            .unwrap_or_default();
+        files.push((name, meta.len(), written));
+    }
+    files.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| b.0.cmp(&a.0)));
+    Ok(files)
 }
 
 /// The export directory exists and only its owner may read it.

@@ -27,8 +27,9 @@ use super::Shared;
 pub const COOKIE: &str = "gp_console";
 /// What a refused login costs the caller: guessing stays slow.
 pub const REFUSED_DELAY: Duration = Duration::from_millis(500);
-/// At most this many sessions at once; a new login ends the oldest beyond it.
-const MAX_SESSIONS: usize = 1_000;
+/// At most this many sessions per user at once; a new login ends that user's oldest
+/// beyond it (never another user's: a viewer cannot log an operator out).
+const MAX_SESSIONS_PER_USER: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -125,9 +126,11 @@ impl Sessions {
         let now = Instant::now();
         let mut sessions = self.0.lock().unwrap_or_else(|p| p.into_inner());
         sessions.retain(|_, s| s.expires > now);
-        if sessions.len() >= MAX_SESSIONS
+        let theirs = sessions.values().filter(|s| s.user == user).count();
+        if theirs >= MAX_SESSIONS_PER_USER
             && let Some(oldest) = sessions
                 .iter()
+                .filter(|(_, s)| s.user == user)
                 .min_by_key(|(_, s)| s.expires)
                 .map(|(k, _)| k.clone())
         {
@@ -181,9 +184,12 @@ pub fn cookie(headers: &HeaderMap) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
-pub fn set_cookie(id: &str, ttl: Duration) -> String {
+/// The session cookie; `Secure` when people reach the console over https
+/// (`console.public_url`).
+pub fn set_cookie(id: &str, ttl: Duration, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
     format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         ttl.as_secs()
     )
 }
@@ -252,6 +258,7 @@ mod tests {
     fn settings(operator: Option<&str>, viewer: Option<&str>) -> ConsoleSettings {
         ConsoleSettings {
             listen: "127.0.0.1:0".parse().expect("address"),
+            public_url: None,
             session_ttl: Duration::from_secs(60),
             export_dir: "x".into(),
             operator_user: "op".into(),
@@ -292,6 +299,19 @@ mod tests {
         let short = sessions.start("op", Role::Operator, Duration::ZERO);
         assert!(matches!(sessions.get(&short), Lookup::Expired));
         assert!(matches!(sessions.get(&short), Lookup::None));
+    }
+
+    #[test]
+    fn one_user_s_logins_never_end_another_user_s_session() {
+        let sessions = Sessions::default();
+        let ttl = Duration::from_secs(60);
+        let operator = sessions.start("op", Role::Operator, ttl);
+        for _ in 0..MAX_SESSIONS_PER_USER + 5 {
+            sessions.start("view", Role::Viewer, ttl);
+        }
+        assert!(matches!(sessions.get(&operator), Lookup::Live(_)));
+        let viewers = sessions.0.lock().expect("sessions").len() - 1;
+        assert_eq!(viewers, MAX_SESSIONS_PER_USER);
     }
 
     #[test]

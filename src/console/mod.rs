@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -44,9 +44,12 @@ use axum::routing::{get, post};
 use crate::config::{ConfigError, Settings};
 use crate::ops::OpsError;
 
-/// A list view read within this long is reused: a page with several requests, or several
-/// people at once, costs one pass over the DLQ.
+/// A list view read within this long is reused (a failure too): a page with several
+/// requests, or several people at once, costs one pass over the DLQ.
 const VIEW_REUSE: Duration = Duration::from_secs(3);
+/// How long a page waits for another pass over the queue (a `dlq` command, an action) to
+/// end before it says the DLQ is busy; commands wait longer (`ops::dlq::LOCK_WAIT`).
+pub const VIEW_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -76,27 +79,37 @@ pub struct Console {
     /// The CSRF token of every request with `--no-auth` (there are no sessions then).
     open_csrf: String,
     plans: plan::Plans,
-    view: tokio::sync::Mutex<Option<(Instant, Arc<view::Snapshot>)>>,
+    view: tokio::sync::Mutex<Option<(Instant, View)>>,
+    /// Host headers this console answers to (module documentation).
+    hosts: Hosts,
+    /// Refused logins wait here one after the other: guessing stays slow however many
+    /// requests come at once, and so does the log they write.
+    refused_logins: tokio::sync::Mutex<()>,
 }
 
 pub type Shared = Arc<Console>;
 
+/// A read of the DLQ for the pages, or why it failed.
+type View = Result<Arc<view::Snapshot>, String>;
+
 impl Console {
     /// The DLQ as of at most [`VIEW_REUSE`] ago (one pass for requests that come together).
-    async fn snapshot(&self) -> Result<Arc<view::Snapshot>, String> {
+    async fn snapshot(&self) -> View {
         let mut cached = self.view.lock().await;
         if let Some((at, s)) = cached.as_ref()
             && at.elapsed() < VIEW_REUSE
         {
-            return Ok(s.clone());
+            return s.clone();
         }
-        let fresh = Arc::new(whole(&self.settings, |s| async move { view::read(&s).await }).await?);
+        let fresh = whole(&self.settings, |s| async move { view::read(&s).await })
+            .await
+            .map(Arc::new);
         *cached = Some((Instant::now(), fresh.clone()));
-        Ok(fresh)
+        fresh
     }
 
     /// The DLQ now, for an action's preview (and for the pages after it).
-    async fn fresh_snapshot(&self) -> Result<Arc<view::Snapshot>, String> {
+    async fn fresh_snapshot(&self) -> View {
         self.forget_view().await;
         self.snapshot().await
     }
@@ -118,9 +131,75 @@ where
     F: Future<Output = Result<T, OpsError>> + Send + 'static,
     T: Send + 'static,
 {
-    match tokio::spawn(pass(settings.clone())).await {
+    let outcome = match tokio::spawn(contained(pass(settings.clone()))).await {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(e) => Err(format!("the pass stopped: {e}")),
+    };
+    if let Err(e) = &outcome {
+        tracing::warn!(error = %e, "console: a queue could not be read");
+    }
+    outcome
+}
+
+/// `work`, whose panic costs only itself (its request, or its task), never the console
+/// (`crate::fatal`: any other panic ends the process).
+pub(crate) fn contained<F: Future>(work: F) -> crate::fatal::DeliveryWork<F, fn()> {
+    crate::fatal::DeliveryWork::new(work, || {})
+}
+
+/// The `Host` values the console answers to: its listen address (and `localhost` on
+/// loopback), and `console.public_url`'s host. Any other name that resolves to it (DNS
+/// rebinding: a web page of another site making the browser talk to the console as to
+/// itself) gets a 421. A console listening on every address without `public_url` cannot
+/// know its names and answers to any.
+#[derive(Debug, Clone)]
+struct Hosts {
+    names: Vec<String>,
+    any: bool,
+    /// `console.public_url`, an origin (`https://dlq.example.com`).
+    public_origin: Option<String>,
+}
+
+impl Hosts {
+    fn new(bound: SocketAddr, public_url: Option<&str>) -> Hosts {
+        let port = bound.port();
+        let mut names = vec![bound.to_string()];
+        if bound.ip().is_loopback() {
+            names.extend([
+                format!("localhost:{port}"),
+                format!("127.0.0.1:{port}"),
+                format!("[::1]:{port}"),
+            ]);
+        }
+        if let Some(url) = public_url.and_then(|u| reqwest::Url::parse(u).ok()) {
+            let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+            match url.port() {
+                Some(p) => names.push(format!("{host}:{p}")),
+                None => {
+                    names.push(host.clone());
+                    if let Some(p) = url.port_or_known_default() {
+                        names.push(format!("{host}:{p}"));
+                    }
+                }
+            }
+        }
+        Hosts {
+            names,
+            any: bound.ip().is_unspecified() && public_url.is_none(),
+            public_origin: public_url.map(str::to_owned),
+        }
+    }
+
+    fn allows_host(&self, host: &str) -> bool {
+        self.any || self.names.iter().any(|n| n.eq_ignore_ascii_case(host))
+    }
+
+    /// A form posted from `origin` to `host` (already allowed) comes from this console.
+    fn allows_origin(&self, origin: &str, host: &str) -> bool {
+        let same = ["http://", "https://"]
+            .iter()
+            .any(|scheme| origin.eq_ignore_ascii_case(&format!("{scheme}{host}")));
+        same || self.public_origin.as_deref() == Some(origin)
     }
 }
 
@@ -173,6 +252,7 @@ pub async fn run(settings: Settings, no_auth: bool) -> Result<(), ConsoleError> 
         .map_err(|source| ConsoleError::Listen { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
     let open = users.open();
+    let hosts = Hosts::new(bound, settings.console.public_url.as_deref());
     let console = Arc::new(Console {
         settings: Arc::new(settings),
         users,
@@ -180,12 +260,24 @@ pub async fn run(settings: Settings, no_auth: bool) -> Result<(), ConsoleError> 
         open_csrf: auth::random_token(),
         plans: plan::Plans::default(),
         view: tokio::sync::Mutex::new(None),
+        hosts,
+        refused_logins: tokio::sync::Mutex::new(()),
     });
     if open {
         tracing::warn!(
             listen = %bound,
             "console: --no-auth: anyone who reaches this loopback address may replay and discard dead letters"
         );
+    }
+    // Said now rather than on the first page: the on-call person reads the log first.
+    match crate::ops::connect(&console.settings, "console").await {
+        Ok((conn, _)) => {
+            let _ = conn.close(200, "ok".into()).await;
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "console: the broker cannot be reached now; its pages say so until it can"
+        ),
     }
     tracing::info!(
         listen = %bound,
@@ -210,6 +302,7 @@ fn router(console: Shared) -> Router {
         .route("/story", get(pages::story))
         .route("/actions/preview", post(actions::preview))
         .route("/actions/run", post(actions::run))
+        .route("/exports", get(actions::exports))
         .route("/exports/{name}", get(actions::download))
         .route("/login", get(pages::login).post(actions::login))
         .route("/logout", post(actions::logout))
@@ -217,7 +310,10 @@ fn router(console: Shared) -> Router {
         .route("/assets/console.js", get(js))
         .fallback(pages::not_found)
         .layer(DefaultBodyLimit::max(256 * 1024))
-        .layer(middleware::from_fn(same_origin))
+        .layer(middleware::from_fn_with_state(console.clone(), same_origin))
+        .layer(middleware::from_fn(|request: Request, next: Next| {
+            contained(next.run(request))
+        }))
         .layer(middleware::map_response(security_headers))
         .with_state(console)
 }
@@ -236,29 +332,46 @@ async fn js() -> impl IntoResponse {
     )
 }
 
-/// A POST whose `Origin` is another site is refused before any handler sees it (the
-/// CSRF token is the main guard; this one costs nothing).
-async fn same_origin(request: Request, next: Next) -> Response {
+/// A request for another host name is refused (DNS rebinding: [`Hosts`]); so is a POST
+/// whose `Origin` is not this console (the CSRF token is the main guard; this one costs
+/// nothing). A browser sends `Origin` with every POST.
+async fn same_origin(State(c): State<Shared>, request: Request, next: Next) -> Response {
+    // Owned before any await: a request body is not `Sync`.
+    let (host, origin) = {
+        let text = |name| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|h: &HeaderValue| h.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        (text(header::HOST), text(header::ORIGIN))
+    };
+    if !c.hosts.allows_host(&host) {
+        tracing::warn!(
+            audit = "refused",
+            host = %crate::text::printable(&host, 100),
+            path = %request.uri().path(),
+            "console: a request for another host name was refused"
+        );
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this console does not answer to that host name (console.public_url)",
+        )
+            .into_response();
+    }
     if request.method() == Method::POST
-        && let Some(origin) = request.headers().get(header::ORIGIN)
+        && !origin.is_empty()
+        && !c.hosts.allows_origin(&origin, &host)
     {
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok());
-        let origin_host = origin
-            .to_str()
-            .ok()
-            .and_then(|o| o.split_once("://"))
-            .map(|(_, rest)| rest);
-        if host.is_none() || origin_host != host {
-            tracing::warn!(
-                audit = "refused",
-                path = %request.uri().path(),
-                "console: a POST from another origin was refused"
-            );
-            return (StatusCode::FORBIDDEN, "cross-origin request refused").into_response();
-        }
+        tracing::warn!(
+            audit = "refused",
+            origin = %crate::text::printable(&origin, 100),
+            path = %request.uri().path(),
+            "console: a POST from another origin was refused"
+        );
+        return (StatusCode::FORBIDDEN, "cross-origin request refused").into_response();
     }
     next.run(request).await
 }

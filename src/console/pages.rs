@@ -45,6 +45,7 @@ fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                             a href="/" { "Overview" }
                             a href="/letters" { "Dead letters" }
                             a href="/story" { "Ext id story" }
+                            @if may_act(s) { a href="/exports" { "Exports" } }
                         }
                         form.user method="post" action="/logout" {
                             span { (s.user) " (" (s.role.as_str()) ")" }
@@ -167,8 +168,7 @@ fn ext_id_cell(l: &LetterView) -> Markup {
     html! {
         @match &l.ext_id {
             Some(x) if !x.is_empty() => a href=(story_link(x)) { (printable(x, 80)) },
-            Some(_) => span.muted { "(empty)" },
-            None => span.muted { "(none)" },
+            _ => span.muted { (printable(&l.ext_id_text, 80)) },
         }
     }
 }
@@ -270,7 +270,7 @@ pub async fn letters(
         ext_id: q.ext_id,
         older_than: q.older_than,
     };
-    let page = q.page.parse::<usize>().unwrap_or(1).max(1);
+    let asked = q.page.parse::<usize>().unwrap_or(1).max(1);
     let snapshot = match c.snapshot().await {
         Ok(s) => s,
         Err(e) => {
@@ -291,6 +291,7 @@ pub async fn letters(
             Err(e) => p.error role="alert" { (e) },
             Ok(list) => {
                 @let pages = list.len().div_ceil(PAGE).max(1);
+                @let page = asked.min(pages);
                 @let shown: Vec<&&LetterView> = list.iter().skip((page - 1) * PAGE).take(PAGE).collect();
                 p role="status" { (list.len()) " of " (snapshot.letters.len()) " dead letters match (" (filter.describe()) "). Page " (page) " of " (pages) "." }
                 form method="post" action="/actions/preview" {
@@ -374,7 +375,7 @@ pub async fn letter(
     Viewer(session): Viewer,
     Path(id): Path<String>,
 ) -> Response {
-    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return error_page(
             StatusCode::NOT_FOUND,
             Some(&session),
@@ -491,7 +492,10 @@ pub async fn story(
         Err(e) => Err(format!("Not a valid ext id: {e}")),
         Ok(ext_id) => crate::ops::status::story(&c.settings, &ext_id, "group-provisioner")
             .await
-            .map_err(|e| e.to_string()),
+            .map_err(|e| {
+                tracing::warn!(error = %e, "console: the dedup store could not be read");
+                e.to_string()
+            }),
     };
     let letters = Filter {
         ext_id: q.ext_id.clone(),
@@ -588,6 +592,32 @@ fn plan_list(plan: &Plan, count: usize) -> Markup {
             }
         }
     }
+}
+
+/// `GET /exports`.
+pub fn exports(session: &Session, files: &[super::actions::ExportEntry]) -> Markup {
+    let body = html! {
+        p { "Each discard from the console writes what it removes to a file here first (console.export_dir). They hold the dead letters' data: download what you need, and remove the files on the host when you no longer do." }
+        @if files.is_empty() {
+            p role="status" { "No export yet." }
+        } @else {
+            div.scroll {
+                table {
+                    thead { tr { th scope="col" { "File" } th scope="col" { "Bytes" } th scope="col" { "Written" } } }
+                    tbody {
+                        @for (name, bytes, written) in files {
+                            tr {
+                                td { a href=(format!("/exports/{name}")) download { (name) } }
+                                td.num { (bytes) }
+                                td { (written) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    layout("Exports", Some(session), body)
 }
 
 /// What an action did.

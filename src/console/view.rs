@@ -21,9 +21,13 @@ use crate::text::printable;
 pub struct LetterView {
     pub id: String,
     pub position: usize,
+    /// Printable and bounded, as every text kept here (the filter compares this form).
     pub kind: String,
-    /// As in the body, when it is short enough to look up (at most 255 bytes).
+    /// As in the body, when it is short enough to look up (at most 255 bytes) and holds
+    /// nothing [`printable`] would change; else `None`.
     pub ext_id: Option<String>,
+    /// The ext id as shown, whatever it is (`(none)` when the body has none).
+    pub ext_id_text: String,
     pub attempts: u64,
     pub http_status: Option<u64>,
     pub replay_count: u64,
@@ -39,8 +43,12 @@ impl LetterView {
         LetterView {
             id: l.id(),
             position: l.position,
-            kind: l.kind.clone(),
-            ext_id: l.ext_id.clone().filter(|x| x.len() <= 255),
+            kind: printable(&l.kind, 64),
+            ext_id: l
+                .ext_id
+                .clone()
+                .filter(|x| x.len() <= 255 && printable(x, 255) == *x),
+            ext_id_text: dlq::shown_ext_id(l.ext_id.as_deref()),
             attempts: j["attempts"].as_u64().unwrap_or(0),
             http_status: j["http_status"].as_u64(),
             replay_count: j["replay_count"].as_u64().unwrap_or(0),
@@ -65,9 +73,15 @@ pub struct Snapshot {
     pub taken_at: SystemTime,
 }
 
+/// A pass over the DLQ for a page: it waits less than a command for another pass to end.
+async fn open(settings: &Settings) -> Result<DlqReader, OpsError> {
+    let dlq = &settings.topology.dead_letter_queue;
+    DlqReader::open_waiting(settings, dlq, "console view", None, super::VIEW_LOCK_WAIT).await
+}
+
 /// Read the whole DLQ (one pass; it goes back in order).
 pub async fn read(settings: &Settings) -> Result<Snapshot, OpsError> {
-    let mut reader = DlqReader::open(settings, "console view", None).await?;
+    let mut reader = open(settings).await?;
     let mut letters = Vec::new();
     let result = loop {
         match reader.next().await {
@@ -85,7 +99,7 @@ pub async fn read(settings: &Settings) -> Result<Snapshot, OpsError> {
 
 /// The letter `id` as `dlq peek --json` shows it, read in a pass of its own.
 pub async fn find(settings: &Settings, id: &str) -> Result<Option<Value>, OpsError> {
-    let mut reader = DlqReader::open(settings, "console view", None).await?;
+    let mut reader = open(settings).await?;
     let mut found = None;
     let result = loop {
         match reader.next().await {
@@ -281,6 +295,7 @@ mod tests {
             position: 1,
             kind: kind.into(),
             ext_id: Some(ext_id.into()),
+            ext_id_text: ext_id.into(),
             attempts: 1,
             http_status: None,
             replay_count: 0,

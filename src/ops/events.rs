@@ -3,9 +3,9 @@
 //!
 //! Invariants: the same pass as the DLQ tools (nothing lost or reordered; what is not
 //! moved stays, in order); each event is published with its own routing key and
-//! properties, mandatory and confirmed, and only then acked. An event that still has no
-//! queue goes through the alternate exchange back into the unrouted queue: the summary
-//! counts those as `came_back`.
+//! properties, mandatory and confirmed, and only then acked (at the end of the pass). An
+//! event that still has no queue goes through the alternate exchange back into the
+//! unrouted queue: the summary counts those as `came_back`.
 
 use lapin::types::ShortString;
 
@@ -130,10 +130,7 @@ pub async fn replay_unrouted(
             result = Err(e.into());
             break;
         }
-        if let Err(e) = reader.ack(&event).await {
-            result = Err(e.into());
-            break;
-        }
+        reader.ack(&event);
         summary.moved += 1;
     }
     let kept_total = reader.remaining() + summary.kept;

@@ -2,9 +2,9 @@
 //! prints the error and chooses the exit code.
 //!
 //! Invariants: nothing here loses or reorders a message. Reading the DLQ holds messages
-//! unacked and lets the broker return them in order; moving one is a confirmed publish
-//! followed by the ack of the dead letter, so an interruption leaves at worst a copy in
-//! both places, which the worker's deduplication makes harmless.
+//! unacked and lets the broker return them in order; moving one is a confirmed publish,
+//! and the dead letter is acked at the end of the pass, so an interruption leaves at worst
+//! a copy in both places, which the worker's deduplication makes harmless.
 
 pub mod check;
 pub mod dlq;
@@ -80,10 +80,13 @@ pub enum OpsError {
         #[source]
         source: StoreError,
     },
-    /// A dead letter was published back but could not be removed from the DLQ.
-    #[error("{letter} was replayed but its dead letter could not be removed: {source}")]
-    ReplayAck {
-        letter: String,
+    /// The letters a pass moved or removed could not be acked when it ended: they are
+    /// back in the DLQ as well, in order.
+    #[error(
+        "the broker refused to remove the {acked} letters moved or removed ({source}): they are back in the queue too (a replayed one is deduplicated by the worker; a discarded one is also in the export)"
+    )]
+    Unacked {
+        acked: usize,
         #[source]
         source: lapin::Error,
     },

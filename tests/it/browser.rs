@@ -299,7 +299,11 @@ async fn browser_an_operator_works_the_dlq_in_the_console() {
     // 4. Discard the rest, with the export.
     b.goto(&format!("{base}/letters")).await;
     b.click("button[value=discard-all]").await;
-    assert!(b.text().await.contains("Discard 30 dead letters (all)?"));
+    let confirm = b.text().await;
+    assert!(
+        confirm.contains("Discard 30 dead letters (all)?"),
+        "{confirm}"
+    );
     b.shot("confirm-discard").await;
     b.click("form[action='/actions/run'] button").await;
     let done = b.text().await;
@@ -369,6 +373,7 @@ async fn browser_an_operator_works_the_dlq_in_the_console() {
             ..Letter::new("BIN", "invalid_command")
         },
         Letter::new("KIND", "<b id=pwn>kind</b>"),
+        Letter::new("LONG-KIND", &"k".repeat(100_000)),
     ];
     plant(&env, &hostile).await;
     b.goto(&format!("{base}/letters")).await;
@@ -380,7 +385,14 @@ async fn browser_an_operator_works_the_dlq_in_the_console() {
         .iter()
         .filter_map(|v| v.as_str().map(str::to_owned))
         .collect();
-    assert_eq!(ids.len(), 5);
+    assert_eq!(ids.len(), 6);
+    let size = b
+        .js("return document.documentElement.outerHTML.length")
+        .await;
+    assert!(
+        size.as_u64().is_some_and(|n| n < 200_000),
+        "a 100 KB kind and a 100 KB header do not make the list huge: {size}"
+    );
     b.shot("hostile-letters").await;
     let mut pages = vec![format!("{base}/letters")];
     pages.extend(ids.iter().map(|id| format!("{base}/letters/{id}")));

@@ -66,9 +66,9 @@ impl ConsoleProcess {
 
 /// One logged-in browser-less user: the session cookie and the page's CSRF token.
 pub struct Login {
-    http: reqwest::Client,
+    pub http: reqwest::Client,
     base: String,
-    cookie: String,
+    pub cookie: String,
     pub csrf: String,
 }
 
@@ -187,6 +187,7 @@ impl Letter {
 pub async fn plant(env: &TestEnv, letters: &[Letter]) {
     env.declare_topology().await;
     let dlq = env.settings.topology.dead_letter_queue.clone();
+    let mut confirms = Vec::new();
     for l in letters {
         let mut headers = FieldTable::default();
         for (k, v) in [
@@ -202,7 +203,8 @@ pub async fn plant(env: &TestEnv, letters: &[Letter]) {
         for (k, v) in &l.headers {
             headers.insert(k.as_str().into(), v.clone());
         }
-        env.channel
+        let confirm = env
+            .channel
             .basic_publish(
                 "".into(),
                 dlq.as_str().into(),
@@ -214,9 +216,11 @@ pub async fn plant(env: &TestEnv, letters: &[Letter]) {
                     .with_headers(headers),
             )
             .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        confirm.await.expect("confirm");
     }
 }
 
@@ -393,6 +397,33 @@ async fn posts_need_the_session_s_csrf_token_and_this_origin_and_sessions_end() 
     .await
     .expect("POST");
     assert_eq!(cross.status().as_u16(), 403);
+    // DNS rebinding: another site's name for this address gets nothing, not even a page
+    // with a CSRF token on it.
+    let rebound = http()
+        .get(format!("{}/letters", console.base))
+        .header("cookie", &operator.cookie)
+        .header("host", "rebind.evil.example:80")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(rebound.status().as_u16(), 421);
+    let port = console.base.rsplit(':').next().expect("port");
+    let local = http()
+        .get(format!("{}/letters", console.base))
+        .header("cookie", &operator.cookie)
+        .header("host", format!("localhost:{port}"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(
+        local.status().as_u16(),
+        200,
+        "localhost is this loopback console"
+    );
+    // A page far past the end is the last page, not a crash.
+    let (status, page) = operator.get("/letters?page=400000000000000000").await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Page 1 of 1"), "{page}");
     // Security headers on every answer, the login page and a 404 included.
     for path in ["/", "/login", "/letters", "/nowhere", "/assets/console.js"] {
         let r = http()
@@ -577,6 +608,138 @@ async fn the_replay_limit_holds_in_the_console_and_unrouted_events_are_replayed(
     assert!(done.contains("Replayed <strong>2</strong> of 2"), "{done}");
     assert_eq!(take_all(&env, &bound).await, ["UNR-1", "UNR-2"]);
     assert_eq!(env.queue_depth(&unrouted).await, 0);
+    drop(console);
+    env.cleanup().await;
+}
+
+/// Behind a TLS proxy that sends its own `Host` (`console.public_url`): forms from that
+/// origin are accepted, the session cookie is `Secure`, and refused logins, however many
+/// come at once, are answered one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_tls_proxy_forms_work_and_cookies_are_secure() {
+    let env = TestEnv::new().await;
+    plant(&env, &[Letter::new("PROXY-1", "rejected")]).await;
+    let console = ConsoleProcess::start(
+        &env,
+        &[(
+            "PROVISIONER__CONSOLE__PUBLIC_URL",
+            "https://dlq.example.com",
+        )],
+    )
+    .await;
+    let base = &console.base;
+    let login = form(
+        http()
+            .post(format!("{base}/login"))
+            .header("origin", "https://dlq.example.com"),
+        &[("user", "operator"), ("password", OPERATOR_PASSWORD)],
+    )
+    .send()
+    .await
+    .expect("login");
+    assert_eq!(login.status().as_u16(), 303);
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    // The proxy's own host name is served too.
+    let page = http()
+        .get(format!("{base}/letters"))
+        .header("host", "dlq.example.com")
+        .header("cookie", cookie.split(';').next().unwrap_or_default())
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(page.status().as_u16(), 200);
+    // Four wrong passwords at once take at least four refusal delays.
+    let started = std::time::Instant::now();
+    let attempts = (0..4).map(|_| {
+        form(
+            http().post(format!("{base}/login")),
+            &[("user", "operator"), ("password", "not-the-password")],
+        )
+        .send()
+    });
+    let answers = futures_util::future::join_all(attempts).await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|r| r.status().as_u16() == 401))
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(4 * 500 - 50),
+        "refused logins are answered one at a time: {:?}",
+        started.elapsed()
+    );
+    drop(console);
+    env.cleanup().await;
+}
+
+/// An operator whose browser goes away while an action runs: the action runs to its end
+/// and is written to the audit log all the same; a page left while it loads leaves the
+/// DLQ whole and in order (a pass cut short would give back what it read behind what it
+/// had not read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_a_page_or_an_action_midway_costs_nothing() {
+    let env = TestEnv::new().await;
+    let letters: Vec<Letter> = (0..3000)
+        .map(|i| {
+            Letter::new(
+                &format!("GONE-{i:04}"),
+                if i % 2 == 0 {
+                    "rejected"
+                } else {
+                    "retries_exhausted"
+                },
+            )
+        })
+        .collect();
+    plant(&env, &letters).await;
+    let before = dlq_order(&env).await;
+    assert_eq!(before.len(), 3000);
+    let console = ConsoleProcess::start(&env, &[]).await;
+    let op = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
+    let gone = op
+        .http
+        .get(format!("{}/letters", console.base))
+        .header("cookie", &op.cookie)
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(
+        gone.is_err(),
+        "the page answered within 200 ms: the test proves nothing"
+    );
+    assert_eq!(dlq_order(&env).await, before, "after a page left midway");
+    let (_, page) = op.preview("discard-all", &[("kind", "rejected")]).await;
+    let plan = field(&page, "plan").expect("plan");
+    let request = op
+        .http
+        .post(format!("{}/actions/run", console.base))
+        .header("cookie", &op.cookie)
+        .timeout(Duration::from_millis(200));
+    let gone = form(request, &[("csrf", &op.csrf), ("plan", &plan)])
+        .send()
+        .await;
+    assert!(
+        gone.is_err(),
+        "the action answered within 200 ms: the test proves nothing"
+    );
+    let audit = console.audit("action", 1).await;
+    assert_eq!(audit[0]["count"], 1500, "{audit:?}");
+    let export = audit[0]["export"]
+        .as_str()
+        .expect("the export's name")
+        .to_owned();
+    let kept: Vec<String> = before.iter().skip(1).step_by(2).cloned().collect();
+    assert_eq!(dlq_order(&env).await, kept);
+    // The export is listed for the operator, who never saw the result page.
+    let (status, listing) = op.get("/exports").await;
+    assert_eq!(status, 200);
+    assert!(listing.contains(&export), "{listing}");
     drop(console);
     env.cleanup().await;
 }

@@ -727,7 +727,7 @@ async fn plant_dead_letters_of(env: &TestEnv, letters: &[(String, &str)]) {
 
 /// The DLQ's ext ids in queue order (`dlq peek --json`).
 pub async fn dlq_order(env: &TestEnv) -> Vec<String> {
-    let o = cli(env, &["dlq", "peek", "--limit", "1000", "--json"], &[]).await;
+    let o = cli(env, &["dlq", "peek", "--limit", "all", "--json"], &[]).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     json_lines(&o)
         .iter()
@@ -1721,5 +1721,67 @@ async fn status_follows_a_dead_letter_through_replay_and_discard() {
     assert_eq!(st["last_outcome"]["place"]["where"], "dead_letter_queue");
     worker.shutdown();
     worker.join().await;
+    env.cleanup().await;
+}
+
+/// A replay and a discard that move letters from every window of a large DLQ keep the rest
+/// in order. (Acked as they were moved, letters freed slots of their window mid-pass: the
+/// broker sent more than the window counted, and some letters kept came back at the end.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_discard_across_many_windows_keep_the_rest_in_order() {
+    use crate::console::{Letter, plant};
+    let env = TestEnv::new().await;
+    let kinds = ["rejected", "retries_exhausted", "name_conflict"];
+    let letters: Vec<Letter> = (0..3000)
+        .map(|i| Letter::new(&format!("WIN-{i:04}"), kinds[i % 3]))
+        .collect();
+    plant(&env, &letters).await;
+    let all = dlq_order(&env).await;
+    assert_eq!(all.len(), 3000);
+    let of = |k: usize| -> Vec<String> { all.iter().skip(k).step_by(3).cloned().collect() };
+    let o = cli(
+        &env,
+        &["dlq", "replay", "--kind", "rejected", "--json"],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        json_lines(&o).last().map(|j| j["moved"].clone()),
+        Some(json!(1000))
+    );
+    let mut rest: Vec<String> = all.iter().filter(|e| !of(0).contains(e)).cloned().collect();
+    assert_eq!(dlq_order(&env).await, rest, "after the replay");
+    let dir = tempdir("windows");
+    let file = dir.join("discarded.jsonl");
+    let path = file.display().to_string();
+    let o = cli(
+        &env,
+        &[
+            "dlq",
+            "discard",
+            "--kind",
+            "name_conflict",
+            "--export",
+            &path,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let exported: Vec<String> = std::fs::read_to_string(&file)
+        .expect("export")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("JSON")["ext_id"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(exported, of(2));
+    rest.retain(|e| !exported.contains(e));
+    assert_eq!(dlq_order(&env).await, rest, "after the discard");
+    assert_eq!(rest, of(1));
     env.cleanup().await;
 }

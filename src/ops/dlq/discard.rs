@@ -310,9 +310,7 @@ async fn remove_matching(
             summary.discarded += 1;
             continue;
         }
-        if let Err(e) = reader.ack(&letter).await {
-            break Err(e.into());
-        }
+        reader.ack(&letter);
         summary.discarded += 1;
         if let Some(notes) = notes.as_mut() {
             notes.note(&letter, "discarded", place.clone()).await;

@@ -91,7 +91,13 @@ async fn run(
         .ok_or_else(|| OpsError::BadArgument(format!("no dead-letter queue named {dlq:?}")))?;
     // The same lock as every pass over the DLQ: a reader in the middle of a migration
     // would hold letters the migration must move.
-    super::reader::take_lock(conn, &dlq, &tokio_util::sync::CancellationToken::new()).await?;
+    super::reader::take_lock(
+        conn,
+        &dlq,
+        &tokio_util::sync::CancellationToken::new(),
+        super::reader::LOCK_WAIT,
+    )
+    .await?;
 
     let mut migration = Migration::default();
     // Passive first: the comparing declaration would create a DLQ that an interrupted run

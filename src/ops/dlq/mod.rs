@@ -1,7 +1,7 @@
 //! `dlq stats | peek | export | replay | migrate`: the dead-letter queue for operators.
 //!
 //! - `reader.rs` — a pass over the DLQ that loses and reorders nothing;
-//! - `replay.rs` — moving dead letters back (confirmed publish, then ack);
+//! - `replay.rs` — moving dead letters back (confirmed publish; acked at the end of the pass);
 //! - `json.rs` — dead letters as JSON for `peek --json` and `export`;
 //! - `migrate.rs` — re-declaring a DLQ of an earlier version without losing a letter;
 //! - `discard.rs` — removing dead letters that will never succeed, after a copy;
@@ -184,7 +184,7 @@ fn show(l: &DeadLetter, as_json: bool) -> std::io::Result<()> {
 
 /// An ext id as the text output shows it: one spelling for a missing one, quotes for an
 /// empty one, escaped and bounded otherwise.
-pub(crate) fn shown_ext_id(ext_id: Option<&str>) -> String {
+pub fn shown_ext_id(ext_id: Option<&str>) -> String {
     match ext_id {
         None => "(none)".to_owned(),
         Some("") => "\"\"".to_owned(),

@@ -25,6 +25,12 @@
 //!   check it on both versions, with SIGKILL. What a kill cannot keep is said in
 //!   `docs/operations.md`: a pass killed *before it read the whole queue* gives back what
 //!   it read behind what it had not read yet (a rotation, not a shuffle).
+//! - **Acks at the end.** A letter moved or removed ([`DlqReader::ack`]) is acked only in
+//!   [`DlqReader::close`], after the last window is cancelled and drained. An ack in the
+//!   middle of a pass frees a slot of its window, the broker sends that window more than it
+//!   counted, and on a queue of more than a few windows letters kept came back at the end
+//!   (tested with 3,000 letters). The cost: a pass killed before its end removes nothing,
+//!   so what it moved is in both places (the worker deduplicates a replayed command).
 //! - **A short pass says so.** If the queue ends before the count it started with (another
 //!   consumer took messages, the queue was deleted), [`DlqReader::close`] reports it and the
 //!   command exits non-zero.
@@ -184,6 +190,8 @@ pub struct DlqReader {
     shown: usize,
     read: usize,
     acked: usize,
+    /// Letters moved or removed, acked at the end of the pass.
+    to_ack: Vec<u64>,
     /// The queue ended before `wanted` (module documentation).
     short: bool,
     /// Waits of [`BROKER_TIMEOUT`] that ended with messages still ready.
@@ -233,11 +241,23 @@ impl DlqReader {
         purpose: &'static str,
         max: Option<usize>,
     ) -> Result<DlqReader, OpsError> {
+        Self::open_waiting(settings, queue, purpose, max, LOCK_WAIT).await
+    }
+
+    /// [`DlqReader::open_queue`], waiting at most `wait` for another pass to end (a page
+    /// of the console gives up sooner than a command).
+    pub async fn open_waiting(
+        settings: &Settings,
+        queue: &str,
+        purpose: &'static str,
+        max: Option<usize>,
+        wait: Duration,
+    ) -> Result<DlqReader, OpsError> {
         // Installed before anything is held: from here on a signal stops the pass instead
         // of ending the process.
         let stop = crate::ops::stop();
         let (conn, channel, total) =
-            Self::connect_and_lock(settings, queue, purpose, &stop).await?;
+            Self::connect_and_lock(settings, queue, purpose, &stop, wait).await?;
         let wanted = total as usize;
         let marker = PassMarker::begin(settings, queue, purpose, wanted).await;
         let window_size = WINDOW.max(wanted.div_ceil(MAX_WINDOWS));
@@ -260,6 +280,7 @@ impl DlqReader {
             shown: max.map_or(wanted, |m| m.min(wanted)),
             read: 0,
             acked: 0,
+            to_ack: Vec::new(),
             short: false,
             slow_waits: 0,
             queue: queue.to_owned(),
@@ -284,10 +305,11 @@ impl DlqReader {
         queue: &str,
         purpose: &'static str,
         stop: &CancellationToken,
+        wait: Duration,
     ) -> Result<(Connection, Channel, u32), OpsError> {
         let (conn, channel) = connect(settings, &format!("dlq {purpose}")).await?;
         let counted = async {
-            take_lock(&conn, queue, stop).await?;
+            take_lock(&conn, queue, stop, wait).await?;
             let total = crate::amqp::ready_count(&channel, queue)
                 .await
                 .map_err(|source| OpsError::Topology {
@@ -459,14 +481,27 @@ impl DlqReader {
         }
     }
 
-    /// Remove `letter` from the DLQ for good (it was moved elsewhere).
-    pub async fn ack(&mut self, letter: &DeadLetter) -> Result<(), lapin::Error> {
-        letter
-            .delivery
-            .ack(lapin::options::BasicAckOptions::default())
-            .await?;
+    /// Remove `letter` from the DLQ for good (it was moved elsewhere): acked when the pass
+    /// closes (module documentation, "Acks at the end").
+    pub fn ack(&mut self, letter: &DeadLetter) {
+        self.to_ack.push(letter.delivery.delivery_tag);
         self.acked += 1;
-        Ok(())
+    }
+
+    /// Send the acks the pass collected, once no window consumer is left; the first
+    /// failure, if any (those not acked go back with the rest, in order).
+    async fn send_acks(&mut self) -> Result<(), lapin::Error> {
+        let mut failed = None;
+        for tag in std::mem::take(&mut self.to_ack) {
+            let acked = self
+                .pass
+                .basic_ack(tag, lapin::options::BasicAckOptions::default())
+                .await;
+            if let Err(e) = acked {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Return every unacked message to the queue, in order, and wait until the broker shows
@@ -504,6 +539,12 @@ impl DlqReader {
                 drop(crate::amqp::deep::shallow(d));
             }
         }
+        let acked = self.acked;
+        let acks = self.send_acks().await;
+        if acks.is_err() {
+            // Some went back: the wait below must not count on them being gone.
+            self.acked = 0;
+        }
         let held = self.read.saturating_sub(self.acked);
         let before = self.ready().await;
         let _ = self
@@ -532,7 +573,7 @@ impl DlqReader {
                 done: self.returned_in_order(),
             });
         }
-        Ok(())
+        acks.map_err(|source| OpsError::Unacked { acked, source })
     }
 
     /// Messages ready in the queue now (`None`: cannot tell).
@@ -556,13 +597,14 @@ impl DlqReader {
     }
 }
 
-/// Hold `<queue>.lock`, exclusive to this connection, waiting up to [`LOCK_WAIT`] for
-/// another pass to end. The broker deletes it when the connection closes, however the
+/// Hold `<queue>.lock`, exclusive to this connection, waiting up to `wait` (commands:
+/// [`LOCK_WAIT`]) for another pass to end. The broker deletes it when the connection closes, however the
 /// process ends, so a killed pass never leaves it behind.
 pub(super) async fn take_lock(
     conn: &Connection,
     queue: &str,
     stop: &CancellationToken,
+    wait: Duration,
 ) -> Result<(), OpsError> {
     use lapin::protocol::AMQPSoftError;
     let lock = format!("{queue}.lock");
@@ -597,17 +639,14 @@ pub(super) async fn take_lock(
             }
             Err(e) => return Err(e.into()),
         }
-        if started.elapsed() >= LOCK_WAIT {
-            return Err(OpsError::Busy {
-                lock,
-                waited: LOCK_WAIT,
-            });
+        if started.elapsed() >= wait {
+            return Err(OpsError::Busy { lock, waited: wait });
         }
         if !told {
             eprintln!(
                 "waiting for another DLQ command to finish (it holds {}; at most {}s)",
                 printable(&lock, 300),
-                LOCK_WAIT.as_secs()
+                wait.as_secs()
             );
             told = true;
         }

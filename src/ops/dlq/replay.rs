@@ -1,5 +1,6 @@
 //! `dlq replay`: move matching dead letters back to the command exchange — for each, a
-//! confirmed publish, then the ack of the dead letter; the rest stay in the DLQ, in order.
+//! confirmed publish, then (at the end of the pass) the ack of the dead letter; the rest
+//! stay in the DLQ, in order.
 
 use std::time::Duration;
 
@@ -108,7 +109,8 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
         publisher: Publisher::new(reader.channel().clone()),
         settings,
         notes: (!filter.dry_run).then(|| super::notes::Notes::new(settings)),
-        quiet: filter.only.is_some(),
+        // With --json, standard output holds the one summary object and nothing else.
+        quiet: filter.only.is_some() || filter.json,
     };
     let mut only = filter.only.clone();
     let mut summary = ReplaySummary::default();
@@ -221,7 +223,8 @@ impl Pace {
     }
 }
 
-/// Moves one dead letter back: a confirmed publish, then the ack of the dead letter.
+/// Moves one dead letter back: a confirmed publish, then the ack of the dead letter (sent
+/// at the end of the pass).
 struct Mover<'a> {
     publisher: Publisher,
     settings: &'a Settings,
@@ -270,13 +273,7 @@ impl Mover<'_> {
             };
             return Err((e, false));
         }
-        if let Err(e) = reader.ack(letter).await {
-            let e = OpsError::ReplayAck {
-                letter: letter.describe(),
-                source: e,
-            };
-            return Err((e, true));
-        }
+        reader.ack(letter);
         // A closed stdout costs only the report of what was moved, never the pass.
         if !self.quiet {
             let _ = super::out_line(format_args!("replayed {}", letter.describe()));

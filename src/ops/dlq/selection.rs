@@ -1,6 +1,8 @@
 //! Dead letters picked by their content, for an action confirmed before it runs (the
-//! console's "these 17"): each letter is known by [`DeadLetter::id`], a hash of what
-//! makes it the same letter in two passes (as `dlq discard` matches its export).
+//! console's "these 17"): each letter is known by [`DeadLetter::id`], a SHA-256 of what
+//! makes it the same letter in two passes (as `dlq discard` matches its export). A
+//! cryptographic hash, because whoever gets a message dead-lettered chooses its content:
+//! they must not be able to make a decoy with the id of a letter an operator picked.
 //!
 //! Invariant: a selection is counted. Each letter it holds is acted on at most once, so
 //! an action that runs after another one already moved the same letters finds nothing to
@@ -40,10 +42,12 @@ impl Selection {
 }
 
 impl DeadLetter {
-    /// The letter's identity, as 16 hex digits: the same in every pass, whatever its
-    /// position and however often the broker delivered it.
+    /// The letter's identity, as 32 hex digits (128 bits of SHA-256): the same in every
+    /// pass, whatever its position and however often the broker delivered it.
     pub fn id(&self) -> String {
-        crate::hash::short_hash(super::discard::identity(self).as_bytes())
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(super::discard::identity(self).as_bytes());
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
