@@ -512,7 +512,7 @@ pub async fn story(
                 (fields_table("Record", &s.json["record"]))
                 dl.fields {
                     dt { "POSTs made (attempt markers)" } dd { (s.json["post_attempts"]) }
-                    @if let Some(ms) = s.json["ttl_ms"].as_i64() { dt { "Kept for" } dd { (ms / 1000) " s more" } }
+                    @if let Some(ms) = s.json["ttl_ms"].as_i64() { dt { "Kept for" } dd { (crate::ops::status::human(ms)) " more" } }
                     @if let Some(u) = s.json["unreadable"].as_str() { dt { "Unreadable record" } dd { (printable(u, 300)) } }
                 }
                 (fields_table("Last outcome", &s.json["last_outcome"]))
@@ -594,8 +594,8 @@ fn plan_list(plan: &Plan, count: usize) -> Markup {
     }
 }
 
-/// `GET /exports`.
-pub fn exports(session: &Session, files: &[super::actions::ExportEntry]) -> Markup {
+/// `GET /exports`: each file's name, size in bytes, and when it was written.
+pub fn exports(session: &Session, files: &[(String, u64, String)]) -> Markup {
     let body = html! {
         p { "Each discard from the console writes what it removes to a file here first (console.export_dir). They hold the dead letters' data: download what you need, and remove the files on the host when you no longer do." }
         @if files.is_empty() {

@@ -313,7 +313,7 @@ fn where_now(last: &LastOutcome, ext_id: Option<&str>, again: &str) -> String {
     }
 }
 
-fn human(ms: i64) -> String {
+pub(crate) fn human(ms: i64) -> String {
     let s = ms / 1000;
     match s {
         0..=59 => format!("{}.{:03}s", s, ms % 1000),
