@@ -90,6 +90,11 @@ pub enum OpsError {
         #[source]
         source: lapin::Error,
     },
+    /// Letters a pass moved or removed kept coming back to the queue after their acks.
+    #[error(
+        "about {back} letters moved or removed came back to {queue:?} (the broker did not apply their acks before the pass closed), and removing them again failed three times: they are in the queue as well (a replayed one is deduplicated by the worker; a discarded one is also in the export)"
+    )]
+    NotRemoved { queue: String, back: usize },
     /// SIGINT or SIGTERM stopped the command; what it held went back, in order.
     #[error("interrupted by a signal: {done}")]
     Interrupted { done: String },

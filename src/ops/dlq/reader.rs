@@ -31,6 +31,10 @@
 //!   counted, and on a queue of more than a few windows letters kept came back at the end
 //!   (tested with 3,000 letters). The cost: a pass killed before its end removes nothing,
 //!   so what it moved is in both places (the worker deduplicates a replayed command).
+//!   A quorum queue can also lose acks sent in a burst just before the channel closes
+//!   (they wait in the broker's channel for earlier commands, and go with it): the pass
+//!   then sees more letters come back than it held, and removes those it acked, found by
+//!   content, in a pass of their own (at most three times, then an error says so).
 //! - **A short pass says so.** If the queue ends before the count it started with (another
 //!   consumer took messages, the queue was deleted), [`DlqReader::close`] reports it and the
 //!   command exits non-zero.
@@ -173,6 +177,8 @@ pub const MAX_WINDOWS: usize = 32;
 /// How many times a pass waits [`BROKER_TIMEOUT`] for a slow broker that still shows
 /// messages ready before it calls itself short.
 const MAX_SLOW_WAITS: u32 = 6;
+/// How many times a pass removes again letters whose acks the broker lost.
+const MAX_RETRIES: u32 = 3;
 /// How long a pass waits for another one to end before giving up.
 pub const LOCK_WAIT: Duration = Duration::from_secs(60);
 
@@ -192,6 +198,12 @@ pub struct DlqReader {
     acked: usize,
     /// Letters moved or removed, acked at the end of the pass.
     to_ack: Vec<u64>,
+    /// The same letters by content, to find them again if an ack is lost (module
+    /// documentation, "Acks at the end").
+    acked_ids: super::Selection,
+    /// For a pass that removes again what a lost ack left: its settings and how deep.
+    settings: Settings,
+    retries: u32,
     /// The queue ended before `wanted` (module documentation).
     short: bool,
     /// Waits of [`BROKER_TIMEOUT`] that ended with messages still ready.
@@ -281,6 +293,9 @@ impl DlqReader {
             read: 0,
             acked: 0,
             to_ack: Vec::new(),
+            acked_ids: super::Selection::default(),
+            settings: settings.clone(),
+            retries: 0,
             short: false,
             slow_waits: 0,
             queue: queue.to_owned(),
@@ -485,6 +500,7 @@ impl DlqReader {
     /// closes (module documentation, "Acks at the end").
     pub fn ack(&mut self, letter: &DeadLetter) {
         self.to_ack.push(letter.delivery.delivery_tag);
+        self.acked_ids.insert(letter.id());
         self.acked += 1;
     }
 
@@ -551,8 +567,16 @@ impl DlqReader {
             .pass
             .close(200, ShortString::from("dlq pass done"))
             .await;
-        if let (Some(before), true) = (before, held > 0) {
-            self.wait_ready(before + held).await;
+        let mut came_back = 0;
+        match before {
+            // Anything beyond what the pass held is a letter whose ack was lost (or one
+            // dead-lettered meanwhile).
+            Some(before) if acked > 0 => {
+                let settled = self.settled_ready(before + held).await;
+                came_back = settled.saturating_sub(before + held);
+            }
+            Some(before) if held > 0 => self.wait_ready(before + held).await,
+            _ => {}
         }
         // A short pass may have rotated the queue: its note stays for the next pass and
         // `check` to report (marker.rs).
@@ -573,7 +597,59 @@ impl DlqReader {
                 done: self.returned_in_order(),
             });
         }
-        acks.map_err(|source| OpsError::Unacked { acked, source })
+        acks.map_err(|source| OpsError::Unacked { acked, source })?;
+        if came_back > 0 && acked > 0 {
+            self.remove_again(came_back).await?;
+        }
+        Ok(())
+    }
+
+    /// Some letters this pass acked came back (module documentation, "Acks at the end"):
+    /// remove them in a pass of their own, found by content, at most [`MAX_RETRIES`]
+    /// times. More letters than expected can also be letters dead-lettered meanwhile: a
+    /// pass that finds none of its own changes nothing.
+    async fn remove_again(self, came_back: usize) -> Result<(), OpsError> {
+        if self.retries >= MAX_RETRIES {
+            return Err(OpsError::NotRemoved {
+                queue: self.queue,
+                back: came_back,
+            });
+        }
+        eprintln!(
+            "{came_back} more letters than expected are back in {} after the {}: removing again those it moved (their acks were lost)",
+            printable(&self.queue, 300),
+            self.purpose
+        );
+        let mut ids = self.acked_ids;
+        let mut again =
+            DlqReader::open_queue(&self.settings, &self.queue, self.purpose, None).await?;
+        again.retries = self.retries + 1;
+        let result = loop {
+            match again.next().await {
+                Ok(Some(l)) if ids.take(&l) => again.ack(&l),
+                Ok(Some(_)) => {}
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        super::ended(result, Box::pin(again.close()).await)
+    }
+
+    /// Messages ready once the broker has taken back what the pass held: at least
+    /// `expected`, then no change for a moment (quorum queues take them back
+    /// asynchronously; a few seconds at most).
+    async fn settled_ready(&self, expected: usize) -> usize {
+        self.wait_ready(expected).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut last = self.ready().await.unwrap_or(expected);
+        let mut same = 0;
+        while same < 5 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.ready().await.unwrap_or(last);
+            same = if now == last { same + 1 } else { 0 };
+            last = now;
+        }
+        last
     }
 
     /// Messages ready in the queue now (`None`: cannot tell).
