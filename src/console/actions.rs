@@ -291,32 +291,26 @@ async fn execute_and_audit(c: Shared, plan: Plan, role: &'static str) -> Done {
         plan.action.as_str(),
         plan.scope.as_str(),
     );
+    // One set of fields, at the level the outcome calls for.
+    macro_rules! audit {
+        ($level:ident, $($outcome:tt)*) => {
+            tracing::$level!(
+                audit = "action",
+                user,
+                role,
+                action,
+                filter,
+                planned,
+                count = done.done,
+                left = done.left,
+                export = done.export.as_deref(),
+                $($outcome)*
+            )
+        };
+    }
     match &done.error {
-        None => tracing::info!(
-            audit = "action",
-            user,
-            role,
-            action,
-            filter,
-            planned,
-            count = done.done,
-            left = done.left,
-            export = done.export.as_deref(),
-            "console: {action} done"
-        ),
-        Some(error) => tracing::error!(
-            audit = "action",
-            user,
-            role,
-            action,
-            filter,
-            planned,
-            count = done.done,
-            left = done.left,
-            export = done.export.as_deref(),
-            error = %error,
-            "console: {action} failed"
-        ),
+        None => audit!(info, "console: {action} done"),
+        Some(error) => audit!(error, error = %error, "console: {action} failed"),
     }
     done
 }

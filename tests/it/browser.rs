@@ -13,7 +13,7 @@ use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 
 use crate::console::{
-    ConsoleProcess, Letter, OPERATOR_PASSWORD, T, VIEWER_PASSWORD, field, http, plant,
+    ConsoleProcess, Letter, OPERATOR_PASSWORD, T, VIEWER_PASSWORD, field, http, letters, plant,
 };
 use crate::helpers::*;
 use crate::ops::dlq_order;
@@ -119,6 +119,16 @@ impl Browser {
         v.as_str().unwrap_or_default().to_owned()
     }
 
+    /// The page's text, which must say `what`.
+    async fn says(&self, what: &str) -> String {
+        let text = self.text().await;
+        assert!(
+            text.contains(what),
+            "the page does not say {what:?}: {text}"
+        );
+        text
+    }
+
     async fn js(&self, script: &str) -> Value {
         self.client.execute(script, vec![]).await.expect("script")
     }
@@ -180,13 +190,7 @@ async fn browser_an_operator_works_the_dlq_in_the_console() {
     let mut events = env.event_tap().await;
     let worker = env.spawn_worker().await;
     let kinds = ["rejected", "retries_exhausted", "name_conflict"];
-    let letters: Vec<Letter> = (0..50)
-        .map(|i| {
-            let kind = kinds[[0, 1, 0, 2, 1][i % 5]];
-            Letter::new(&format!("BR-{i:02}"), kind)
-        })
-        .collect();
-    plant(&env, &letters).await;
+    plant(&env, &letters("BR", 50, |i| kinds[[0, 1, 0, 2, 1][i % 5]])).await;
     let all = dlq_order(&env).await;
     assert_eq!(all.len(), 50);
     let console = ConsoleProcess::start(&env, &[]).await;
@@ -242,32 +246,19 @@ async fn browser_an_operator_works_the_dlq_in_the_console() {
         .await
         .expect("select");
     b.click("form.filter button").await;
-    let listed = b.text().await;
-    assert!(
-        listed.contains("20 of 50 dead letters match (kind=rejected)"),
-        "{listed}"
-    );
+    b.says("20 of 50 dead letters match (kind=rejected)").await;
     b.shot("letters-filtered").await;
     b.click("table.letters tbody tr a").await;
-    let letter = b.text().await;
-    assert!(
-        letter.contains("\"org_unit_ext_id\": \"BR-00\""),
-        "pretty-printed body: {letter}"
-    );
-    assert!(letter.contains("parent 1000 is not active"), "{letter}");
+    b.says("\"org_unit_ext_id\": \"BR-0000\"").await;
+    b.says("parent 1000 is not active").await;
     b.assert_labelled().await;
     b.shot("letter").await;
     b.client.back().await.expect("back");
     b.click("button[value=replay-all]").await;
-    let confirm = b.text().await;
-    assert!(
-        confirm.contains("Replay 20 dead letters (kind=rejected)?"),
-        "{confirm}"
-    );
+    b.says("Replay 20 dead letters (kind=rejected)?").await;
     b.shot("confirm-replay").await;
     b.click("form[action='/actions/run'] button").await;
-    let done = b.text().await;
-    assert!(done.contains("Replayed 20 of 20."), "{done}");
+    b.says("Replayed 20 of 20.").await;
     b.shot("replayed").await;
     let rejected: Vec<String> = all
         .iter()
@@ -291,23 +282,17 @@ async fn browser_an_operator_works_the_dlq_in_the_console() {
     assert_eq!(dlq_order(&env).await, rest, "the DLQ shrank, in order");
 
     // 3. The ext id story of one replayed letter.
-    b.goto(&format!("{base}/story?ext_id=BR-00")).await;
-    let story = b.text().await;
-    assert!(story.contains("State: created"), "{story}");
+    b.goto(&format!("{base}/story?ext_id=BR-0000")).await;
+    b.says("State: created").await;
     b.shot("story").await;
 
     // 4. Discard the rest, with the export.
     b.goto(&format!("{base}/letters")).await;
     b.click("button[value=discard-all]").await;
-    let confirm = b.text().await;
-    assert!(
-        confirm.contains("Discard 30 dead letters (all)?"),
-        "{confirm}"
-    );
+    b.says("Discard 30 dead letters (all)?").await;
     b.shot("confirm-discard").await;
     b.click("form[action='/actions/run'] button").await;
-    let done = b.text().await;
-    assert!(done.contains("Discarded 30 of 30."), "{done}");
+    b.says("Discarded 30 of 30.").await;
     b.shot("discarded").await;
     let href = b
         .client
@@ -425,12 +410,11 @@ async fn browser_an_operator_works_the_dlq_in_the_console() {
     );
     let text_of = |i: usize| format!("{base}/letters/{}", ids[i]);
     b.goto(&text_of(1)).await;
-    assert!(b.text().await.contains("…(+"), "a 100 KB header is cut");
+    b.says("…(+").await; // a 100 KB header is cut
     b.goto(&text_of(2)).await;
-    let term = b.text().await;
-    assert!(term.contains("TERM-\\u{1b}]0;owned\\u{7}"), "{term}");
+    b.says("TERM-\\u{1b}]0;owned\\u{7}").await;
     b.goto(&text_of(3)).await;
-    assert!(b.text().await.contains("not UTF-8"));
+    b.says("not UTF-8").await;
 
     // 6. On a phone.
     b.client.set_window_size(390, 844).await.expect("size");

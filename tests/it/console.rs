@@ -183,6 +183,13 @@ impl Letter {
     }
 }
 
+/// `n` letters `<prefix>-0000`, … of the kind `kind(i)` gives.
+pub fn letters(prefix: &str, n: usize, kind: impl Fn(usize) -> &'static str) -> Vec<Letter> {
+    (0..n)
+        .map(|i| Letter::new(&format!("{prefix}-{i:04}"), kind(i)))
+        .collect()
+}
+
 /// Dead letters straight into the DLQ, in order, with the headers the worker writes.
 pub async fn plant(env: &TestEnv, letters: &[Letter]) {
     env.declare_topology().await;
@@ -324,10 +331,7 @@ async fn the_console_does_not_start_without_credentials_or_on_a_wide_address_wit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_looks_and_every_action_is_refused_to_them() {
     let env = TestEnv::new().await;
-    let letters: Vec<Letter> = (0..3)
-        .map(|i| Letter::new(&format!("V-{i}"), "rejected"))
-        .collect();
-    plant(&env, &letters).await;
+    plant(&env, &letters("V", 3, |_| "rejected")).await;
     let console = ConsoleProcess::start(&env, &[]).await;
     let viewer = Login::new(&console.base, "viewer", VIEWER_PASSWORD).await;
     let (status, page) = viewer.get("/letters").await;
@@ -486,17 +490,14 @@ async fn posts_need_the_session_s_csrf_token_and_this_origin_and_sessions_end() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_operators_confirming_the_same_letters_move_each_of_them_once() {
     let env = TestEnv::new().await;
-    let letters: Vec<Letter> = (0..30)
-        .map(|i| {
-            let kind = if i % 3 == 0 {
-                "retries_exhausted"
-            } else {
-                "rejected"
-            };
-            Letter::new(&format!("TWO-{i:02}"), kind)
-        })
-        .collect();
-    plant(&env, &letters).await;
+    let kind = |i| {
+        if i % 3 == 0 {
+            "retries_exhausted"
+        } else {
+            "rejected"
+        }
+    };
+    plant(&env, &letters("TWO", 30, kind)).await;
     let before = dlq_order(&env).await;
     let console = ConsoleProcess::start(&env, &[]).await;
     let a = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
@@ -685,19 +686,14 @@ async fn behind_a_tls_proxy_forms_work_and_cookies_are_secure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_a_page_or_an_action_midway_costs_nothing() {
     let env = TestEnv::new().await;
-    let letters: Vec<Letter> = (0..3000)
-        .map(|i| {
-            Letter::new(
-                &format!("GONE-{i:04}"),
-                if i % 2 == 0 {
-                    "rejected"
-                } else {
-                    "retries_exhausted"
-                },
-            )
-        })
-        .collect();
-    plant(&env, &letters).await;
+    let kind = |i| {
+        if i % 2 == 0 {
+            "rejected"
+        } else {
+            "retries_exhausted"
+        }
+    };
+    plant(&env, &letters("GONE", 3000, kind)).await;
     let before = dlq_order(&env).await;
     assert_eq!(before.len(), 3000);
     let console = ConsoleProcess::start(&env, &[]).await;

@@ -1729,13 +1729,10 @@ async fn status_follows_a_dead_letter_through_replay_and_discard() {
 /// broker sent more than the window counted, and some letters kept came back at the end.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_and_discard_across_many_windows_keep_the_rest_in_order() {
-    use crate::console::{Letter, plant};
+    use crate::console::{letters, plant};
     let env = TestEnv::new().await;
     let kinds = ["rejected", "retries_exhausted", "name_conflict"];
-    let letters: Vec<Letter> = (0..3000)
-        .map(|i| Letter::new(&format!("WIN-{i:04}"), kinds[i % 3]))
-        .collect();
-    plant(&env, &letters).await;
+    plant(&env, &letters("WIN", 3000, |i| kinds[i % 3])).await;
     let all = dlq_order(&env).await;
     assert_eq!(all.len(), 3000);
     let of = |k: usize| -> Vec<String> { all.iter().skip(k).step_by(3).cloned().collect() };

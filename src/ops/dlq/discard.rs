@@ -14,7 +14,6 @@
 //!   nothing and needs neither;
 //! - what is not removed stays in the DLQ, in order (the same passes as the other tools).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -26,7 +25,7 @@ use crate::ops::OpsError;
 use crate::pipeline::Place;
 
 use super::reader::{DeadLetter, DlqReader};
-use super::{ExportFile, kinds};
+use super::{ExportFile, Selection, kinds};
 
 /// Which dead letters `dlq discard` removes (its command-line options).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -172,8 +171,8 @@ pub async fn discard(
         ));
     }
     let now = SystemTime::now();
-    // The exported lines, counted: the second pass removes exactly these.
-    let mut exported: Option<HashMap<String, usize>> = None;
+    // The exported letters, counted: the second pass removes exactly these.
+    let mut exported: Option<Selection> = None;
     if let (Some(path), false) = (&filter.export, filter.dry_run) {
         match export_matching(settings, filter, path, now).await? {
             Some(lines) => exported = Some(lines),
@@ -186,7 +185,7 @@ pub async fn discard(
             }
         }
     }
-    let want = exported.as_ref().map(|lines| lines.values().sum::<usize>());
+    let want = exported.as_ref().map(Selection::len);
     let summary = remove_matching(settings, filter, exported, now).await?;
     match want {
         Some(want) if summary.discarded < want => Err(OpsError::NotAllRemoved {
@@ -210,14 +209,14 @@ async fn export_matching(
     filter: &DiscardFilter,
     path: &std::path::Path,
     now: SystemTime,
-) -> Result<Option<HashMap<String, usize>>, OpsError> {
+) -> Result<Option<Selection>, OpsError> {
     ExportFile::check_target(path)?;
     let mut reader = DlqReader::open(settings, "discard", None).await?;
     let mut file = match ExportFile::create(path) {
         Ok(f) => f,
         Err(e) => return super::ended(Err(e), reader.close().await),
     };
-    let mut lines = HashMap::new();
+    let mut lines = Selection::default();
     let mut n = 0;
     let mut only = filter.only.clone();
     let written = loop {
@@ -233,7 +232,7 @@ async fn export_matching(
                         source,
                     });
                 }
-                *lines.entry(identity(&l)).or_insert(0) += 1;
+                lines.insert(l.id());
                 n += 1;
             }
             Ok(Some(_)) => {}
@@ -258,7 +257,7 @@ async fn export_matching(
 async fn remove_matching(
     settings: &Settings,
     filter: &DiscardFilter,
-    mut exported: Option<HashMap<String, usize>>,
+    mut exported: Option<Selection>,
     now: SystemTime,
 ) -> Result<DiscardSummary, OpsError> {
     let mut reader = DlqReader::open(settings, "discard", None).await?;
@@ -281,16 +280,7 @@ async fn remove_matching(
         let wanted = filter.limit.is_none_or(|max| summary.discarded < max)
             && filter.matches(&letter, now)
             && only.as_mut().is_none_or(|s| s.take(&letter))
-            && match exported.as_mut() {
-                None => true,
-                Some(lines) => match lines.get_mut(&identity(&letter)) {
-                    Some(n) if *n > 0 => {
-                        *n -= 1;
-                        true
-                    }
-                    _ => false,
-                },
-            };
+            && exported.as_mut().is_none_or(|lines| lines.take(&letter));
         if !wanted {
             summary.kept += 1;
             continue;

@@ -78,6 +78,8 @@ pub struct DeadLetter {
     /// from `x-death` (e.g. `broker:delivery_limit`).
     pub kind: String,
     pub delivery: Delivery,
+    /// [`DeadLetter::id`], computed once: a pass may need it twice (a selection, an ack).
+    pub(super) id: std::sync::OnceLock<String>,
 }
 
 impl DeadLetter {
@@ -100,6 +102,7 @@ impl DeadLetter {
             ext_id,
             kind,
             delivery,
+            id: std::sync::OnceLock::new(),
         }
     }
 

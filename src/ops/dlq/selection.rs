@@ -45,9 +45,13 @@ impl DeadLetter {
     /// The letter's identity, as 32 hex digits (128 bits of SHA-256): the same in every
     /// pass, whatever its position and however often the broker delivered it.
     pub fn id(&self) -> String {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(super::discard::identity(self).as_bytes());
-        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+        self.id
+            .get_or_init(|| {
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(super::discard::identity(self).as_bytes());
+                digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+            })
+            .clone()
     }
 }
 
