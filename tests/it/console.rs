@@ -739,3 +739,116 @@ async fn leaving_a_page_or_an_action_midway_costs_nothing() {
     drop(console);
     env.cleanup().await;
 }
+
+/// A hostile publisher's odd properties and header names reach the pages inert, and a
+/// Redis that goes away, then comes back empty, costs the console only what it says: the
+/// story page says the store cannot be read, a replay still moves its letters, and the
+/// story of an ext id the empty store forgot is "unknown".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_properties_render_inert_and_a_lost_redis_costs_only_the_story() {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let mut redis = RedisServer::start(stable_port()).await;
+    let mut nested = FieldTable::default();
+    nested.insert(
+        "<script>".into(),
+        header_value("<img src=x onerror=alert(1)>"),
+    );
+    for (i, ext) in ["ODD-1", "ODD-2"].iter().enumerate() {
+        let mut h = FieldTable::default();
+        h.insert("x-error-kind".into(), header_value("rejected"));
+        h.insert("<b>bold-name</b>".into(), header_value("v"));
+        h.insert(
+            "esc-\u{1b}[2J-name".into(),
+            header_value("\u{1b}]0;owned\u{7}"),
+        );
+        h.insert(
+            "bytes".into(),
+            AMQPValue::ByteArray(vec![0xff, 0x00, b'<', b'b', b'>'].into()),
+        );
+        h.insert("nested".into(), AMQPValue::FieldTable(nested.clone()));
+        h.insert("float".into(), AMQPValue::Double(-0.0));
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(format!("\u{1b}]0;x\u{7}<b>m{i}</b>").into())
+            .with_correlation_id("\"><img src=x>".into())
+            .with_content_type("<script>x</script>".into())
+            .with_app_id("<i>app</i>".into())
+            .with_headers(h);
+        let body =
+            json!({"org_unit_ext_id": ext, "org_unit_name": "Odd", "org_unit_parent_id": 1000});
+        env.channel
+            .basic_publish(
+                "".into(),
+                env.settings.topology.dead_letter_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let console = ConsoleProcess::start(&env, &[("PROVISIONER__REDIS__URL", &redis.url())]).await;
+    let op = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
+    let (status, list) = op.get("/letters").await;
+    assert_eq!(status, 200, "{list}");
+    let ids: Vec<String> = list
+        .split("href=\"/letters/")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 2, "{list}");
+    for page in [
+        "/letters".to_owned(),
+        format!("/letters/{}", ids[0]),
+        format!("/letters/{}", ids[1]),
+        "/".to_owned(),
+    ] {
+        let (status, html) = op.get(&page).await;
+        assert_eq!(status, 200, "{page}: {html}");
+        for raw in ["<b>", "<img", "<script>x", "<i>", "\u{1b}", "<script>\""] {
+            assert!(!html.contains(raw), "{page} holds {raw:?} unescaped");
+        }
+        if page.starts_with("/letters/") {
+            assert!(
+                html.contains("&lt;b&gt;bold-name&lt;/b&gt;"),
+                "{page}: the header name is shown, escaped"
+            );
+            assert!(
+                html.contains("\\u{1b}"),
+                "{page}: the escape is shown as text"
+            );
+        }
+    }
+    // Redis goes away: the story page says so, a replay still moves its letters.
+    redis.stop();
+    let (status, story) = op.get("/story?ext_id=ODD-1").await;
+    assert_eq!(status, 200);
+    assert!(
+        story.contains("role=\"alert\"") && story.contains("redis"),
+        "{story}"
+    );
+    let (_, page) = op.preview("replay-all", &[]).await;
+    let (_, done) = op.run(&field(&page, "plan").expect("plan")).await;
+    assert!(done.contains("Replayed <strong>2</strong> of 2"), "{done}");
+    assert_eq!(
+        take_all(&env, &env.settings.topology.work_queue).await,
+        ["ODD-1", "ODD-2"]
+    );
+    let warned = console.audit("action", 1).await;
+    assert_eq!(warned[0]["count"], 2);
+    // It comes back with nothing: the story is "unknown", not an error.
+    let _redis = RedisServer::start(redis.port).await;
+    let story = wait_for("the story once Redis is back", T, || async {
+        let (_, story) = op.get("/story?ext_id=ODD-1").await;
+        story
+            .contains("State: <strong>unknown</strong>")
+            .then_some(story)
+    })
+    .await;
+    assert!(story.contains("knows nothing of it"), "{story}");
+    drop(console);
+    env.cleanup().await;
+}
