@@ -11,7 +11,6 @@
 //! - a discard always writes its export first (`dlq discard --export`), into
 //!   `console.export_dir` (owner-only), under a name the console chose.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -190,21 +189,18 @@ type Planned = Result<(Selection, Vec<LetterView>, String), String>;
 async fn plan_letters(c: &Shared, form: &Form, selected: bool) -> Planned {
     let snapshot = c.fresh_snapshot().await?;
     let (letters, scope): (Vec<LetterView>, String) = if selected {
-        let ids: Vec<&str> = form.all("id").collect();
-        let mut picked = Vec::new();
-        let mut left: HashMap<&str, usize> = HashMap::new();
-        for id in &ids {
-            *left.entry(id).or_insert(0) += 1;
+        let mut asked = Selection::default();
+        for id in form.all("id") {
+            asked.insert(id.to_owned());
         }
-        for l in &snapshot.letters {
-            if let Some(n) = left.get_mut(l.id.as_str())
-                && *n > 0
-            {
-                *n -= 1;
-                picked.push(l.clone());
-            }
-        }
-        (picked, format!("{} selected", ids.len()))
+        let scope = format!("{} selected", asked.len());
+        let picked = snapshot
+            .letters
+            .iter()
+            .filter(|l| asked.take_id(&l.id))
+            .cloned()
+            .collect();
+        (picked, scope)
     } else {
         let filter = form.filter();
         let letters = filter.apply(&snapshot)?;

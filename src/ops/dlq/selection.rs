@@ -31,7 +31,12 @@ impl Selection {
 
     /// Take `letter` out of the selection: whether it was in it.
     pub fn take(&mut self, letter: &DeadLetter) -> bool {
-        match self.0.get_mut(&letter.id()) {
+        self.take_id(&letter.id())
+    }
+
+    /// Take one letter of this [`DeadLetter::id`] out of the selection: whether one was in it.
+    pub fn take_id(&mut self, id: &str) -> bool {
+        match self.0.get_mut(id) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 true
@@ -67,7 +72,8 @@ mod tests {
         s.insert("b".into());
         assert_eq!(s.len(), 3);
         assert_eq!(s.0.get("a"), Some(&2));
-        *s.0.get_mut("a").expect("a") -= 2;
+        assert!(s.take_id("a") && s.take_id("a"));
+        assert!(!s.take_id("a"), "each one is taken once");
         assert_eq!(s.len(), 1);
         assert!(!s.is_empty());
     }
