@@ -2,7 +2,9 @@
 //! through `tracing-appender`'s non-blocking writer; the JSON layer is this crate's own,
 //! kept because `tracing-subscriber`'s formatter cannot put span fields at the top level
 //! (the test `the_crates_json_formatter_cannot_put_span_fields_at_the_top_level` shows it)
-//! and costs more CPU per line (docs/performance.md).
+//! and costs more CPU per line (docs/performance.md), and `json-subscriber`, which can,
+//! writes a name twice in one line and logs the trace's attributes
+//! (`the_json_subscriber_crate_writes_a_name_twice_and_logs_trace_attributes`).
 //!
 //! Invariants:
 //! - in JSON, the fields of every enclosing span (`ext_id`, `message_id`,
@@ -606,6 +608,45 @@ mod tests {
         assert_eq!(ours["ext_id"], "X-1");
         assert_eq!(ours["message_id"], "m-1");
         assert_eq!(ours["outcome"], "created");
+    }
+
+    /// Why this layer is kept instead of `json-subscriber`, the crate built for JSON lines
+    /// with flattened spans: with the event and the span list flattened, a name the event
+    /// shares with its span is written twice in one object (which value a reader keeps
+    /// depends on the reader), and the span's OpenTelemetry attributes (`otel.kind`) and
+    /// name reach the log as keys. This layer writes each name once, the event's value
+    /// first, and keeps those for the trace.
+    #[test]
+    fn the_json_subscriber_crate_writes_a_name_twice_and_logs_trace_attributes() {
+        let event = || {
+            let span = tracing::info_span!("delivery", ext_id = "X-1", otel.kind = "consumer");
+            let _enter = span.enter();
+            tracing::warn!(ext_id = "X-2", "a message about another ext id");
+        };
+        let buffer = Buffer::default();
+        let mut theirs = json_subscriber::JsonLayer::new(buffer.clone());
+        theirs
+            .with_level("level")
+            .with_target("target")
+            .with_flattened_event()
+            .with_top_level_flattened_span_list();
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(theirs), event);
+        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf8");
+        assert_eq!(text.matches("\"ext_id\":").count(), 2, "{text}");
+        assert!(text.contains("\"otel.kind\":"), "{text}");
+        assert!(text.contains("\"name\":\"delivery\""), "{text}");
+
+        let buffer = Buffer::default();
+        let ours = tracing_subscriber::registry().with(JsonLines::new(buffer.clone()));
+        tracing::subscriber::with_default(ours, event);
+        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf8");
+        assert_eq!(text.matches("\"ext_id\":").count(), 1, "{text}");
+        assert!(
+            !text.contains("otel.kind") && !text.contains("\"name\""),
+            "{text}"
+        );
+        let line: Value = serde_json::from_str(text.trim()).expect("one JSON line");
+        assert_eq!(line["ext_id"], "X-2");
     }
 
     /// Which of a fixed set of events pass `filter(level)`, as "target:level".
