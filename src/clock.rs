@@ -31,13 +31,13 @@ pub struct OffsetClock {
 
 impl OffsetClock {
     pub fn advance(&self, by: Duration) {
-        *self.offset.lock().unwrap_or_else(|p| p.into_inner()) += by;
+        *crate::lock(&self.offset) += by;
     }
 }
 
 impl Clock for OffsetClock {
     fn now(&self) -> SystemTime {
-        SystemTime::now() + *self.offset.lock().unwrap_or_else(|p| p.into_inner())
+        SystemTime::now() + *crate::lock(&self.offset)
     }
 }
 

@@ -55,10 +55,7 @@ impl Health {
     pub async fn not_ready(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         if !self.connected.load(Ordering::SeqCst) {
-            let problem = self
-                .broker_problem
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let problem = crate::lock(&self.broker_problem);
             reasons.push(match problem.as_ref() {
                 Some(line) => format!("broker: not connected: {line}"),
                 None => "broker: not connected".to_owned(),
@@ -104,12 +101,7 @@ async fn readyz(State(h): State<Health>) -> Response {
             "warning: {unrouted} events nobody is bound for wait in the unrouted-events queue (bind a queue, then events replay-unrouted)\n"
         ));
     }
-    if let Some(text) = h
-        .redis_warning
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-    {
+    if let Some(text) = crate::lock(&h.redis_warning).as_ref() {
         body.push_str(&format!("warning: {text}\n"));
     }
     (StatusCode::OK, body).into_response()
@@ -288,7 +280,7 @@ impl Slots {
             served: Arc::new(AtomicBool::new(requested)),
             close: CancellationToken::new(),
         };
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = crate::lock(&self.open);
         if open.len() < MAX_CONNECTIONS {
             open.push_back(slot.clone());
             return (Some(slot), false);
@@ -313,14 +305,14 @@ impl Slots {
     }
 
     fn leave(&self, id: u64) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = crate::lock(&self.open);
         if let Some(i) = open.iter().position(|s| s.id == id) {
             open.remove(i);
         }
     }
 
     fn close_all(&self) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = crate::lock(&self.open);
         for slot in open.drain(..) {
             slot.close.cancel();
         }

@@ -25,6 +25,13 @@ macro_rules! outln {
     }};
 }
 
+/// A mutex's guard, even when a panicking holder poisoned it. Every value behind these
+/// mutexes is replaced whole in one statement, so a panic cannot leave one half-written, and
+/// one task's panic must not become a panic in every later task that takes the lock.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub mod amqp;
 pub mod app;
 pub mod cli;

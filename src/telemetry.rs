@@ -16,10 +16,11 @@
 //!   the AMQP client prints its frames (the login with its password, message bodies with
 //!   phone numbers) and HTTP stacks their headers.
 
+use crate::lock;
 use std::fmt;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, Once, OnceLock};
+use std::sync::{Mutex, Once, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -259,10 +260,6 @@ fn report_drops() {
         }
         reported = (stalled, failed);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The writer thread's end: lines gathered, written out a batch at a time (see

@@ -124,7 +124,7 @@ fn same_but_headers(o: &BasicProperties, headers: FieldTable) -> BasicProperties
 /// line (see `crate::fatal`).
 fn dispose(deep: BasicProperties) {
     static DROPPER: Mutex<Option<Sender<BasicProperties>>> = Mutex::new(None);
-    let mut guard = DROPPER.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guard = crate::lock(&DROPPER);
     if guard.is_none() {
         let (tx, rx) = channel::<BasicProperties>();
         let started = std::thread::Builder::new()

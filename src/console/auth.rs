@@ -124,7 +124,7 @@ impl Sessions {
     pub fn start(&self, user: &str, role: Role, ttl: Duration) -> String {
         let id = random_token();
         let now = Instant::now();
-        let mut sessions = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sessions = crate::lock(&self.0);
         sessions.retain(|_, s| s.expires > now);
         let theirs = sessions.values().filter(|s| s.user == user).count();
         if theirs >= MAX_SESSIONS_PER_USER
@@ -150,7 +150,7 @@ impl Sessions {
 
     /// The live session of `id`; an expired one is ended.
     fn get(&self, id: &str) -> Lookup {
-        let mut sessions = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sessions = crate::lock(&self.0);
         match sessions.get(id) {
             Some(s) if s.expires > Instant::now() => Lookup::Live(s.clone()),
             Some(_) => {
@@ -162,7 +162,7 @@ impl Sessions {
     }
 
     pub fn end(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        crate::lock(&self.0).remove(id);
     }
 }
 

@@ -82,7 +82,7 @@ impl Plans {
     pub fn keep(&self, plan: Plan) -> String {
         let id = super::auth::random_token();
         let now = Instant::now();
-        let mut plans = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plans = crate::lock(&self.0);
         plans.retain(|_, p| p.expires > now);
         if plans.len() >= MAX_PLANS
             && let Some(oldest) = plans
@@ -98,7 +98,7 @@ impl Plans {
 
     /// The plan, taken out: nobody can confirm it again.
     pub fn take(&self, id: &str) -> Option<Plan> {
-        let mut plans = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plans = crate::lock(&self.0);
         plans.remove(id).filter(|p| p.expires > Instant::now())
     }
 }

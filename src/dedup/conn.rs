@@ -217,12 +217,7 @@ impl SentinelConn {
                         inner
                             .announcements
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if let Some(m) = inner
-                            .current
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .as_mut()
-                        {
+                        if let Some(m) = crate::lock(&inner.current).as_mut() {
                             m.checked = None;
                         }
                     }
@@ -234,17 +229,14 @@ impl SentinelConn {
 
     /// The current master connection, if it was confirmed within [`MASTER_CHECK`].
     fn fresh(&self) -> Option<MultiplexedConnection> {
-        self.inner
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.inner.current)
             .as_ref()
             .filter(|m| m.checked.is_some_and(|at| at.elapsed() < MASTER_CHECK))
             .map(|m| m.conn.clone())
     }
 
     fn forget(&self) {
-        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *crate::lock(&self.inner.current) = None;
     }
 
     /// `host:port` of the master, as the first sentinel that answers names it.
@@ -292,12 +284,7 @@ impl SentinelConn {
             .load(std::sync::atomic::Ordering::SeqCst);
         let (host, port) = self.ask_sentinels().await?;
         let addr = format!("{host}:{port}");
-        let mut current = self
-            .inner
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut current = crate::lock(&self.inner.current).clone();
         match &mut current {
             Some(m) if m.addr == addr => m.checked = Some(std::time::Instant::now()),
             _ => {
@@ -325,7 +312,7 @@ impl SentinelConn {
             }
         }
         let conn = current.as_ref().map(|m| m.conn.clone());
-        let mut stored = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stored = crate::lock(&self.inner.current);
         *stored = current;
         // An announcement that came while we asked: ask again next time.
         if self
@@ -409,10 +396,7 @@ impl LazyCluster {
     }
 
     fn cached(&self) -> Option<ClusterConnection> {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::lock(&self.current).clone()
     }
 
     async fn connection(&self) -> RedisResult<ClusterConnection> {
@@ -426,7 +410,7 @@ impl LazyCluster {
         let conn = tokio::time::timeout(TIMEOUT * 2, self.client.get_async_connection())
             .await
             .map_err(|_| timeout_error("connecting to the cluster"))??;
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        *crate::lock(&self.current) = Some(conn.clone());
         Ok(conn)
     }
 
@@ -440,7 +424,7 @@ impl LazyCluster {
                 || e.is_timeout()
                 || e.is_io_error())
         {
-            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *crate::lock(&self.current) = None;
         }
     }
 }

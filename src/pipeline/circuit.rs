@@ -115,7 +115,7 @@ impl Circuit {
     /// Hold every API call back until `wait` has passed (a 429's `Retry-After`).
     pub fn pause_for(&self, wait: Duration) {
         let until = Instant::now() + wait;
-        let mut nb = self.not_before.lock().unwrap_or_else(|p| p.into_inner());
+        let mut nb = crate::lock(&self.not_before);
         if nb.is_none_or(|current| current < until) {
             *nb = Some(until);
             tracing::warn!(
@@ -127,7 +127,7 @@ impl Circuit {
 
     /// Wait out an account-wide pause, if any.
     pub async fn wait_until_allowed(&self) {
-        let until = *self.not_before.lock().unwrap_or_else(|p| p.into_inner());
+        let until = *crate::lock(&self.not_before);
         if let Some(until) = until
             && until > Instant::now()
         {

@@ -3,6 +3,7 @@
 //! answers are scripted. They keep the ports' invariants (atomic claims, fencing), so a
 //! test exercises the processor, not a looser world.
 
+use crate::lock;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,10 +23,6 @@ use super::store::{
     AttemptMarker, Claim, ClaimRequest, CreatedRecord, DedupStore, OutcomeKey, Posting,
     RecordResult, StoreError, Unreadable,
 };
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The store operations a test can make fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

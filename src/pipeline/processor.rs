@@ -96,12 +96,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     /// so the next delivery of each ext id need not wait out the lease. Their attempt
     /// markers stay open: a POST that may be in the air is still waited out and looked up.
     pub async fn release_held(&self) -> usize {
-        let held: Vec<(String, ExtId)> = self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let held: Vec<(String, ExtId)> = crate::lock(&self.held).drain().collect();
         for (owner, ext_id) in &held {
             if let Err(e) = self.store.release(ext_id, owner, false).await {
                 tracing::warn!(error = %e, ext_id = %ext_id, "could not hand back a claim; it expires with its lease");
@@ -111,17 +106,11 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
     }
 
     fn hold(&self, owner: &str, ext_id: &ExtId) {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(owner.to_owned(), ext_id.clone());
+        crate::lock(&self.held).insert(owner.to_owned(), ext_id.clone());
     }
 
     fn unhold(&self, owner: &str) {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(owner);
+        crate::lock(&self.held).remove(owner);
     }
 
     /// Report to `recorder` (the worker's metrics).

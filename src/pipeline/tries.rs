@@ -33,16 +33,14 @@ impl Tries {
 
     /// The claim marked the first POST as about to be sent, at `at`.
     pub(super) fn premarked(&self, at: Instant) {
-        *self.premarked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        *crate::lock(&self.premarked_at) = Some(at);
     }
 
     /// Whether the claim's mark still stands for the POST about to be sent: only for the
     /// first, and only if it is that recent (a takeover waits `api.timeout` plus a margin
     /// from the marker's time; a POST sent much later than it would outlast that wait).
     pub(super) fn take_premark(&self, fresh: Duration) -> bool {
-        self.premarked_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.premarked_at)
             .take()
             .is_some_and(|at| at.elapsed() <= fresh)
     }

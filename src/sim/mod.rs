@@ -322,7 +322,7 @@ impl Sim {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-written in a way that
         // matters for a simulator; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 
     pub fn set_faults(&self, faults: Faults) {

@@ -76,15 +76,15 @@ pub(crate) enum Probe {
 
 impl Shared {
     pub fn set_probe(&self, probe: Probe) {
-        *self.probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(probe);
+        *crate::lock(&self.probe) = Some(probe);
     }
 
     pub fn probe(&self) -> Option<Probe> {
-        self.probe.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::lock(&self.probe).clone()
     }
 
     pub fn clear_probe(&self) {
-        *self.probe.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *crate::lock(&self.probe) = None;
     }
 }
 
@@ -242,7 +242,7 @@ async fn watch_eviction(
                 None => {}
             }
             metrics.set_redis_policy(now.label());
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = advice;
+            *crate::lock(&slot) = advice;
             last = Some(now);
         }
         // Until Redis first answers, ask again soon.
@@ -265,16 +265,11 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 
 impl Shared {
     fn declare_refused(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.declare_refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.declare_refused)
     }
 
     fn set_broker_problem(&self, problem: Option<String>) {
-        *self
-            .broker_problem
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = problem;
+        *crate::lock(&self.broker_problem) = problem;
     }
 
     /// What every session of the worker shares, derived once from the settings.

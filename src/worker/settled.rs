@@ -56,7 +56,7 @@ impl Settled {
 
     /// Remember a delivery whose outcome is published and confirmed.
     pub fn remember(&self, key: u64, outcome: Outcome) {
-        let mut guard = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::lock(&self.seen);
         let (map, order) = &mut *guard;
         if map.insert(key, outcome).is_none() {
             order.push_back(key);
@@ -73,7 +73,7 @@ impl Settled {
         if !inbound.redelivered {
             return None;
         }
-        let guard = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = crate::lock(&self.seen);
         guard.0.get(&key).copied()
     }
 }
@@ -130,7 +130,7 @@ mod tests {
         for i in 0..(CAPACITY as u64 + 10) {
             settled.remember(i, Outcome::Created);
         }
-        let guard = settled.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = crate::lock(&settled.seen);
         assert_eq!(guard.0.len(), CAPACITY);
         assert_eq!(guard.1.len(), CAPACITY);
         assert!(!guard.0.contains_key(&0) && guard.0.contains_key(&(CAPACITY as u64 + 9)));
