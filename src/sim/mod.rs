@@ -97,6 +97,25 @@ pub struct SimGroup {
     pub body: serde_json::Value,
 }
 
+impl SimGroup {
+    /// An active group without an ext id or a body.
+    fn seeded(id: i64, name: String, parent: Option<i64>) -> SimGroup {
+        SimGroup {
+            org_unit_id: id,
+            org_unit_ext_id: None,
+            org_unit_name: name,
+            org_unit_parent_id: parent,
+            org_unit_status: "active".into(),
+            body: serde_json::Value::Null,
+        }
+    }
+
+    /// A parent commands may use: the account's child.
+    fn parent(id: i64) -> SimGroup {
+        SimGroup::seeded(id, format!("Parent {id}"), Some(ROOT_ORG_UNIT_ID))
+    }
+}
+
 /// One request the simulator answered (or dropped), for the inspection endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestRecord {
@@ -130,7 +149,7 @@ pub struct SimStats {
     pub duplicated_ext_ids: Vec<String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct State {
     pub config: SimConfig,
     /// Every group, in creation order. Added to only through [`State::push_group`], which
@@ -161,45 +180,19 @@ pub(crate) struct State {
 
 impl State {
     fn new(config: SimConfig) -> State {
-        let mut groups = vec![SimGroup {
-            org_unit_id: ROOT_ORG_UNIT_ID,
-            org_unit_ext_id: None,
-            org_unit_name: "Simulated Account".into(),
-            org_unit_parent_id: None,
-            org_unit_status: "active".into(),
-            body: serde_json::Value::Null,
-        }];
-        for p in &config.parents {
-            groups.push(SimGroup {
-                org_unit_id: *p,
-                org_unit_ext_id: None,
-                org_unit_name: format!("Parent {p}"),
-                org_unit_parent_id: Some(ROOT_ORG_UNIT_ID),
-                org_unit_status: "active".into(),
-                body: serde_json::Value::Null,
-            });
-        }
+        let mut groups = vec![SimGroup::seeded(
+            ROOT_ORG_UNIT_ID,
+            "Simulated Account".into(),
+            None,
+        )];
+        groups.extend(config.parents.iter().map(|p| SimGroup::parent(*p)));
         let highest = groups.iter().map(|g| g.org_unit_id).max().unwrap_or(0);
         let mut state = State {
             next_id: config.first_id.max(highest + 1),
             token: Some(config.token.clone()),
             faults: config.faults.clone(),
-            groups: Vec::new(),
-            by_id: HashMap::new(),
-            sibling_names: HashSet::new(),
             config,
-            log: VecDeque::new(),
-            seq: 0,
-            created: 0,
-            create_requests: 0,
-            creates_received: 0,
-            list_requests: 0,
-            access_tokens: HashMap::new(),
-            refresh_tokens: HashMap::new(),
-            login_times: VecDeque::new(),
-            logins: 0,
-            refreshes: 0,
-            refresh_reuse: 0,
+            ..State::default()
         };
         for g in groups {
             state.push_group(g);
@@ -270,12 +263,9 @@ impl State {
         let id = self.next_id;
         self.next_id += 1;
         self.push_group(SimGroup {
-            org_unit_id: id,
             org_unit_ext_id: ext_id.map(str::to_owned),
-            org_unit_name: name.to_owned(),
-            org_unit_parent_id: Some(parent),
-            org_unit_status: "active".into(),
             body,
+            ..SimGroup::seeded(id, name.to_owned(), Some(parent))
         });
         id
     }
@@ -370,14 +360,7 @@ impl Sim {
     pub fn add_parent(&self, id: i64) {
         let mut s = self.lock();
         if s.group(id).is_none() {
-            s.push_group(SimGroup {
-                org_unit_id: id,
-                org_unit_ext_id: None,
-                org_unit_name: format!("Parent {id}"),
-                org_unit_parent_id: Some(ROOT_ORG_UNIT_ID),
-                org_unit_status: "active".into(),
-                body: serde_json::Value::Null,
-            });
+            s.push_group(SimGroup::parent(id));
         }
     }
 

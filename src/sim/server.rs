@@ -115,6 +115,11 @@ fn envelope(status: StatusCode, message: &str, data: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// An envelope without data: every refusal.
+fn refuse(status: StatusCode, message: &str) -> Response {
+    envelope(status, message, Value::Null)
+}
+
 fn fail_response(spec: &FailNext) -> Response {
     let status = StatusCode::from_u16(spec.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = match &spec.body {
@@ -143,11 +148,19 @@ fn bearer_ok(sim: &Sim, headers: &HeaderMap) -> bool {
     presented.is_some_and(|p| sim.lock().token_ok(p))
 }
 
-fn traceparent(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+impl RequestRecord {
+    fn new(method: &str, path: &str, ext_id: Option<String>, headers: &HeaderMap) -> Self {
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        RequestRecord {
+            seq: 0,
+            method: method.into(),
+            path: path.into(),
+            status: None,
+            ext_id,
+            traceparent: traceparent.map(str::to_owned),
+            fault: None,
+        }
+    }
 }
 
 async fn apply_latency(sim: &Sim) {
@@ -177,15 +190,7 @@ async fn create_group(
         .and_then(|b| b.get("org_unit_ext_id"))
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let mut record = RequestRecord {
-        seq: 0,
-        method: "POST".into(),
-        path: "/v3/groups".into(),
-        status: None,
-        ext_id: ext_id.clone(),
-        traceparent: traceparent(&headers),
-        fault: None,
-    };
+    let mut record = RequestRecord::new("POST", "/v3/groups", ext_id.clone(), &headers);
     let authorized = bearer_ok(&sim, &headers);
     let reply = decide_create(&sim, authorized, parsed, ext_id.as_deref());
     record.status = reply.status;
@@ -222,49 +227,41 @@ fn decide_create(
 ) -> Reply {
     let mut s = sim.lock();
     if !authorized {
-        return reply(
+        return refused(
             StatusCode::UNAUTHORIZED,
             "Unauthorized: invalid or expired token",
-            Value::Null,
-            None,
         );
     }
     if let Some(failed) = injected_failure(&mut s) {
         return failed;
     }
     let Some(body) = body else {
-        return reply(
+        return refused(
             StatusCode::BAD_REQUEST,
             "Request body must be a JSON object",
-            Value::Null,
-            None,
         );
     };
     let (name, parent) = match name_and_parent(&body) {
         Ok(np) => np,
-        Err(why) => return reply(StatusCode::BAD_REQUEST, why, Value::Null, None),
+        Err(why) => return refused(StatusCode::BAD_REQUEST, why),
     };
     let parent_ok = s
         .group(parent)
         .is_some_and(|g| g.org_unit_status == "active");
     if !parent_ok {
-        return reply(
+        return refused(
             StatusCode::BAD_REQUEST,
             &format!("Parent org unit {parent} does not exist or is not active"),
-            Value::Null,
-            None,
         );
     }
     let clash = s.sibling_named(parent, &name);
     if clash {
-        return reply(
+        return refused(
             StatusCode::BAD_REQUEST,
             &format!(
                 "A group with the name '{}' already exists under parent {parent}",
                 name.trim()
             ),
-            Value::Null,
-            None,
         );
     }
     let id = s.insert_group(parent, &name, ext_id, Value::Object(body));
@@ -296,22 +293,23 @@ fn name_and_parent(body: &serde_json::Map<String, Value>) -> Result<(String, i64
 
 /// A failure the faults ask for, before the request is even read.
 fn injected_failure(s: &mut super::State) -> Option<Reply> {
-    if let Some(spec) = take(&mut s.faults.fail_next) {
-        return Some(Reply {
-            status: Some(spec.status),
-            fault: Some("fail_next".into()),
-            response: Some(fail_response(&spec)),
-        });
-    }
-    if s.faults.error_rate > 0.0 && rand::random::<f64>() < s.faults.error_rate {
-        let spec = FailNext::new(1, s.faults.error_status.unwrap_or(503));
-        return Some(Reply {
-            status: Some(spec.status),
-            fault: Some("error_rate".into()),
-            response: Some(fail_response(&spec)),
-        });
-    }
-    None
+    let (spec, fault) = match take(&mut s.faults.fail_next) {
+        Some(spec) => (spec, "fail_next"),
+        None if s.faults.error_rate > 0.0 && rand::random::<f64>() < s.faults.error_rate => (
+            FailNext::new(1, s.faults.error_status.unwrap_or(503)),
+            "error_rate",
+        ),
+        None => return None,
+    };
+    Some(Reply {
+        status: Some(spec.status),
+        fault: Some(fault.into()),
+        response: Some(fail_response(&spec)),
+    })
+}
+
+fn refused(status: StatusCode, message: &str) -> Reply {
+    reply(status, message, Value::Null, None)
 }
 
 fn reply(status: StatusCode, message: &str, data: Value, fault: Option<String>) -> Reply {
@@ -339,31 +337,18 @@ async fn list_groups(
     let authorized = bearer_ok(&sim, &headers);
     let mut s = sim.lock();
     s.list_requests += 1;
-    let mut record = RequestRecord {
-        seq: 0,
-        method: "GET".into(),
-        path: "/v3/groups/list".into(),
-        status: None,
-        ext_id: None,
-        traceparent: traceparent(&headers),
-        fault: None,
-    };
+    let mut record = RequestRecord::new("GET", "/v3/groups/list", None, &headers);
     let response = if !authorized {
-        envelope(
+        refuse(
             StatusCode::UNAUTHORIZED,
             "Unauthorized: invalid or expired token",
-            Value::Null,
         )
     } else if let Some(spec) = take(&mut s.faults.fail_next_list) {
         record.fault = Some("fail_next_list".into());
         fail_response(&spec)
     } else {
         match query {
-            Err(e) => envelope(
-                StatusCode::BAD_REQUEST,
-                &format!("invalid query: {e}"),
-                Value::Null,
-            ),
+            Err(e) => refuse(StatusCode::BAD_REQUEST, &format!("invalid query: {e}")),
             Ok(Query(q)) => {
                 let parent = q.org_unit_id.unwrap_or(ROOT_ORG_UNIT_ID);
                 let needle = q.group_name.as_deref().map(|n| n.trim().to_lowercase());
@@ -506,31 +491,19 @@ async fn login(AxumState(sim): AxumState<Sim>, body: Option<Json<LoginBody>>) ->
         s.login_times.pop_front();
     }
     if s.login_times.len() >= s.config.auth.logins_per_minute as usize {
-        let mut r = envelope(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many login attempts",
-            Value::Null,
-        );
+        let mut r = refuse(StatusCode::TOO_MANY_REQUESTS, "Too many login attempts");
         r.headers_mut()
             .insert("retry-after", HeaderValue::from_static("60"));
         return r;
     }
     s.login_times.push_back(now);
     let Some(Json(body)) = body else {
-        return envelope(
-            StatusCode::BAD_REQUEST,
-            "email and password are required",
-            Value::Null,
-        );
+        return refuse(StatusCode::BAD_REQUEST, "email and password are required");
     };
     if body.email.as_deref() != Some(s.config.auth.email.as_str())
         || body.password.as_deref() != Some(s.config.auth.password.as_str())
     {
-        return envelope(
-            StatusCode::UNAUTHORIZED,
-            "Invalid email or password",
-            Value::Null,
-        );
+        return refuse(StatusCode::UNAUTHORIZED, "Invalid email or password");
     }
     s.logins += 1;
     tracing::info!(logins = s.logins, "login");
@@ -546,28 +519,18 @@ async fn refresh(AxumState(sim): AxumState<Sim>, body: Option<Json<RefreshBody>>
     let mut s = sim.lock();
     let token = body.and_then(|Json(b)| b.refresh_token).unwrap_or_default();
     match s.refresh_tokens.get(&token).copied() {
-        None => envelope(
-            StatusCode::UNAUTHORIZED,
-            "Invalid refresh token",
-            Value::Null,
-        ),
+        None => refuse(StatusCode::UNAUTHORIZED, "Invalid refresh token"),
         Some((_, true)) => {
             s.refresh_reuse += 1;
             tracing::warn!(
                 refresh_reuse = s.refresh_reuse,
                 "refresh token presented twice"
             );
-            envelope(
-                StatusCode::UNAUTHORIZED,
-                "Refresh token already used",
-                Value::Null,
-            )
+            refuse(StatusCode::UNAUTHORIZED, "Refresh token already used")
         }
-        Some((expiry, false)) if expiry <= std::time::SystemTime::now() => envelope(
-            StatusCode::UNAUTHORIZED,
-            "Refresh token expired",
-            Value::Null,
-        ),
+        Some((expiry, false)) if expiry <= std::time::SystemTime::now() => {
+            refuse(StatusCode::UNAUTHORIZED, "Refresh token expired")
+        }
         Some((expiry, false)) => {
             s.refresh_tokens.insert(token, (expiry, true));
             s.refreshes += 1;
