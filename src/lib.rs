@@ -25,6 +25,26 @@ macro_rules! outln {
     }};
 }
 
+/// A closed set of labels (logs, metrics, events): the enum, `ALL` in declaration order and
+/// `as_str`, from one list of variants and their labels.
+macro_rules! closed_set {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $variant:ident = $label:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $variant,)* }
+
+        impl $name {
+            // Metrics start every label at 0 from it; not every set is a metric's label.
+            #[allow(dead_code)]
+            pub const ALL: [$name; [$($label),*].len()] = [$($name::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $label,)* }
+            }
+        }
+    };
+}
+
 /// A mutex's guard, even when a panicking holder poisoned it. Every value behind these
 /// mutexes is replaced whole in one statement, so a panic cannot leave one half-written, and
 /// one task's panic must not become a panic in every later task that takes the lock.

@@ -31,18 +31,10 @@ pub const REFUSED_DELAY: Duration = Duration::from_millis(500);
 /// beyond it (never another user's: a viewer cannot log an operator out).
 const MAX_SESSIONS_PER_USER: usize = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Viewer,
-    Operator,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-        }
+closed_set! {
+    pub enum Role {
+        Viewer = "viewer",
+        Operator = "operator",
     }
 }
 

@@ -17,11 +17,12 @@ use super::view::LetterView;
 pub const PLAN_TTL: Duration = Duration::from_secs(15 * 60);
 const MAX_PLANS: usize = 1_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Replay,
-    Discard,
-    ReplayUnrouted,
+closed_set! {
+    pub enum Action {
+        Replay = "replay",
+        Discard = "discard",
+        ReplayUnrouted = "replay_unrouted",
+    }
 }
 
 impl Action {
@@ -35,14 +36,6 @@ impl Action {
             "discard-all" => Some((Action::Discard, false)),
             "replay-unrouted" => Some((Action::ReplayUnrouted, false)),
             _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Replay => "replay",
-            Action::Discard => "discard",
-            Action::ReplayUnrouted => "replay_unrouted",
         }
     }
 

@@ -61,19 +61,11 @@ impl std::fmt::Debug for ConvirzaClient {
     }
 }
 
-/// The API calls the client makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    CreateGroup,
-    ListChildGroups,
-}
-
-impl Operation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::CreateGroup => "create_group",
-            Operation::ListChildGroups => "list_child_groups",
-        }
+closed_set! {
+    /// The API calls the client makes.
+    pub enum Operation {
+        CreateGroup = "create_group",
+        ListChildGroups = "list_child_groups",
     }
 }
 

@@ -109,66 +109,30 @@ impl Decision {
     }
 }
 
-/// The `outcome` field of the one log line per delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// This delivery created the group (or its own lost POST was recovered by List).
-    Created,
-    /// The group existed before this delivery posted anything.
-    Duplicate,
-    /// Moved to a delay queue (transient retry, claim held elsewhere, or parked).
-    Deferred,
-    /// Dead-lettered by the worker, with a failure event.
-    DeadLettered,
-    /// Returned to the work queue (publishing failed, or shutdown).
-    Requeued,
-    /// Could not be settled at all (channel lost); the broker redelivers it.
-    Failed,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 6] = [
-        Outcome::Created,
-        Outcome::Duplicate,
-        Outcome::Deferred,
-        Outcome::DeadLettered,
-        Outcome::Requeued,
-        Outcome::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Created => "created",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Deferred => "deferred",
-            Outcome::DeadLettered => "dead_lettered",
-            Outcome::Requeued => "requeued",
-            Outcome::Failed => "failed",
-        }
+closed_set! {
+    /// The `outcome` field of the one log line per delivery.
+    pub enum Outcome {
+        /// This delivery created the group (or its own lost POST was recovered by List).
+        Created = "created",
+        /// The group existed before this delivery posted anything.
+        Duplicate = "duplicate",
+        /// Moved to a delay queue (transient retry, claim held elsewhere, or parked).
+        Deferred = "deferred",
+        /// Dead-lettered by the worker, with a failure event.
+        DeadLettered = "dead_lettered",
+        /// Returned to the work queue (publishing failed, or shutdown).
+        Requeued = "requeued",
+        /// Could not be settled at all (channel lost); the broker redelivers it.
+        Failed = "failed",
     }
 }
 
-/// Why a message went to a delay queue (the `reason` label of deferrals).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeferReason {
-    Transient,
-    Claimed,
-    Parked,
-}
-
-impl DeferReason {
-    pub const ALL: [DeferReason; 3] = [
-        DeferReason::Transient,
-        DeferReason::Claimed,
-        DeferReason::Parked,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeferReason::Transient => "transient",
-            DeferReason::Claimed => "claimed",
-            DeferReason::Parked => "parked",
-        }
+closed_set! {
+    /// Why a message went to a delay queue (the `reason` label of deferrals).
+    pub enum DeferReason {
+        Transient = "transient",
+        Claimed = "claimed",
+        Parked = "parked",
     }
 }
 

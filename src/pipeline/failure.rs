@@ -3,30 +3,13 @@
 
 use std::fmt;
 
-/// `error.kind` of a failure event and `x-error-kind` of a dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailureKind {
-    InvalidCommand,
-    Rejected,
-    NameConflict,
-    RetriesExhausted,
-}
-
-impl FailureKind {
-    pub const ALL: [FailureKind; 4] = [
-        FailureKind::InvalidCommand,
-        FailureKind::Rejected,
-        FailureKind::NameConflict,
-        FailureKind::RetriesExhausted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::InvalidCommand => "invalid_command",
-            FailureKind::Rejected => "rejected",
-            FailureKind::NameConflict => "name_conflict",
-            FailureKind::RetriesExhausted => "retries_exhausted",
-        }
+closed_set! {
+    /// `error.kind` of a failure event and `x-error-kind` of a dead letter.
+    pub enum FailureKind {
+        InvalidCommand = "invalid_command",
+        Rejected = "rejected",
+        NameConflict = "name_conflict",
+        RetriesExhausted = "retries_exhausted",
     }
 }
 

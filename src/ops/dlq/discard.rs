@@ -117,28 +117,10 @@ fn identity_of(mut j: serde_json::Value) -> String {
             h.remove(count);
         }
     }
-    canonical(&j)
-}
-
-/// JSON text with every object's keys sorted, whatever order they came in.
-fn canonical(v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            let fields: Vec<String> = keys
-                .into_iter()
-                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&map[k])))
-                .collect();
-            format!("{{{}}}", fields.join(","))
-        }
-        Value::Array(items) => {
-            let items: Vec<String> = items.iter().map(canonical).collect();
-            format!("[{}]", items.join(","))
-        }
-        other => other.to_string(),
-    }
+    // Keys sorted at every level: the same letter gives the same text whatever order its
+    // keys came in.
+    j.sort_all_objects();
+    j.to_string()
 }
 
 /// `dlq discard`: discard, then print the summary (one JSON object with `--json`).
