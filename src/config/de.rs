@@ -13,11 +13,10 @@
 //! would turn a token like `0123` into the number 123.
 
 use std::fmt;
-use std::marker::PhantomData;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 
 use super::duration::{format_duration, parse_duration};
 use super::{AmqpNodes, AuthMode, Declare, DelayTier, LogFormat, RedisMode};
@@ -41,190 +40,149 @@ fn one_of<'de, D: Deserializer<'de>, T: Copy>(d: D, choices: &[(&str, T)]) -> Re
         })
 }
 
-impl<'de> serde::Deserialize<'de> for AuthMode {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AuthMode, D::Error> {
-        one_of(d, &[("token", AuthMode::Token), ("login", AuthMode::Login)])
+/// `Deserialize` for a keyword enum: `keywords!(Type { "word" => Variant, … })`.
+macro_rules! keywords {
+    ($($t:ident { $($word:literal => $variant:ident),* })*) => {$(
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                one_of(d, &[$(($word, $t::$variant)),*])
+            }
+        }
+    )*};
+}
+
+keywords! {
+    AuthMode { "token" => Token, "login" => Login }
+    RedisMode { "standalone" => Standalone, "sentinel" => Sentinel, "cluster" => Cluster }
+    Declare { "all" => All, "verify" => Verify }
+    LogFormat { "json" => Json, "pretty" => Pretty }
+}
+
+/// A scalar as the TOML layer or the environment gives it; anything else is serde's
+/// "invalid type" error, expecting what the adapter names.
+enum Scalar {
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+}
+
+struct ScalarVisitor(&'static str);
+
+impl Visitor<'_> for ScalarVisitor {
+    type Value = Scalar;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+        Ok(Scalar::Int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+        Ok(Scalar::UInt(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+        Ok(Scalar::Float(v))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+        Ok(Scalar::Bool(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+        Ok(Scalar::Text(v.to_owned()))
     }
 }
 
-impl<'de> serde::Deserialize<'de> for RedisMode {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RedisMode, D::Error> {
-        one_of(
-            d,
-            &[
-                ("standalone", RedisMode::Standalone),
-                ("sentinel", RedisMode::Sentinel),
-                ("cluster", RedisMode::Cluster),
-            ],
-        )
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Declare {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Declare, D::Error> {
-        one_of(d, &[("all", Declare::All), ("verify", Declare::Verify)])
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for LogFormat {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<LogFormat, D::Error> {
-        one_of(
-            d,
-            &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)],
-        )
-    }
+fn scalar<'de, D: Deserializer<'de>>(d: D, expecting: &'static str) -> Result<Scalar, D::Error> {
+    d.deserialize_any(ScalarVisitor(expecting))
 }
 
 /// An integer, from a TOML integer or a decimal string.
 pub fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    struct V;
-    impl Visitor<'_> for V {
-        type Value = i64;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("an integer")
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
-            Ok(v)
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
-            i64::try_from(v).map_err(|_| E::custom(format!("{v} is out of range")))
-        }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
-            // `8.0` in TOML is the integer 8; `7.5` is not an integer.
-            let whole = v.fract() == 0.0 && v.abs() < 9.0e15;
-            if whole {
-                Ok(v as i64)
-            } else {
-                Err(E::custom(format!("{v} is not an integer")))
-            }
-        }
-        fn visit_bool<E: de::Error>(self, v: bool) -> Result<i64, E> {
-            Err(E::custom(format!("{v} is not an integer")))
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<i64, E> {
-            v.trim()
-                .parse()
-                .map_err(|_| E::custom(format!("{v:?} is not an integer")))
-        }
+    match scalar(d, "an integer")? {
+        Scalar::Int(v) => Ok(v),
+        Scalar::UInt(v) => i64::try_from(v).map_err(|_| custom(format!("{v} is out of range"))),
+        // `8.0` in TOML is the integer 8; `7.5` is not an integer.
+        Scalar::Float(v) if v.fract() == 0.0 && v.abs() < 9.0e15 => Ok(v as i64),
+        Scalar::Float(v) => Err(custom(format!("{v} is not an integer"))),
+        Scalar::Bool(v) => Err(custom(format!("{v} is not an integer"))),
+        Scalar::Text(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| custom(format!("{v:?} is not an integer"))),
     }
-    d.deserialize_any(V)
 }
 
 /// A boolean, from a TOML boolean or `true`/`false` in the environment.
 pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    struct V;
-    impl Visitor<'_> for V {
-        type Value = bool;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("true or false")
-        }
-        fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
-            Ok(v)
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
-            match v.trim() {
-                "true" => Ok(true),
-                "false" => Ok(false),
-                _ => Err(E::custom(format!("{v:?} is not true or false"))),
-            }
-        }
+    match scalar(d, "true or false")? {
+        Scalar::Bool(v) => Ok(v),
+        Scalar::Text(v) if v.trim() == "true" => Ok(true),
+        Scalar::Text(v) if v.trim() == "false" => Ok(false),
+        Scalar::Text(v) => Err(custom(format!("{v:?} is not true or false"))),
+        Scalar::Int(v) => Err(de::Error::invalid_type(
+            Unexpected::Signed(v),
+            &"true or false",
+        )),
+        Scalar::UInt(v) => Err(de::Error::invalid_type(
+            Unexpected::Unsigned(v),
+            &"true or false",
+        )),
+        Scalar::Float(v) => Err(de::Error::invalid_type(
+            Unexpected::Float(v),
+            &"true or false",
+        )),
     }
-    d.deserialize_any(V)
 }
 
 /// A number, from a TOML integer or float or a decimal string.
 pub fn number<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    struct V;
-    impl Visitor<'_> for V {
-        type Value = f64;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a number")
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
-            Ok(v as f64)
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
-            Ok(v as f64)
-        }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
-            Ok(v)
-        }
-        fn visit_bool<E: de::Error>(self, v: bool) -> Result<f64, E> {
-            Err(E::custom(format!("{v} is not a number")))
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
-            v.trim()
-                .parse()
-                .map_err(|_| E::custom(format!("{v:?} is not a number")))
-        }
+    match scalar(d, "a number")? {
+        Scalar::Int(v) => Ok(v as f64),
+        Scalar::UInt(v) => Ok(v as f64),
+        Scalar::Float(v) => Ok(v),
+        Scalar::Bool(v) => Err(custom(format!("{v} is not a number"))),
+        Scalar::Text(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| custom(format!("{v:?} is not a number"))),
     }
-    d.deserialize_any(V)
 }
 
-fn duration_error<E: de::Error>(text: &str) -> E {
-    E::custom(format!(
-        "{text:?} is not a duration (use e.g. 250ms, 5s, 2m, 1h, 30d)"
-    ))
+/// The text of a duration; a number is its own text (which no duration is).
+fn duration_text<'de, D: Deserializer<'de>>(
+    d: D,
+    expecting: &'static str,
+) -> Result<String, D::Error> {
+    match scalar(d, expecting)? {
+        Scalar::Text(v) => Ok(v),
+        Scalar::Int(v) => Ok(v.to_string()),
+        Scalar::UInt(v) => Ok(v.to_string()),
+        Scalar::Float(v) => Ok(v.to_string()),
+        Scalar::Bool(v) => Err(de::Error::invalid_type(Unexpected::Bool(v), &expecting)),
+    }
 }
 
 /// A duration written `250ms`, `5s`, `2m`, `1h` or `30d`.
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    d.deserialize_any(DurationVisitor)
-}
-
-struct DurationVisitor;
-
-impl Visitor<'_> for DurationVisitor {
-    type Value = Duration;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a duration such as 5s")
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-        parse_duration(v).ok_or_else(|| duration_error(v))
-    }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-        Err(duration_error(&v.to_string()))
-    }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
-        Err(duration_error(&v.to_string()))
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
-        Err(duration_error(&v.to_string()))
-    }
-}
-
-fn tier_error<E: de::Error>(text: &str) -> E {
-    E::custom(format!("{text:?} is not a duration (use e.g. 5s, 2m)"))
+    let text = duration_text(d, "a duration such as 5s")?;
+    parse_duration(&text).ok_or_else(|| {
+        custom(format!(
+            "{text:?} is not a duration (use e.g. 250ms, 5s, 2m, 1h, 30d)"
+        ))
+    })
 }
 
 impl<'de> serde::Deserialize<'de> for DelayTier {
     /// The label is kept exactly as written (trimmed): it names the tier's queue.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DelayTier, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = DelayTier;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a delay such as 5s")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<DelayTier, E> {
-                let label = v.trim();
-                let delay = parse_duration(label).ok_or_else(|| tier_error(v))?;
-                Ok(DelayTier {
-                    label: label.to_owned(),
-                    delay,
-                })
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DelayTier, E> {
-                Err(tier_error(&v.to_string()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DelayTier, E> {
-                Err(tier_error(&v.to_string()))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<DelayTier, E> {
-                Err(tier_error(&v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
+        let text = duration_text(d, "a delay such as 5s")?;
+        let label = text.trim();
+        let delay = parse_duration(label)
+            .ok_or_else(|| custom(format!("{text:?} is not a duration (use e.g. 5s, 2m)")))?;
+        Ok(DelayTier {
+            label: label.to_owned(),
+            delay,
+        })
     }
 }
 
@@ -256,18 +214,14 @@ pub fn delays<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DelayTier>, D::Erro
 }
 
 fn tier_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DelayTier>, D::Error> {
-    struct V(PhantomData<DelayTier>);
+    struct V;
     impl<'de> Visitor<'de> for V {
         type Value = Vec<DelayTier>;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a list of delays such as [\"5s\", \"30s\"]")
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<DelayTier>, A::Error> {
-            let mut out = Vec::new();
-            while let Some(tier) = seq.next_element::<DelayTier>()? {
-                out.push(tier);
-            }
-            Ok(out)
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<DelayTier>, A::Error> {
+            Vec::deserialize(de::value::SeqAccessDeserializer::new(seq))
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<DelayTier>, E> {
             if v.trim().is_empty() {
@@ -278,7 +232,7 @@ fn tier_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DelayTier>, D::Error
                 .collect()
         }
     }
-    d.deserialize_any(V(PhantomData))
+    d.deserialize_any(V)
 }
 
 /// URLs: a TOML list, or one string holding one URL or several separated by commas (the
@@ -287,22 +241,21 @@ fn tier_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DelayTier>, D::Error
 pub fn url_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
     struct V;
     impl<'de> Visitor<'de> for V {
-        type Value = Vec<SecretString>;
+        type Value = Vec<String>;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a URL, or a list of URLs")
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::new();
-            while let Some(url) = seq.next_element::<String>()? {
-                out.push(SecretString::from(url));
-            }
-            Ok(out)
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<String>, A::Error> {
+            Vec::deserialize(de::value::SeqAccessDeserializer::new(seq))
         }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(split_urls(v).into_iter().map(SecretString::from).collect())
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(split_urls(v))
         }
     }
-    d.deserialize_any(V)
+    Ok(d.deserialize_any(V)?
+        .into_iter()
+        .map(SecretString::from)
+        .collect())
 }
 
 /// `a,b` → `[a, b]` where `b` starts with `<scheme>://`; other commas stay.
@@ -451,8 +404,7 @@ pub fn public_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::
     if value.trim().is_empty() {
         return Ok(None);
     }
-    let v = url(&value, &["http", "https"]).map_err(custom)?;
-    let parsed = reqwest::Url::parse(&v).map_err(|e| custom(e.to_string()))?;
+    let (v, parsed) = url(&value, &["http", "https"]).map_err(custom)?;
     let plain = parsed.username().is_empty()
         && parsed.password().is_none()
         && parsed.path() == "/"
@@ -494,7 +446,7 @@ pub fn key_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 }
 
 /// `url` with one of `schemes`, parseable as a URL; shown with its password masked.
-fn url(value: &str, schemes: &[&str]) -> Result<String, String> {
+fn url(value: &str, schemes: &[&str]) -> Result<(String, reqwest::Url), String> {
     let v = value.trim();
     let shown = redact_url(v);
     let scheme = v.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
@@ -504,8 +456,9 @@ fn url(value: &str, schemes: &[&str]) -> Result<String, String> {
             schemes.join(" or ")
         ));
     }
-    reqwest::Url::parse(v).map_err(|e| format!("{shown:?} is not a valid URL: {e}"))?;
-    Ok(v.to_owned())
+    let parsed =
+        reqwest::Url::parse(v).map_err(|e| format!("{shown:?} is not a valid URL: {e}"))?;
+    Ok((v.to_owned(), parsed))
 }
 
 /// A list of URLs with one of `schemes`, each also accepted by `accepts` (whose error is
@@ -525,7 +478,7 @@ fn url_entries(
         if value.trim().is_empty() {
             return Err(format!("{entry} is empty (a stray comma?)"));
         }
-        let checked = url(value, schemes).map_err(|e| {
+        let (checked, _) = url(value, schemes).map_err(|e| {
             if count == 1 {
                 return e;
             }
@@ -569,7 +522,7 @@ fn redis_client(u: &str) -> Result<(), String> {
 pub fn redis_url<'de, D: Deserializer<'de>>(d: D) -> Result<SecretUrl, D::Error> {
     let value = SecretString::deserialize(d)?;
     let schemes = ["redis", "rediss", "unix", "redis+unix"];
-    let checked = url(value.expose_secret(), &schemes).map_err(custom)?;
+    let (checked, _) = url(value.expose_secret(), &schemes).map_err(custom)?;
     redis_client(&checked).map_err(|e| custom(format!("{:?} is not {e}", redact_url(&checked))))?;
     Ok(SecretUrl::new(checked))
 }
@@ -584,13 +537,11 @@ pub fn redis_nodes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretUrl>, D:
 /// login).
 pub fn api_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let value = String::deserialize(d)?;
-    let v = url(&value, &["http", "https"]).map_err(custom)?;
-    let shown = redact_url(&v);
-    let parsed = reqwest::Url::parse(&v)
-        .map_err(|e| custom(format!("{shown:?} is not a valid URL: {e}")))?;
+    let (v, parsed) = url(&value, &["http", "https"]).map_err(custom)?;
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(custom(format!(
-            "{shown:?} carries credentials; put them in api.token or api.email/api.password"
+            "{:?} carries credentials; put them in api.token or api.email/api.password",
+            redact_url(&v)
         )));
     }
     Ok(v.trim_end_matches('/').to_owned())
@@ -603,8 +554,7 @@ pub fn management_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>,
     if value.trim().is_empty() {
         return Ok(None);
     }
-    let v = url(&value, &["http", "https"]).map_err(custom)?;
-    let parsed = reqwest::Url::parse(&v).map_err(|e| custom(e.to_string()))?;
+    let (v, parsed) = url(&value, &["http", "https"]).map_err(custom)?;
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(custom(format!(
             "{:?} carries credentials; the management API is read with those of amqp.url",
