@@ -24,6 +24,9 @@
 //!   the command until the lease ends; a repeated attempt marker only makes the next
 //!   owner list before it posts; records are compare-and-set).
 
+use std::future::Future;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +53,9 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConn::Standalone(c) => c.req_packed_command(cmd),
-            RedisConn::Sentinel(c) => Box::pin(c.command(cmd)),
+            RedisConn::Sentinel(c) => {
+                Box::pin(c.retried(move |mut m| async move { m.req_packed_command(cmd).await }))
+            }
             RedisConn::Cluster(c) => Box::pin(async move {
                 let mut conn = c.connection().await?;
                 let result = conn.req_packed_command(cmd).await;
@@ -68,7 +73,9 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Sentinel(c) => Box::pin(c.commands(pipeline, offset, count)),
+            RedisConn::Sentinel(c) => Box::pin(c.retried(move |mut m| async move {
+                m.req_packed_commands(pipeline, offset, count).await
+            })),
             RedisConn::Cluster(c) => Box::pin(async move {
                 let mut conn = c.connection().await?;
                 let result = conn.req_packed_commands(pipeline, offset, count).await;
@@ -128,9 +135,9 @@ struct SentinelInner {
     current: Mutex<Option<Master>>,
     /// One lookup at a time.
     lookup: tokio::sync::Mutex<()>,
-    watching: std::sync::atomic::AtomicBool,
+    watching: AtomicBool,
     /// Announcements seen: a lookup that overlapped one does not count as a check.
-    announcements: std::sync::atomic::AtomicU64,
+    announcements: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -157,8 +164,8 @@ impl SentinelConn {
                 db,
                 current: Mutex::new(None),
                 lookup: tokio::sync::Mutex::new(()),
-                watching: std::sync::atomic::AtomicBool::new(false),
-                announcements: std::sync::atomic::AtomicU64::new(0),
+                watching: AtomicBool::new(false),
+                announcements: AtomicU64::new(0),
             }),
         }
     }
@@ -170,12 +177,7 @@ impl SentinelConn {
     /// Start the `+switch-master` watch (once, from inside the runtime). It ends when the
     /// store is gone.
     fn watch_switches(&self) {
-        if self.inner.sentinels.is_empty()
-            || self
-                .inner
-                .watching
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.inner.sentinels.is_empty() || self.inner.watching.swap(true, SeqCst) {
             return;
         }
         let inner = Arc::downgrade(&self.inner);
@@ -214,9 +216,7 @@ impl SentinelConn {
                             continue;
                         }
                         tracing::info!(announcement = %text, "a sentinel announced a new Redis master");
-                        inner
-                            .announcements
-                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        inner.announcements.fetch_add(1, SeqCst);
                         if let Some(m) = crate::lock(&inner.current).as_mut() {
                             m.checked = None;
                         }
@@ -278,10 +278,7 @@ impl SentinelConn {
         if let Some(c) = self.fresh() {
             return Ok(c);
         }
-        let seen = self
-            .inner
-            .announcements
-            .load(std::sync::atomic::Ordering::SeqCst);
+        let seen = self.inner.announcements.load(SeqCst);
         let (host, port) = self.ask_sentinels().await?;
         let addr = format!("{host}:{port}");
         let mut current = crate::lock(&self.inner.current).clone();
@@ -315,11 +312,7 @@ impl SentinelConn {
         let mut stored = crate::lock(&self.inner.current);
         *stored = current;
         // An announcement that came while we asked: ask again next time.
-        if self
-            .inner
-            .announcements
-            .load(std::sync::atomic::Ordering::SeqCst)
-            != seen
+        if self.inner.announcements.load(SeqCst) != seen
             && let Some(m) = stored.as_mut()
         {
             m.checked = None;
@@ -328,38 +321,17 @@ impl SentinelConn {
         conn.ok_or_else(|| timeout_error("connecting to the master"))
     }
 
-    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
-        let mut conn = self.connection().await?;
-        match conn.req_packed_command(cmd).await {
-            Err(e) if refused_as_replica(&e) => {
-                self.forget();
-                self.connection().await?.req_packed_command(cmd).await
-            }
-            Err(e) => {
-                if stale(&e) {
-                    self.forget();
-                }
-                Err(e)
-            }
-            ok => ok,
-        }
-    }
-
-    async fn commands(
+    /// Send through the master's connection. A command the node refused as a replica
+    /// (`READONLY`, before any effect) is sent once more, to the master asked for again; the
+    /// store's pipelines only read, so sending one again is harmless too.
+    async fn retried<T, F: Future<Output = RedisResult<T>>>(
         &self,
-        pipeline: &Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisResult<Vec<Value>> {
-        let mut conn = self.connection().await?;
-        match conn.req_packed_commands(pipeline, offset, count).await {
-            // The store's pipelines only read: sending one again is harmless.
+        send: impl Fn(MultiplexedConnection) -> F,
+    ) -> RedisResult<T> {
+        match send(self.connection().await?).await {
             Err(e) if refused_as_replica(&e) => {
                 self.forget();
-                self.connection()
-                    .await?
-                    .req_packed_commands(pipeline, offset, count)
-                    .await
+                send(self.connection().await?).await
             }
             Err(e) => {
                 if stale(&e) {
