@@ -113,6 +113,16 @@ pub struct InvalidCommand {
     pub error: CommandError,
 }
 
+/// Found before the ext id was read.
+impl From<CommandError> for InvalidCommand {
+    fn from(error: CommandError) -> Self {
+        InvalidCommand {
+            ext_id: None,
+            error,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateGroup {
     pub ext_id: ExtId,
@@ -178,10 +188,7 @@ impl CreateGroup {
     ) -> Result<CreateGroup, InvalidCommand> {
         // Before anything reads the body (the ext id hint parses it).
         if body.len() > MAX_BODY_BYTES {
-            return Err(InvalidCommand {
-                ext_id: None,
-                error: CommandError::TooLarge(body.len()),
-            });
+            return Err(CommandError::TooLarge(body.len()).into());
         }
         if let Some(enc) = content_encoding
             && !enc.trim().is_empty()
@@ -207,23 +214,14 @@ impl CreateGroup {
     /// Parse a JSON body by the rules in the module documentation.
     pub fn parse(body: &[u8]) -> Result<CreateGroup, InvalidCommand> {
         if body.len() > MAX_BODY_BYTES {
-            return Err(InvalidCommand {
-                ext_id: None,
-                error: CommandError::TooLarge(body.len()),
-            });
+            return Err(CommandError::TooLarge(body.len()).into());
         }
-        let fields = parse_object(body).map_err(|error| InvalidCommand {
-            ext_id: None,
-            error,
-        })?;
+        let fields = parse_object(body)?;
         let ext_id = match fields.get("org_unit_ext_id") {
             None => Err(CommandError::field("org_unit_ext_id", "is required")),
             Some(raw) => string_field("org_unit_ext_id", raw).and_then(|s| ExtId::parse(&s)),
         };
-        let ext_id = ext_id.map_err(|error| InvalidCommand {
-            ext_id: None,
-            error,
-        })?;
+        let ext_id = ext_id?;
         build(ext_id.clone(), fields).map_err(|error| InvalidCommand {
             ext_id: Some(ext_id),
             error,
@@ -245,11 +243,7 @@ impl CreateGroup {
             ("org_unit_name", self.name.clone()),
             ("org_unit_parent_id", self.parent_id.to_string()),
         ];
-        for (name, value) in [
-            ("top_ou_id", self.top_ou_id),
-            ("billing_id", self.billing_id),
-            ("industry_id", self.industry_id),
-        ] {
+        for (name, value) in self.int_fields() {
             if let Some(v) = value {
                 out.push((name, v.to_string()));
             }
@@ -263,6 +257,14 @@ impl CreateGroup {
             out.push((name.as_str(), "present".to_owned()));
         }
         out
+    }
+
+    fn int_fields(&self) -> [(&'static str, Option<i64>); 3] {
+        [
+            ("top_ou_id", self.top_ou_id),
+            ("billing_id", self.billing_id),
+            ("industry_id", self.industry_id),
+        ]
     }
 
     fn string_fields(&self) -> [(&'static str, &Option<String>); 6] {
@@ -287,11 +289,7 @@ impl Serialize for ApiBody<'_> {
         map.serialize_entry("org_unit_name", &c.name)?;
         map.serialize_entry("org_unit_parent_id", &c.parent_id)?;
         map.serialize_entry("org_unit_ext_id", &c.ext_id)?;
-        for (name, value) in [
-            ("top_ou_id", c.top_ou_id),
-            ("billing_id", c.billing_id),
-            ("industry_id", c.industry_id),
-        ] {
+        for (name, value) in c.int_fields() {
             if let Some(v) = value {
                 map.serialize_entry(name, &v)?;
             }

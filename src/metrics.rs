@@ -145,47 +145,24 @@ impl EncodeLabelValue for Status {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: Outcome,
+/// One label set per line: `Name { label: Type, … }`.
+macro_rules! label_sets {
+    ($($name:ident { $($label:ident: $t:ty),* })*) => {$(
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+        struct $name { $($label: $t),* }
+    )*};
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct KindLabels {
-    kind: FailureKind,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: DeferReason,
-}
-
-/// Why log lines were lost (`telemetry::lines_lost`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct LogLossLabels {
-    reason: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct RequestLabels {
-    operation: Operation,
-    status: Status,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct OperationLabels {
-    operation: Operation,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct PolicyLabels {
-    policy: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct VersionLabels {
-    version: &'static str,
-    commit: &'static str,
+label_sets! {
+    OutcomeLabels { outcome: Outcome }
+    KindLabels { kind: FailureKind }
+    ReasonLabels { reason: DeferReason }
+    // Why log lines or trace spans were lost (`telemetry::lines_lost`, `otel::spans_dropped`).
+    LossLabels { reason: &'static str }
+    RequestLabels { operation: Operation, status: Status }
+    OperationLabels { operation: Operation }
+    PolicyLabels { policy: &'static str }
+    VersionLabels { version: &'static str, commit: &'static str }
 }
 
 fn duration_histogram() -> Histogram {
@@ -202,9 +179,9 @@ pub struct Metrics {
     dedup_hits: Counter,
     orphans: Counter,
     http_shed: Counter,
-    log_lines_dropped: Family<LogLossLabels, Counter>,
+    log_lines_dropped: Family<LossLabels, Counter>,
     /// Same label shape: `queue_full` or `export_failed` (`otel::spans_dropped`).
-    spans_dropped: Family<LogLossLabels, Counter>,
+    spans_dropped: Family<LossLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     circuit_open: Gauge<i64, AtomicI64>,
     ready: Gauge<i64, AtomicI64>,
@@ -244,12 +221,7 @@ impl Metrics {
         };
         m.register_all(&mut registry);
         // Create every series of the closed sets now, so they are exported at 0.
-        for reason in ["stalled", "write_error"] {
-            drop(m.log_lines_dropped.get_or_create(&LogLossLabels { reason }));
-        }
-        for reason in ["queue_full", "export_failed"] {
-            drop(m.spans_dropped.get_or_create(&LogLossLabels { reason }));
-        }
+        m.count_losses();
         for outcome in Outcome::ALL {
             drop(m.commands.get_or_create(&OutcomeLabels { outcome }));
         }
@@ -260,6 +232,21 @@ impl Metrics {
             drop(m.deferrals.get_or_create(&ReasonLabels { reason }));
         }
         Metrics { registry, ..m }
+    }
+
+    /// Bring the lost log lines and trace spans up to what was counted where they were lost.
+    fn count_losses(&self) {
+        let (stalled, write_error) = crate::telemetry::lines_lost();
+        let (queue_full, export_failed) = crate::otel::spans_dropped();
+        for (family, reason, seen) in [
+            (&self.log_lines_dropped, "stalled", stalled),
+            (&self.log_lines_dropped, "write_error", write_error),
+            (&self.spans_dropped, "queue_full", queue_full),
+            (&self.spans_dropped, "export_failed", export_failed),
+        ] {
+            let counter = family.get_or_create(&LossLabels { reason });
+            counter.inc_by(seen.saturating_sub(counter.get()));
+        }
     }
 
     /// One observed API exchange.
@@ -284,18 +271,7 @@ impl Metrics {
     /// The OpenMetrics text exposition, with the circuit's state as of now.
     pub fn render(&self, circuit_open: bool) -> String {
         self.circuit_open.set(i64::from(circuit_open));
-        let (stalled, write_error) = crate::telemetry::lines_lost();
-        for (reason, seen) in [("stalled", stalled), ("write_error", write_error)] {
-            let counter = self
-                .log_lines_dropped
-                .get_or_create(&LogLossLabels { reason });
-            counter.inc_by(seen.saturating_sub(counter.get()));
-        }
-        let (queue_full, export_failed) = crate::otel::spans_dropped();
-        for (reason, seen) in [("queue_full", queue_full), ("export_failed", export_failed)] {
-            let counter = self.spans_dropped.get_or_create(&LogLossLabels { reason });
-            counter.inc_by(seen.saturating_sub(counter.get()));
-        }
+        self.count_losses();
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -295,7 +295,7 @@ pub fn publish_span(exchange: &str, routing_key: &str) -> tracing::Span {
 
 /// The client span of one dedup step against Redis (its script runs as one `EVALSHA`),
 /// none when traces are not exported.
-pub fn db_span(name: &'static str) -> tracing::Span {
+fn db_span(name: &'static str) -> tracing::Span {
     if !enabled() || tracing::Span::current().is_none() {
         return tracing::Span::none();
     }
@@ -310,16 +310,19 @@ pub fn db_span(name: &'static str) -> tracing::Span {
     )
 }
 
-/// A dedup step that failed (Redis did not answer, or answered what the store refuses):
-/// its span says so.
-pub fn record_db_result(span: &tracing::Span, failed: bool) {
-    if span.is_none() {
-        return;
-    }
-    if failed {
+/// Run one dedup step in its span; a step that failed (Redis did not answer, or answered
+/// what the store refuses) says so there.
+pub async fn db_step<T, E>(
+    name: &'static str,
+    step: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let span = db_span(name);
+    let result = tracing::Instrument::instrument(step, span.clone()).await;
+    if result.is_err() && !span.is_none() {
         span.record("error.type", "redis");
         span.record("otel.status_code", "error");
     }
+    result
 }
 
 /// Make `span` the child of the trace a command's `traceparent` names (when traces are

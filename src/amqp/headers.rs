@@ -207,6 +207,39 @@ impl HeaderUpdate {
         self
     }
 
+    /// `x-dropped-headers` naming `names`, if there are any.
+    fn dropped(self, names: &[String]) -> Self {
+        if names.is_empty() {
+            return self;
+        }
+        self.text(X_DROPPED_HEADERS, &dropped_list(names))
+    }
+
+    /// The command's `expiration` and `user_id`, which a copy cannot carry as properties.
+    fn originals(mut self, original: &BasicProperties) -> Self {
+        if let Some(expiration) = original.expiration() {
+            self = self.text(X_ORIGINAL_EXPIRATION, expiration.as_str());
+        }
+        if let Some(user) = original.user_id() {
+            self = self.text(X_ORIGINAL_USER_ID, user.as_str());
+        }
+        self
+    }
+
+    /// Set these headers in `headers`.
+    pub fn write(self, headers: &mut BTreeMap<ShortString, AMQPValue>) {
+        for (name, value) in self.0 {
+            headers.insert(ShortString::from(name), value);
+        }
+    }
+
+    /// These headers as a table of their own.
+    pub fn table(self) -> FieldTable {
+        let mut headers = BTreeMap::new();
+        self.write(&mut headers);
+        FieldTable::from(headers)
+    }
+
     /// The properties of a copy of a delivery (a dead letter, a delay-tier copy, a replay):
     /// the original properties with these headers set, made persistent, and safe to publish
     /// whatever the publisher sent — inherited headers bounded to
@@ -235,19 +268,9 @@ impl HeaderUpdate {
             _ => Vec::new(),
         };
         dropped.extend(bound(&mut headers, MAX_CARRIED_HEADER_BYTES));
-        let mut update = self;
-        if let Some(expiration) = original.expiration() {
-            update = update.text(X_ORIGINAL_EXPIRATION, expiration.as_str());
-        }
-        if let Some(user) = original.user_id() {
-            update = update.text(X_ORIGINAL_USER_ID, user.as_str());
-        }
-        if !dropped.is_empty() {
-            update = update.text(X_DROPPED_HEADERS, &dropped_list(&dropped));
-        }
-        for (name, value) in update.0 {
-            headers.insert(ShortString::from(name), value);
-        }
+        self.dropped(&dropped)
+            .originals(original)
+            .write(&mut headers);
         copy_properties(original, FieldTable::from(headers))
     }
 
@@ -255,14 +278,9 @@ impl HeaderUpdate {
     /// message and correlation ids, and these headers only. For when even a bounded copy
     /// does not fit, or the broker refused it.
     pub fn apply_minimal(self, original: &BasicProperties) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        for (name, value) in self.0 {
-            headers.insert(ShortString::from(name), value);
-        }
-        headers.insert(
-            ShortString::from(X_DROPPED_HEADERS),
-            AMQPValue::LongString(LongString::from("* (the full copy was refused)")),
-        );
+        let headers = self
+            .text(X_DROPPED_HEADERS, "* (the full copy was refused)")
+            .table();
         let mut p = BasicProperties::default()
             .with_headers(headers)
             .with_delivery_mode(2);
@@ -291,22 +309,10 @@ pub fn republishable(original: &BasicProperties) -> BasicProperties {
         .filter(|name| headers.remove(*name).is_some())
         .map(str::to_owned)
         .collect();
-    let mut extra = Vec::new();
-    if !dropped.is_empty() {
-        extra.push((X_DROPPED_HEADERS, dropped_list(&dropped)));
-    }
-    if let Some(expiration) = original.expiration() {
-        extra.push((X_ORIGINAL_EXPIRATION, expiration.as_str().to_owned()));
-    }
-    if let Some(user) = original.user_id() {
-        extra.push((X_ORIGINAL_USER_ID, user.as_str().to_owned()));
-    }
-    for (name, value) in extra {
-        headers.insert(
-            ShortString::from(name),
-            AMQPValue::LongString(LongString::from(value)),
-        );
-    }
+    HeaderUpdate::default()
+        .dropped(&dropped)
+        .originals(original)
+        .write(&mut headers);
     copy_properties(original, FieldTable::from(headers))
 }
 

@@ -64,24 +64,18 @@ pub fn frame_max_covered() -> u64 {
     stack / STACK_BYTES_PER_FRAME_BYTE
 }
 
-/// Open a connection named after the worker (visible in the management UI). The frame
-/// size is the broker's: anything the broker accepted must be readable here.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    connect_tls(url, name, &crate::config::TlsSettings::default()).await
-}
-
-/// [`connect`] with `amqp.tls`: a private CA is trusted beside the system's roots, and a
-/// client certificate is offered for mutual TLS (`amqps://` only).
+/// Open a connection named after the worker (visible in the management UI) with
+/// `amqp.tls`: a private CA is trusted beside the system's roots, and a client certificate
+/// is offered for mutual TLS (`amqps://` only). The frame size is the broker's: anything
+/// the broker accepted must be readable here.
 pub async fn connect_tls(
     url: &str,
     name: &str,
     tls: &crate::config::TlsSettings,
 ) -> Result<Connection, lapin::Error> {
-    let connected = connect_inner(url, name, tls).await;
-    if let Err(e) = &connected {
-        refused_thread(e);
-    }
-    connected
+    connect_inner(url, name, tls)
+        .await
+        .inspect_err(refused_thread)
 }
 
 /// The client starts a thread per connection. The OS refusing it (EAGAIN: `ulimit -v` or

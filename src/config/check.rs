@@ -309,17 +309,13 @@ impl TlsSettings {
         let (cert_file, key_file) = match (&self.cert_file, &self.key_file) {
             (None, None) => return Ok(()),
             (Some(c), Some(k)) => (c, k),
-            (Some(_), None) => {
-                return Err(ConfigError::new(
-                    key("key_file"),
-                    format!("is required with {}", key("cert_file")),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    key("cert_file"),
-                    format!("is required with {}", key("key_file")),
-                ));
+            (cert, _) => {
+                let (missing, given) = match cert {
+                    Some(_) => ("key_file", "cert_file"),
+                    None => ("cert_file", "key_file"),
+                };
+                let reason = format!("is required with {}", key(given));
+                return Err(ConfigError::new(key(missing), reason));
             }
         };
         let (cert_pem, chain) = certificates("cert_file", cert_file)?;

@@ -138,13 +138,7 @@ pub struct ClientIdentity {
 impl RedisSettings {
     /// Where the store is, passwords masked: for `check` and the start-up line.
     pub fn describe(&self) -> String {
-        let nodes = || {
-            self.nodes
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let nodes = || joined(&self.nodes);
         match self.mode {
             RedisMode::Standalone => self.url.to_string(),
             RedisMode::Sentinel => format!(
@@ -162,14 +156,9 @@ impl TlsSettings {
     /// `scheme` is the TLS scheme (`amqps`, `rediss`).
     pub fn state<'a>(&self, scheme: &str, urls: impl IntoIterator<Item = &'a str>) -> String {
         let prefix = format!("{scheme}://");
-        let (tls, plain) = urls.into_iter().fold((0, 0), |(t, p), u| {
-            if u.starts_with(&prefix) {
-                (t + 1, p)
-            } else {
-                (t, p + 1)
-            }
-        });
-        match (tls, plain) {
+        let (tls, plain): (Vec<&str>, Vec<&str>) =
+            urls.into_iter().partition(|u| u.starts_with(&prefix));
+        match (tls.len(), plain.len()) {
             (0, _) if self.is_default() => "no TLS".to_owned(),
             (0, _) => format!("no TLS ({scheme}:// is needed for the TLS files to be used)"),
             (_, 0) => format!("TLS: {}", self.describe()),
@@ -224,14 +213,16 @@ impl AmqpNodes {
 /// Each node with its password masked, comma-separated.
 impl std::fmt::Display for AmqpNodes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, url) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{url}")?;
-        }
-        Ok(())
+        f.write_str(&joined(&self.0))
     }
+}
+
+/// URLs (passwords masked), comma-separated.
+fn joined(urls: &[SecretUrl]) -> String {
+    urls.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `redis.mode`: how the store reaches Redis.
@@ -533,18 +524,20 @@ impl Settings {
     /// Load from `--config PATH` (or `config/default.toml` if present) and the process
     /// environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        Settings::from_sources(Sources {
-            file: file.map(Path::to_path_buf),
-            ..Sources::default()
-        })
+        Settings::load_with(file, Credentials::Required)
     }
 
     /// As [`Settings::load`], without requiring API credentials (for commands that never
     /// call the API).
     pub fn load_without_credentials(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Settings::load_with(file, Credentials::Optional)
+    }
+
+    fn load_with(file: Option<&Path>, credentials: Credentials) -> Result<Settings, ConfigError> {
+        let file = file.map(Path::to_path_buf);
         Settings::from_sources(Sources {
-            file: file.map(Path::to_path_buf),
-            credentials: Credentials::Optional,
+            file,
+            credentials,
             ..Sources::default()
         })
     }

@@ -140,6 +140,11 @@ fn auth_err(message: impl Into<String>, transient: bool) -> ApiError {
     }
 }
 
+/// The shared token store failed: worth another try later.
+fn store_failed(e: StoreError) -> ApiError {
+    auth_err(format!("token store: {e}"), true)
+}
+
 impl LoginSession {
     pub fn new(
         auth_url: &str,
@@ -210,11 +215,7 @@ impl LoginSession {
         let usable = |p: &TokenPair| self.usable(p, refused);
         let started = tokio::time::Instant::now();
         loop {
-            let shared = self
-                .store
-                .load(&self.account)
-                .await
-                .map_err(|e| auth_err(format!("token store: {e}"), true))?;
+            let shared = self.store.load(&self.account).await.map_err(store_failed)?;
             if let Some(pair) = shared.as_ref().filter(|p| usable(p)) {
                 *self.cached.write().await = Some(pair.clone());
                 return Ok(pair.clone());
@@ -223,7 +224,7 @@ impl LoginSession {
                 .store
                 .try_lock(&self.account, &self.owner, LOCK_TTL)
                 .await
-                .map_err(|e| auth_err(format!("token store: {e}"), true))?;
+                .map_err(store_failed)?;
             if locked {
                 let result = self.renew_locked(refused).await;
                 if let Err(e) = self.store.unlock(&self.account, &self.owner).await {
@@ -247,11 +248,7 @@ impl LoginSession {
     /// Holding the lock: re-read (someone may have refreshed just before we locked), then
     /// refresh, or log in when there is no usable refresh token or it is refused.
     async fn renew_locked(&self, refused: Option<&str>) -> Result<TokenPair, ApiError> {
-        let current = self
-            .store
-            .load(&self.account)
-            .await
-            .map_err(|e| auth_err(format!("token store: {e}"), true))?;
+        let current = self.store.load(&self.account).await.map_err(store_failed)?;
         if let Some(pair) = current.as_ref().filter(|p| self.usable(p, refused)) {
             return Ok(pair.clone());
         }
@@ -279,7 +276,7 @@ impl LoginSession {
         self.store
             .save(&self.account, &renewed, ttl)
             .await
-            .map_err(|e| auth_err(format!("token store: {e}"), true))?;
+            .map_err(store_failed)?;
         Ok(renewed)
     }
 

@@ -18,7 +18,6 @@
 //!   or when no claim exists at all; a created record is never overwritten.
 
 use std::time::Duration;
-use tracing::Instrument as _;
 
 mod conn;
 mod eviction;
@@ -150,10 +149,6 @@ pub enum KeyShape {
 }
 
 impl KeyShape {
-    pub fn key(self, prefix: &str, kind: &str, ext_id: &ExtId) -> String {
-        self.key_of(prefix, kind, ext_id.as_str())
-    }
-
     /// The key of `kind` for any name (an ext id, a message id).
     pub fn key_of(self, prefix: &str, kind: &str, name: &str) -> String {
         match self {
@@ -301,24 +296,25 @@ impl RedisStore {
     }
 
     pub fn group_key(&self, ext_id: &ExtId) -> String {
-        self.keys.key(&self.prefix, "group", ext_id)
+        self.keys.key_of(&self.prefix, "group", ext_id.as_str())
     }
 
     pub fn attempt_key(&self, ext_id: &ExtId) -> String {
-        self.keys.key(&self.prefix, "attempt", ext_id)
+        self.keys.key_of(&self.prefix, "attempt", ext_id.as_str())
     }
 
     pub fn outcome_key(&self, key: OutcomeKey<'_>) -> String {
         match key {
-            OutcomeKey::ExtId(ext_id) => self.keys.key(&self.prefix, "outcome", ext_id),
+            OutcomeKey::ExtId(ext_id) => self.keys.key_of(&self.prefix, "outcome", ext_id.as_str()),
             OutcomeKey::MessageId(id) => self.keys.key_of(&self.prefix, "message", id),
         }
     }
 
     /// An operator note `<prefix>:<name>` (the DLQ tools keep what a pass is doing there).
     pub async fn note(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn.clone();
-        conn.get(format!("{}:{name}", self.prefix))
+        self.conn
+            .clone()
+            .get(format!("{}:{name}", self.prefix))
             .await
             .map_err(store_err)
     }
@@ -340,10 +336,8 @@ impl RedisStore {
     }
 
     pub async fn delete_note(&self, name: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        conn.del::<_, ()>(format!("{}:{name}", self.prefix))
-            .await
-            .map_err(store_err)
+        let key = format!("{}:{name}", self.prefix);
+        self.conn.clone().del::<_, ()>(key).await.map_err(store_err)
     }
 
     /// The last outcome kept under `key`; `None` when there is none or it cannot be read
@@ -410,8 +404,7 @@ impl RedisStore {
 
 impl DedupStore for RedisStore {
     async fn claim(&self, ext_id: &ExtId, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
-        let span = crate::otel::db_span("dedup claim");
-        let result = async move {
+        crate::otel::db_step("dedup claim", async move {
             let value = encode(&StoredRecord::Claimed {
                 owner: request.owner.to_owned(),
                 claimed_at: crate::clock::now_rfc3339(),
@@ -472,11 +465,8 @@ impl DedupStore for RedisStore {
                 ))),
                 _ => Err(unexpected()),
             }
-        }
-        .instrument(span.clone())
-        .await;
-        crate::otel::record_db_result(&span, result.is_err());
-        result
+        })
+        .await
     }
 
     async fn replace_unreadable(
@@ -532,8 +522,7 @@ impl DedupStore for RedisStore {
         outcome: &LastOutcome,
         ttl: Duration,
     ) -> Result<RecordResult, StoreError> {
-        let span = crate::otel::db_span("dedup record");
-        let result = async move {
+        crate::otel::db_step("dedup record", async move {
             let value = encode(&StoredRecord::Created(record.clone()))?;
             let outcome = encode(outcome)?;
             let answer: String = self
@@ -556,11 +545,8 @@ impl DedupStore for RedisStore {
                     StoredRecord::Claimed { .. } => Ok(RecordResult::Fenced(None)),
                 },
             }
-        }
-        .instrument(span.clone())
-        .await;
-        crate::otel::record_db_result(&span, result.is_err());
-        result
+        })
+        .await
     }
 
     async fn release(&self, ext_id: &ExtId, owner: &str, settled: bool) -> Result<(), StoreError> {

@@ -161,12 +161,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                         org_unit_id = group.org_unit_id,
                         "group found by List; no POST needed"
                     );
-                    return Ok(Provisioned {
-                        org_unit_id: group.org_unit_id,
-                        api_request_id: None,
-                        duplicate: tries.found_is_duplicate(),
-                        found: Some(group),
-                    });
+                    return Ok(tries.found(group));
                 }
                 Reconciled::NameTaken(other) => {
                     return Err(name_conflict(command, &other, None, None));
@@ -225,12 +220,7 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                     org_unit_id = group.org_unit_id,
                     "rejected POST, but the group exists with our ext id"
                 );
-                Ok(Provisioned {
-                    org_unit_id: group.org_unit_id,
-                    api_request_id: None,
-                    duplicate: tries.found_is_duplicate(),
-                    found: Some(group),
-                })
+                Ok(tries.found(group))
             }
             Reconciled::NameTaken(other) => Err(name_conflict(
                 command,
@@ -238,12 +228,8 @@ impl<S: DedupStore, A: GroupApi> Processor<S, A> {
                 rejection.http_status(),
                 rejection.request_id().map(str::to_owned),
             )),
-            Reconciled::NotFound => Err(Disposition::DeadLetter(Failure {
-                kind: FailureKind::Rejected,
-                message: rejection.message(),
-                http_status: rejection.http_status(),
-                api_request_id: rejection.request_id().map(str::to_owned),
-            })),
+            // Rejected or DuplicateName: the disposition dead-letters it as `rejected`.
+            Reconciled::NotFound => Err(disposition(rejection)),
         }
     }
 

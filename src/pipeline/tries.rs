@@ -61,10 +61,15 @@ impl Tries {
             .filter(|s| *s != 0)
     }
 
-    /// A group found by List counts as pre-existing unless a POST of this delivery may
+    /// A group List found: it counts as pre-existing unless a POST of this delivery may
     /// have created it (`duplicate` in the event).
-    pub(super) fn found_is_duplicate(&self) -> bool {
-        self.maybe_committed.load(Ordering::SeqCst) == 0
+    pub(super) fn found(&self, group: GroupSummary) -> Provisioned {
+        Provisioned {
+            org_unit_id: group.org_unit_id,
+            api_request_id: None,
+            duplicate: self.maybe_committed.load(Ordering::SeqCst) == 0,
+            found: Some(group),
+        }
     }
 }
 

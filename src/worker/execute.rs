@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -357,13 +357,12 @@ impl Executor<'_> {
                 } else {
                     self.dead_letter_copy(failure, *attempts).await
                 };
-                match copied {
-                    Ok(()) => {
-                        self.dead_letter_written.store(true, Ordering::SeqCst);
-                        self.publish_event(&self.shared.settings.topology.failed_routing_key, event)
-                            .await
-                    }
-                    Err(e) => Err(e),
+                if copied.is_ok() {
+                    self.dead_letter_written.store(true, Ordering::SeqCst);
+                    let key = &self.shared.settings.topology.failed_routing_key;
+                    self.publish_event(key, event).await
+                } else {
+                    copied
                 }
             }
             Decision::Delay {
@@ -373,8 +372,8 @@ impl Executor<'_> {
                 deferrals,
                 reason,
             } => {
-                self.delay_copy(*tier, *attempts, *retries, *deferrals, reason)
-                    .await
+                let update = self.counters(*attempts, *retries, *deferrals);
+                self.copy_to_tier(*tier, update, reason).await
             }
         };
         match published {
@@ -527,19 +526,12 @@ impl Executor<'_> {
     }
 
     fn event_properties(&self, event_name: &str, traceparent: Option<String>) -> BasicProperties {
-        let mut headers = FieldTable::default();
+        let traceparent = traceparent.unwrap_or_else(|| self.processed.traceparent.to_string());
+        let mut update = HeaderUpdate::default().text(headers::TRACEPARENT, &traceparent);
         if let Some(ext) = &self.processed.ext_id {
-            headers.insert(
-                ShortString::from(headers::EXT_ID),
-                AMQPValue::LongString(LongString::from(ext.as_str())),
-            );
+            update = update.text(headers::EXT_ID, ext);
         }
-        headers.insert(
-            ShortString::from(headers::TRACEPARENT),
-            AMQPValue::LongString(LongString::from(
-                traceparent.unwrap_or_else(|| self.processed.traceparent.to_string()),
-            )),
-        );
+        let headers = update.table();
         let mut properties = BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
             .with_delivery_mode(2)
@@ -636,18 +628,6 @@ impl Executor<'_> {
             update
         };
         self.copy_to_tier(0, update, reason).await
-    }
-
-    async fn delay_copy(
-        &self,
-        tier: usize,
-        attempts: u32,
-        retries: u32,
-        deferrals: u32,
-        reason: &DelayReason,
-    ) -> Result<(), SettleError> {
-        let update = self.counters(attempts, retries, deferrals);
-        self.copy_to_tier(tier, update, reason).await
     }
 
     /// The worker's own headers on every copy it parks. A delivery whose dead letter is
