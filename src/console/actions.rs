@@ -314,66 +314,50 @@ async fn execute_and_audit(c: Shared, plan: Plan, role: &'static str) -> Done {
 async fn execute(c: Shared, plan: Plan) -> Done {
     let settings = &c.settings;
     let planned = plan.selection.len();
-    match plan.action {
+    let only = Some(plan.selection);
+    let (result, export) = match plan.action {
         Action::Replay => {
             let filter = ReplayFilter {
                 max_replays: DEFAULT_MAX_REPLAYS,
-                only: Some(plan.selection),
+                only,
                 ..ReplayFilter::default()
             };
-            match dlq::replay(settings, &filter).await {
-                Ok(s) => Done {
-                    done: s.moved,
-                    left: planned.saturating_sub(s.moved),
-                    ..Done::default()
-                },
-                Err(e) => Done {
-                    error: Some(e.to_string()),
-                    ..Done::default()
-                },
-            }
+            (dlq::replay(settings, &filter).await.map(|s| s.moved), None)
         }
         Action::Discard => {
             let name = export_name(&plan.user);
             let path = settings.console.export_dir.join(&name);
             let filter = DiscardFilter {
                 export: Some(path.clone()),
-                only: Some(plan.selection),
+                only,
                 ..DiscardFilter::default()
             };
-            let result = dlq::discard(settings, &filter).await;
-            let export = path.exists().then_some(name);
-            match result {
-                Ok(s) => Done {
-                    done: s.discarded,
-                    left: planned.saturating_sub(s.discarded),
-                    export,
-                    error: None,
-                },
-                Err(e) => Done {
-                    export,
-                    error: Some(e.to_string()),
-                    ..Done::default()
-                },
-            }
+            let result = dlq::discard(settings, &filter).await.map(|s| s.discarded);
+            (result, path.exists().then_some(name))
         }
         Action::ReplayUnrouted => {
             let filter = UnroutedFilter {
-                only: Some(plan.selection),
+                only,
                 ..UnroutedFilter::default()
             };
-            match replay_unrouted(settings, &filter).await {
-                Ok(s) => Done {
-                    done: s.moved,
-                    left: planned.saturating_sub(s.moved),
-                    ..Done::default()
-                },
-                Err(e) => Done {
-                    error: Some(e.to_string()),
-                    ..Done::default()
-                },
-            }
+            (
+                replay_unrouted(settings, &filter).await.map(|s| s.moved),
+                None,
+            )
         }
+    };
+    match result {
+        Ok(done) => Done {
+            done,
+            left: planned.saturating_sub(done),
+            export,
+            error: None,
+        },
+        Err(e) => Done {
+            export,
+            error: Some(e.to_string()),
+            ..Done::default()
+        },
     }
 }
 
@@ -443,25 +427,17 @@ pub async fn download(
 /// `GET /exports`: the discards' exports, newest first, for an operator.
 pub async fn exports(State(c): State<Shared>, Operator(session): Operator) -> Response {
     let dir = c.settings.console.export_dir.clone();
-    let listed = tokio::task::spawn_blocking(move || list_exports(&dir)).await;
-    let files = match listed {
-        Ok(Ok(files)) => files,
-        Ok(Err(e)) => {
-            return pages::error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Some(&session),
-                &format!("console.export_dir cannot be read: {e}"),
-            );
-        }
-        Err(e) => {
-            return pages::error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Some(&session),
-                &format!("console.export_dir cannot be read: {e}"),
-            );
-        }
-    };
-    pages::exports(&session, &files).into_response()
+    let listed = tokio::task::spawn_blocking(move || list_exports(&dir))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match listed {
+        Ok(files) => pages::exports(&session, &files).into_response(),
+        Err(e) => pages::error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(&session),
+            &format!("console.export_dir cannot be read: {e}"),
+        ),
+    }
 }
 
 /// An export file: its name, size in bytes, and when it was written (RFC 3339).

@@ -271,7 +271,7 @@ pub async fn run(settings: Settings, no_auth: bool) -> Result<(), ConsoleError> 
     }
     // Said now rather than on the first page: the on-call person reads the log first.
     match crate::ops::connect(&console.settings, "console").await {
-        Ok((conn, _)) => {
+        Ok((conn, ..)) => {
             let _ = conn.close(200, "ok".into()).await;
         }
         Err(e) => tracing::warn!(

@@ -64,12 +64,21 @@ fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
 }
 
 /// A page that says what went wrong, with a way back.
-pub fn error_page(status: StatusCode, session: Option<&Session>, message: &str) -> Response {
+fn alert(status: StatusCode, title: &str, session: Option<&Session>, message: Markup) -> Response {
     let body = html! {
-        p.error role="alert" { (printable(message, 2_000)) }
+        p.error role="alert" { (message) }
         p { a href="/" { "Back to the overview" } }
     };
-    (status, layout("Not done", session, body)).into_response()
+    (status, layout(title, session, body)).into_response()
+}
+
+pub fn error_page(status: StatusCode, session: Option<&Session>, message: &str) -> Response {
+    alert(
+        status,
+        "Not done",
+        session,
+        html! { (printable(message, 2_000)) },
+    )
 }
 
 impl IntoResponse for Denied {
@@ -78,32 +87,28 @@ impl IntoResponse for Denied {
             Denied::Login { expired: true } => Redirect::to("/login?expired=1").into_response(),
             Denied::Login { expired: false } => Redirect::to("/login").into_response(),
             Denied::NotOperator(session) => {
-                (StatusCode::FORBIDDEN, refused(&session)).into_response()
+                let message = html! {
+                    "You are logged in as " (session.user) ", a " (session.role.as_str())
+                    ": you may look at everything, but only an operator may replay, discard or download an export."
+                };
+                alert(
+                    StatusCode::FORBIDDEN,
+                    "Not allowed",
+                    Some(&session),
+                    message,
+                )
             }
         }
     }
 }
 
-fn refused(session: &Session) -> Markup {
-    layout(
-        "Not allowed",
-        Some(session),
-        html! {
-            p.error role="alert" {
-                "You are logged in as " (session.user) ", a " (session.role.as_str())
-                ": you may look at everything, but only an operator may replay, discard or download an export."
-            }
-            p { a href="/" { "Back to the overview" } }
-        },
-    )
-}
-
 pub async fn not_found() -> Response {
-    let body = html! {
-        p.error role="alert" { "There is no such page." }
-        p { a href="/" { "Back to the overview" } }
-    };
-    (StatusCode::NOT_FOUND, layout("Not found", None, body)).into_response()
+    alert(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        None,
+        html! { "There is no such page." },
+    )
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,7 +182,7 @@ fn ext_id_cell(l: &LetterView) -> Markup {
 pub async fn overview(State(c): State<Shared>, Viewer(session): Viewer) -> Response {
     let settings = &c.settings;
     let unrouted = async {
-        let (conn, _) = crate::ops::connect(settings, "console").await.ok()?;
+        let (conn, ..) = crate::ops::connect(settings, "console").await.ok()?;
         let depth = crate::ops::queue_depth(&conn, &settings.topology.unrouted_events).await;
         let _ = conn.close(200, "done".into()).await;
         depth.ok().flatten()

@@ -108,7 +108,7 @@ async fn check_broker(
     settings: &Settings,
     declare: bool,
 ) -> PassesRunning {
-    let (conn, _channel, node) = match super::connect_node(settings, "check").await {
+    let (conn, _channel, node) = match super::connect(settings, "check").await {
         Ok(c) => c,
         Err(e) => {
             report.line("rabbitmq", Err(e));

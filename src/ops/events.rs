@@ -136,7 +136,7 @@ pub async fn replay_unrouted(
     let kept_total = reader.remaining() + summary.kept;
     super::dlq::ended(result, reader.close().await)?;
     if !filter.dry_run && summary.moved > 0 {
-        let (conn, _) = super::connect(settings, "events").await?;
+        let (conn, ..) = super::connect(settings, "events").await?;
         if let Some(depth) = super::queue_depth(&conn, &queue).await? {
             summary.came_back = depth.saturating_sub(u32::try_from(kept_total).unwrap_or(u32::MAX));
         }

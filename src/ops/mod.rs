@@ -138,6 +138,14 @@ pub enum OpsError {
     },
 }
 
+impl OpsError {
+    /// `map_err` for a failed write to `path`.
+    pub(crate) fn output(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> OpsError {
+        let path = path.into();
+        move |source| OpsError::Output { path, source }
+    }
+}
+
 /// The operator command's stop signal: cancelled by the first SIGINT or SIGTERM of the
 /// process, and never reset, so a signal between two passes (a discard's export and its
 /// removal) is still seen by the second. The handlers are installed at the first call.
@@ -186,18 +194,9 @@ pub async fn queue_counts(conn: &Connection, queue: &str) -> Result<Option<(u32,
     }
 }
 
-/// A short-lived broker connection for one operator command.
+/// A short-lived broker connection for one operator command, and which node of `amqp.url`
+/// answered (its index).
 pub async fn connect(
-    settings: &Settings,
-    purpose: &str,
-) -> Result<(Connection, Channel), OpsError> {
-    connect_node(settings, purpose)
-        .await
-        .map(|(conn, channel, _)| (conn, channel))
-}
-
-/// [`connect`], and which node of `amqp.url` answered (its index).
-pub async fn connect_node(
     settings: &Settings,
     purpose: &str,
 ) -> Result<(Connection, Channel, usize), OpsError> {

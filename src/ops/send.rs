@@ -139,7 +139,7 @@ async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), 
     if items.is_empty() {
         return Ok((0, 0));
     }
-    let (conn, channel) = connect(settings, "send").await?;
+    let (conn, channel, _) = connect(settings, "send").await?;
     let t = &settings.topology;
     crate::amqp::passive_exchange(&channel, &t.command_exchange)
         .await

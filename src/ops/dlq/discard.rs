@@ -209,10 +209,7 @@ async fn export_matching(
                     && only.as_mut().is_none_or(|s| s.take(&l)) =>
             {
                 if let Err(source) = writeln!(file.writer, "{}", l.to_json()) {
-                    break Err(OpsError::Output {
-                        path: file.tmp.clone(),
-                        source,
-                    });
+                    break Err(OpsError::output(&file.tmp)(source));
                 }
                 lines.insert(l.id());
                 n += 1;

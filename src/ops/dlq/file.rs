@@ -55,10 +55,7 @@ impl ExportFile {
                 )))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(OpsError::Output {
-                path: out.to_path_buf(),
-                source,
-            }),
+            Err(source) => Err(OpsError::output(out)(source)),
         }
     }
 
@@ -80,24 +77,20 @@ impl ExportFile {
         // does: a stale-file sweep can never take a file before its writer locked it.
         let fresh = dir.join(format!(".{name}.{id}.new"));
         let tmp = dir.join(format!(".{name}.{TMP_MARK}{id}.tmp"));
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| OpsError::Output { path, source }
-        };
         // create_new: O_EXCL, which also refuses to follow a symbolic link planted there.
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&fresh)
-            .map_err(io(&fresh))?;
+            .map_err(OpsError::output(&fresh))?;
         let locked = file
             .try_lock()
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|()| std::fs::rename(&fresh, &tmp));
         if let Err(e) = locked {
             let _ = std::fs::remove_file(&fresh);
-            return Err(io(&fresh)(e));
+            return Err(OpsError::output(&fresh)(e));
         }
         Ok(ExportFile {
             writer: BufWriter::new(file),
@@ -110,14 +103,10 @@ impl ExportFile {
     pub fn finish(self) -> Result<(), OpsError> {
         let ExportFile { writer, tmp, out } = self;
         let done = (|| {
-            let file = writer.into_inner().map_err(|e| OpsError::Output {
-                path: tmp.clone(),
-                source: e.into_error(),
-            })?;
-            file.sync_all().map_err(|source| OpsError::Output {
-                path: tmp.clone(),
-                source,
-            })?;
+            let file = writer
+                .into_inner()
+                .map_err(|e| OpsError::output(&tmp)(e.into_error()))?;
+            file.sync_all().map_err(OpsError::output(&tmp))?;
             std::fs::hard_link(&tmp, &out).map_err(|source| {
                 if source.kind() == std::io::ErrorKind::AlreadyExists {
                     OpsError::BadArgument(format!(
@@ -125,10 +114,7 @@ impl ExportFile {
                         out.display()
                     ))
                 } else {
-                    OpsError::Output {
-                        path: out.clone(),
-                        source,
-                    }
+                    OpsError::output(&out)(source)
                 }
             })?;
             // The new name must outlive a crash too: the discard that follows acks for good.

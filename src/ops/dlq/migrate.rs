@@ -69,7 +69,7 @@ pub async fn migrate_command(settings: &Settings) -> Result<Migration, OpsError>
 }
 
 pub async fn migrate(settings: &Settings) -> Result<Migration, OpsError> {
-    let (conn, channel) = connect(settings, "dlq migrate").await?;
+    let (conn, channel, _) = connect(settings, "dlq migrate").await?;
     let result = run(settings, &conn, channel).await;
     let _ = conn.close(200, ShortString::from("done")).await;
     result

@@ -107,10 +107,7 @@ pub(crate) fn stdout_error(e: std::io::Error, done: String) -> OpsError {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         OpsError::StdoutClosed { done }
     } else {
-        OpsError::Output {
-            path: "standard output".into(),
-            source: e,
-        }
+        OpsError::output("standard output")(e)
     }
 }
 
@@ -220,10 +217,7 @@ pub async fn export(settings: &Settings, out: &Path) -> Result<(), OpsError> {
     let written = write_pass(&mut reader, &mut file.writer).await;
     let written = written.map_err(|e| match e {
         PassError::Read(e) => e,
-        PassError::Write(source) => OpsError::Output {
-            path: file.tmp.clone(),
-            source,
-        },
+        PassError::Write(source) => OpsError::output(&file.tmp)(source),
     });
     match ended(written, reader.close().await) {
         Ok(n) => {

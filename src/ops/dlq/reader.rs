@@ -325,7 +325,7 @@ impl DlqReader {
         stop: &CancellationToken,
         wait: Duration,
     ) -> Result<(Connection, Channel, u32), OpsError> {
-        let (conn, channel) = connect(settings, &format!("dlq {purpose}")).await?;
+        let (conn, channel, _) = connect(settings, &format!("dlq {purpose}")).await?;
         let counted = async {
             take_lock(&conn, queue, stop, wait).await?;
             let total = crate::amqp::ready_count(&channel, queue)
@@ -743,24 +743,11 @@ pub(super) async fn take_lock(
 /// Whether a pass over `queue` runs now (its lock queue exists); `None`: cannot tell.
 pub async fn pass_running(conn: &Connection, queue: &str) -> Option<bool> {
     use lapin::protocol::AMQPSoftError;
-    let side = conn.create_channel().await.ok()?;
-    let declared = side
-        .queue_declare(
-            ShortString::from(format!("{queue}.lock").as_str()),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(_) => {
-            let _ = side.close(200, ShortString::from("ok")).await;
+    match crate::ops::queue_counts(conn, &format!("{queue}.lock")).await {
+        Ok(found) => Some(found.is_some()),
+        Err(OpsError::Broker(e)) if crate::amqp::is_soft(&e, AMQPSoftError::RESOURCELOCKED) => {
             Some(true)
         }
-        Err(e) if crate::amqp::is_soft(&e, AMQPSoftError::RESOURCELOCKED) => Some(true),
-        Err(e) if crate::amqp::is_not_found(&e) => Some(false),
         Err(_) => None,
     }
 }

@@ -167,12 +167,8 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
                 }
                 match mover.move_back(&mut reader, &letter).await {
                     Ok(()) => summary.moved += 1,
-                    Err((e, moved)) => {
-                        if moved {
-                            summary.moved += 1;
-                        } else {
-                            summary.kept += 1;
-                        }
+                    Err(e) => {
+                        summary.kept += 1;
                         result = Err(e);
                         break;
                     }
@@ -234,13 +230,12 @@ struct Mover<'a> {
 }
 
 impl Mover<'_> {
-    /// On failure, the error and whether the letter was published (then it is also still
-    /// in the DLQ: replaying it again is harmless, by deduplication).
+    /// On failure the letter was not published: it stays a dead letter, where it was.
     async fn move_back(
         &mut self,
         reader: &mut DlqReader,
         letter: &DeadLetter,
-    ) -> Result<(), (OpsError, bool)> {
+    ) -> Result<(), OpsError> {
         let topology = &self.settings.topology;
         // Noted before it is published: the worker may settle it (and note that) at once.
         if let Some(notes) = self.notes.as_mut() {
@@ -267,11 +262,10 @@ impl Mover<'_> {
                 };
                 notes.note(letter, "dead_lettered", place).await;
             }
-            let e = OpsError::ReplayPublish {
+            return Err(OpsError::ReplayPublish {
                 letter: letter.describe(),
                 source: e,
-            };
-            return Err((e, false));
+            });
         }
         reader.ack(letter);
         // A closed stdout costs only the report of what was moved, never the pass.
