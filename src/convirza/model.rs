@@ -7,32 +7,21 @@ use serde_json::Value;
 
 use crate::pipeline::GroupSummary;
 
-/// A child group as List Child Groups sends it; read leniently, then handed to the core as
-/// its own [`GroupSummary`].
+/// A child group as List Child Groups sends it; read leniently, straight into the core's
+/// own [`GroupSummary`].
 #[derive(Deserialize)]
+#[serde(remote = "GroupSummary")]
 struct WireGroup {
     #[serde(deserialize_with = "lenient_i64")]
-    pub org_unit_id: i64,
+    org_unit_id: i64,
     #[serde(default, deserialize_with = "lenient_opt_string")]
-    pub org_unit_ext_id: Option<String>,
+    org_unit_ext_id: Option<String>,
     #[serde(default)]
-    pub org_unit_name: String,
+    org_unit_name: String,
     #[serde(default, deserialize_with = "lenient_opt_i64")]
-    pub org_unit_parent_id: Option<i64>,
+    org_unit_parent_id: Option<i64>,
     #[serde(default, deserialize_with = "lenient_opt_string")]
-    pub org_unit_status: Option<String>,
-}
-
-impl From<WireGroup> for GroupSummary {
-    fn from(w: WireGroup) -> GroupSummary {
-        GroupSummary {
-            org_unit_id: w.org_unit_id,
-            org_unit_ext_id: w.org_unit_ext_id,
-            org_unit_name: w.org_unit_name,
-            org_unit_parent_id: w.org_unit_parent_id,
-            org_unit_status: w.org_unit_status,
-        }
-    }
+    org_unit_status: Option<String>,
 }
 
 /// One page of List Child Groups.
@@ -77,7 +66,6 @@ impl Envelope {
         let groups = groups
             .iter()
             .filter_map(|g| WireGroup::deserialize(g).ok())
-            .map(GroupSummary::from)
             .collect();
         Some(GroupPage {
             groups,

@@ -2,28 +2,33 @@
 //! faults are the system's ([`SystemFault`]), and the closed label sets that logs and
 //! metrics use ([`Outcome`], [`DeferReason`]). Why a command failed is `failure.rs`.
 
-use std::fmt;
-
 use super::events::{CreatedEvent, FailedEvent};
 use super::failure::Failure;
 
 /// A fault of the system, not of the message: the message is parked and retried later
 /// without spending its attempts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SystemFault {
     /// 401/403 after a token refresh.
+    #[error("API credentials refused: {0}")]
     Unauthorized(String),
     /// 404 on `POST /v3/groups` itself.
+    #[error("API endpoint not found: {0}")]
     EndpointNotFound(String),
     /// Redis unreachable or failing.
+    #[error("dedup store unavailable: {0}")]
     Store(String),
     /// The lease on the ext id was lost while working (stalled past `dedup.lease`).
+    #[error("lease on the ext id lost while working")]
     LeaseLost,
     /// Publishing the outcome failed (unroutable event, broker refusal).
+    #[error("publishing failed: {0}")]
     Publish(String),
     /// Too many consecutive transient API failures: the API is down, not the message.
+    #[error("API failing repeatedly: {0}")]
     ApiDown(String),
     /// The circuit is open (for one of the faults above): park without trying.
+    #[error("circuit open")]
     CircuitOpen,
 }
 
@@ -45,20 +50,6 @@ impl SystemFault {
     /// other delivery too).
     pub fn opens_circuit(&self) -> bool {
         !matches!(self, SystemFault::LeaseLost | SystemFault::CircuitOpen)
-    }
-}
-
-impl fmt::Display for SystemFault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SystemFault::Unauthorized(m) => write!(f, "API credentials refused: {m}"),
-            SystemFault::EndpointNotFound(m) => write!(f, "API endpoint not found: {m}"),
-            SystemFault::Store(m) => write!(f, "dedup store unavailable: {m}"),
-            SystemFault::LeaseLost => f.write_str("lease on the ext id lost while working"),
-            SystemFault::Publish(m) => write!(f, "publishing failed: {m}"),
-            SystemFault::ApiDown(m) => write!(f, "API failing repeatedly: {m}"),
-            SystemFault::CircuitOpen => f.write_str("circuit open"),
-        }
     }
 }
 

@@ -1,7 +1,6 @@
 //! The one place that turns an API error into what happens to the message: retry, dead-letter
 //! or pause.
 
-use std::fmt;
 use std::time::Duration;
 
 use super::api::ApiError;
@@ -10,13 +9,16 @@ use super::decision::SystemFault;
 use super::failure::{Failure, FailureKind};
 
 /// What a failed try means for the message.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Disposition {
     /// Transient: try again (in process, then the next delay tier).
+    #[error("{0}")]
     Retry(ApiError),
     /// Permanent: the message is at fault; dead-letter it with this failure.
+    #[error("{}: {}", .0.kind, .0.message)]
     DeadLetter(Failure),
     /// The system is at fault: park the message without charging it.
+    #[error("{0}")]
     Pause(SystemFault),
 }
 
@@ -33,16 +35,6 @@ impl Disposition {
             Disposition::Retry(e) => e.http_status(),
             Disposition::DeadLetter(f) => f.http_status,
             Disposition::Pause(_) => None,
-        }
-    }
-}
-
-impl fmt::Display for Disposition {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Disposition::Retry(e) => write!(f, "{e}"),
-            Disposition::DeadLetter(failure) => write!(f, "{}: {}", failure.kind, failure.message),
-            Disposition::Pause(fault) => write!(f, "{fault}"),
         }
     }
 }
