@@ -232,7 +232,7 @@ impl From<Exit> for ExitCode {
 }
 
 fn config_error(e: &ConfigError) -> Exit {
-    eprintln!("{e}");
+    errln!("{e}");
     Exit::Usage
 }
 
@@ -245,7 +245,7 @@ fn ops_result<T>(command: &str, result: Result<T, OpsError>, exit: impl FnOnce(T
     match result {
         Ok(value) => exit(value),
         Err(e) => {
-            eprintln!("{command}: {e}");
+            errln!("{command}: {e}");
             Exit::for_ops_error(&e)
         }
     }
@@ -324,7 +324,7 @@ fn say_what_is_read(cli: &Cli, settings: &Settings) {
             settings.redis.key_prefix
         ));
     }
-    eprintln!(
+    errln!(
         "using {}; settings from {}",
         parts.join(", "),
         config_source(cli)
@@ -415,7 +415,7 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                 SchemaKind::Created => crate::contract::CREATED_SCHEMA,
                 SchemaKind::Failed => crate::contract::FAILED_SCHEMA,
             };
-            print!("{schema}");
+            crate::output::verbatim(schema);
             Exit::Success
         }
         Command::Status {

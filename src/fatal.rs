@@ -34,7 +34,7 @@ thread_local! {
 pub fn exit(what: &str) -> ! {
     // The log lines before it come first (bounded wait: stdout may be stalled).
     crate::telemetry::flush();
-    eprintln!("fatal: {what}");
+    errln!("fatal: {what}");
     std::process::exit(1)
 }
 

@@ -13,17 +13,12 @@
 //!   outside only through its ports;
 //! - pure building blocks: `command` (parsing), `retry` (the retry policy), `traceparent`,
 //!   `clock`, `hash`, `secret`, `text` (untrusted text made printable);
+//! - `output` — standard output, for every command's report;
 //! - `sim` — `convirza-sim`, the API stand-in (feature `sim`, on by default).
 
-/// `println!` that never panics: operator output to a closed pipe (`| head`) is dropped
-/// instead of ending the process with a panic. Passes over the DLQ check their writes
-/// instead (`ops::dlq::out_line`): they must stop and give the queue back.
-macro_rules! outln {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
+// First: its `outln!` is used by the modules below.
+#[macro_use]
+pub mod output;
 
 /// A closed set of labels (logs, metrics, events): the enum, `ALL` in declaration order and
 /// `as_str`, from one list of variants and their labels.

@@ -244,7 +244,7 @@ fn report_drops() {
         std::thread::sleep(REPORT_EVERY);
         let (stalled, failed) = lines_lost();
         if stalled > reported.0 {
-            eprintln!(
+            errln!(
                 "log: {} lines dropped in the last {}s because stdout is not read fast enough ({stalled} in all); commands go on",
                 stalled - reported.0,
                 REPORT_EVERY.as_secs()
@@ -252,7 +252,7 @@ fn report_drops() {
         }
         if failed > reported.1 {
             let why = lock(&LAST_WRITE_ERROR).clone().unwrap_or_default();
-            eprintln!(
+            errln!(
                 "log: {} lines could not be written to stdout in the last {}s ({why}; {failed} in all); commands go on",
                 failed - reported.1,
                 REPORT_EVERY.as_secs()

@@ -53,7 +53,7 @@ async fn async_main() -> ExitCode {
     };
     if let Some(log) = log {
         if let Err(e) = telemetry::init(&log) {
-            eprintln!("config error: {e}");
+            group_provisioner::output::eprint(format_args!("config error: {e}"));
             return ExitCode::from(2);
         }
     } else {

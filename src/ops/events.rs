@@ -58,7 +58,7 @@ pub async fn replay_unrouted_command(
 ) -> Result<UnroutedSummary, OpsError> {
     let s = replay_unrouted(settings, filter).await?;
     let json = serde_json::json!({"dry_run": filter.dry_run, "moved": s.moved, "kept": s.kept, "came_back": s.came_back});
-    crate::ops::print_summary(filter.json, json, || {
+    crate::output::summary(filter.json, json, || {
         let verb = if filter.dry_run {
             "would move"
         } else {

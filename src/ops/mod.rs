@@ -215,12 +215,3 @@ pub async fn connect(
         .await?;
     Ok((conn, channel, node))
 }
-
-/// A command's summary on stdout: one JSON object with `--json`, else one line of text.
-pub(crate) fn print_summary(json: bool, object: serde_json::Value, text: impl FnOnce() -> String) {
-    if json {
-        outln!("{object}");
-    } else {
-        outln!("{}", text());
-    }
-}

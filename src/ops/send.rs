@@ -72,7 +72,7 @@ pub async fn command(
 ) -> Result<SendSummary, OpsError> {
     let s = run(settings, file, validate).await?;
     let object = serde_json::json!({"sent": s.sent, "invalid": s.invalid, "failed": s.failed});
-    crate::ops::print_summary(json, object, || {
+    crate::output::summary(json, object, || {
         format!(
             "sent {}, invalid {}, failed {}",
             s.sent, s.invalid, s.failed
@@ -115,7 +115,7 @@ pub async fn run(
                     .map(|e| format!("invalid command, not sent: {e}")),
             };
             if let Some(problem) = problem {
-                eprintln!(
+                errln!(
                     "{}:{}: {}",
                     crate::text::printable(&source.to_string(), 300),
                     item.line,
@@ -179,18 +179,19 @@ async fn publish(settings: &Settings, items: &[Item]) -> Result<(usize, usize), 
                 Ok(Confirmation::Ack(None)) => sent += 1,
                 Ok(Confirmation::Ack(Some(_))) => {
                     failed += 1;
-                    eprintln!(
+                    errln!(
                         "line {line}: unroutable (no queue bound to {}/{})",
-                        t.command_exchange, t.command_routing_key
+                        t.command_exchange,
+                        t.command_routing_key
                     );
                 }
                 Ok(other) => {
                     failed += 1;
-                    eprintln!("line {line}: broker refused the message ({other:?})");
+                    errln!("line {line}: broker refused the message ({other:?})");
                 }
                 Err(e) => {
                     failed += 1;
-                    eprintln!("line {line}: {e}");
+                    errln!("line {line}: {e}");
                 }
             }
             if let Some(b) = &bar {

@@ -262,6 +262,40 @@ fn unsafe_code_lives_in_sys_only() {
     }
 }
 
+/// What a person reads is printed in one place: `output` (a command's report on stdout,
+/// warnings and errors on stderr). The log has its own writer (`telemetry`); tests print
+/// as they like.
+#[test]
+fn output_is_printed_in_one_module() {
+    let printing = [
+        "println!",
+        "print!",
+        "eprintln!",
+        "eprint!",
+        "dbg!",
+        "io::stdout(",
+        "io::stderr(",
+    ];
+    let mut found = Vec::new();
+    for (file, text) in sources() {
+        if file == "output.rs" || file == "telemetry.rs" {
+            continue;
+        }
+        for (n, line) in text.lines().enumerate() {
+            if line.starts_with("#[cfg(test)]") {
+                break;
+            }
+            let code = line.split("//").next().unwrap_or_default();
+            // Asking whether stderr is a terminal writes nothing.
+            let code = code.replace("io::stderr().is_terminal()", "");
+            if printing.iter().any(|p| code.contains(p)) {
+                found.push(format!("src/{file}:{}: {}", n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "printed outside src/output.rs:\n{}", found.join("\n"));
+}
+
 /// Braces of a line of code, strings, characters and comments left out (roughly: enough
 /// for this code base's style).
 fn braces(line: &str) -> i64 {

@@ -131,7 +131,7 @@ pub async fn discard_command(
     let s = discard(settings, filter).await?;
     let json =
         serde_json::json!({"dry_run": filter.dry_run, "discarded": s.discarded, "kept": s.kept});
-    crate::ops::print_summary(filter.json, json, || {
+    crate::output::summary(filter.json, json, || {
         let verb = if filter.dry_run {
             "would discard"
         } else {
@@ -159,7 +159,7 @@ pub async fn discard(
         match export_matching(settings, filter, path, now).await? {
             Some(lines) => exported = Some(lines),
             None => {
-                eprintln!(
+                errln!(
                     "no dead letter matches: nothing was removed, and {} was not written",
                     crate::text::printable(&path.display().to_string(), 300)
                 );
@@ -267,7 +267,7 @@ async fn remove_matching(
         if filter.dry_run {
             if !filter.json
                 && !filter.quiet()
-                && let Err(e) = super::out_line(format_args!(
+                && let Err(e) = crate::output::line(format_args!(
                     "would discard #{} kind={} ext_id={}",
                     letter.position,
                     crate::text::printable(&letter.kind, 64),

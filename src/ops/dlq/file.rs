@@ -197,7 +197,7 @@ fn remove_stale(dir: &Path) {
         });
         if ours && file.try_lock().is_ok() {
             let _ = std::fs::remove_file(&path);
-            eprintln!(
+            errln!(
                 "removed {}: an export that did not finish left it",
                 crate::text::printable(&path.display().to_string(), 300)
             );

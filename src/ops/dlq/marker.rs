@@ -106,7 +106,7 @@ impl PassMarker {
         if let Some(left) = left.and_then(|t| serde_json::from_str::<PassNote>(&t).ok())
             && left.may_have_rotated()
         {
-            eprintln!("warning: {}", left.describe(queue));
+            errln!("warning: {}", left.describe(queue));
             if let Ok(text) = serde_json::to_string(&left) {
                 marker
                     .call(|s| async move {
@@ -126,7 +126,7 @@ impl PassMarker {
     }
 
     fn give_up(&mut self, why: &str) {
-        eprintln!(
+        errln!(
             "warning: the dedup store cannot be reached ({why}): this pass is not noted there, so if it is killed nothing will say what it did to the order of {}",
             printable(&self.queue, 255)
         );

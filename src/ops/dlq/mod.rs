@@ -84,7 +84,7 @@ pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
     }
     lines
         .iter()
-        .try_for_each(out_line)
+        .try_for_each(crate::output::line)
         .map_err(|e| stdout_error(e, "the DLQ is back, in order".into()))
 }
 
@@ -94,12 +94,6 @@ pub fn ended<T>(work: Result<T, OpsError>, closed: Result<(), OpsError>) -> Resu
     let value = work?;
     closed?;
     Ok(value)
-}
-
-/// One line on standard output. A closed stdout is an error the caller stops on, never a
-/// panic (`println!` panics on EPIPE).
-pub(crate) fn out_line(line: impl std::fmt::Display) -> std::io::Result<()> {
-    writeln!(std::io::stdout(), "{line}")
 }
 
 /// A failed write to standard output: a closed pipe is [`OpsError::StdoutClosed`].
@@ -140,7 +134,7 @@ pub async fn peek(
         (result, closed) => ended(result, closed)?,
     }
     if !as_json {
-        let _ = out_line(format!("({shown} shown of {total}; nothing was removed)"));
+        let _ = crate::output::line(format!("({shown} shown of {total}; nothing was removed)"));
     }
     Ok(())
 }
@@ -150,7 +144,7 @@ pub async fn peek(
 fn show(l: &DeadLetter, as_json: bool) -> std::io::Result<()> {
     let j = l.to_json();
     if as_json {
-        return out_line(&j);
+        return crate::output::line(&j);
     }
     let http = j["http_status"]
         .as_u64()
@@ -161,7 +155,7 @@ fn show(l: &DeadLetter, as_json: bool) -> std::io::Result<()> {
         .message_id()
         .as_ref()
         .map_or_else(|| "(none)".to_owned(), |m| printable(m.as_str(), 128));
-    out_line(format_args!(
+    crate::output::line(format_args!(
         "#{} kind={} http={http} attempts={} replays={} ext_id={} message_id={message_id} first_failed={}",
         l.position,
         printable(&l.kind, 64),
@@ -171,12 +165,12 @@ fn show(l: &DeadLetter, as_json: bool) -> std::io::Result<()> {
         printable(j["first_failed_at"].as_str().unwrap_or("-"), 64),
     ))?;
     if let Some(m) = j["error_message"].as_str() {
-        out_line(format_args!("   reason: {}", printable(m, 400)))?;
+        crate::output::line(format_args!("   reason: {}", printable(m, 400)))?;
     }
     let body = j["body"]
         .as_str()
         .map_or_else(|| "(binary, see --json)".to_owned(), |b| printable(b, 300));
-    out_line(format_args!("   body:   {body}"))
+    crate::output::line(format_args!("   body:   {body}"))
 }
 
 /// An ext id as the text output shows it: one spelling for a missing one, quotes for an
@@ -200,7 +194,7 @@ pub async fn export(settings: &Settings, out: &Path) -> Result<(), OpsError> {
     let mut reader = DlqReader::open(settings, "export", None).await?;
     let total = reader.total_in_queue;
     if to_stdout {
-        let mut stdout = std::io::BufWriter::new(std::io::stdout());
+        let mut stdout = crate::output::writer();
         let written = write_pass(&mut reader, &mut stdout).await;
         let written = written.map_err(|e| match e {
             PassError::Read(e) => e,
@@ -249,7 +243,7 @@ async fn write_pass(reader: &mut DlqReader, w: &mut impl Write) -> Result<usize,
 }
 
 fn report_export(n: usize, total: u32, to: &str) {
-    eprintln!(
+    errln!(
         "exported {n} of the {total} dead letters to {} (nothing was removed)",
         printable(to, 300)
     );

@@ -86,7 +86,7 @@ impl Notes {
 }
 
 fn warn_unrecorded(error: &dyn std::fmt::Display) {
-    eprintln!(
+    errln!(
         "warning: the dedup store cannot be reached ({error}): the dead letters are handled, but `status` keeps showing them as dead-lettered until the worker processes them again"
     );
 }

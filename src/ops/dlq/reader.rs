@@ -618,7 +618,7 @@ impl DlqReader {
                 back: came_back,
             });
         }
-        eprintln!(
+        errln!(
             "{came_back} more letters than expected are back in {} after the {}: removing again those it moved (their acks were lost)",
             printable(&self.queue, 300),
             self.purpose
@@ -722,7 +722,7 @@ pub(super) async fn take_lock(
             return Err(OpsError::Busy { lock, waited: wait });
         }
         if !told {
-            eprintln!(
+            errln!(
                 "waiting for another DLQ command to finish (it holds {}; at most {}s)",
                 printable(&lock, 300),
                 wait.as_secs()
@@ -769,7 +769,7 @@ async fn check_dead_letter_queue(
         }),
         // A user without `configure` cannot compare; reading is what it asked for.
         DeadLetterQueueState::Unknown(why) => {
-            eprintln!(
+            errln!(
                 "warning: the arguments of {queue:?} could not be compared ({why}); if an earlier version declared it, reading it on RabbitMQ 4.x can cost dead letters: run `group-provisioner dlq migrate` with a user that may"
             );
             Ok(())

@@ -141,7 +141,7 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
             Pick::Keep => summary.kept += 1,
             Pick::Skip => {
                 summary.skipped += 1;
-                eprintln!(
+                errln!(
                     "skip {}: replayed {} times already (--max-replays {})",
                     letter.describe(),
                     letter.replay_count(),
@@ -153,7 +153,7 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
                 if !filter.json
                     && !mover.quiet
                     && let Err(e) =
-                        super::out_line(format_args!("would replay {}", letter.describe()))
+                        crate::output::line(format_args!("would replay {}", letter.describe()))
                 {
                     result = Err(super::stdout_error(e, reader.returned_in_order()));
                     break;
@@ -182,7 +182,7 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> Result<Replay
 
 impl ReplaySummary {
     fn interrupt(&mut self, kept: usize) {
-        eprintln!("interrupted: the dead letters not yet moved go back, in order");
+        errln!("interrupted: the dead letters not yet moved go back, in order");
         self.interrupted = true;
         self.kept += kept;
     }
@@ -270,7 +270,7 @@ impl Mover<'_> {
         reader.ack(letter);
         // A closed stdout costs only the report of what was moved, never the pass.
         if !self.quiet {
-            let _ = super::out_line(format_args!("replayed {}", letter.describe()));
+            let _ = crate::output::line(format_args!("replayed {}", letter.describe()));
         }
         Ok(())
     }
@@ -281,7 +281,7 @@ impl Mover<'_> {
 fn warn_invalid_command() {
     static SAID: std::sync::Once = std::sync::Once::new();
     SAID.call_once(|| {
-        eprintln!(
+        errln!(
             "warning: an invalid_command dead letter holds the same bytes that failed: replayed, it fails again (fix the publisher and send a corrected command; `dlq discard` removes the old one)"
         );
     });
@@ -335,7 +335,7 @@ pub async fn replay_command(
     }
     let s = replay(settings, filter).await?;
     let json = serde_json::json!({"dry_run": filter.dry_run, "moved": s.moved, "skipped": s.skipped, "kept": s.kept, "interrupted": s.interrupted});
-    crate::ops::print_summary(filter.json, json, || {
+    crate::output::summary(filter.json, json, || {
         let verb = if filter.dry_run {
             "would move"
         } else {
