@@ -15,6 +15,10 @@
 //! [`HEADER_READ_TIMEOUT`], a connection serves one request and lives at most
 //! [`CONNECTION_LIFETIME`]. A flood costs the flooder; the worker's own connections to the
 //! broker, Redis and the API keep their file descriptors, and probes keep their answers.
+//!
+//! Why the admission is this module's own: hyper's connection builder and a semaphore alone
+//! let a full house of slow clients make a probe wait past its timeout
+//! (`tests/it/endpoint.rs`, `with_the_crates_alone_a_full_house_of_slow_clients_silences_a_probe`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -135,6 +135,82 @@ async fn a_flood_of_slow_clients_neither_silences_probes_nor_parks_commands() {
     env.cleanup().await;
 }
 
+/// Why `src/http.rs` admits connections itself: the kept crates alone (hyper's connection
+/// builder with its header-read timeout, and a semaphore bounding the connections, as
+/// `axum::serve` would be bounded) let a full house of slow clients silence a probe: the
+/// probe waits behind them until their header timeout frees a place, longer than a
+/// kubelet's one second. The endpoint's own admission closes a waiting connection for a
+/// probe whose request is already there (`a_flood_of_slow_clients_neither_silences_probes_nor_parks_commands`
+/// above, through the binary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_crates_alone_a_full_house_of_slow_clients_silences_a_probe() {
+    use axum::routing::get;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+
+    const PLACES: usize = 16;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let places = std::sync::Arc::new(tokio::sync::Semaphore::new(PLACES));
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let router = axum::Router::new().route("/healthz", get(|| async { "ok" }));
+    let server = {
+        let (places, accepted) = (places.clone(), accepted.clone());
+        tokio::spawn(async move {
+            loop {
+                let place = places.clone().acquire_owned().await.expect("open");
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let router = router.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |r| router.clone().oneshot(r));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(group_provisioner::http::HEADER_READ_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    drop(place);
+                });
+            }
+        })
+    };
+    let stop = CancellationToken::new();
+    let flood: Vec<_> = (0..PLACES * 2)
+        .map(|_| tokio::spawn(slow_client(addr, stop.clone())))
+        .collect();
+    wait_for(
+        "the slow clients to take every place",
+        Duration::from_secs(10),
+        || {
+            let taken = accepted.load(std::sync::atomic::Ordering::SeqCst);
+            async move { (taken >= PLACES).then_some(()) }
+        },
+    )
+    .await;
+
+    let probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .expect("client")
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await;
+    assert!(
+        probe.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "a probe got through a full house of slow clients: {probe:?}"
+    );
+    stop.cancel();
+    server.abort();
+    for client in flood {
+        client.await.expect("client");
+    }
+}
+
 /// `/metrics` body and content type for an `Accept` header (none: no header).
 async fn scrape(addr: std::net::SocketAddr, accept: Option<&str>) -> (String, String) {
     let mut request = reqwest::Client::new().get(format!("http://{addr}/metrics"));

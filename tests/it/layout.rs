@@ -293,7 +293,11 @@ fn output_is_printed_in_one_module() {
             }
         }
     }
-    assert!(found.is_empty(), "printed outside src/output.rs:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "printed outside src/output.rs:\n{}",
+        found.join("\n")
+    );
 }
 
 /// Braces of a line of code, strings, characters and comments left out (roughly: enough
