@@ -216,6 +216,20 @@ async fn a_sentinel_failover_mid_load_is_followed_and_costs_nothing() {
         stdout(&o)
     );
 
+    // The redis crate's own Sentinel client, beside the store: a connection to the master
+    // the sentinels named when it was made (see the end of the test).
+    let mut theirs = redis::sentinel::SentinelClient::build(
+        sentinels.iter().map(Node::url).collect(),
+        "gp",
+        None,
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .expect("the crate's sentinel client");
+    let mut their_connection = theirs
+        .get_async_connection()
+        .await
+        .expect("the crate's connection to the master");
+
     let worker = env.spawn_worker_with(settings).await;
     let (bodies, exts) = commands("SENT", 300);
     env.send_many(&bodies).await;
@@ -254,6 +268,16 @@ async fn a_sentinel_failover_mid_load_is_followed_and_costs_nothing() {
         },
     )
     .await;
+
+    // Why `src/dedup/conn.rs` keeps its own connection: the crate's stays with the old
+    // master, which closed it when it was demoted (or refuses the write as a replica), and
+    // never finds the new one; the store followed the failover.
+    let refused: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(format!("{}:crate-probe", env.settings.redis.key_prefix))
+        .arg(1)
+        .query_async(&mut their_connection)
+        .await;
+    assert!(refused.is_err(), "the crate's connection followed the failover");
 
     // Now on the new master: the next commands are recorded there.
     let (bodies, after) = commands("AFTER", 50);
