@@ -318,20 +318,14 @@ fn effective(object: &Value, key: &str) -> Option<Value> {
         _ => a.clone(),
     };
     match (own, policy) {
-        (Some(a), Some(p)) if LIMITS.contains(&key) => Some(smaller(a, p)),
+        // A limit's effective value is the smaller of the queue's and its policy's.
+        (Some(a), Some(p)) if key == "x-delivery-limit" || LOSSY.contains(&key) => {
+            Some(smaller(a, p))
+        }
         (Some(_), Some(p)) if key == "x-overflow" => Some(p.clone()),
         (own, policy) => own.or(policy).cloned(),
     }
 }
-
-/// Arguments whose effective value is the smaller of the queue's and its policy's.
-const LIMITS: [&str; 5] = [
-    "x-delivery-limit",
-    "x-message-ttl",
-    "x-expires",
-    "x-max-length",
-    "x-max-length-bytes",
-];
 
 /// What differs between `topology` and what was read: the problems (empty: the worker
 /// can run on it), and the tolerated differences of an earlier version.

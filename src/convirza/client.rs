@@ -238,14 +238,10 @@ impl ConvirzaClient {
                 return Ok(());
             }
         }
-        Err(ApiError::Transient {
-            status: None,
-            message: format!(
-                "listing children of {parent} did not end after {MAX_LIST_PAGES} pages"
-            ),
-            retry_after: None,
-            request_id: None,
-        })
+        Err(transient(
+            None,
+            format!("listing children of {parent} did not end after {MAX_LIST_PAGES} pages"),
+        ))
     }
 
     async fn send(

@@ -277,7 +277,10 @@ async fn a_sentinel_failover_mid_load_is_followed_and_costs_nothing() {
         .arg(1)
         .query_async(&mut their_connection)
         .await;
-    assert!(refused.is_err(), "the crate's connection followed the failover");
+    assert!(
+        refused.is_err(),
+        "the crate's connection followed the failover"
+    );
 
     // Now on the new master: the next commands are recorded there.
     let (bodies, after) = commands("AFTER", 50);
