@@ -73,12 +73,8 @@ fn alert(status: StatusCode, title: &str, session: Option<&Session>, message: Ma
 }
 
 pub fn error_page(status: StatusCode, session: Option<&Session>, message: &str) -> Response {
-    alert(
-        status,
-        "Not done",
-        session,
-        html! { (printable(message, 2_000)) },
-    )
+    let message = html! { (printable(message, 2_000)) };
+    alert(status, "Not done", session, message)
 }
 
 impl IntoResponse for Denied {
@@ -91,24 +87,16 @@ impl IntoResponse for Denied {
                     "You are logged in as " (session.user) ", a " (session.role.as_str())
                     ": you may look at everything, but only an operator may replay, discard or download an export."
                 };
-                alert(
-                    StatusCode::FORBIDDEN,
-                    "Not allowed",
-                    Some(&session),
-                    message,
-                )
+                let status = StatusCode::FORBIDDEN;
+                alert(status, "Not allowed", Some(&session), message)
             }
         }
     }
 }
 
 pub async fn not_found() -> Response {
-    alert(
-        StatusCode::NOT_FOUND,
-        "Not found",
-        None,
-        html! { "There is no such page." },
-    )
+    let message = html! { "There is no such page." };
+    alert(StatusCode::NOT_FOUND, "Not found", None, message)
 }
 
 #[derive(Debug, Default, Deserialize)]
