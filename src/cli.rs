@@ -415,8 +415,14 @@ pub async fn dispatch(cli: Cli, settings: Settings) -> Exit {
                 SchemaKind::Created => crate::contract::CREATED_SCHEMA,
                 SchemaKind::Failed => crate::contract::FAILED_SCHEMA,
             };
-            crate::output::verbatim(schema);
-            Exit::Success
+            match crate::output::verbatim(schema) {
+                // A reader that stopped early (`| head`) had what it wanted.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    errln!("schema: cannot write to standard output: {e}");
+                    Exit::Failure
+                }
+                _ => Exit::Success,
+            }
         }
         Command::Status {
             ext_id,

@@ -35,9 +35,11 @@ pub fn print(text: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stdout(), "{text}");
 }
 
-/// Write `text` as it is, without adding a newline.
-pub fn verbatim(text: &str) {
-    let _ = std::io::stdout().write_all(text.as_bytes());
+/// Write `text` as it is, without adding a newline, and flush it.
+pub fn verbatim(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout();
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }
 
 /// One line. A closed stdout is an error the caller stops on.

@@ -26,6 +26,43 @@ fn bad_config_exits_2_with_one_line_naming_the_key() {
     assert_eq!(stderr.lines().count(), 1);
 }
 
+/// A standard output or error that cannot be written (`/dev/full`) costs the text, never
+/// the exit code: a command whose output is lost says so on stderr and exits 1; a lost
+/// error message leaves the command's own exit code (it used to end in an abort).
+#[test]
+fn a_full_stdout_or_stderr_costs_the_text_not_the_exit_code() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full")
+    };
+    let bare = |args: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(std::env::temp_dir());
+        cmd
+    };
+    let schema = bare(&["schema", "created"])
+        .stdout(full())
+        .output()
+        .expect("runs");
+    let said = String::from_utf8_lossy(&schema.stderr);
+    assert_eq!(schema.status.code(), Some(1), "{said}");
+    assert!(
+        said.starts_with("schema: cannot write to standard output:"),
+        "{said}"
+    );
+    let config = bare(&["--config", "/nonexistent.toml", "check"])
+        .env("PROVISIONER__API__TOKEN", "t")
+        .stderr(full())
+        .output()
+        .expect("runs");
+    assert_eq!(config.status.code(), Some(2), "{config:?}");
+}
+
 #[test]
 fn config_flag_is_global_and_a_missing_file_is_an_error() {
     for args in [

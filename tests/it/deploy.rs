@@ -608,16 +608,17 @@ fn code_spans(text: &str) -> Vec<String> {
 }
 
 /// The changelog only names config keys, metrics, alerts, subcommands and flags that exist,
-/// and its newest release is the crate's version, which the image labels and the
-/// Kubernetes manifests use too.
+/// and its newest release (below an `Unreleased` section, if any) is the crate's version,
+/// which the image labels and the Kubernetes manifests use too.
 #[test]
 fn the_changelog_names_only_what_exists_and_the_version_is_one_everywhere() {
     let changelog = read("CHANGELOG.md");
     let version = env!("CARGO_PKG_VERSION");
     let newest = changelog
         .lines()
-        .find_map(|l| l.strip_prefix("## ["))
-        .and_then(|l| l.split(']').next());
+        .filter_map(|l| l.strip_prefix("## ["))
+        .filter_map(|l| l.split(']').next())
+        .find(|v| *v != "Unreleased");
     assert_eq!(newest, Some(version), "CHANGELOG.md's newest release");
     assert!(
         read("Dockerfile").contains(&format!("org.opencontainers.image.version=\"{version}\"")),

@@ -179,6 +179,16 @@ async fn with_the_crates_alone_a_full_house_of_slow_clients_silences_a_probe() {
             }
         })
     };
+    let probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .expect("client");
+    let healthz = format!("http://{addr}/healthz");
+    let before = probe.get(&healthz).send().await;
+    assert!(
+        before.is_ok_and(|r| r.status().is_success()),
+        "a probe with places free is answered"
+    );
     let stop = CancellationToken::new();
     let flood: Vec<_> = (0..PLACES * 2)
         .map(|_| tokio::spawn(slow_client(addr, stop.clone())))
@@ -193,16 +203,10 @@ async fn with_the_crates_alone_a_full_house_of_slow_clients_silences_a_probe() {
     )
     .await;
 
-    let probe = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
-        .build()
-        .expect("client")
-        .get(format!("http://{addr}/healthz"))
-        .send()
-        .await;
+    let during = probe.get(&healthz).send().await;
     assert!(
-        probe.as_ref().is_err_and(reqwest::Error::is_timeout),
-        "a probe got through a full house of slow clients: {probe:?}"
+        during.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "a probe got through a full house of slow clients: {during:?}"
     );
     stop.cancel();
     server.abort();

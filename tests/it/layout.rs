@@ -273,12 +273,12 @@ fn output_is_printed_in_one_module() {
         "eprintln!",
         "eprint!",
         "dbg!",
-        "io::stdout(",
-        "io::stderr(",
+        "stdout(",
+        "stderr(",
     ];
     let mut found = Vec::new();
     for (file, text) in sources() {
-        if file == "output.rs" || file == "telemetry.rs" {
+        if file == "output.rs" {
             continue;
         }
         for (n, line) in text.lines().enumerate() {
@@ -286,8 +286,14 @@ fn output_is_printed_in_one_module() {
                 break;
             }
             let code = line.split("//").next().unwrap_or_default();
-            // Asking whether stderr is a terminal writes nothing.
+            // Asking whether stderr is a terminal writes nothing; the log's own writer is
+            // the one other thing that writes to stdout.
             let code = code.replace("io::stderr().is_terminal()", "");
+            let code = if file == "telemetry.rs" {
+                code.replace("std::io::stdout().lock()", "")
+            } else {
+                code
+            };
             if printing.iter().any(|p| code.contains(p)) {
                 found.push(format!("src/{file}:{}: {}", n + 1, line.trim()));
             }

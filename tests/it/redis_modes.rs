@@ -229,6 +229,13 @@ async fn a_sentinel_failover_mid_load_is_followed_and_costs_nothing() {
         .get_async_connection()
         .await
         .expect("the crate's connection to the master");
+    let probe_key = format!("{}:crate-probe", env.settings.redis.key_prefix);
+    let written: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(&probe_key)
+        .arg(1)
+        .query_async(&mut their_connection)
+        .await;
+    assert!(written.is_ok(), "before the failover: {written:?}");
 
     let worker = env.spawn_worker_with(settings).await;
     let (bodies, exts) = commands("SENT", 300);
@@ -273,8 +280,8 @@ async fn a_sentinel_failover_mid_load_is_followed_and_costs_nothing() {
     // master, which closed it when it was demoted (or refuses the write as a replica), and
     // never finds the new one; the store followed the failover.
     let refused: redis::RedisResult<()> = redis::cmd("SET")
-        .arg(format!("{}:crate-probe", env.settings.redis.key_prefix))
-        .arg(1)
+        .arg(&probe_key)
+        .arg(2)
         .query_async(&mut their_connection)
         .await;
     assert!(
