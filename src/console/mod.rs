@@ -40,6 +40,7 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::config::{ConfigError, Settings};
 use crate::ops::OpsError;
@@ -295,7 +296,7 @@ pub async fn run(settings: Settings, no_auth: bool) -> Result<(), ConsoleError> 
 }
 
 fn router(console: Shared) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/", get(pages::overview))
         .route("/letters", get(pages::letters))
         .route("/letters/{id}", get(pages::letter))
@@ -314,8 +315,15 @@ fn router(console: Shared) -> Router {
         .layer(middleware::from_fn(|request: Request, next: Next| {
             contained(next.run(request))
         }))
-        .layer(middleware::map_response(security_headers))
-        .with_state(console)
+        .with_state(console);
+    SECURITY_HEADERS
+        .into_iter()
+        .fold(router, |router, (name, value)| {
+            router.layer(SetResponseHeaderLayer::overriding(
+                name,
+                HeaderValue::from_static(value),
+            ))
+        })
 }
 
 async fn css() -> impl IntoResponse {
@@ -376,24 +384,19 @@ async fn same_origin(State(c): State<Shared>, request: Request, next: Next) -> R
     next.run(request).await
 }
 
-async fn security_headers(mut response: Response) -> Response {
-    let h = response.headers_mut();
-    for (name, value) in [
-        (
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-        (header::X_FRAME_OPTIONS, "DENY"),
-        // Not `no-referrer`: with it a browser sends `Origin: null` on its own form posts,
-        // and `same_origin` could not tell them from a sandboxed page's.
-        (header::REFERRER_POLICY, "same-origin"),
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::CACHE_CONTROL, "no-store"),
-    ] {
-        h.insert(name, HeaderValue::from_static(value));
-    }
-    response
-}
+/// On every response.
+const SECURITY_HEADERS: [(header::HeaderName, &str); 5] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    // Not `no-referrer`: with it a browser sends `Origin: null` on its own form posts,
+    // and `same_origin` could not tell them from a sandboxed page's.
+    (header::REFERRER_POLICY, "same-origin"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::CACHE_CONTROL, "no-store"),
+];
 
 #[cfg(test)]
 mod tests {

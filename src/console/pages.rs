@@ -246,9 +246,8 @@ pub async fn overview(State(c): State<Shared>, Viewer(session): Viewer) -> Respo
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ListQuery {
-    kind: String,
-    ext_id: String,
-    older_than: String,
+    #[serde(flatten)]
+    filter: Filter,
     page: String,
 }
 
@@ -258,11 +257,7 @@ pub async fn letters(
     Viewer(session): Viewer,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let filter = Filter {
-        kind: q.kind,
-        ext_id: q.ext_id,
-        older_than: q.older_than,
-    };
+    let filter = q.filter;
     let asked = q.page.parse::<usize>().unwrap_or(1).max(1);
     let snapshot = match c.snapshot().await {
         Ok(s) => s,
