@@ -490,14 +490,8 @@ async fn posts_need_the_session_s_csrf_token_and_this_origin_and_sessions_end() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_operators_confirming_the_same_letters_move_each_of_them_once() {
     let env = TestEnv::new().await;
-    let kind = |i| {
-        if i % 3 == 0 {
-            "retries_exhausted"
-        } else {
-            "rejected"
-        }
-    };
-    plant(&env, &letters("TWO", 30, kind)).await;
+    let kinds = ["retries_exhausted", "rejected", "rejected"];
+    plant(&env, &letters("TWO", 30, |i| kinds[i % 3])).await;
     let before = dlq_order(&env).await;
     let console = ConsoleProcess::start(&env, &[]).await;
     let a = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
@@ -686,14 +680,8 @@ async fn behind_a_tls_proxy_forms_work_and_cookies_are_secure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_a_page_or_an_action_midway_costs_nothing() {
     let env = TestEnv::new().await;
-    let kind = |i| {
-        if i % 2 == 0 {
-            "rejected"
-        } else {
-            "retries_exhausted"
-        }
-    };
-    plant(&env, &letters("GONE", 3000, kind)).await;
+    let kinds = ["rejected", "retries_exhausted"];
+    plant(&env, &letters("GONE", 3000, |i| kinds[i % 2])).await;
     let before = dlq_order(&env).await;
     assert_eq!(before.len(), 3000);
     let console = ConsoleProcess::start(&env, &[]).await;
