@@ -328,6 +328,57 @@ async fn the_console_does_not_start_without_credentials_or_on_a_wide_address_wit
     env.cleanup().await;
 }
 
+/// Hostile `Cookie` headers: only the session's own id, as the console set it, opens a
+/// page; a quoted, padded, empty, oversized or non-UTF-8 one is no session, and a valid id
+/// among other cookies (in any order, in several headers) still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_session_cookie_as_set_opens_a_page() {
+    let env = TestEnv::new().await;
+    env.declare_topology().await;
+    let console = ConsoleProcess::start(&env, &[]).await;
+    let op = Login::new(&console.base, "operator", OPERATOR_PASSWORD).await;
+    let id = op
+        .cookie
+        .strip_prefix("gp_console=")
+        .expect("the session cookie")
+        .to_owned();
+    let status = |cookies: Vec<Vec<u8>>| {
+        let (base, id) = (console.base.clone(), id.clone());
+        async move {
+            let mut request = http().get(format!("{base}/letters"));
+            for c in cookies {
+                let value = reqwest::header::HeaderValue::from_bytes(&c).expect("header value");
+                request = request.header("cookie", value);
+            }
+            let r = request.send().await.expect("answer");
+            (r.status().as_u16(), id)
+        }
+    };
+    for opens in [
+        vec![format!("gp_console={id}").into_bytes()],
+        vec![format!("theme=dark; gp_console={id}; lang=en").into_bytes()],
+        vec![
+            b"theme=dark".to_vec(),
+            format!("gp_console={id}").into_bytes(),
+        ],
+    ] {
+        assert_eq!(status(opens.clone()).await.0, 200, "{opens:?}");
+    }
+    let big = "x".repeat(6_000);
+    for refused in [
+        vec![format!("gp_console=\"{id}\"").into_bytes()],
+        vec![format!("gp_console={id}x").into_bytes()],
+        vec![b"gp_console=".to_vec()],
+        vec![format!("gp_console={big}").into_bytes()],
+        vec![b"gp_console=\xff\xfe".to_vec()],
+        vec![format!("GP_CONSOLE={id}").into_bytes()],
+    ] {
+        assert_eq!(status(refused.clone()).await.0, 303, "{refused:?}");
+    }
+    drop(console);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_looks_and_every_action_is_refused_to_them() {
     let env = TestEnv::new().await;
