@@ -218,21 +218,16 @@ async fn plan_unrouted(c: &Shared) -> Planned {
     let read = |settings: std::sync::Arc<crate::config::Settings>| async move {
         let queue = settings.topology.unrouted_events.clone();
         let wait = super::VIEW_LOCK_WAIT;
-        let mut reader =
-            DlqReader::open_waiting(&settings, &queue, "console view", None, wait).await?;
+        let reader = DlqReader::open_waiting(&settings, &queue, "console view", None, wait).await?;
         let mut views = Vec::new();
-        let result = loop {
-            match reader.next().await {
-                Ok(Some(e)) => {
-                    let mut v = LetterView::new(&e);
-                    v.kind = printable(e.delivery.routing_key.as_str(), 64);
-                    views.push(v);
-                }
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
-        dlq::ended(result, reader.close().await).map(|()| views)
+        reader
+            .each(|_, e| {
+                let mut v = LetterView::new(&e);
+                v.kind = printable(e.delivery.routing_key.as_str(), 64);
+                views.push(v);
+            })
+            .await
+            .map(|()| views)
     };
     let views = super::whole(&c.settings, read).await?;
     let mut selection = Selection::default();

@@ -81,16 +81,11 @@ async fn open(settings: &Settings) -> Result<DlqReader, OpsError> {
 
 /// Read the whole DLQ (one pass; it goes back in order).
 pub async fn read(settings: &Settings) -> Result<Snapshot, OpsError> {
-    let mut reader = open(settings).await?;
     let mut letters = Vec::new();
-    let result = loop {
-        match reader.next().await {
-            Ok(Some(l)) => letters.push(LetterView::new(&l)),
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    dlq::ended(result, reader.close().await)?;
+    open(settings)
+        .await?
+        .each(|_, l| letters.push(LetterView::new(&l)))
+        .await?;
     Ok(Snapshot {
         letters,
         taken_at: SystemTime::now(),
@@ -99,17 +94,15 @@ pub async fn read(settings: &Settings) -> Result<Snapshot, OpsError> {
 
 /// The letter `id` as `dlq peek --json` shows it, read in a pass of its own.
 pub async fn find(settings: &Settings, id: &str) -> Result<Option<Value>, OpsError> {
-    let mut reader = open(settings).await?;
     let mut found = None;
-    let result = loop {
-        match reader.next().await {
-            Ok(Some(l)) if found.is_none() && l.id() == id => found = Some(l.to_json()),
-            Ok(Some(_)) => {}
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    dlq::ended(result, reader.close().await)?;
+    open(settings)
+        .await?
+        .each(|_, l| {
+            if found.is_none() && l.id() == id {
+                found = Some(l.to_json());
+            }
+        })
+        .await?;
     Ok(found)
 }
 

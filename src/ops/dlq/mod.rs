@@ -43,26 +43,20 @@ pub use replay::{DEFAULT_MAX_REPLAYS, ReplayFilter, ReplaySummary, replay, repla
 pub use selection::Selection;
 
 pub async fn stats(settings: &Settings, as_json: bool) -> Result<(), OpsError> {
-    let mut reader = DlqReader::open(settings, "stats", None).await?;
+    let reader = DlqReader::open(settings, "stats", None).await?;
+    let total = reader.total_in_queue;
     let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
     let mut oldest: Option<String> = None;
-    let result = loop {
-        match reader.next().await {
-            Ok(Some(l)) => {
-                *by_kind.entry(l.kind.clone()).or_insert(0) += 1;
-                if let Some(t) = l.header(headers::X_FIRST_FAILED_AT)
-                    && oldest.as_ref().is_none_or(|o| t < *o)
-                {
-                    oldest = Some(t);
-                }
+    reader
+        .each(|_, l| {
+            *by_kind.entry(l.kind.clone()).or_insert(0) += 1;
+            if let Some(t) = l.header(headers::X_FIRST_FAILED_AT)
+                && oldest.as_ref().is_none_or(|o| t < *o)
+            {
+                oldest = Some(t);
             }
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    let total = reader.total_in_queue;
-    let closed = reader.close().await;
-    ended(result, closed)?;
+        })
+        .await?;
     let dlq = &settings.topology.dead_letter_queue;
     let mut lines = Vec::new();
     if as_json {

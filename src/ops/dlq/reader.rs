@@ -523,6 +523,22 @@ impl DlqReader {
         failed.map_or(Ok(()), Err)
     }
 
+    /// Every letter of the pass to `f` (which may ack it), then the pass closed: the
+    /// pass's own error first, as [`super::ended`] says.
+    pub async fn each(
+        mut self,
+        mut f: impl FnMut(&mut DlqReader, DeadLetter),
+    ) -> Result<(), OpsError> {
+        let read = loop {
+            match self.next().await {
+                Ok(Some(l)) => f(&mut self, l),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        super::ended(read, self.close().await)
+    }
+
     /// Return every unacked message to the queue, in order, and wait until the broker shows
     /// them back (so a command run right after sees the whole queue). An error if the pass
     /// saw less than the queue held when it started ([`OpsError::Incomplete`]).
@@ -627,15 +643,13 @@ impl DlqReader {
         let mut again =
             DlqReader::open_queue(&self.settings, &self.queue, self.purpose, None).await?;
         again.retries = self.retries + 1;
-        let result = loop {
-            match again.next().await {
-                Ok(Some(l)) if ids.take(&l) => again.ack(&l),
-                Ok(Some(_)) => {}
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
+        // Boxed: closing this pass may remove again, which reads again.
+        Box::pin(again.each(|r, l| {
+            if ids.take(&l) {
+                r.ack(&l);
             }
-        };
-        super::ended(result, Box::pin(again.close()).await)
+        }))
+        .await
     }
 
     /// Messages ready once the broker has taken back what the pass held: at least
